@@ -1,0 +1,14 @@
+"""cryorefine: single-particle cryo-EM 3D refinement in the spirit of EMAN2's e2refine."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from cryorefine.errors import CryorefineError
+
+try:
+    __version__ = version("cryorefine")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+__all__ = ["CryorefineError", "__version__"]

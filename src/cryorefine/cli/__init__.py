@@ -1,0 +1,65 @@
+"""The ``cryorefine`` command line: one module per subcommand, listed explicitly.
+
+Each subcommand module has a docstring (first line: description; the rest, with
+worked examples, the ``--help`` epilog), ``add_args(parser)`` and ``main(args)``.
+A :class:`CryorefineError` prints one line and exits with status 2 (with the traceback
+under ``--verbose``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+import warnings
+from types import ModuleType
+
+from cryorefine import __version__
+from cryorefine.errors import CryorefineError
+
+
+def _subcommands() -> dict[str, ModuleType]:
+    from cryorefine.cli import check, convert, ctf, demo, help, process
+
+    return {"convert": convert, "process": process, "ctf": ctf, "check": check,
+            "help": help, "demo": demo}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cryorefine",
+        description="Single-particle cryo-EM 3D refinement (EMAN2 e2refine re-implemented).",
+    )
+    parser.add_argument("--version", action="version", version=f"cryorefine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in _subcommands().items():
+        doc = (module.__doc__ or "").strip()
+        first, _, rest = doc.partition("\n")
+        p = sub.add_parser(name, help=first, description=first, epilog=rest.strip() or None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="show tracebacks and more detail")
+        module.add_args(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"cryorefine: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 2 bad input or options)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        return int(args._main(args) or 0)
+    except CryorefineError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"cryorefine: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.showwarning = previous

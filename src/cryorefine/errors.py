@@ -1,0 +1,12 @@
+"""The one error type users see."""
+
+from __future__ import annotations
+
+
+class CryorefineError(Exception):
+    """The input files or options are wrong.
+
+    The message is one line that names the file or option and says what is wrong;
+    ``cryorefine.cli.main`` prints it and exits with status 2. Any other exception is
+    a bug and keeps its traceback.
+    """

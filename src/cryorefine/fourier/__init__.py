@@ -1,0 +1,1 @@
+"""Fourier-space helpers: frequency grids, filters and the CTF."""

@@ -1,0 +1,137 @@
+"""The contrast transfer function, in RELION's convention.
+
+``CTF(s) = -scale * sin(chi) * exp(-B s^2 / 4)`` with
+``chi = -pi lambda df(theta) s^2 + (pi/2) Cs lambda^3 s^4 - phase_shift - asin(Q0)``
+and ``df(theta) = U cos^2(theta - A) + V sin^2(theta - A)``; ``theta`` is the angle of
+the Fourier point from the x axis. Defocus in Å (positive = underfocus), A in
+degrees, voltage in kV, Cs in mm, Q0 a fraction, phase shift in degrees, B in Å^2.
+At low frequency the CTF is +Q0: protein stays positive, as in RELION.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import scipy.fft
+
+from cryorefine.fourier.fft import WORKERS, rfft_freqs_2d
+
+
+def electron_wavelength_a(voltage_kv: np.ndarray | float) -> np.ndarray:
+    """Relativistic electron wavelength in Å (RELION's constants)."""
+    v = np.asarray(voltage_kv, dtype=np.float64) * 1e3
+    return 12.2643247 / np.sqrt(v * (1.0 + v * 0.978466e-6))
+
+
+@dataclass
+class CTFParams:
+    """Per-particle CTF parameters, each a float64 array of length ``k``.
+
+    A particle without CTF information has NaN ``voltage_kv``/``defocus_u_a``.
+    """
+
+    defocus_u_a: np.ndarray
+    defocus_v_a: np.ndarray
+    defocus_angle_deg: np.ndarray
+    voltage_kv: np.ndarray
+    cs_mm: np.ndarray
+    amplitude_contrast: np.ndarray
+    phase_shift_deg: np.ndarray
+    bfactor: np.ndarray
+    scale: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = None
+        for f in fields(self):
+            arr = np.atleast_1d(np.asarray(getattr(self, f.name), dtype=np.float64))
+            setattr(self, f.name, arr)
+            n = len(arr) if n is None else n
+        # broadcast scalars to the common length
+        n = max(len(getattr(self, f.name)) for f in fields(self))
+        for f in fields(self):
+            arr = getattr(self, f.name)
+            if len(arr) != n:
+                setattr(self, f.name, np.broadcast_to(arr, (n,)).copy())
+
+    @classmethod
+    def empty(cls, n: int) -> CTFParams:
+        """``n`` particles without CTF information."""
+        nan = np.full(n, np.nan)
+        return cls(nan, nan, nan, nan, nan, nan, np.zeros(n), np.zeros(n), np.ones(n))
+
+    def __len__(self) -> int:
+        return len(self.defocus_u_a)
+
+    @property
+    def known(self) -> np.ndarray:
+        """Boolean ``(k,)``: which particles have a usable CTF."""
+        return (np.isfinite(self.defocus_u_a) & np.isfinite(self.defocus_v_a)
+                & np.isfinite(self.voltage_kv) & np.isfinite(self.cs_mm))
+
+    def take(self, indices: np.ndarray) -> CTFParams:
+        return CTFParams(**{f.name: getattr(self, f.name)[indices] for f in fields(self)})
+
+    def evaluate(self, box: int, apix: float | np.ndarray) -> np.ndarray:
+        """The CTF on the ``rfft2`` grid of a ``box`` x ``box`` image.
+
+        Parameters
+        ----------
+        box
+            Image size in pixels.
+        apix
+            Pixel size in Å, scalar or one per particle.
+
+        Returns
+        -------
+        np.ndarray
+            ``(k, box, box // 2 + 1)`` float32, ky in FFT order, kx = 0..box//2.
+        """
+        fy, fx = rfft_freqs_2d(box)
+        apix = np.broadcast_to(np.asarray(apix, dtype=np.float64), (len(self),))
+        col = (slice(None), None, None)
+        sx = fx[None] / apix[col]
+        sy = fy[None] / apix[col]
+        s2 = sx * sx + sy * sy
+        theta = np.arctan2(sy, sx)
+        angle = np.deg2rad(self.defocus_angle_deg)[col]
+        cos2 = np.cos(theta - angle) ** 2
+        defocus = self.defocus_u_a[col] * cos2 + self.defocus_v_a[col] * (1.0 - cos2)
+        lam = electron_wavelength_a(self.voltage_kv)[col]
+        cs_a = self.cs_mm[col] * 1e7
+        q0 = np.clip(self.amplitude_contrast, -1.0, 1.0)
+        chi = (-np.pi * lam * defocus * s2 + 0.5 * np.pi * cs_a * lam**3 * s2 * s2
+               - np.deg2rad(self.phase_shift_deg)[col] - np.arcsin(q0)[col])
+        ctf = -np.sin(chi) * self.scale[col]
+        bfac = self.bfactor[col]
+        if np.any(bfac != 0):
+            ctf *= np.exp(-bfac * s2 / 4.0)
+        return ctf.astype(np.float32)
+
+
+def _rfft2(images: np.ndarray) -> np.ndarray:
+    return scipy.fft.rfft2(np.asarray(images, dtype=np.float32), workers=WORKERS)
+
+
+def _irfft2(images_rft: np.ndarray, n: int) -> np.ndarray:
+    return scipy.fft.irfft2(images_rft, s=(n, n), workers=WORKERS).astype(np.float32)
+
+
+def apply_ctf(images: np.ndarray, ctf: np.ndarray) -> np.ndarray:
+    """Multiply each image ``(k, n, n)`` by its CTF ``(k, n, n//2+1)`` (from ``evaluate``)."""
+    return _irfft2(_rfft2(images) * ctf, images.shape[-1])
+
+
+def phase_flip(images: np.ndarray, ctf: np.ndarray) -> np.ndarray:
+    """Flip the phases of each image where its CTF is negative."""
+    return _irfft2(_rfft2(images) * np.sign(ctf), images.shape[-1])
+
+
+def wiener_divide(images: np.ndarray, ctf: np.ndarray, *, snr: float = 10.0) -> np.ndarray:
+    """Wiener-correct each image: ``F * C / (C^2 + 1/snr)``.
+
+    ``snr`` is the assumed spectral signal-to-noise ratio (constant over frequency).
+    """
+    if snr <= 0:
+        raise ValueError("snr must be positive")
+    return _irfft2(_rfft2(images) * (ctf / (ctf * ctf + 1.0 / snr)), images.shape[-1])

@@ -1,0 +1,56 @@
+"""Frequency grids for ``scipy.fft`` layouts.
+
+Images are ``(..., n, n)`` arrays whose real-space origin is pixel ``n // 2``. The
+``rfft2`` layout keeps ``ky`` in standard FFT order (0, 1, ..., -1) along axis -2 and
+``kx = 0 .. n // 2`` along axis -1. Frequencies are in cycles/pixel unless a pixel
+size is given, then in 1/Å.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft
+
+#: every FFT call in cryorefine uses all cores
+WORKERS = -1
+
+
+def rfft_freqs_2d(n: int, apix: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(fy, fx)`` grids of shape ``(n, n // 2 + 1)`` for an ``rfft2`` of an n x n image.
+
+    Units: cycles/pixel, or 1/Å when ``apix`` (Å/pixel) is given.
+    """
+    scale = 1.0 if apix is None else 1.0 / apix
+    fy = scipy.fft.fftfreq(n)[:, None] * scale
+    fx = scipy.fft.rfftfreq(n)[None, :] * scale
+    return np.broadcast_arrays(fy, fx)
+
+
+def rfft_radius(shape: tuple[int, ...]) -> np.ndarray:
+    """Radius ``|k| / n`` in cycles/pixel of every element of an ``rfftn`` of ``shape``.
+
+    ``shape`` is the real-space shape (2D or 3D, each axis ``n_i``); the result has the
+    rfft shape. Each axis is scaled by its own length, as EMAN2 does.
+    """
+    axes = [scipy.fft.fftfreq(n) for n in shape[:-1]] + [scipy.fft.rfftfreq(shape[-1])]
+    grids = np.meshgrid(*axes, indexing="ij", sparse=True)
+    return np.sqrt(sum(g * g for g in grids))
+
+
+def rfft_shell_index(shape: tuple[int, ...]) -> np.ndarray:
+    """Integer Fourier shell ``round(|k|)`` (pixels of the first axis) of an ``rfftn``."""
+    return np.rint(rfft_radius(shape) * shape[0]).astype(np.int64)
+
+
+def filter_rfft(data: np.ndarray, transfer: np.ndarray, ndim: int) -> np.ndarray:
+    """Multiply the last ``ndim`` axes of ``data`` by ``transfer`` in Fourier space.
+
+    ``transfer`` has the ``rfftn`` shape (broadcast over leading axes). Multiplying by a
+    real function of ``|k|`` commutes with moving the origin, so no shift is needed.
+    Returns float32 with the shape of ``data``.
+    """
+    axes = tuple(range(-ndim, 0))
+    ft = scipy.fft.rfftn(np.asarray(data, dtype=np.float32), axes=axes, workers=WORKERS)
+    ft *= transfer
+    out = scipy.fft.irfftn(ft, s=data.shape[-ndim:], axes=axes, workers=WORKERS)
+    return out.astype(np.float32, copy=False)

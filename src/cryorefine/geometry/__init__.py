@@ -1,0 +1,1 @@
+"""Orientation conventions (EMAN and RELION Euler angles, EMAN2 transforms)."""

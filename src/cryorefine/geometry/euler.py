@@ -1,0 +1,97 @@
+"""Euler-angle conventions <-> rotation matrices.
+
+Inside cryorefine an orientation is a ``(k, 3, 3)`` float64 matrix ``R`` acting on
+``(x, y, z)`` column vectors: the map rotated by ``R`` (density at ``v`` moved to
+``R v``) and integrated along ``z`` gives the projection. This is the matrix EMAN2
+stores in ``xform.projection`` and the matrix RELION builds in ``Euler_angles2matrix``.
+
+* EMAN ``(az, alt, phi)``: ``R = Z(phi) X(alt) Z(az)`` with frame matrices
+  ``Z(t) = [[c, s, 0], [-s, c, 0], [0, 0, 1]]``, ``X(t) = [[1, 0, 0], [0, c, s], [0, -s, c]]``.
+* RELION ``(rot, tilt, psi)``: ``R = Z(psi) Y(tilt) Z(rot)`` with
+  ``Y(t) = [[c, 0, -s], [0, 1, 0], [s, 0, c]]``.
+
+The two agree when ``rot = az - 90``, ``tilt = alt``, ``psi = phi + 90``. All angles
+are in degrees.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_EPS = 16 * np.finfo(np.float32).eps
+
+
+def _frame_z(t: np.ndarray) -> np.ndarray:
+    c, s = np.cos(t), np.sin(t)
+    m = np.zeros(t.shape + (3, 3))
+    m[..., 0, 0], m[..., 0, 1], m[..., 1, 0], m[..., 1, 1], m[..., 2, 2] = c, s, -s, c, 1.0
+    return m
+
+
+def _frame_x(t: np.ndarray) -> np.ndarray:
+    c, s = np.cos(t), np.sin(t)
+    m = np.zeros(t.shape + (3, 3))
+    m[..., 0, 0], m[..., 1, 1], m[..., 1, 2], m[..., 2, 1], m[..., 2, 2] = 1.0, c, s, -s, c
+    return m
+
+
+def _frame_y(t: np.ndarray) -> np.ndarray:
+    c, s = np.cos(t), np.sin(t)
+    m = np.zeros(t.shape + (3, 3))
+    m[..., 0, 0], m[..., 0, 2], m[..., 1, 1], m[..., 2, 0], m[..., 2, 2] = c, -s, 1.0, s, c
+    return m
+
+
+def _as_rad(*angles_deg: np.ndarray) -> list[np.ndarray]:
+    arrs = np.broadcast_arrays(*[np.atleast_1d(np.asarray(a, dtype=np.float64)) for a in angles_deg])
+    return [np.deg2rad(a) for a in arrs]
+
+
+def eman_to_matrices(az_deg, alt_deg, phi_deg) -> np.ndarray:
+    """EMAN ``(az, alt, phi)`` in degrees -> ``(k, 3, 3)`` rotation matrices."""
+    az, alt, phi = _as_rad(az_deg, alt_deg, phi_deg)
+    return _frame_z(phi) @ _frame_x(alt) @ _frame_z(az)
+
+
+def relion_to_matrices(rot_deg, tilt_deg, psi_deg) -> np.ndarray:
+    """RELION ``(rot, tilt, psi)`` (ZYZ) in degrees -> ``(k, 3, 3)`` rotation matrices."""
+    rot, tilt, psi = _as_rad(rot_deg, tilt_deg, psi_deg)
+    return _frame_z(psi) @ _frame_y(tilt) @ _frame_z(rot)
+
+
+def _wrap180(a: np.ndarray) -> np.ndarray:
+    """Wrap degrees into (-180, 180]."""
+    return 180.0 - np.mod(180.0 - a, 360.0)
+
+
+def matrices_to_relion(rotations: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(k, 3, 3)`` rotations -> RELION ``(rot, tilt, psi)`` in degrees.
+
+    ``rot, psi`` in (-180, 180], ``tilt`` in [0, 180]; at ``tilt = 0`` (or 180) the
+    whole in-plane angle is put in ``psi`` and ``rot = 0``.
+    """
+    m = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
+    sb = np.hypot(m[:, 0, 2], m[:, 1, 2])
+    general = sb > _EPS
+    rot = np.where(general, np.arctan2(m[:, 2, 1], m[:, 2, 0]), 0.0)
+    tilt = np.where(general, np.arctan2(sb, m[:, 2, 2]), np.where(m[:, 2, 2] > 0, 0.0, np.pi))
+    psi_general = np.arctan2(m[:, 1, 2], -m[:, 0, 2])
+    psi_flat = np.where(m[:, 2, 2] > 0, np.arctan2(-m[:, 1, 0], m[:, 0, 0]),
+                        np.arctan2(m[:, 1, 0], -m[:, 0, 0]))
+    psi = np.where(general, psi_general, psi_flat)
+    return _wrap180(np.rad2deg(rot)), np.rad2deg(tilt), _wrap180(np.rad2deg(psi))
+
+
+def matrices_to_eman(rotations: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(k, 3, 3)`` rotations -> EMAN ``(az, alt, phi)`` in degrees (EMAN2's rules).
+
+    ``az, phi`` in [0, 360), ``alt`` in [0, 180]; at ``alt = 0`` or 180, ``az = 0``.
+    """
+    rot, tilt, psi = matrices_to_relion(rotations)
+    flat = (tilt == 0.0) | (tilt == 180.0)
+    m = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
+    phi_flat = np.where(tilt == 0.0, np.arctan2(m[:, 0, 1], m[:, 0, 0]),
+                        np.arctan2(-m[:, 0, 1], m[:, 0, 0]))
+    az = np.where(flat, 0.0, rot + 90.0)
+    phi = np.where(flat, np.rad2deg(phi_flat), psi - 90.0)
+    return np.mod(az, 360.0), tilt, np.mod(phi, 360.0)
