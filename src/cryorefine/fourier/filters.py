@@ -55,6 +55,9 @@ def _shell_weights(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.n
     mult[..., 0] = 1.0
     if shape[-1] % 2 == 0:
         mult[..., -1] = 1.0
+    beyond = lo > n // 2  # corners past Nyquist take no part
+    mult[beyond] = 0.0
+    lo[beyond] = n // 2
     return lo, w_hi, mult, n // 2 + 2
 
 

@@ -140,8 +140,10 @@ def normalize_bymass(data: np.ndarray, *, ndim: int, apix: float | None, mass: f
     for i, vol in enumerate(maps):  # one search per map (few maps)
         t = mass_threshold(vol, mass, a, thr)
         if t <= 0:
+            most = (vol > 0).sum() * a**3 * PROTEIN_DENSITY_DA_PER_A3 / 1000.0
             raise CryorefineError(
-                f"normalize.bymass: threshold {t:.4g} for {mass} kDa is not positive"
+                f"normalize.bymass: a mass of {mass} kDa could not be achieved (the positive "
+                f"density encloses {most:.1f} kDa; check --mass and --apix)"
             )
         out[i] = vol / t
     return out.reshape(data.shape)
