@@ -27,8 +27,9 @@ def assert_one_line_error(result, *fragments):
 def ctf_star(in_tmp, rng):
     k, n = 6, 32
     meta = ParticleMetadata.empty(k, apix=2.0)
-    meta.ctf = CTFParams(rng.uniform(1e4, 2e4, k), rng.uniform(1e4, 2e4, k), 0, 300, 2.7, 0.1,
-                         0, 0, 1)
+    meta.ctf = CTFParams(
+        rng.uniform(1e4, 2e4, k), rng.uniform(1e4, 2e4, k), 0, 300, 2.7, 0.1, 0, 0, 1
+    )
     images = rng.standard_normal((k, n, n)).astype(np.float32)
     write_stack(ParticleStack.from_arrays(images, apix=2.0, meta=meta), "ptcls.star")
     write_map("model.mrc", Map(rng.standard_normal((n, n, n)).astype(np.float32), 2.0))
@@ -36,6 +37,7 @@ def ctf_star(in_tmp, rng):
 
 
 # --- successful runs ---------------------------------------------------------------------
+
 
 def test_convert_between_formats(ctf_star, run_cli):
     code, out, _ = run_cli("convert", "ptcls.star", "ptcls.hdf")
@@ -46,8 +48,9 @@ def test_convert_between_formats(ctf_star, run_cli):
     b = ParticleStack.from_path("back.star")
     assert np.array_equal(a.read(), b.read())
     # V > U comes back as U > V with the angle turned by 90 deg: the same CTF
-    np.testing.assert_allclose(b.meta.ctf.evaluate(32, 2.0), a.meta.ctf.evaluate(32, 2.0),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        b.meta.ctf.evaluate(32, 2.0), a.meta.ctf.evaluate(32, 2.0), atol=1e-4
+    )
     assert run_cli("convert", "model.mrc", "model.hdf")[0] == 0
     assert run_cli("convert", "model.hdf", "model2.mrc")[0] == 0
     assert np.array_equal(read_map("model2.mrc").data, read_map("model.mrc").data)
@@ -56,8 +59,15 @@ def test_convert_between_formats(ctf_star, run_cli):
 
 
 def test_process_ctf_and_check(ctf_star, run_cli):
-    code, _, _ = run_cli("process", "model.mrc", "lp.mrc", "--process",
-                         "filter.lowpass.gauss:cutoff_res=10", "--process", "normalize")
+    code, _, _ = run_cli(
+        "process",
+        "model.mrc",
+        "lp.mrc",
+        "--process",
+        "filter.lowpass.gauss:cutoff_res=10",
+        "--process",
+        "normalize",
+    )
     assert code == 0
     lp = read_map("lp.mrc").data
     assert abs(lp.mean()) < 1e-5 and lp.std() == pytest.approx(1, rel=1e-3)
@@ -70,8 +80,9 @@ def test_process_ctf_and_check(ctf_star, run_cli):
     original = ParticleStack.from_path("ptcls.star").read()
     ratio = np.abs(np.fft.rfft2(flipped)) / np.maximum(np.abs(np.fft.rfft2(original)), 1e-6)
     assert np.median(ratio) == pytest.approx(1.0, abs=1e-3)  # flipping keeps amplitudes
-    code, out, _ = run_cli("check", "--input", "ptcls.star", "--model", "model.mrc",
-                           "--require", "ctf")
+    code, out, _ = run_cli(
+        "check", "--input", "ptcls.star", "--model", "model.mrc", "--require", "ctf"
+    )
     assert code == 0 and "6 particles of 32 px at 2.0000" in out and "CTF: yes" in out
 
 
@@ -79,17 +90,25 @@ def test_demo_runs_the_pipeline(in_tmp, run_cli):
     code, out, err = run_cli("demo", "--out", "d", "--n", "200", "--snr", "0.01")
     assert code == 0, err
     assert "FRC(half 1, half 2) = 0.143 at" in out
-    for name in ("particles.star", "particles.mrcs", "particles.hdf", "particles.lst",
-                 "threed_filt.mrc", "threed_mask.mrc"):
+    for name in (
+        "particles.star",
+        "particles.mrcs",
+        "particles.hdf",
+        "particles.lst",
+        "threed_filt.mrc",
+        "threed_mask.mrc",
+    ):
         assert (in_tmp / "d" / name).is_file()
     assert run_cli("demo", "--out", "d", "--n", "200")[0] == 2  # no silent overwrite
 
 
 # --- bad input: one line, exit 2 -----------------------------------------------------
 
+
 def test_missing_file(in_tmp, run_cli):
-    assert_one_line_error(run_cli("convert", "nothing.star", "out.hdf"), "nothing.star",
-                          "no such file")
+    assert_one_line_error(
+        run_cli("convert", "nothing.star", "out.hdf"), "nothing.star", "no such file"
+    )
     assert_one_line_error(run_cli("check", "--input", "nothing.mrcs"), "nothing.mrcs")
 
 
@@ -99,8 +118,9 @@ def test_truncated_and_corrupt_mrc(in_tmp, run_cli, rng):
     (in_tmp / "t.mrcs").write_bytes(raw[:-100])
     assert_one_line_error(run_cli("check", "--input", "t.mrcs"), "t.mrcs", "truncated")
     (in_tmp / "junk.mrc").write_bytes(bytes(range(256)) * 8)
-    assert_one_line_error(run_cli("process", "junk.mrc", "o.mrc", "--process", "normalize"),
-                          "junk.mrc")
+    assert_one_line_error(
+        run_cli("process", "junk.mrc", "o.mrc", "--process", "normalize"), "junk.mrc"
+    )
 
 
 def test_truncated_and_corrupt_hdf(in_tmp, run_cli, rng):
@@ -109,8 +129,7 @@ def test_truncated_and_corrupt_hdf(in_tmp, run_cli, rng):
     (in_tmp / "cut.hdf").write_bytes(raw[: len(raw) // 2])
     assert_one_line_error(run_cli("check", "--input", "cut.hdf"), "cut.hdf")
     (in_tmp / "junk.hdf").write_bytes(b"\0" * 1000)
-    assert_one_line_error(run_cli("convert", "junk.hdf", "x.star"), "junk.hdf",
-                          "not an HDF5 file")
+    assert_one_line_error(run_cli("convert", "junk.hdf", "x.star"), "junk.hdf", "not an HDF5 file")
     with h5py.File("other.hdf", "w") as f:
         f["x"] = np.zeros(2)
     assert_one_line_error(run_cli("convert", "other.hdf", "x.star"), "not an EMAN2 image file")
@@ -118,17 +137,26 @@ def test_truncated_and_corrupt_hdf(in_tmp, run_cli, rng):
 
 def test_box_and_pixel_size_mismatch(ctf_star, run_cli, rng):
     write_map("big.mrc", Map(np.zeros((48, 48, 48), np.float32), 2.0))
-    assert_one_line_error(run_cli("check", "--input", "ptcls.star", "--model", "big.mrc"),
-                          "big.mrc", "box 48 px differs", "32 px")
+    assert_one_line_error(
+        run_cli("check", "--input", "ptcls.star", "--model", "big.mrc"),
+        "big.mrc",
+        "box 48 px differs",
+        "32 px",
+    )
     write_map("fine.mrc", Map(np.zeros((32, 32, 32), np.float32), 1.0))
-    assert_one_line_error(run_cli("check", "--input", "ptcls.star", "--model", "fine.mrc"),
-                          "fine.mrc", "pixel size 1.0000", "2.0000")
+    assert_one_line_error(
+        run_cli("check", "--input", "ptcls.star", "--model", "fine.mrc"),
+        "fine.mrc",
+        "pixel size 1.0000",
+        "2.0000",
+    )
 
 
 def test_non_square_images_and_non_cubic_map(in_tmp, run_cli):
     write_mrc("rect.mrcs", np.zeros((3, 16, 20)), apix=1.0, stack=True)
-    assert_one_line_error(run_cli("convert", "rect.mrcs", "r.star"), "rect.mrcs",
-                          "only square images")
+    assert_one_line_error(
+        run_cli("convert", "rect.mrcs", "r.star"), "rect.mrcs", "only square images"
+    )
     write_mrc("brick.mrc", np.zeros((16, 16, 20)), apix=1.0)
     assert_one_line_error(run_cli("convert", "brick.mrc", "b.hdf"), "brick.mrc", "cubic")
 
@@ -141,37 +169,48 @@ def test_nan_and_inf_values(in_tmp, run_cli, rng):
     with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):
         write_mrc("nan.mrcs", data, apix=1.0, stack=True)
         write_mrc("inf.mrc", vol, apix=1.0)
-    assert_one_line_error(run_cli("check", "--input", "nan.mrcs"), "nan.mrcs image 4",
-                          "NaN or Inf")
+    assert_one_line_error(run_cli("check", "--input", "nan.mrcs"), "nan.mrcs image 4", "NaN or Inf")
     assert_one_line_error(run_cli("convert", "nan.mrcs", "n.hdf"), "NaN or Inf")
     assert not (in_tmp / "n.hdf").exists()  # nothing half-written is left behind
     assert [p.name for p in in_tmp.iterdir() if "partial" in p.name] == []
-    assert_one_line_error(run_cli("process", "inf.mrc", "o.mrc", "--process", "normalize"),
-                          "inf.mrc", "NaN or Inf")
+    assert_one_line_error(
+        run_cli("process", "inf.mrc", "o.mrc", "--process", "normalize"), "inf.mrc", "NaN or Inf"
+    )
 
 
 def test_star_without_the_columns_a_command_needs(in_tmp, run_cli, rng):
     write_mrc("s.mrcs", rng.standard_normal((2, 8, 8)), apix=1.0, stack=True)
     (in_tmp / "noctf.star").write_text("data_\n\nloop_\n_rlnImageName #1\n1@s.mrcs\n2@s.mrcs\n")
-    assert_one_line_error(run_cli("ctf", "noctf.star", "f.mrcs"), "noctf.star",
-                          "no CTF parameters", "rlnDefocusU")
-    assert_one_line_error(run_cli("check", "--input", "noctf.star", "--require", "orientations"),
-                          "noctf.star", "rlnAngleRot")
+    assert_one_line_error(
+        run_cli("ctf", "noctf.star", "f.mrcs"), "noctf.star", "no CTF parameters", "rlnDefocusU"
+    )
+    assert_one_line_error(
+        run_cli("check", "--input", "noctf.star", "--require", "orientations"),
+        "noctf.star",
+        "rlnAngleRot",
+    )
     (in_tmp / "noname.star").write_text("data_\n\nloop_\n_rlnDefocusU #1\n10000\n")
-    assert_one_line_error(run_cli("convert", "noname.star", "x.hdf"), "noname.star",
-                          "rlnImageName")
+    assert_one_line_error(run_cli("convert", "noname.star", "x.hdf"), "noname.star", "rlnImageName")
 
 
 def test_unknown_option_names_and_keys(in_tmp, run_cli):
     write_map("m.mrc", Map(np.zeros((8, 8, 8), np.float32), 1.0))
-    assert_one_line_error(run_cli("process", "m.mrc", "o.mrc", "--process", "filter.lowpass.gaus"),
-                          "--process", "unknown processor 'filter.lowpass.gaus'",
-                          "filter.lowpass.gauss")
+    assert_one_line_error(
+        run_cli("process", "m.mrc", "o.mrc", "--process", "filter.lowpass.gaus"),
+        "--process",
+        "unknown processor 'filter.lowpass.gaus'",
+        "filter.lowpass.gauss",
+    )
     assert_one_line_error(
         run_cli("process", "m.mrc", "o.mrc", "--process", "filter.lowpass.gauss:cutof=0.1"),
-        "--process", "unknown parameter 'cutof'", "cutoff_abs")
-    assert_one_line_error(run_cli("process", "m.mrc", "o.mrc", "--process", "normalize:x"),
-                          "must have the form key=value")
+        "--process",
+        "unknown parameter 'cutof'",
+        "cutoff_abs",
+    )
+    assert_one_line_error(
+        run_cli("process", "m.mrc", "o.mrc", "--process", "normalize:x"),
+        "must have the form key=value",
+    )
     assert_one_line_error(run_cli("check", "--input", "m.mrc", "--require", "ctff"), "ctff")
     code, _, err = run_cli("convert", "m.mrc", "o.mrc", "--frobnicate")
     assert code == 2 and "unrecognized arguments: --frobnicate" in err

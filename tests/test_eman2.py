@@ -60,12 +60,25 @@ def test_transform_attribute_of_the_worked_example(tmp_path):
     t = projection_transform(eman_to_matrices(120, 40, -40)[0], np.array([1.5, -2.25]))
     with HdfStackWriter(tmp_path / "t.hdf") as w:
         w.append(np.zeros((1, 8, 8)), [{"xform.projection": t}])
-    expected = [0.043412, 0.909616, -0.413176, 1.5, -0.829598, 0.263258, 0.492404, -2.25,
-                0.55667, 0.321394, 0.766044, 0]
+    expected = [
+        0.043412,
+        0.909616,
+        -0.413176,
+        1.5,
+        -0.829598,
+        0.263258,
+        0.492404,
+        -2.25,
+        0.55667,
+        0.321394,
+        0.766044,
+        0,
+    ]
     with h5py.File(tmp_path / "t.hdf") as f:
         attr = f["MDF/images/0"].attrs["EMAN.xform.projection"]
         assert attr.shape == (1,) and attr.dtype.names == tuple(
-            f"{r}{c}" for r in range(3) for c in range(4))
+            f"{r}{c}" for r in range(3) for c in range(4)
+        )
         assert attr.dtype.itemsize == 48
         np.testing.assert_allclose(list(attr[0]), expected, atol=2e-6)
     f = HdfImages(tmp_path / "t.hdf")
@@ -87,10 +100,26 @@ def test_mirrored_transform_folds_to_the_equivalent_rotation():
 
 
 def test_attribute_types(tmp_path):
-    hdr = {"flag": True, "ptcl_repr": 37, "score": -0.5, "class_ptcl_idxs": [3, 17, 52],
-           "one_idx": [17], "qual": [0.5, 0.25], "source_path": "particles/a.hdf",
-           "ctf": EmanCtf(defocus=2.0, dfdiff=0.2, dfang=30, bfactor=50, ampcont=10,
-                          voltage=300, cs=2.7, apix=1.35), "empty": []}
+    hdr = {
+        "flag": True,
+        "ptcl_repr": 37,
+        "score": -0.5,
+        "class_ptcl_idxs": [3, 17, 52],
+        "one_idx": [17],
+        "qual": [0.5, 0.25],
+        "source_path": "particles/a.hdf",
+        "ctf": EmanCtf(
+            defocus=2.0,
+            dfdiff=0.2,
+            dfang=30,
+            bfactor=50,
+            ampcont=10,
+            voltage=300,
+            cs=2.7,
+            apix=1.35,
+        ),
+        "empty": [],
+    }
     with HdfStackWriter(tmp_path / "h.hdf") as w:
         w.append(np.zeros((1, 4, 4)), [hdr])
     with h5py.File(tmp_path / "h.hdf") as f:
@@ -117,8 +146,12 @@ def test_quantised_images_are_decoded(tmp_path):
         g = f.create_group("MDF/images")
         g.attrs["imageid_max"] = np.array([0], np.int32)
         e = g.create_group("0")
-        e.create_dataset("image", data=np.array([[0, 255], [51, 102]], np.uint8),
-                         chunks=(1, 2), compression="gzip")
+        e.create_dataset(
+            "image",
+            data=np.array([[0, 255], [51, 102]], np.uint8),
+            chunks=(1, 2),
+            compression="gzip",
+        )
         e.attrs["EMAN.stored_renderbits"] = np.array([8], np.int32)
         e.attrs["EMAN.stored_rendermin"] = np.array([-1.0], np.float32)
         e.attrs["EMAN.stored_rendermax"] = np.array([1.0], np.float32)
@@ -139,13 +172,33 @@ def test_hdf_errors(tmp_path):
 
 def test_lst_layout_of_the_spec_example(tmp_path):
     # fact 8: three records, L = 217, header 173 bytes, file 824 bytes
-    t0 = Transform([0.043412, 0.909616, -0.413176, 1.5, -0.829598, 0.263258, 0.492404, -2.25,
-                    0.55667, 0.321394, 0.766044, 0])
+    t0 = Transform(
+        [
+            0.043412,
+            0.909616,
+            -0.413176,
+            1.5,
+            -0.829598,
+            0.263258,
+            0.492404,
+            -2.25,
+            0.55667,
+            0.321394,
+            0.766044,
+            0,
+        ]
+    )
     recs = [
-        LstRecord(0, "particles/mic001__ctf_flip.hdf",
-                  {"class": 0, "score": -0.6213, "xform.projection": t0}),
-        LstRecord(1, "particles/mic001__ctf_flip.hdf",
-                  {"class": 1, "score": -0.5876, "xform.projection": Transform(np.eye(3, 4))}),
+        LstRecord(
+            0,
+            "particles/mic001__ctf_flip.hdf",
+            {"class": 0, "score": -0.6213, "xform.projection": t0},
+        ),
+        LstRecord(
+            1,
+            "particles/mic001__ctf_flip.hdf",
+            {"class": 1, "score": -0.5876, "xform.projection": Transform(np.eye(3, 4))},
+        ),
         LstRecord(7, "particles/mic002__ctf_flip.hdf"),
     ]
     write_lst(tmp_path / "s.lst", recs)
@@ -153,9 +206,11 @@ def test_lst_layout_of_the_spec_example(tmp_path):
     header = f"#LSX\n{LSX_COMMENT}\n# 217\n".encode()
     assert raw.startswith(header) and len(header) == 173
     assert len(raw) == 173 + 3 * 217
-    first = raw[173:173 + 217].decode()
-    assert first.startswith('0\tparticles/mic001__ctf_flip.hdf\t{"class":0,"score":-0.6213,'
-                            '"xform.projection":{"__class__":"Transform","matrix":"[0.043412,')
+    first = raw[173 : 173 + 217].decode()
+    assert first.startswith(
+        '0\tparticles/mic001__ctf_flip.hdf\t{"class":0,"score":-0.6213,'
+        '"xform.projection":{"__class__":"Transform","matrix":"[0.043412,'
+    )
     assert first.endswith("    \n")
     back = read_lst(tmp_path / "s.lst")
     assert [r.n for r in back] == [0, 1, 7] and back[2].params == {}

@@ -89,3 +89,12 @@ def test_map_checks(tmp_path):
         write_mrc(tmp_path / "nan.mrc", bad, apix=1.0)
     with pytest.raises(CryorefineError, match="NaN or Inf"):
         read_map(tmp_path / "nan.mrc")
+
+
+def test_map_without_pixel_size_warns_unless_apix_is_given(tmp_path):
+    from cryorefine.errors import CryorefineWarning
+
+    write_mrc(tmp_path / "nopix.mrc", np.zeros((8, 8, 8)), apix=0.0)
+    with pytest.warns(CryorefineWarning, match="no pixel size"):
+        assert read_map(tmp_path / "nopix.mrc").apix == 1.0
+    assert read_map(tmp_path / "nopix.mrc", apix=2.2).apix == 2.2

@@ -66,8 +66,12 @@ def test_sigma_form_tanh_and_highpass_gains():
     hp = apply_processor("filter.highpass.gauss:cutoff_abs=0.125", img, ndim=2, apix=1.0)
     assert np.abs(hp).max() == pytest.approx(1 - np.exp(-1), rel=1e-4)
     flat = np.ones((1, n, n), np.float32)
-    assert np.abs(apply_processor("filter.highpass.gauss:cutoff_pixels=8", flat, ndim=2,
-                                  apix=1.0)).max() < 1e-5
+    assert (
+        np.abs(
+            apply_processor("filter.highpass.gauss:cutoff_pixels=8", flat, ndim=2, apix=1.0)
+        ).max()
+        < 1e-5
+    )
 
 
 def test_filters_work_on_3d_maps_and_need_apix_for_angstroms():
@@ -95,8 +99,16 @@ def test_normalizations(rng):
     np.testing.assert_allclose(circ.reshape(5, -1).std(axis=1, ddof=1), 1, atol=1e-5)
     vol = (rng.standard_normal((16, 16, 16)) + 3).astype(np.float32)
     e3 = apply_processor("normalize.edgemean", vol, ndim=3, apix=1.0)
-    faces = np.concatenate([e3[0].ravel(), e3[-1].ravel(), e3[:, 0].ravel(), e3[:, -1].ravel(),
-                            e3[:, :, 0].ravel(), e3[:, :, -1].ravel()])
+    faces = np.concatenate(
+        [
+            e3[0].ravel(),
+            e3[-1].ravel(),
+            e3[:, 0].ravel(),
+            e3[:, -1].ravel(),
+            e3[:, :, 0].ravel(),
+            e3[:, :, -1].ravel(),
+        ]
+    )
     assert faces.mean() == pytest.approx(0, abs=1e-5)
     zero = np.zeros((1, 8, 8), np.float32)
     assert np.array_equal(apply_processor("normalize", zero, ndim=2, apix=1.0), zero)
@@ -115,8 +127,9 @@ def test_normalize_bymass_thresholds_a_sphere_at_its_edge():
     boundary = inside & ~ndimage.binary_erosion(inside)
     assert r[boundary].mean() == pytest.approx(radius, abs=0.75)
     dense = sphere > 1e-3
-    assert np.allclose(out[dense] / sphere[dense], out[n // 2, n // 2, n // 2]
-                       / sphere[n // 2, n // 2, n // 2])  # a pure scale
+    assert np.allclose(
+        out[dense] / sphere[dense], out[n // 2, n // 2, n // 2] / sphere[n // 2, n // 2, n // 2]
+    )  # a pure scale
     with pytest.raises(CryorefineError, match="could not be achieved"):
         apply_processor("normalize.bymass:mass=1e9", sphere, ndim=3, apix=apix)
 
@@ -125,19 +138,24 @@ def test_auto3d_follows_the_spec_example():
     # ch04 fact 12: sphere radius 10 value 2; a second, separate blob is excluded
     n = 64
     vol = solid_sphere(n, 10, value=2.0) + solid_sphere(n, 3, value=2.0, centre=(0, 0, 22))
-    mask = apply_processor("mask.auto3d:threshold=1:radius=2:nshells=3:nshellsgauss=4:"
-                           "nmaxseed=0:return_mask=1", vol, ndim=3, apix=1.0)
+    mask = apply_processor(
+        "mask.auto3d:threshold=1:radius=2:nshells=3:nshellsgauss=4:nmaxseed=0:return_mask=1",
+        vol,
+        ndim=3,
+        apix=1.0,
+    )
     r = centred_radius(n, 3)
     assert mask.min() >= 0
     assert mask[r <= 9].min() > 0.95
     assert mask[r > 20].max() == 0 or mask[(r > 20) & (r < 30)].max() < 0.01
     assert mask[n // 2 + 22, n // 2, n // 2] < 0.01  # the disconnected blob
     # 0.5 contour near 10 + 3 + 2 along the axes (6-connected dilation is a diamond there)
-    profile = mask[n // 2, n // 2, n // 2:]
+    profile = mask[n // 2, n // 2, n // 2 :]
     edge = np.flatnonzero(profile < 0.5)[0]
     assert 13 <= edge <= 16
-    masked = apply_processor("mask.auto3d:threshold=1:radius=2:nshells=3:nshellsgauss=4",
-                             vol, ndim=3, apix=1.0)
+    masked = apply_processor(
+        "mask.auto3d:threshold=1:radius=2:nshells=3:nshellsgauss=4", vol, ndim=3, apix=1.0
+    )
     np.testing.assert_allclose(masked, vol * mask, atol=1e-6)
 
 
@@ -162,15 +180,19 @@ def test_setsf_imposes_a_map_spectrum(tmp_path, rng):
     noise = rng.standard_normal((n, n, n)).astype(np.float32)
     out = apply_processor(f"setsf:strucfac={tmp_path / 'ref.mrc'}", noise, ndim=3, apix=apix)
     want, got = radial_power(target, 3), radial_power(out, 3)
-    np.testing.assert_allclose(got[2:n // 2], want[2:n // 2], rtol=0.1)
+    np.testing.assert_allclose(got[2 : n // 2], want[2 : n // 2], rtol=0.1)
     before = radial_power(noise, 3)
-    assert np.abs(np.log(got[2:n // 2] / want[2:n // 2])).max() < 0.1 < np.abs(
-        np.log(before[2:n // 2] / want[2:n // 2])).max()
+    assert (
+        np.abs(np.log(got[2 : n // 2] / want[2 : n // 2])).max()
+        < 0.1
+        < np.abs(np.log(before[2 : n // 2] / want[2 : n // 2])).max()
+    )
     # the same curve from a two-column text file
     s = np.arange(n // 2 + 1) / (n * apix)
     np.savetxt(tmp_path / "sf.txt", np.c_[s, want])
-    out2 = apply_processor(f"filter.setstrucfac:strucfac={tmp_path / 'sf.txt'}", noise,
-                           ndim=3, apix=apix)
+    out2 = apply_processor(
+        f"filter.setstrucfac:strucfac={tmp_path / 'sf.txt'}", noise, ndim=3, apix=apix
+    )
     np.testing.assert_allclose(out2, out, atol=1e-4)
     (tmp_path / "short.txt").write_text("0 1\n0.001 1\n")
     with pytest.raises(CryorefineError, match="needs >= 3 rows"):

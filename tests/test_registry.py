@@ -74,8 +74,15 @@ def test_required_parameter_and_semantic_checks():
 
 
 def test_every_kind_has_a_registry():
-    assert set(REGISTRIES) == {"processors", "comparators", "aligners", "averagers",
-                               "reconstructors", "projectors", "orientgens"}
+    assert set(REGISTRIES) == {
+        "processors",
+        "comparators",
+        "aligners",
+        "averagers",
+        "reconstructors",
+        "projectors",
+        "orientgens",
+    }
     assert "normalize.edgemean" in PROCESSORS.names()
 
 

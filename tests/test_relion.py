@@ -23,9 +23,10 @@ from .conftest import relion_available
 
 pytestmark = [
     pytest.mark.relion,
-    pytest.mark.skipif(not relion_available("relion_project"),
-                       reason="RELION (relion_project) is not installed; "
-                              "apt-get install -y relion"),
+    pytest.mark.skipif(
+        not relion_available("relion_project"),
+        reason="RELION (relion_project) is not installed; apt-get install -y relion",
+    ),
 ]
 
 
@@ -48,18 +49,34 @@ def test_ctf_matches_relion_project(in_tmp, rnapol2_64):
         defocus_v_a=[14000, 19000, 23000, 12000, 17000, 8000],
         defocus_angle_deg=[0, 30, -60, 10, 120, 75],
         voltage_kv=[300, 300, 300, 300, 300, 300],
-        cs_mm=2.7, amplitude_contrast=0.1,
+        cs_mm=2.7,
+        amplitude_contrast=0.1,
         phase_shift_deg=[0, 0, 0, 90, 45, 0],
-        bfactor=[0, 0, 100, 0, 0, 50], scale=1.0,
+        bfactor=[0, 0, 100, 0, 0, 50],
+        scale=1.0,
     )
     meta = ParticleMetadata.empty(k, apix=apix)
     meta.ctf = params
     meta.rotations = np.broadcast_to(np.eye(3), (k, 3, 3)).copy()
     write_mrc("dummy.mrcs", np.zeros((k, n, n)), apix=apix, stack=True)
     write_particle_star("angles.star", meta, [f"{i + 1:06d}@dummy.mrcs" for i in range(k)], n)
-    subprocess.run(["relion_project", "--i", str(rnapol2_64), "--o", "proj", "--ang",
-                    "angles.star", "--ctf", "--angpix", str(apix)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            "relion_project",
+            "--i",
+            str(rnapol2_64),
+            "--o",
+            "proj",
+            "--ang",
+            "angles.star",
+            "--ctf",
+            "--angpix",
+            str(apix),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     theirs = mrcfile.read("proj.mrcs")
     ours = apply_ctf(np.broadcast_to(volume.sum(axis=0), (k, n, n)), params.evaluate(n, apix))
     for a, b in zip(theirs, ours, strict=True):
@@ -69,9 +86,18 @@ def test_ctf_matches_relion_project(in_tmp, rnapol2_64):
     for a, b in zip(theirs_lp, ours_lp, strict=True):
         assert corr(a, b) >= 0.999
     # and the test can tell a wrong astigmatism convention apart
-    wrong = CTFParams(params.defocus_u_a, params.defocus_v_a, -params.defocus_angle_deg,
-                      params.voltage_kv, params.cs_mm, params.amplitude_contrast,
-                      params.phase_shift_deg, params.bfactor, params.scale)
+    wrong = CTFParams(
+        params.defocus_u_a,
+        params.defocus_v_a,
+        -params.defocus_angle_deg,
+        params.voltage_kv,
+        params.cs_mm,
+        params.amplitude_contrast,
+        params.phase_shift_deg,
+        params.bfactor,
+        params.scale,
+    )
     wrong_lp = lowpass_to_nyquist_circle(
-        apply_ctf(np.broadcast_to(volume.sum(axis=0), (k, n, n)), wrong.evaluate(n, apix)))
+        apply_ctf(np.broadcast_to(volume.sum(axis=0), (k, n, n)), wrong.evaluate(n, apix))
+    )
     assert corr(theirs_lp[1], wrong_lp[1]) < 0.98

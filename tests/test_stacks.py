@@ -4,24 +4,34 @@ import mrcfile
 import numpy as np
 import pytest
 
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, CryorefineWarning
 from cryorefine.fourier.ctf import CTFParams
 from cryorefine.geometry.euler import relion_to_matrices
 from cryorefine.io.eman2 import HdfStackWriter, Transform
 from cryorefine.io.lst import LstRecord, write_lst
 from cryorefine.io.metadata import ParticleMetadata
 from cryorefine.io.mrc import write_mrc
-from cryorefine.io.stacks import CryorefineWarning, ParticleStack, write_stack
+from cryorefine.io.stacks import ParticleStack, write_stack
 
 
 def rich_stack(rng, k=9, n=24, apix=1.35) -> ParticleStack:
     images = (rng.standard_normal((k, n, n)) * 3 + 1).astype(np.float32)
     meta = ParticleMetadata.empty(k, apix=apix)
-    meta.rotations = relion_to_matrices(rng.uniform(-180, 180, k), rng.uniform(0, 180, k),
-                                        rng.uniform(-180, 180, k))
+    meta.rotations = relion_to_matrices(
+        rng.uniform(-180, 180, k), rng.uniform(0, 180, k), rng.uniform(-180, 180, k)
+    )
     meta.shift_a = rng.uniform(-5, 5, (k, 2))
-    meta.ctf = CTFParams(rng.uniform(1e4, 3e4, k), rng.uniform(1e4, 3e4, k),
-                         rng.uniform(-90, 90, k), 300, 2.7, 0.1, 0, 0, 1)
+    meta.ctf = CTFParams(
+        rng.uniform(1e4, 3e4, k),
+        rng.uniform(1e4, 3e4, k),
+        rng.uniform(-90, 90, k),
+        300,
+        2.7,
+        0.1,
+        0,
+        0,
+        1,
+    )
     meta.half_set = 1 + np.arange(k) % 2
     meta.class_number = np.arange(k) % 4
     return ParticleStack.from_arrays(images, apix=apix, meta=meta)
@@ -40,15 +50,15 @@ def assert_same_metadata(a: ParticleMetadata, b: ParticleMetadata) -> None:
 def test_round_trip_through_every_format(in_tmp, rng):
     original = rich_stack(rng)
     truth = original.read()
-    write_stack(original, "a.star")                 # images -> a.mrcs
+    write_stack(original, "a.star")  # images -> a.mrcs
     star = ParticleStack.from_path("a.star")
-    write_stack(star, "b.hdf")                      # EMAN2 HDF with headers
+    write_stack(star, "b.hdf")  # EMAN2 HDF with headers
     hdf = ParticleStack.from_path("b.hdf")
-    write_stack(hdf, "c.lst")                       # .lst referring into b.hdf
+    write_stack(hdf, "c.lst")  # .lst referring into b.hdf
     lst = ParticleStack.from_path("c.lst")
-    write_stack(lst, "d.star")                      # HDF not readable by RELION: copies
+    write_stack(lst, "d.star")  # HDF not readable by RELION: copies
     star2 = ParticleStack.from_path("d.star")
-    write_stack(star2, "e.lst")                     # .lst referring into d.mrcs
+    write_stack(star2, "e.lst")  # .lst referring into d.mrcs
     lst2 = ParticleStack.from_path("e.lst")
     write_stack(lst2, "f.mrcs")
     for stack in (star, hdf, lst, star2, lst2):
@@ -97,8 +107,13 @@ def test_lst_overrides_the_hdf_header(in_tmp, rng):
     with HdfStackWriter("ptcls.hdf") as w:
         w.append(images, [{"apix_x": 2.0, "class": 0}, {"apix_x": 2.0, "class": 0}])
     rot = Transform(np.eye(3, 4))
-    write_lst("set.lst", [LstRecord(1, "ptcls.hdf", {"class": 1, "xform.projection": rot}),
-                          LstRecord(0, "ptcls.hdf")])
+    write_lst(
+        "set.lst",
+        [
+            LstRecord(1, "ptcls.hdf", {"class": 1, "xform.projection": rot}),
+            LstRecord(0, "ptcls.hdf"),
+        ],
+    )
     stack = ParticleStack.from_path("set.lst")
     assert stack.meta.half_set.tolist() == [2, 1]
     assert stack.meta.has_orientation.tolist() == [True, False]

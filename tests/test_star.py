@@ -7,8 +7,8 @@ import starfile
 from cryorefine.errors import CryorefineError
 from cryorefine.geometry.euler import relion_to_matrices
 from cryorefine.io.mrc import write_mrc
-from cryorefine.io.star import read_particle_star
 from cryorefine.io.stacks import ParticleStack, write_stack
+from cryorefine.io.star import read_particle_star
 
 STAR_31 = """
 # version 30001
@@ -82,8 +82,12 @@ _rlnAnglePsi #14
 def project(tmp_path, rng):
     (tmp_path / "Particles").mkdir()
     for name in ("mic001", "mic002"):
-        write_mrc(tmp_path / "Particles" / f"{name}.mrcs",
-                  rng.standard_normal((2, 16, 16)).astype(np.float32), apix=1.35, stack=True)
+        write_mrc(
+            tmp_path / "Particles" / f"{name}.mrcs",
+            rng.standard_normal((2, 16, 16)).astype(np.float32),
+            apix=1.35,
+            stack=True,
+        )
     (tmp_path / "Refine").mkdir()
     return tmp_path
 
@@ -144,8 +148,12 @@ def test_relion30_style_is_converted(tmp_path, rng):
 
 def test_image_paths_resolve_beside_the_star_file_then_in_the_project(project, monkeypatch):
     (project / "Refine" / "Particles").mkdir()
-    write_mrc(project / "Refine" / "Particles" / "mic001.mrcs", np.zeros((2, 16, 16)),
-              apix=1.35, stack=True)
+    write_mrc(
+        project / "Refine" / "Particles" / "mic001.mrcs",
+        np.zeros((2, 16, 16)),
+        apix=1.35,
+        stack=True,
+    )
     (project / "Refine" / "p.star").write_text(STAR_31)
     monkeypatch.chdir(project)
     meta = read_particle_star(project / "Refine" / "p.star")
@@ -158,7 +166,8 @@ def test_missing_columns_and_files_are_named(tmp_path):
     with pytest.raises(CryorefineError, match="noname.star: no rlnImageName column"):
         read_particle_star(tmp_path / "noname.star")
     (tmp_path / "novolt.star").write_text(
-        "data_particles\n\nloop_\n_rlnImageName #1\n_rlnDefocusU #2\n1@x.mrcs 1000\n")
+        "data_particles\n\nloop_\n_rlnImageName #1\n_rlnDefocusU #2\n1@x.mrcs 1000\n"
+    )
     write_mrc(tmp_path / "x.mrcs", np.zeros((1, 4, 4)), apix=1.0, stack=True)
     with pytest.raises(CryorefineError, match="no rlnVoltage or rlnSphericalAberration"):
         read_particle_star(tmp_path / "novolt.star")

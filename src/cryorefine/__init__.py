@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, CryorefineWarning
 
 try:
     __version__ = version("cryorefine")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-__all__ = ["CryorefineError", "__version__"]
+__all__ = ["CryorefineError", "CryorefineWarning", "__version__"]

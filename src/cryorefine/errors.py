@@ -10,3 +10,7 @@ class CryorefineError(Exception):
     ``cryorefine.cli.main`` prints it and exits with status 2. Any other exception is
     a bug and keeps its traceback.
     """
+
+
+class CryorefineWarning(UserWarning):
+    """Something the user should know that does not stop the run (printed as one line)."""

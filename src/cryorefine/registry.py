@@ -120,9 +120,8 @@ def parse_modopt(text: str | None, *, option: str = "option") -> tuple[str, dict
     params: dict[str, Any] = {}
     for fld in fields_:
         if fld.count("=") != 1:
-            raise CryorefineError(
-                f"{option}: '{fld.replace(chr(0), 'bdb:')}' in '{text}' must have the form key=value"
-            )
+            shown = fld.replace("\0", "bdb:")
+            raise CryorefineError(f"{option}: '{shown}' in '{text}' must have the form key=value")
         key, value = fld.split("=")
         if not key:
             raise CryorefineError(f"{option}: empty key in '{text}'")
@@ -203,9 +202,7 @@ class Registry:
             p = entry.param(key)
             if p is None:
                 valid = ", ".join(q.name for q in entry.params) or "none"
-                raise CryorefineError(
-                    f"{where}: unknown parameter '{key}'; valid: {valid}"
-                )
+                raise CryorefineError(f"{where}: unknown parameter '{key}'; valid: {valid}")
             params[key] = p.coerce(value, where)
         for p in entry.params:
             if p.name not in params:
@@ -228,6 +225,5 @@ ORIENTGENS = Registry("orientgens", "orientation generator")
 
 REGISTRIES: dict[str, Registry] = {
     r.kind: r
-    for r in (PROCESSORS, COMPARATORS, ALIGNERS, AVERAGERS, RECONSTRUCTORS, PROJECTORS,
-              ORIENTGENS)
+    for r in (PROCESSORS, COMPARATORS, ALIGNERS, AVERAGERS, RECONSTRUCTORS, PROJECTORS, ORIENTGENS)
 }

@@ -16,8 +16,9 @@ def demo_map() -> Map:
         return read_map(p)
 
 
-def gaussian_blobs(n: int, *, count: int = 12, sigma_px: tuple[float, float] = (1.0, 2.0),
-                   rng: np.random.Generator) -> np.ndarray:
+def gaussian_blobs(
+    n: int, *, count: int = 12, sigma_px: tuple[float, float] = (1.0, 2.0), rng: np.random.Generator
+) -> np.ndarray:
     """``(n, n, n)`` float32 map of ``count`` Gaussian blobs inside radius ``n/2 - 6``."""
     c = np.arange(n) - n // 2
     z, y, x = np.meshgrid(c, c, c, indexing="ij")
@@ -32,8 +33,13 @@ def gaussian_blobs(n: int, *, count: int = 12, sigma_px: tuple[float, float] = (
     return vol.astype(np.float32)
 
 
-def solid_sphere(n: int, radius_px: float, *, value: float = 1.0,
-                 centre: tuple[float, float, float] | None = None) -> np.ndarray:
+def solid_sphere(
+    n: int,
+    radius_px: float,
+    *,
+    value: float = 1.0,
+    centre: tuple[float, float, float] | None = None,
+) -> np.ndarray:
     """``(n, n, n)`` float32: ``value`` inside ``radius_px`` of ``centre`` (default the
     box centre, ``(z, y, x)`` in pixels), 0 outside."""
     c = np.arange(n) - n // 2
@@ -43,18 +49,35 @@ def solid_sphere(n: int, radius_px: float, *, value: float = 1.0,
     return np.where(r2 <= radius_px**2, value, 0.0).astype(np.float32)
 
 
-def random_ctf(k: int, *, defocus_range_a: tuple[float, float] = (10000.0, 25000.0),
-               astigmatism_a: float = 500.0, voltage_kv: float = 300.0, cs_mm: float = 2.7,
-               amplitude_contrast: float = 0.1, rng: np.random.Generator) -> CTFParams:
+def random_ctf(
+    k: int,
+    *,
+    defocus_range_a: tuple[float, float] = (10000.0, 25000.0),
+    astigmatism_a: float = 500.0,
+    voltage_kv: float = 300.0,
+    cs_mm: float = 2.7,
+    amplitude_contrast: float = 0.1,
+    rng: np.random.Generator,
+) -> CTFParams:
     """CTF parameters with defocus uniform in a range and random astigmatism angles."""
     mean = rng.uniform(*defocus_range_a, k)
     half = rng.uniform(0, astigmatism_a, k) / 2
-    return CTFParams(mean + half, mean - half, rng.uniform(-180, 180, k), voltage_kv, cs_mm,
-                     amplitude_contrast, 0.0, 0.0, 1.0)
+    return CTFParams(
+        mean + half,
+        mean - half,
+        rng.uniform(-180, 180, k),
+        voltage_kv,
+        cs_mm,
+        amplitude_contrast,
+        0.0,
+        0.0,
+        1.0,
+    )
 
 
-def noisy_images(clean: np.ndarray, ctf: CTFParams | None, *, apix: float, snr: float,
-                 rng: np.random.Generator) -> np.ndarray:
+def noisy_images(
+    clean: np.ndarray, ctf: CTFParams | None, *, apix: float, snr: float, rng: np.random.Generator
+) -> np.ndarray:
     """CTF-modulate ``clean`` ``(k, n, n)`` images and add white Gaussian noise.
 
     ``snr`` is the variance of the (CTF-modulated) signal inside the box over the noise

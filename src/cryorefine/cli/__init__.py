@@ -21,8 +21,14 @@ from cryorefine.errors import CryorefineError
 def _subcommands() -> dict[str, ModuleType]:
     from cryorefine.cli import check, convert, ctf, demo, help, process
 
-    return {"convert": convert, "process": process, "ctf": ctf, "check": check,
-            "help": help, "demo": demo}
+    return {
+        "convert": convert,
+        "process": process,
+        "ctf": ctf,
+        "check": check,
+        "help": help,
+        "demo": demo,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,10 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in _subcommands().items():
         doc = (module.__doc__ or "").strip()
         first, _, rest = doc.partition("\n")
-        p = sub.add_parser(name, help=first, description=first, epilog=rest.strip() or None,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("-v", "--verbose", action="store_true",
-                       help="show tracebacks and more detail")
+        p = sub.add_parser(
+            name,
+            help=first,
+            description=first,
+            epilog=rest.strip() or None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "-v", "--verbose", action="store_true", help="show tracebacks and more detail"
+        )
         module.add_args(p)
         p.set_defaults(_main=module.main)
     return parser

@@ -28,8 +28,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", type=Path, required=True, help="particle stack")
     parser.add_argument("--model", type=Path, help="starting 3D map")
     parser.add_argument("--apix", type=float, help="pixel size in Å, overriding the files'")
-    parser.add_argument("--require", default="",
-                        help=f"comma list of metadata that must be present: {', '.join(REQUIREMENTS)}")
+    parser.add_argument(
+        "--require",
+        default="",
+        help=f"comma list of metadata that must be present: {', '.join(REQUIREMENTS)}",
+    )
     parser.add_argument("--chunk", type=int, default=1024, help="particles per chunk")
 
 
@@ -37,26 +40,35 @@ def check_compatible(stack: ParticleStack, model_path: Path, *, apix: float | No
     """Raise unless the map is cubic with the particles' box and pixel size (1 %)."""
     volume = read_map(model_path, apix=apix)
     if volume.box != stack.box:
-        raise CryorefineError(f"{model_path}: map box {volume.box} px differs from the "
-                              f"particles' {stack.box} px ({stack.label})")
+        raise CryorefineError(
+            f"{model_path}: map box {volume.box} px differs from the "
+            f"particles' {stack.box} px ({stack.label})"
+        )
     if volume.apix > 0 and abs(volume.apix - stack.apix) > 0.01 * stack.apix:
-        raise CryorefineError(f"{model_path}: map pixel size {volume.apix:.4f} Å differs from "
-                              f"the particles' {stack.apix:.4f} Å ({stack.label})")
+        raise CryorefineError(
+            f"{model_path}: map pixel size {volume.apix:.4f} Å differs from "
+            f"the particles' {stack.apix:.4f} Å ({stack.label})"
+        )
 
 
 def check_requirements(stack: ParticleStack, requirements: list[str]) -> None:
     for req in requirements:
         if req not in REQUIREMENTS:
-            raise CryorefineError(f"--require: unknown item '{req}'; valid: "
-                                  f"{', '.join(REQUIREMENTS)}")
+            raise CryorefineError(
+                f"--require: unknown item '{req}'; valid: {', '.join(REQUIREMENTS)}"
+            )
         if req == "ctf" and not stack.meta.ctf.known.all():
-            raise CryorefineError(f"{stack.label}: no CTF parameters (STAR: rlnDefocusU, "
-                                  "rlnDefocusV, rlnDefocusAngle, rlnVoltage, "
-                                  "rlnSphericalAberration; EMAN2: ctf)")
+            raise CryorefineError(
+                f"{stack.label}: no CTF parameters (STAR: rlnDefocusU, "
+                "rlnDefocusV, rlnDefocusAngle, rlnVoltage, "
+                "rlnSphericalAberration; EMAN2: ctf)"
+            )
         if req == "orientations" and not stack.meta.has_orientation.all():
-            raise CryorefineError(f"{stack.label}: no particle orientations (STAR: "
-                                  "rlnAngleRot, rlnAngleTilt, rlnAnglePsi; EMAN2: "
-                                  "xform.projection)")
+            raise CryorefineError(
+                f"{stack.label}: no particle orientations (STAR: "
+                "rlnAngleRot, rlnAngleTilt, rlnAnglePsi; EMAN2: "
+                "xform.projection)"
+            )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -69,11 +81,13 @@ def main(args: argparse.Namespace) -> int:
             pass  # read() raises on NaN/Inf and unreadable data
         meta = stack.meta
         files = len(np.unique(meta.source_path.astype(str)))
-        print(f"{stack.label}: {len(stack)} particles of {stack.box} px at "
-              f"{stack.apix:.4f} Å/px in {files} file(s); CTF: "
-              f"{'yes' if meta.ctf.known.all() else 'no'}; orientations: "
-              f"{'yes' if meta.has_orientation.all() else 'no'}; half sets: "
-              f"{'yes' if (meta.half_set > 0).all() else 'no'}")
+        print(
+            f"{stack.label}: {len(stack)} particles of {stack.box} px at "
+            f"{stack.apix:.4f} Å/px in {files} file(s); CTF: "
+            f"{'yes' if meta.ctf.known.all() else 'no'}; orientations: "
+            f"{'yes' if meta.has_orientation.all() else 'no'}; half sets: "
+            f"{'yes' if (meta.half_set > 0).all() else 'no'}"
+        )
         if args.model is not None:
             print(f"{args.model}: matches the particles")
     finally:

@@ -26,8 +26,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="particle stack with CTF parameters")
     parser.add_argument("output", type=Path, help="output stack (.mrcs .star .hdf .lst)")
     parser.add_argument("--mode", choices=("apply", "flip", "wiener"), default="flip")
-    parser.add_argument("--snr", type=float, default=10.0,
-                        help="spectral SNR for --mode wiener (default %(default)s)")
+    parser.add_argument(
+        "--snr",
+        type=float,
+        default=10.0,
+        help="spectral SNR for --mode wiener (default %(default)s)",
+    )
     parser.add_argument("--apix", type=float, help="pixel size in Å, overriding the input's")
     parser.add_argument("--chunk", type=int, default=512, help="particles per chunk")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -53,8 +57,9 @@ def main(args: argparse.Namespace) -> int:
         return ctf_ops.wiener_divide(images, c, snr=args.snr)
 
     try:
-        written = write_stack(stack, args.output, overwrite=args.overwrite,
-                              chunk_size=args.chunk, process=run)
+        written = write_stack(
+            stack, args.output, overwrite=args.overwrite, chunk_size=args.chunk, process=run
+        )
     finally:
         stack.close()
     print(f"wrote {', '.join(map(str, written))}: {len(stack)} particles, CTF {args.mode}")

@@ -34,11 +34,19 @@ RNAPOL2_KDA = 514.0
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("cryorefine_demo"),
-                        help="output folder (created; default %(default)s)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("cryorefine_demo"),
+        help="output folder (created; default %(default)s)",
+    )
     parser.add_argument("--n", type=int, default=1000, help="particles (default %(default)s)")
-    parser.add_argument("--snr", type=float, default=0.002,
-                        help="signal-to-noise variance ratio (default %(default)s)")
+    parser.add_argument(
+        "--snr",
+        type=float,
+        default=0.002,
+        help="signal-to-noise variance ratio (default %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
@@ -71,17 +79,21 @@ def main(args: argparse.Namespace) -> int:
     volume = demo_map()
     apix, n = volume.apix, volume.box
 
-    filt = apply_processor(f"normalize.bymass:mass={RNAPOL2_KDA}", volume.data, ndim=3,
-                           apix=apix)
-    mask = apply_processor("mask.auto3d:threshold=0.5:radius=5:nshells=2:nshellsgauss=3:"
-                           "return_mask=1", filt, ndim=3, apix=apix)
+    filt = apply_processor(f"normalize.bymass:mass={RNAPOL2_KDA}", volume.data, ndim=3, apix=apix)
+    mask = apply_processor(
+        "mask.auto3d:threshold=0.5:radius=5:nshells=2:nshellsgauss=3:return_mask=1",
+        filt,
+        ndim=3,
+        apix=apix,
+    )
     write_map(out / "threed_filt.mrc", Map(filt * mask, apix), overwrite=args.overwrite)
     write_map(out / "threed_mask.mrc", Map(mask, apix), overwrite=args.overwrite)
 
     truth = volume.data.sum(axis=0)  # projection along z: orientation (0, 0, 0)
     ctf = random_ctf(args.n, defocus_range_a=(10000.0, 25000.0), rng=rng)
-    images = noisy_images(np.broadcast_to(truth, (args.n, n, n)), ctf, apix=apix,
-                          snr=args.snr, rng=rng)
+    images = noisy_images(
+        np.broadcast_to(truth, (args.n, n, n)), ctf, apix=apix, snr=args.snr, rng=rng
+    )
     meta = ParticleMetadata.empty(args.n, apix=apix)
     meta.ctf = ctf
     meta.rotations = np.broadcast_to(np.eye(3), (args.n, 3, 3)).copy()
@@ -99,12 +111,18 @@ def main(args: argparse.Namespace) -> int:
     stack.close()
     res_half = resolution_at(fsc(*halves), threshold=0.143, apix=apix)
     res_truth = resolution_at(fsc(full, truth), threshold=0.5, apix=apix)
-    print(f"map: normalised to {RNAPOL2_KDA:.0f} kDa, mask covers "
-          f"{(mask > 0.5).sum() * apix**3 / 1e3:.0f} nm^3 -> {out}/threed_filt.mrc")
-    print(f"particles: {args.n} of {n} px at {apix} Å/px, SNR {args.snr}, defocus "
-          f"{ctf.defocus_u_a.min() / 1e4:.2f}-{ctf.defocus_u_a.max() / 1e4:.2f} µm -> "
-          f"{out}/particles.star, .mrcs, .hdf, .lst")
-    print(f"CTF-corrected average: FRC(half 1, half 2) = 0.143 at {res_half:.1f} Å; "
-          f"FRC(average, truth) = 0.5 at {res_truth:.1f} Å (Nyquist {2 * apix:.1f} Å)")
+    print(
+        f"map: normalised to {RNAPOL2_KDA:.0f} kDa, mask covers "
+        f"{(mask > 0.5).sum() * apix**3 / 1e3:.0f} nm^3 -> {out}/threed_filt.mrc"
+    )
+    print(
+        f"particles: {args.n} of {n} px at {apix} Å/px, SNR {args.snr}, defocus "
+        f"{ctf.defocus_u_a.min() / 1e4:.2f}-{ctf.defocus_u_a.max() / 1e4:.2f} µm -> "
+        f"{out}/particles.star, .mrcs, .hdf, .lst"
+    )
+    print(
+        f"CTF-corrected average: FRC(half 1, half 2) = 0.143 at {res_half:.1f} Å; "
+        f"FRC(average, truth) = 0.5 at {res_truth:.1f} Å (Nyquist {2 * apix:.1f} Å)"
+    )
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -29,7 +29,10 @@ def main(args: argparse.Namespace) -> int:
         print(e.name + (f"  (also: {', '.join(e.aliases)})" if e.aliases else ""))
         print(textwrap.indent(textwrap.fill(e.help, 76), "    "))
         for p in e.params:
-            default = "required" if p.required else (
-                "unset" if p.default is None else f"default {p.default}")
+            default = (
+                "required"
+                if p.required
+                else ("unset" if p.default is None else f"default {p.default}")
+            )
             print(f"      {p.name} ({p.type.__name__}, {default}): {p.help}")
     return 0

@@ -27,8 +27,13 @@ from cryorefine.registry import PROCESSORS
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="input map or particle stack")
     parser.add_argument("output", type=Path, help="output file (map or stack type)")
-    parser.add_argument("--process", action="append", default=[], metavar="NAME:K=V",
-                        help="processor to apply (repeatable, applied in order)")
+    parser.add_argument(
+        "--process",
+        action="append",
+        default=[],
+        metavar="NAME:K=V",
+        help="processor to apply (repeatable, applied in order)",
+    )
     parser.add_argument("--apix", type=float, help="pixel size in Å, overriding the input's")
     parser.add_argument("--chunk", type=int, default=1024, help="particles per chunk")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -57,8 +62,9 @@ def main(args: argparse.Namespace) -> int:
         return images
 
     try:
-        written = write_stack(stack, args.output, overwrite=args.overwrite,
-                              chunk_size=args.chunk, process=run)
+        written = write_stack(
+            stack, args.output, overwrite=args.overwrite, chunk_size=args.chunk, process=run
+        )
     finally:
         stack.close()
     print(f"wrote {', '.join(map(str, written))}: {len(stack)} particles")

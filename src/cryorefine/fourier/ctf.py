@@ -66,8 +66,12 @@ class CTFParams:
     @property
     def known(self) -> np.ndarray:
         """Boolean ``(k,)``: which particles have a usable CTF."""
-        return (np.isfinite(self.defocus_u_a) & np.isfinite(self.defocus_v_a)
-                & np.isfinite(self.voltage_kv) & np.isfinite(self.cs_mm))
+        return (
+            np.isfinite(self.defocus_u_a)
+            & np.isfinite(self.defocus_v_a)
+            & np.isfinite(self.voltage_kv)
+            & np.isfinite(self.cs_mm)
+        )
 
     def take(self, indices: np.ndarray) -> CTFParams:
         return CTFParams(**{f.name: getattr(self, f.name)[indices] for f in fields(self)})
@@ -100,8 +104,12 @@ class CTFParams:
         lam = electron_wavelength_a(self.voltage_kv)[col]
         cs_a = self.cs_mm[col] * 1e7
         q0 = np.clip(self.amplitude_contrast, -1.0, 1.0)
-        chi = (-np.pi * lam * defocus * s2 + 0.5 * np.pi * cs_a * lam**3 * s2 * s2
-               - np.deg2rad(self.phase_shift_deg)[col] - np.arcsin(q0)[col])
+        chi = (
+            -np.pi * lam * defocus * s2
+            + 0.5 * np.pi * cs_a * lam**3 * s2 * s2
+            - np.deg2rad(self.phase_shift_deg)[col]
+            - np.arcsin(q0)[col]
+        )
         ctf = -np.sin(chi) * self.scale[col]
         bfac = self.bfactor[col]
         if np.any(bfac != 0):

@@ -31,8 +31,9 @@ def highpass_gauss(data: np.ndarray, cutoff_cpp: float, ndim: int) -> np.ndarray
     return filter_rfft(data, 1.0 - np.exp(-(s * s) / cutoff_cpp**2), ndim)
 
 
-def lowpass_tanh(data: np.ndarray, cutoff_cpp: float, ndim: int,
-                 fall_off: float = 0.5) -> np.ndarray:
+def lowpass_tanh(
+    data: np.ndarray, cutoff_cpp: float, ndim: int, fall_off: float = 0.5
+) -> np.ndarray:
     """EMAN2 tanh low-pass ``H = (tanh(a (s + c)) - tanh(a (s - c))) / 2``, ``a = pi / (2 f c)``."""
     s = rfft_radius(data.shape[-ndim:])
     a = np.pi / (2.0 * fall_off * cutoff_cpp)
@@ -83,17 +84,20 @@ def radial_power(data: np.ndarray, ndim: int) -> np.ndarray:
     idx_lo = (offs + lo[None]).ravel()
     idx_hi = (offs + lo[None] + 1).ravel()
     size = k * nb
-    num = (np.bincount(idx_lo, (power * wl).ravel(), size)
-           + np.bincount(idx_hi, (power * wh).ravel(), size))
-    den = (np.bincount(idx_lo, np.broadcast_to(wl, power.shape).ravel(), size)
-           + np.bincount(idx_hi, np.broadcast_to(wh, power.shape).ravel(), size))
+    num = np.bincount(idx_lo, (power * wl).ravel(), size) + np.bincount(
+        idx_hi, (power * wh).ravel(), size
+    )
+    den = np.bincount(idx_lo, np.broadcast_to(wl, power.shape).ravel(), size) + np.bincount(
+        idx_hi, np.broadcast_to(wh, power.shape).ravel(), size
+    )
     with np.errstate(invalid="ignore", divide="ignore"):
         curve = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
     return curve.reshape(lead + (nb,))[..., : shape[0] // 2 + 1]
 
 
-def set_structure_factor(data: np.ndarray, freq_a: np.ndarray, power: np.ndarray,
-                         apix: float, ndim: int) -> np.ndarray:
+def set_structure_factor(
+    data: np.ndarray, freq_a: np.ndarray, power: np.ndarray, apix: float, ndim: int
+) -> np.ndarray:
     """Impose the radial power curve ``power(freq_a)`` on each image or map.
 
     ``freq_a`` (1/Å, increasing) and ``power`` (same normalisation as
@@ -120,7 +124,7 @@ def set_structure_factor(data: np.ndarray, freq_a: np.ndarray, power: np.ndarray
     for i in range(1, imax):  # shells, not particles: n/2 steps of vector work
         good = np.isfinite(ratio[:, i]) & (cur[:, i] > 0)
         factor[:, i] = np.where(good, ratio[:, i], factor[:, i - 1])
-    factor[:, imax:] = factor[:, imax - 1: imax]
+    factor[:, imax:] = factor[:, imax - 1 : imax]
     r = rfft_radius(shape) * n
     lo = np.minimum(np.floor(r).astype(np.int64), nb - 1)
     hi = np.minimum(lo + 1, nb - 1)

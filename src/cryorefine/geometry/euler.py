@@ -43,7 +43,9 @@ def _frame_y(t: np.ndarray) -> np.ndarray:
 
 
 def _as_rad(*angles_deg: np.ndarray) -> list[np.ndarray]:
-    arrs = np.broadcast_arrays(*[np.atleast_1d(np.asarray(a, dtype=np.float64)) for a in angles_deg])
+    arrs = np.broadcast_arrays(
+        *[np.atleast_1d(np.asarray(a, dtype=np.float64)) for a in angles_deg]
+    )
     return [np.deg2rad(a) for a in arrs]
 
 
@@ -76,8 +78,9 @@ def matrices_to_relion(rotations: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     rot = np.where(general, np.arctan2(m[:, 2, 1], m[:, 2, 0]), 0.0)
     tilt = np.where(general, np.arctan2(sb, m[:, 2, 2]), np.where(m[:, 2, 2] > 0, 0.0, np.pi))
     psi_general = np.arctan2(m[:, 1, 2], -m[:, 0, 2])
-    psi_flat = np.where(m[:, 2, 2] > 0, np.arctan2(-m[:, 1, 0], m[:, 0, 0]),
-                        np.arctan2(m[:, 1, 0], -m[:, 0, 0]))
+    psi_flat = np.where(
+        m[:, 2, 2] > 0, np.arctan2(-m[:, 1, 0], m[:, 0, 0]), np.arctan2(m[:, 1, 0], -m[:, 0, 0])
+    )
     psi = np.where(general, psi_general, psi_flat)
     return _wrap180(np.rad2deg(rot)), np.rad2deg(tilt), _wrap180(np.rad2deg(psi))
 
@@ -90,8 +93,9 @@ def matrices_to_eman(rotations: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     rot, tilt, psi = matrices_to_relion(rotations)
     flat = (tilt == 0.0) | (tilt == 180.0)
     m = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
-    phi_flat = np.where(tilt == 0.0, np.arctan2(m[:, 0, 1], m[:, 0, 0]),
-                        np.arctan2(-m[:, 0, 1], m[:, 0, 0]))
+    phi_flat = np.where(
+        tilt == 0.0, np.arctan2(m[:, 0, 1], m[:, 0, 0]), np.arctan2(-m[:, 0, 1], m[:, 0, 0])
+    )
     az = np.where(flat, 0.0, rot + 90.0)
     phi = np.where(flat, np.rad2deg(phi_flat), psi - 90.0)
     return np.mod(az, 360.0), tilt, np.mod(phi, 360.0)

@@ -28,8 +28,15 @@ from cryorefine.io.atomic import atomic_output
 
 HDF_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 TRANSFORM_DTYPE = np.dtype([(f"{r}{c}", "<f4") for r in range(3) for c in range(4)])
-_NO_COPY = ("render_min", "render_max", "render_bits", "stored_renderbits",
-            "stored_rendermin", "stored_rendermax", "stored_truncated")
+_NO_COPY = (
+    "render_min",
+    "render_max",
+    "render_bits",
+    "stored_renderbits",
+    "stored_rendermin",
+    "stored_rendermax",
+    "stored_truncated",
+)
 
 
 @dataclass
@@ -87,8 +94,17 @@ class EmanCtf:
     snr: list[float] = field(default_factory=list)
 
     def to_string(self) -> str:
-        nums = [self.defocus, self.dfdiff, self.dfang, self.bfactor, self.ampcont,
-                self.voltage, self.cs, self.apix, self.dsbg]
+        nums = [
+            self.defocus,
+            self.dfdiff,
+            self.dfang,
+            self.bfactor,
+            self.ampcont,
+            self.voltage,
+            self.cs,
+            self.apix,
+            self.dsbg,
+        ]
         head = " ".join(_g10(float(np.float32(v))) for v in nums)
         bg = "".join(f",{v:1.3g}" for v in self.background)
         snr = "".join(f",{v:1.3g}" for v in self.snr)
@@ -128,9 +144,18 @@ def _g10(v: float) -> str:
 
 # --- EMAN2 CTF <-> RELION parameters (spec 05 §5.3) ---------------------------------
 
-def eman_ctf_from_relion(u_a: float, v_a: float, angle_deg: float, voltage_kv: float,
-                         cs_mm: float, q0: float, phase_shift_deg: float, bfactor: float,
-                         apix: float) -> EmanCtf:
+
+def eman_ctf_from_relion(
+    u_a: float,
+    v_a: float,
+    angle_deg: float,
+    voltage_kv: float,
+    cs_mm: float,
+    q0: float,
+    phase_shift_deg: float,
+    bfactor: float,
+    apix: float,
+) -> EmanCtf:
     """RELION CTF parameters -> EMAN2Ctf (phase shift folded into ``ampcont``)."""
     dfdiff = (u_a - v_a) * 1e-4
     dfang = angle_deg
@@ -146,9 +171,16 @@ def eman_ctf_from_relion(u_a: float, v_a: float, angle_deg: float, voltage_kv: f
         amp = 100.0 * (2.0 - np.sin(phi))
     else:
         amp = 100.0 * (-2.0 - np.sin(phi))
-    return EmanCtf(defocus=(u_a + v_a) / 2 * 1e-4, dfdiff=dfdiff, dfang=dfang,
-                   bfactor=bfactor, ampcont=float(amp), voltage=voltage_kv, cs=cs_mm,
-                   apix=apix)
+    return EmanCtf(
+        defocus=(u_a + v_a) / 2 * 1e-4,
+        dfdiff=dfdiff,
+        dfang=dfang,
+        bfactor=bfactor,
+        ampcont=float(amp),
+        voltage=voltage_kv,
+        cs=cs_mm,
+        apix=apix,
+    )
 
 
 def relion_ctf_from_eman(ctf: EmanCtf) -> dict[str, float]:
@@ -178,6 +210,7 @@ def relion_ctf_from_eman(ctf: EmanCtf) -> dict[str, float]:
 
 
 # --- attribute encoding ---------------------------------------------------------------
+
 
 def encode_attr(value: Any) -> np.ndarray | None:
     """A header value as EMAN2 stores it in HDF (None: not storable, skip it)."""
@@ -234,6 +267,7 @@ def decode_attr(key: str, value: Any) -> Any:
 
 # --- reading --------------------------------------------------------------------------
 
+
 class HdfImages:
     """An open EMAN2 HDF file, read lazily image by image."""
 
@@ -253,7 +287,9 @@ class HdfImages:
                 f"{self.path}: not an EMAN2 image file (no /MDF/images imageid_max)"
             ) from exc
         except OSError as exc:
-            raise CryorefineError(f"{self.path}: unreadable or truncated HDF5 file ({exc})") from exc
+            raise CryorefineError(
+                f"{self.path}: unreadable or truncated HDF5 file ({exc})"
+            ) from exc
         self._group = group
 
     def close(self) -> None:
@@ -301,6 +337,7 @@ class HdfImages:
 
 # --- writing --------------------------------------------------------------------------
 
+
 def image_stats(images: np.ndarray) -> list[dict[str, float]]:
     """EMAN2's per-image statistics keys, computed for a whole chunk at once."""
     flat = images.reshape(len(images), -1).astype(np.float64)
@@ -310,10 +347,13 @@ def image_stats(images: np.ndarray) -> list[dict[str, float]]:
     mean_nz = np.where(nz, flat, 0).sum(axis=1) / cnt
     var_nz = np.where(nz, (flat - mean_nz[:, None]) ** 2, 0).sum(axis=1) / np.maximum(cnt - 1, 1)
     stats = {
-        "minimum": flat.min(axis=1), "maximum": flat.max(axis=1), "mean": flat.mean(axis=1),
+        "minimum": flat.min(axis=1),
+        "maximum": flat.max(axis=1),
+        "mean": flat.mean(axis=1),
         "sigma": flat.std(axis=1, ddof=1 if n > 1 else 0),
         "square_sum": (flat * flat).sum(axis=1),
-        "mean_nonzero": mean_nz, "sigma_nonzero": np.sqrt(var_nz),
+        "mean_nonzero": mean_nz,
+        "sigma_nonzero": np.sqrt(var_nz),
     }
     return [{k: float(v[i]) for k, v in stats.items()} for i in range(len(images))]
 
@@ -345,8 +385,17 @@ class HdfStackWriter:
             g = self._group.create_group(str(self.count))
             g.create_dataset("image", data=arr)
             nz, ny, nx = (1,) * (3 - arr.ndim) + arr.shape
-            full = {"nx": nx, "ny": ny, "nz": nz, "datatype": 7, "is_complex": 0,
-                    "is_complex_x": 0, "is_complex_ri": 1, "changecount": 0, **stats}
+            full = {
+                "nx": nx,
+                "ny": ny,
+                "nz": nz,
+                "datatype": 7,
+                "is_complex": 0,
+                "is_complex_x": 0,
+                "is_complex_ri": 1,
+                "changecount": 0,
+                **stats,
+            }
             full.update({k: v for k, v in hdr.items() if k not in _NO_COPY})
             for key, value in full.items():
                 enc = encode_attr(value)
@@ -371,12 +420,25 @@ def read_hdf_map(path: str | os.PathLike, index: int = 0) -> tuple[np.ndarray, d
         f.close()
 
 
-def write_hdf_map(path: str | os.PathLike, volume: np.ndarray, *, apix: float,
-                  origin_a: tuple[float, float, float] = (0.0, 0.0, 0.0),
-                  header: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+def write_hdf_map(
+    path: str | os.PathLike,
+    volume: np.ndarray,
+    *,
+    apix: float,
+    origin_a: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    header: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a map (or single image) as an EMAN2 HDF file with its pixel size."""
-    hdr = {"apix_x": apix, "apix_y": apix, "apix_z": apix, "origin_x": origin_a[0],
-           "origin_y": origin_a[1], "origin_z": origin_a[2], **(header or {})}
+    hdr = {
+        "apix_x": apix,
+        "apix_y": apix,
+        "apix_z": apix,
+        "origin_x": origin_a[0],
+        "origin_y": origin_a[1],
+        "origin_z": origin_a[2],
+        **(header or {}),
+    }
     with HdfStackWriter(path, overwrite=overwrite) as w:
         w.append(np.asarray(volume, dtype=np.float32)[None], [hdr])
     return Path(path)

@@ -18,9 +18,11 @@ from cryorefine.errors import CryorefineError
 from cryorefine.io.atomic import atomic_output
 from cryorefine.io.eman2 import EmanCtf, Transform
 
-LSX_COMMENT = ("# This file is in fast LST format. All lines after the next line have exactly "
-               "the number of characters shown on the next line. This MUST be preserved if "
-               "editing.")
+LSX_COMMENT = (
+    "# This file is in fast LST format. All lines after the next line have exactly "
+    "the number of characters shown on the next line. This MUST be preserved if "
+    "editing."
+)
 
 
 @dataclass
@@ -54,13 +56,15 @@ def encode_record(rec: LstRecord) -> str:
         raise CryorefineError(f"{rec.path}: an .lst path may not contain white space")
     line = f"{rec.n}\t{rec.path}"
     if rec.params:
-        line += "\t" + json.dumps(rec.params, sort_keys=True, separators=(",", ":"),
-                                  default=_json_default)
+        line += "\t" + json.dumps(
+            rec.params, sort_keys=True, separators=(",", ":"), default=_json_default
+        )
     return line
 
 
-def write_lst(path: str | os.PathLike, records: list[LstRecord], *,
-              overwrite: bool = False) -> Path:
+def write_lst(
+    path: str | os.PathLike, records: list[LstRecord], *, overwrite: bool = False
+) -> Path:
     """Write records as a ``#LSX`` file (record length = longest + 5), atomically."""
     lines = [encode_record(r) for r in records]
     length = max((len(s) for s in lines), default=15) + 5
@@ -113,7 +117,7 @@ def read_lst(path: str | os.PathLike) -> list[LstRecord]:
             )
         records = []
         for i in range(len(body) // length):
-            rec = body[i * length:(i + 1) * length].rstrip("\n").rstrip(" ")
+            rec = body[i * length : (i + 1) * length].rstrip("\n").rstrip(" ")
             records.append(_decode_fields(rec.split("\t"), f"{path}: record {i}"))
         return records
     if text.startswith("#LST"):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, CryorefineWarning
 from cryorefine.io import eman2
 from cryorefine.io.mrc import read_mrc, write_mrc
 
@@ -17,7 +18,7 @@ MAP_SUFFIXES = (".mrc", ".map", ".hdf")
 
 @dataclass
 class Map:
-    """A map ``data`` ``(z, y, x)`` float32, pixel size ``apix`` in Å (0.0: unknown),
+    """A map ``data`` ``(z, y, x)`` float32, pixel size ``apix`` in Å,
     and ``origin_a``, the position ``(x, y, z)`` in Å of voxel 0 (MRC header origin)."""
 
     data: np.ndarray
@@ -74,13 +75,24 @@ def read_map(path: str | os.PathLike, *, apix: float | None = None) -> Map:
     if data.ndim != 3:
         raise CryorefineError(f"{path}: is not a 3D map (shape {data.shape})")
     if len(set(data.shape)) != 1:
-        raise CryorefineError(f"{path}: map is {data.shape[2]} x {data.shape[1]} x "
-                              f"{data.shape[0]}; only cubic maps are supported")
+        raise CryorefineError(
+            f"{path}: map is {data.shape[2]} x {data.shape[1]} x "
+            f"{data.shape[0]}; only cubic maps are supported"
+        )
     if not np.isfinite(data).all():
         raise CryorefineError(f"{path}: contains NaN or Inf values")
-    if apix is not None and apix <= 0:
-        raise CryorefineError(f"--apix must be positive, got {apix}")
-    return Map(data, float(apix) if apix is not None else file_apix, origin)
+    if apix is not None:
+        if apix <= 0:
+            raise CryorefineError(f"--apix must be positive, got {apix}")
+        return Map(data, float(apix), origin)
+    if file_apix <= 0:
+        warnings.warn(
+            f"{path}: no pixel size in the header; assuming 1.0 Å/px (pass --apix)",
+            CryorefineWarning,
+            stacklevel=2,
+        )
+        file_apix = 1.0
+    return Map(data, file_apix, origin)
 
 
 def write_map(path: str | os.PathLike, volume: Map, *, overwrite: bool = False) -> Path:
@@ -88,9 +100,11 @@ def write_map(path: str | os.PathLike, volume: Map, *, overwrite: bool = False) 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".hdf":
-        return eman2.write_hdf_map(path, volume.data, apix=volume.apix,
-                                   origin_a=volume.origin_a, overwrite=overwrite)
+        return eman2.write_hdf_map(
+            path, volume.data, apix=volume.apix, origin_a=volume.origin_a, overwrite=overwrite
+        )
     if suffix in (".mrc", ".map"):
-        return write_mrc(path, volume.data, apix=volume.apix, origin_a=volume.origin_a,
-                         overwrite=overwrite)
+        return write_mrc(
+            path, volume.data, apix=volume.apix, origin_a=volume.origin_a, overwrite=overwrite
+        )
     raise CryorefineError(f"{path}: cannot write a map of this type; use .mrc, .map or .hdf")

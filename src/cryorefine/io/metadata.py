@@ -38,12 +38,19 @@ class ParticleMetadata:
     optics_extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, n: int, *, apix: float | np.ndarray = 0.0, source_path: str = "",
-              source_index: np.ndarray | None = None) -> ParticleMetadata:
+    def empty(
+        cls,
+        n: int,
+        *,
+        apix: float | np.ndarray = 0.0,
+        source_path: str = "",
+        source_index: np.ndarray | None = None,
+    ) -> ParticleMetadata:
         """``n`` particles with nothing known but their source and pixel size."""
         return cls(
             source_path=np.full(n, source_path, dtype=object),
-            source_index=np.arange(n, dtype=np.int64) if source_index is None
+            source_index=np.arange(n, dtype=np.int64)
+            if source_index is None
             else np.asarray(source_index, dtype=np.int64),
             apix=np.broadcast_to(np.asarray(apix, dtype=np.float64), (n,)).copy(),
             shift_a=np.zeros((n, 2)),

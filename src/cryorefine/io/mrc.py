@@ -130,23 +130,25 @@ class MrcStackWriter:
     completes without an exception.
     """
 
-    def __init__(self, path: str | os.PathLike, n: int, box: int, *, apix: float,
-                 overwrite: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike, n: int, box: int, *, apix: float, overwrite: bool = False
+    ) -> None:
         self.path = Path(path)
         self._ctx = atomic_output(self.path, overwrite=overwrite)
         self.n, self.box, self.apix = n, box, apix
 
     def __enter__(self) -> MrcStackWriter:
         tmp = self._ctx.__enter__()
-        self._mrc = mrcfile.new_mmap(tmp, shape=(self.n, self.box, self.box), mrc_mode=2,
-                                     overwrite=True)
+        self._mrc = mrcfile.new_mmap(
+            tmp, shape=(self.n, self.box, self.box), mrc_mode=2, overwrite=True
+        )
         self._mrc.set_image_stack()
         self._mrc.voxel_size = self.apix
         return self
 
     def write(self, start: int, images: np.ndarray) -> None:
         """Write ``images`` ``(k, box, box)`` at positions ``start .. start+k-1``."""
-        self._mrc.data[start:start + len(images)] = images
+        self._mrc.data[start : start + len(images)] = images
 
     def __exit__(self, *exc) -> None:
         if exc[0] is None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, CryorefineWarning
 from cryorefine.fourier.ctf import CTFParams
 from cryorefine.io import eman2, lst, star
 from cryorefine.io.atomic import check_output
@@ -30,10 +30,6 @@ from cryorefine.io.mrc import MrcStackWriter, header_apix, open_mrc
 
 STACK_SUFFIXES = (".mrcs", ".mrc", ".star", ".hdf", ".lst")
 MRC_SUFFIXES = (".mrcs", ".mrc", ".st")
-
-
-class CryorefineWarning(UserWarning):
-    """Something the user should know that does not stop the run."""
 
 
 class _MrcSource:
@@ -103,8 +99,15 @@ class ParticleStack:
     ``meta.source_path``/``meta.source_index``, read on demand.
     """
 
-    def __init__(self, meta: ParticleMetadata, box: int, *, images: np.ndarray | None = None,
-                 label: str = "<memory>", sources: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        meta: ParticleMetadata,
+        box: int,
+        *,
+        images: np.ndarray | None = None,
+        label: str = "<memory>",
+        sources: dict[str, Any] | None = None,
+    ) -> None:
         self.meta = meta
         self.box = int(box)
         self.label = label
@@ -113,8 +116,9 @@ class ParticleStack:
 
     # -- construction -------------------------------------------------------------
     @classmethod
-    def from_arrays(cls, images: np.ndarray, *, apix: float,
-                    meta: ParticleMetadata | None = None) -> ParticleStack:
+    def from_arrays(
+        cls, images: np.ndarray, *, apix: float, meta: ParticleMetadata | None = None
+    ) -> ParticleStack:
         """An in-memory stack of ``(k, n, n)`` images."""
         images = np.asarray(images, dtype=np.float32)
         if images.ndim != 3 or images.shape[1] != images.shape[2]:
@@ -123,8 +127,13 @@ class ParticleStack:
         return cls(meta, images.shape[-1], images=images)
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike, *, apix: float | None = None,
-                  root: str | os.PathLike | None = None) -> ParticleStack:
+    def from_path(
+        cls,
+        path: str | os.PathLike,
+        *,
+        apix: float | None = None,
+        root: str | os.PathLike | None = None,
+    ) -> ParticleStack:
         """Open a particle stack lazily (``.mrcs``, ``.mrc``, ``.star``, ``.hdf``, ``.lst``).
 
         Parameters
@@ -139,8 +148,9 @@ class ParticleStack:
         root_p = Path.cwd() if root is None else Path(root)
         suffix = path.suffix.lower()
         if suffix not in STACK_SUFFIXES:
-            raise CryorefineError(f"{path}: unknown stack type; use one of "
-                                  f"{', '.join(STACK_SUFFIXES)}")
+            raise CryorefineError(
+                f"{path}: unknown stack type; use one of {', '.join(STACK_SUFFIXES)}"
+            )
         if not path.is_file():
             raise CryorefineError(f"{path}: no such file")
         sources: dict[str, Any] = {}
@@ -154,8 +164,7 @@ class ParticleStack:
             src = _HdfSource(str(path.resolve()))
             sources[src.path] = src
             headers = [src._f.header(i) for i in range(src.count)]
-            meta = meta_from_eman_headers(headers, [src.path] * src.count,
-                                          np.arange(src.count))
+            meta = meta_from_eman_headers(headers, [src.path] * src.count, np.arange(src.count))
         else:
             meta, sources = _read_lst(path, root_p)
         stack = cls(meta, 0, label=str(path), sources=sources)
@@ -175,16 +184,21 @@ class ParticleStack:
         for j, p in enumerate(paths):
             src = self._source(p)
             if src.shape[0] != src.shape[1]:
-                raise CryorefineError(f"{p}: images are {src.shape[1]} x {src.shape[0]} px; "
-                                      "only square images are supported")
+                raise CryorefineError(
+                    f"{p}: images are {src.shape[1]} x {src.shape[0]} px; "
+                    "only square images are supported"
+                )
             if shape is not None and src.shape != shape:
-                raise CryorefineError(f"{p}: images are {src.shape[0]} px but others in "
-                                      f"{self.label} are {shape[0]} px")
+                raise CryorefineError(
+                    f"{p}: images are {src.shape[0]} px but others in "
+                    f"{self.label} are {shape[0]} px"
+                )
             shape = src.shape
             idx = self.meta.source_index[inverse == j]
             if len(idx) and idx.max() >= src.count:
-                raise CryorefineError(f"{self.label}: refers to image {idx.max() + 1} of {p}, "
-                                      f"which holds {src.count}")
+                raise CryorefineError(
+                    f"{self.label}: refers to image {idx.max() + 1} of {p}, which holds {src.count}"
+                )
         self.box = shape[0] if shape else 0
 
     def _settle_apix(self, apix: float | None) -> None:
@@ -194,9 +208,12 @@ class ParticleStack:
                 raise CryorefineError(f"--apix must be positive, got {apix}")
             known = meta.apix[meta.apix > 0]
             if known.size and np.any(np.abs(known - apix) > 1e-3 * apix):
-                warnings.warn(f"{self.label}: --apix {apix} overrides the pixel size "
-                              f"{known[0]:.4f} Å given in the file", CryorefineWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    f"{self.label}: --apix {apix} overrides the pixel size "
+                    f"{known[0]:.4f} Å given in the file",
+                    CryorefineWarning,
+                    stacklevel=3,
+                )
             meta.apix = np.full(len(meta), float(apix))
             return
         missing = meta.apix <= 0
@@ -205,8 +222,11 @@ class ParticleStack:
                 sel = missing & (meta.source_path == p)
                 meta.apix[sel] = getattr(self._source(p), "apix", 0.0)
         if np.any(meta.apix <= 0):
-            warnings.warn(f"{self.label}: no pixel size in the file; assuming 1.0 Å/px "
-                          "(pass --apix)", CryorefineWarning, stacklevel=3)
+            warnings.warn(
+                f"{self.label}: no pixel size in the file; assuming 1.0 Å/px (pass --apix)",
+                CryorefineWarning,
+                stacklevel=3,
+            )
             meta.apix[meta.apix <= 0] = 1.0
 
     # -- access -------------------------------------------------------------------
@@ -218,8 +238,10 @@ class ParticleStack:
         """The pixel size in Å shared by all particles."""
         a = self.meta.apix
         if len(a) and np.any(np.abs(a - a[0]) > 1e-4 * a[0]):
-            raise CryorefineError(f"{self.label}: particles have different pixel sizes "
-                                  f"({a.min():.4f} to {a.max():.4f} Å); rescale them first")
+            raise CryorefineError(
+                f"{self.label}: particles have different pixel sizes "
+                f"({a.min():.4f} to {a.max():.4f} Å); rescale them first"
+            )
         return float(a[0]) if len(a) else 0.0
 
     @property
@@ -247,8 +269,11 @@ class ParticleStack:
         bad = ~np.isfinite(out).all(axis=(1, 2))
         if bad.any():
             j = int(idx[np.flatnonzero(bad)[0]])
-            where = (f"{self.meta.source_path[j]} image {self.meta.source_index[j] + 1}"
-                     if self._images is None else f"{self.label} image {j + 1}")
+            where = (
+                f"{self.meta.source_path[j]} image {self.meta.source_index[j] + 1}"
+                if self._images is None
+                else f"{self.label} image {j + 1}"
+            )
             raise CryorefineError(f"{where}: contains NaN or Inf values")
         return out
 
@@ -262,8 +287,9 @@ class ParticleStack:
         """A stack of a subset of the particles (sharing open files)."""
         idx = np.asarray(indices, dtype=np.int64)
         images = None if self._images is None else self._images[idx]
-        return ParticleStack(self.meta.take(idx), self.box, images=images, label=self.label,
-                             sources=self._sources)
+        return ParticleStack(
+            self.meta.take(idx), self.box, images=images, label=self.label, sources=self._sources
+        )
 
     def close(self) -> None:
         for src in self._sources.values():
@@ -273,8 +299,10 @@ class ParticleStack:
 
 # --- EMAN2 headers <-> metadata ---------------------------------------------------------
 
-def meta_from_eman_headers(headers: list[dict[str, Any]], paths: list[str],
-                           indices: np.ndarray) -> ParticleMetadata:
+
+def meta_from_eman_headers(
+    headers: list[dict[str, Any]], paths: list[str], indices: np.ndarray
+) -> ParticleMetadata:
     """Metadata from EMAN2 image headers (after any ``.lst`` overrides)."""
     n = len(headers)
     meta = ParticleMetadata.empty(n, source_index=indices)
@@ -302,8 +330,7 @@ def meta_from_eman_headers(headers: list[dict[str, Any]], paths: list[str],
         if isinstance(h.get("weight"), float | int):
             meta.weight[i] = float(h["weight"])
     if ctf_rows:
-        meta.ctf = CTFParams(**{k: np.asarray(v) for k, v in ctf_rows.items()},
-                             scale=np.ones(n))
+        meta.ctf = CTFParams(**{k: np.asarray(v) for k, v in ctf_rows.items()}, scale=np.ones(n))
     return meta
 
 
@@ -316,11 +343,20 @@ def eman_header(meta: ParticleMetadata, i: int, *, with_apix: bool = True) -> di
     c = meta.ctf
     if c.known[i]:
         h["ctf"] = eman2.eman_ctf_from_relion(
-            c.defocus_u_a[i], c.defocus_v_a[i], c.defocus_angle_deg[i], c.voltage_kv[i],
-            c.cs_mm[i], c.amplitude_contrast[i], c.phase_shift_deg[i], c.bfactor[i], apix)
+            c.defocus_u_a[i],
+            c.defocus_v_a[i],
+            c.defocus_angle_deg[i],
+            c.voltage_kv[i],
+            c.cs_mm[i],
+            c.amplitude_contrast[i],
+            c.phase_shift_deg[i],
+            c.bfactor[i],
+            apix,
+        )
     if meta.has_orientation[i]:
-        h["xform.projection"] = eman2.projection_transform(meta.rotations[i],
-                                                           meta.shift_a[i] / apix)
+        h["xform.projection"] = eman2.projection_transform(
+            meta.rotations[i], meta.shift_a[i] / apix
+        )
     if meta.half_set[i] > 0:
         h["class"] = int(meta.half_set[i] - 1)
     if meta.class_number[i] >= 0:
@@ -345,8 +381,9 @@ def _read_lst(path: Path, root: Path) -> tuple[ParticleMetadata, dict[str, Any]]
         if src is None:
             src = sources[full] = _open_source(full)
         if rec.n >= src.count:
-            raise CryorefineError(f"{path}: refers to image {rec.n} of {full}, which holds "
-                                  f"{src.count}")
+            raise CryorefineError(
+                f"{path}: refers to image {rec.n} of {full}, which holds {src.count}"
+            )
         base = src._f.header(rec.n) if isinstance(src, _HdfSource) else {"apix_x": src.apix}
         headers.append({**base, **rec.params})
         paths.append(full)
@@ -355,6 +392,7 @@ def _read_lst(path: Path, root: Path) -> tuple[ParticleMetadata, dict[str, Any]]
 
 
 # --- writing -----------------------------------------------------------------------------
+
 
 def _sources_readable_by(stack: ParticleStack, suffixes: tuple[str, ...]) -> bool:
     if stack.in_memory or len(stack) == 0:
@@ -365,9 +403,15 @@ def _sources_readable_by(stack: ParticleStack, suffixes: tuple[str, ...]) -> boo
 ChunkFunc = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def write_stack(stack: ParticleStack, path: str | os.PathLike, *, overwrite: bool = False,
-                chunk_size: int = 1024, copy_images: bool = False,
-                process: ChunkFunc | None = None) -> list[Path]:
+def write_stack(
+    stack: ParticleStack,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    chunk_size: int = 1024,
+    copy_images: bool = False,
+    process: ChunkFunc | None = None,
+) -> list[Path]:
     """Write ``stack`` as ``.mrcs``, ``.star``, ``.hdf`` or ``.lst``; return the files written.
 
     ``.star`` and ``.lst`` refer to the existing image files when RELION (MRC stacks)
@@ -379,8 +423,9 @@ def write_stack(stack: ParticleStack, path: str | os.PathLike, *, overwrite: boo
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".mrcs", ".star", ".hdf", ".lst"):
-        raise CryorefineError(f"{path}: cannot write a particle stack of this type; use "
-                              ".mrcs, .star, .hdf or .lst")
+        raise CryorefineError(
+            f"{path}: cannot write a particle stack of this type; use .mrcs, .star, .hdf or .lst"
+        )
     check_output(path, overwrite=overwrite)
     if suffix == ".mrcs":
         _write_mrcs(stack, path, overwrite, chunk_size, process)
@@ -409,22 +454,32 @@ def write_stack(stack: ParticleStack, path: str | os.PathLike, *, overwrite: boo
         names = [f"{i + 1:06d}@{f}" for i, f in zip(index, files, strict=True)]
         star.write_particle_star(path, stack.meta, names, stack.box, overwrite=overwrite)
     else:
-        records = [lst.LstRecord(int(i), str(f), eman_header(stack.meta, j, with_apix=False))
-                   for j, (i, f) in enumerate(zip(index, files, strict=True))]
+        records = [
+            lst.LstRecord(int(i), str(f), eman_header(stack.meta, j, with_apix=False))
+            for j, (i, f) in enumerate(zip(index, files, strict=True))
+        ]
         lst.write_lst(path, records, overwrite=overwrite)
     written.append(path)
     return written
 
 
-def _chunks(stack: ParticleStack, size: int,
-            process: ChunkFunc | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _chunks(
+    stack: ParticleStack, size: int, process: ChunkFunc | None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for idx, images in stack.chunks(size):
-        yield idx, (images if process is None else
-                    np.asarray(process(idx, images), dtype=np.float32))
+        yield (
+            idx,
+            (images if process is None else np.asarray(process(idx, images), dtype=np.float32)),
+        )
 
 
-def _write_mrcs(stack: ParticleStack, path: Path, overwrite: bool, chunk_size: int,
-                process: ChunkFunc | None = None) -> None:
+def _write_mrcs(
+    stack: ParticleStack,
+    path: Path,
+    overwrite: bool,
+    chunk_size: int,
+    process: ChunkFunc | None = None,
+) -> None:
     with MrcStackWriter(path, len(stack), stack.box, apix=stack.apix, overwrite=overwrite) as w:
         for idx, images in _chunks(stack, chunk_size, process):
             w.write(int(idx[0]), images)

@@ -22,13 +22,36 @@ from cryorefine.geometry.euler import matrices_to_relion, relion_to_matrices
 from cryorefine.io.atomic import atomic_output
 from cryorefine.io.metadata import ParticleMetadata
 
-_OPTICS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
-           "rlnImagePixelSize", "rlnDetectorPixelSize", "rlnMagnification", "rlnImageSize",
-           "rlnImageDimensionality")
-_USED = {"rlnImageName", "rlnOpticsGroup", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle",
-         "rlnPhaseShift", "rlnCtfBfactor", "rlnCtfScalefactor", "rlnAngleRot",
-         "rlnAngleTilt", "rlnAnglePsi", "rlnOriginX", "rlnOriginY", "rlnOriginXAngst",
-         "rlnOriginYAngst", "rlnRandomSubset", "rlnClassNumber", *_OPTICS}
+_OPTICS = (
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+    "rlnImagePixelSize",
+    "rlnDetectorPixelSize",
+    "rlnMagnification",
+    "rlnImageSize",
+    "rlnImageDimensionality",
+)
+_USED = {
+    "rlnImageName",
+    "rlnOpticsGroup",
+    "rlnDefocusU",
+    "rlnDefocusV",
+    "rlnDefocusAngle",
+    "rlnPhaseShift",
+    "rlnCtfBfactor",
+    "rlnCtfScalefactor",
+    "rlnAngleRot",
+    "rlnAngleTilt",
+    "rlnAnglePsi",
+    "rlnOriginX",
+    "rlnOriginY",
+    "rlnOriginXAngst",
+    "rlnOriginYAngst",
+    "rlnRandomSubset",
+    "rlnClassNumber",
+    *_OPTICS,
+}
 
 
 def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
@@ -102,8 +125,9 @@ def parse_image_names(names: np.ndarray, path: Path) -> tuple[np.ndarray, np.nda
     return idx, files
 
 
-def read_particle_star(path: str | os.PathLike, *,
-                       root: str | os.PathLike | None = None) -> ParticleMetadata:
+def read_particle_star(
+    path: str | os.PathLike, *, root: str | os.PathLike | None = None
+) -> ParticleMetadata:
     """Read a RELION particle STAR file (3.0 or 3.1 style) into metadata.
 
     Pixel sizes that the file does not give are 0.0 (the caller decides). Image file
@@ -125,14 +149,17 @@ def read_particle_star(path: str | os.PathLike, *,
     optics_extra: dict[str, np.ndarray] = {}
     if optics is not None and "rlnOpticsGroup" in optics.columns:
         if "rlnOpticsGroup" not in parts.columns:
-            raise CryorefineError(f"{path}: data_optics is present but particles have no "
-                                  "rlnOpticsGroup column")
+            raise CryorefineError(
+                f"{path}: data_optics is present but particles have no rlnOpticsGroup column"
+            )
         groups = optics.set_index(pd.to_numeric(optics["rlnOpticsGroup"]).astype(int))
         gid = pd.to_numeric(parts["rlnOpticsGroup"]).astype(int).to_numpy()
         missing = sorted(set(gid) - set(groups.index))
         if missing:
-            raise CryorefineError(f"{path}: particles refer to optics group(s) {missing} "
-                                  "that data_optics does not define")
+            raise CryorefineError(
+                f"{path}: particles refer to optics group(s) {missing} "
+                "that data_optics does not define"
+            )
         for col in groups.columns:
             values = groups[col].reindex(gid).to_numpy()
             if col in _OPTICS:
@@ -146,32 +173,44 @@ def read_particle_star(path: str | os.PathLike, *,
 
     apix = _column(per, "rlnImagePixelSize", np.nan)
     if np.isnan(apix).any() and {"rlnDetectorPixelSize", "rlnMagnification"} <= set(per.columns):
-        alt = 1e4 * _column(per, "rlnDetectorPixelSize", np.nan) / _column(per, "rlnMagnification", np.nan)
+        alt = (
+            1e4
+            * _column(per, "rlnDetectorPixelSize", np.nan)
+            / _column(per, "rlnMagnification", np.nan)
+        )
         apix = np.where(np.isnan(apix), alt, apix)
     meta.apix = np.where(np.isfinite(apix), apix, 0.0)
 
     if "rlnDefocusU" in per.columns:
         need = [c for c in ("rlnVoltage", "rlnSphericalAberration") if c not in per.columns]
         if need:
-            raise CryorefineError(f"{path}: has rlnDefocusU but no {' or '.join(need)}; "
-                                  "the CTF needs them")
+            raise CryorefineError(
+                f"{path}: has rlnDefocusU but no {' or '.join(need)}; the CTF needs them"
+            )
         u = _column(per, "rlnDefocusU", np.nan)
         meta.ctf = CTFParams(
-            u, _column(per, "rlnDefocusV", np.nan) if "rlnDefocusV" in per.columns else u,
-            _column(per, "rlnDefocusAngle", 0.0), _column(per, "rlnVoltage", np.nan),
+            u,
+            _column(per, "rlnDefocusV", np.nan) if "rlnDefocusV" in per.columns else u,
+            _column(per, "rlnDefocusAngle", 0.0),
+            _column(per, "rlnVoltage", np.nan),
             _column(per, "rlnSphericalAberration", np.nan),
-            _column(per, "rlnAmplitudeContrast", 0.1), _column(per, "rlnPhaseShift", 0.0),
-            _column(per, "rlnCtfBfactor", 0.0), _column(per, "rlnCtfScalefactor", 1.0),
+            _column(per, "rlnAmplitudeContrast", 0.1),
+            _column(per, "rlnPhaseShift", 0.0),
+            _column(per, "rlnCtfBfactor", 0.0),
+            _column(per, "rlnCtfScalefactor", 1.0),
         )
     angle_cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
     if any(c in per.columns for c in angle_cols):
         meta.rotations = relion_to_matrices(*(_column(per, c, 0.0) for c in angle_cols))
     if "rlnOriginXAngst" in per.columns or "rlnOriginYAngst" in per.columns:
-        origin = np.stack([_column(per, "rlnOriginXAngst", 0.0),
-                           _column(per, "rlnOriginYAngst", 0.0)], axis=1)
+        origin = np.stack(
+            [_column(per, "rlnOriginXAngst", 0.0), _column(per, "rlnOriginYAngst", 0.0)], axis=1
+        )
     else:
-        origin = np.stack([_column(per, "rlnOriginX", 0.0),
-                           _column(per, "rlnOriginY", 0.0)], axis=1) * meta.apix[:, None]
+        origin = (
+            np.stack([_column(per, "rlnOriginX", 0.0), _column(per, "rlnOriginY", 0.0)], axis=1)
+            * meta.apix[:, None]
+        )
     meta.shift_a = -origin
     if "rlnClassNumber" in per.columns:
         meta.class_number = _column(per, "rlnClassNumber", 0).astype(np.int64) - 1
@@ -181,51 +220,72 @@ def read_particle_star(path: str | os.PathLike, *,
     return meta
 
 
-def particles_star_text(meta: ParticleMetadata, image_names: list[str] | np.ndarray,
-                        box: int) -> str:
+def particles_star_text(
+    meta: ParticleMetadata, image_names: list[str] | np.ndarray, box: int
+) -> str:
     """RELION 3.1 STAR text (``data_optics`` + ``data_particles``) for ``meta``."""
     n = len(meta)
     ctf = meta.ctf
     known = ctf.known
     if known.any() and not known.all():
-        raise CryorefineError("some particles have CTF parameters and others not; "
-                              "a STAR file cannot say so")
+        raise CryorefineError(
+            "some particles have CTF parameters and others not; a STAR file cannot say so"
+        )
     has_ctf = bool(known.all()) and n > 0
     if np.any(meta.apix <= 0):
-        raise CryorefineError("particles without a pixel size cannot be written to STAR; "
-                              "pass --apix")
+        raise CryorefineError(
+            "particles without a pixel size cannot be written to STAR; pass --apix"
+        )
     # optics groups: unique combinations, numbered by first appearance
     keys = {"rlnImagePixelSize": meta.apix}
     if has_ctf:
-        keys.update(rlnVoltage=ctf.voltage_kv, rlnSphericalAberration=ctf.cs_mm,
-                    rlnAmplitudeContrast=ctf.amplitude_contrast)
+        keys.update(
+            rlnVoltage=ctf.voltage_kv,
+            rlnSphericalAberration=ctf.cs_mm,
+            rlnAmplitudeContrast=ctf.amplitude_contrast,
+        )
     extra_optics = {k: v for k, v in meta.optics_extra.items() if k != "rlnOpticsGroupName"}
     keyframe = pd.DataFrame({**keys, **extra_optics})
     codes, uniques = pd.factorize(keyframe.astype(str).agg("|".join, axis=1), sort=False)
     _, first = np.unique(codes, return_index=True)
-    optics = pd.DataFrame({
-        "rlnOpticsGroupName": [f"opticsGroup{g + 1}" for g in range(len(first))],
-        "rlnOpticsGroup": np.arange(1, len(first) + 1),
-    })
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroupName": [f"opticsGroup{g + 1}" for g in range(len(first))],
+            "rlnOpticsGroup": np.arange(1, len(first) + 1),
+        }
+    )
     for k, v in {**keys, **extra_optics}.items():
         optics[k] = np.asarray(v)[first]
     optics["rlnImageSize"] = box
     optics["rlnImageDimensionality"] = 2
 
-    cols: dict[str, np.ndarray] = {"rlnImageName": np.asarray(image_names, dtype=object),
-                                   "rlnOpticsGroup": codes + 1}
+    cols: dict[str, np.ndarray] = {
+        "rlnImageName": np.asarray(image_names, dtype=object),
+        "rlnOpticsGroup": codes + 1,
+    }
     if has_ctf:
-        cols.update(rlnDefocusU=ctf.defocus_u_a, rlnDefocusV=ctf.defocus_v_a,
-                    rlnDefocusAngle=ctf.defocus_angle_deg, rlnPhaseShift=ctf.phase_shift_deg,
-                    rlnCtfBfactor=ctf.bfactor, rlnCtfScalefactor=ctf.scale)
+        cols.update(
+            rlnDefocusU=ctf.defocus_u_a,
+            rlnDefocusV=ctf.defocus_v_a,
+            rlnDefocusAngle=ctf.defocus_angle_deg,
+            rlnPhaseShift=ctf.phase_shift_deg,
+            rlnCtfBfactor=ctf.bfactor,
+            rlnCtfScalefactor=ctf.scale,
+        )
     oriented = meta.has_orientation
     if oriented.any():
         if not oriented.all():
-            raise CryorefineError("some particles have orientations and others not; "
-                                  "a STAR file cannot say so")
+            raise CryorefineError(
+                "some particles have orientations and others not; a STAR file cannot say so"
+            )
         rot, tilt, psi = matrices_to_relion(meta.rotations)
-        cols.update(rlnAngleRot=rot, rlnAngleTilt=tilt, rlnAnglePsi=psi,
-                    rlnOriginXAngst=-meta.shift_a[:, 0], rlnOriginYAngst=-meta.shift_a[:, 1])
+        cols.update(
+            rlnAngleRot=rot,
+            rlnAngleTilt=tilt,
+            rlnAnglePsi=psi,
+            rlnOriginXAngst=-meta.shift_a[:, 0],
+            rlnOriginYAngst=-meta.shift_a[:, 1],
+        )
     elif np.any(meta.shift_a != 0):
         cols.update(rlnOriginXAngst=-meta.shift_a[:, 0], rlnOriginYAngst=-meta.shift_a[:, 1])
     if np.any(meta.class_number >= 0):
@@ -235,8 +295,9 @@ def particles_star_text(meta: ParticleMetadata, image_names: list[str] | np.ndar
     for k, v in meta.extra.items():
         cols.setdefault(k, v)
     particles = pd.DataFrame(cols)
-    body = starfile.to_string({"optics": optics, "particles": particles},
-                              float_format="%.6f", sep=" ")
+    body = starfile.to_string(
+        {"optics": optics, "particles": particles}, float_format="%.6f", sep=" "
+    )
     lines = [ln for ln in body.splitlines() if not ln.startswith("# Created by")]
     out = []
     for ln in lines:
@@ -246,9 +307,14 @@ def particles_star_text(meta: ParticleMetadata, image_names: list[str] | np.ndar
     return "\n".join(out).strip("\n") + "\n\n"
 
 
-def write_particle_star(path: str | os.PathLike, meta: ParticleMetadata,
-                        image_names: list[str] | np.ndarray, box: int, *,
-                        overwrite: bool = False) -> Path:
+def write_particle_star(
+    path: str | os.PathLike,
+    meta: ParticleMetadata,
+    image_names: list[str] | np.ndarray,
+    box: int,
+    *,
+    overwrite: bool = False,
+) -> Path:
     """Write a RELION 3.1 particle STAR file atomically."""
     text = particles_star_text(meta, image_names, box)
     with atomic_output(path, overwrite=overwrite) as tmp:

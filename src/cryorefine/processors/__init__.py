@@ -16,8 +16,9 @@ from cryorefine.processors import filter, mask, normalize  # noqa: F401  (regist
 from cryorefine.registry import PROCESSORS
 
 
-def apply_processor(text: str, data: np.ndarray, *, ndim: int, apix: float,
-                    option: str = "--process") -> np.ndarray:
+def apply_processor(
+    text: str, data: np.ndarray, *, ndim: int, apix: float, option: str = "--process"
+) -> np.ndarray:
     """Parse ``text`` (``name:key=value``) and apply it to ``data``."""
     mod = PROCESSORS.parse(text, option=option)
     if mod is None:

@@ -52,12 +52,14 @@ def cutoff_cpp(params: dict, n: int, apix: float | None, where: str) -> float:
     _CUTOFFS + (Param("sigma", float, "standard deviation in cycles/pixel instead of a cut-off"),),
     check=lambda p, w: _check_cutoff(p, w, allow_sigma=True),
 )
-def lowpass_gauss(data: np.ndarray, *, ndim: int, apix: float | None, sigma=None,
-                  **cut) -> np.ndarray:
+def lowpass_gauss(
+    data: np.ndarray, *, ndim: int, apix: float | None, sigma=None, **cut
+) -> np.ndarray:
     if sigma is not None:
         return filters.lowpass_gauss_sigma(data, sigma, ndim)
-    return filters.lowpass_gauss(data, cutoff_cpp(cut, data.shape[-1], apix,
-                                                  "filter.lowpass.gauss"), ndim)
+    return filters.lowpass_gauss(
+        data, cutoff_cpp(cut, data.shape[-1], apix, "filter.lowpass.gauss"), ndim
+    )
 
 
 @PROCESSORS.register(
@@ -67,23 +69,26 @@ def lowpass_gauss(data: np.ndarray, *, ndim: int, apix: float | None, sigma=None
     check=_check_cutoff,
 )
 def highpass_gauss(data: np.ndarray, *, ndim: int, apix: float | None, **cut) -> np.ndarray:
-    return filters.highpass_gauss(data, cutoff_cpp(cut, data.shape[-1], apix,
-                                                   "filter.highpass.gauss"), ndim)
+    return filters.highpass_gauss(
+        data, cutoff_cpp(cut, data.shape[-1], apix, "filter.highpass.gauss"), ndim
+    )
 
 
 @PROCESSORS.register(
     "filter.lowpass.tanh",
     "Hyperbolic-tangent low-pass with gain 1/2 at the cut-off.",
-    _CUTOFFS + (Param("fall_off", float, "width of the fall-off, relative to the cut-off",
-                      default=0.5),),
+    _CUTOFFS
+    + (Param("fall_off", float, "width of the fall-off, relative to the cut-off", default=0.5),),
     check=_check_cutoff,
 )
-def lowpass_tanh(data: np.ndarray, *, ndim: int, apix: float | None, fall_off: float,
-                 **cut) -> np.ndarray:
+def lowpass_tanh(
+    data: np.ndarray, *, ndim: int, apix: float | None, fall_off: float, **cut
+) -> np.ndarray:
     if fall_off <= 0:
         raise CryorefineError("filter.lowpass.tanh: fall_off must be positive")
-    return filters.lowpass_tanh(data, cutoff_cpp(cut, data.shape[-1], apix,
-                                                 "filter.lowpass.tanh"), ndim, fall_off)
+    return filters.lowpass_tanh(
+        data, cutoff_cpp(cut, data.shape[-1], apix, "filter.lowpass.tanh"), ndim, fall_off
+    )
 
 
 def read_structure_factor(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -120,8 +125,10 @@ def read_structure_factor(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     "filter.setstrucfac",
     "Impose a 1D radial power spectrum (structure factor) from a text file "
     "(1/Å, power) or from another map.",
-    (Param("strucfac", str, "text file of (1/Å, power) or a map file", required=True),
-     Param("apix", float, "Å/pixel of the data (default: the data's)")),
+    (
+        Param("strucfac", str, "text file of (1/Å, power) or a map file", required=True),
+        Param("apix", float, "Å/pixel of the data (default: the data's)"),
+    ),
     aliases=("setsf",),
 )
 def setstrucfac(data: np.ndarray, *, ndim: int, apix: float | None, strucfac: str) -> np.ndarray:

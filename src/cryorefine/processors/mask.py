@@ -28,12 +28,21 @@ def _radius(r: float, n: int) -> float:
 @PROCESSORS.register(
     "mask.sharp",
     "Zero everything outside outer_radius (and inside inner_radius), in pixels.",
-    (Param("outer_radius", float, "outer radius in px; negative: from the edge", default=-1.0),
-     Param("inner_radius", float, "inner radius in px; < 0 for none", default=-1.0),
-     Param("value", float, "value put outside the mask", default=0.0)),
+    (
+        Param("outer_radius", float, "outer radius in px; negative: from the edge", default=-1.0),
+        Param("inner_radius", float, "inner radius in px; < 0 for none", default=-1.0),
+        Param("value", float, "value put outside the mask", default=0.0),
+    ),
 )
-def mask_sharp(data: np.ndarray, *, ndim: int, apix: float | None, outer_radius: float,
-               inner_radius: float, value: float) -> np.ndarray:
+def mask_sharp(
+    data: np.ndarray,
+    *,
+    ndim: int,
+    apix: float | None,
+    outer_radius: float,
+    inner_radius: float,
+    value: float,
+) -> np.ndarray:
     n = data.shape[-1]
     r = centred_radius(n, ndim)
     keep = r <= _radius(outer_radius, n)
@@ -46,13 +55,23 @@ def mask_sharp(data: np.ndarray, *, ndim: int, apix: float | None, outer_radius:
     "mask.soft",
     "Soft spherical mask: 1 inside outer_radius, Gaussian fall-off "
     "exp(-(r-R)^2/width^2) outside (pixels).",
-    (Param("outer_radius", float, "outer radius in px; negative: from the edge", default=-1.0),
-     Param("width", float, "Gaussian fall-off width in px", default=4.0),
-     Param("inner_radius", float, "inner radius in px; < 0 for none", default=-1.0),
-     Param("inner_width", float, "fall-off width inside inner_radius, px", default=4.0)),
+    (
+        Param("outer_radius", float, "outer radius in px; negative: from the edge", default=-1.0),
+        Param("width", float, "Gaussian fall-off width in px", default=4.0),
+        Param("inner_radius", float, "inner radius in px; < 0 for none", default=-1.0),
+        Param("inner_width", float, "fall-off width inside inner_radius, px", default=4.0),
+    ),
 )
-def mask_soft(data: np.ndarray, *, ndim: int, apix: float | None, outer_radius: float,
-              width: float, inner_radius: float, inner_width: float) -> np.ndarray:
+def mask_soft(
+    data: np.ndarray,
+    *,
+    ndim: int,
+    apix: float | None,
+    outer_radius: float,
+    width: float,
+    inner_radius: float,
+    inner_width: float,
+) -> np.ndarray:
     n = data.shape[-1]
     r = centred_radius(n, ndim)
     m = soft_sphere(r, _radius(outer_radius, n), width)
@@ -80,8 +99,14 @@ def _check_auto3d(params: dict, where: str) -> None:
         raise CryorefineError(f"{where}: give radius > 0 or nmaxseed > 0 to seed the mask")
 
 
-def auto_mask(volume: np.ndarray, threshold: float, radius: float, nshells: int,
-              nshellsgauss: int, nmaxseed: int) -> np.ndarray:
+def auto_mask(
+    volume: np.ndarray,
+    threshold: float,
+    radius: float,
+    nshells: int,
+    nshellsgauss: int,
+    nmaxseed: int,
+) -> np.ndarray:
     """EMAN2 ``mask.auto3d`` on one map: seed, 6-connected flood fill, dilate, soften.
 
     Seeds are the ``nmaxseed`` highest voxels and the voxels ``>= threshold`` within
@@ -117,19 +142,32 @@ def auto_mask(volume: np.ndarray, threshold: float, radius: float, nshells: int,
 @PROCESSORS.register(
     "mask.auto3d",
     "Automatic 3D mask: flood fill from seeds above a threshold, dilate, soften.",
-    (Param("threshold", float, "density threshold of the region"),
-     Param("sigma", float, "threshold as mean + sigma * standard deviation instead"),
-     Param("radius", float, "seed with voxels above threshold within this radius, px",
-           default=0.0),
-     Param("nshells", int, "shells added by dilation", default=0),
-     Param("nshellsgauss", int, "width of the soft Gaussian edge, shells", default=0),
-     Param("nmaxseed", int, "seed also with the N highest voxels", default=0),
-     Param("return_mask", bool, "1: return the mask instead of the masked map", default=False)),
+    (
+        Param("threshold", float, "density threshold of the region"),
+        Param("sigma", float, "threshold as mean + sigma * standard deviation instead"),
+        Param(
+            "radius", float, "seed with voxels above threshold within this radius, px", default=0.0
+        ),
+        Param("nshells", int, "shells added by dilation", default=0),
+        Param("nshellsgauss", int, "width of the soft Gaussian edge, shells", default=0),
+        Param("nmaxseed", int, "seed also with the N highest voxels", default=0),
+        Param("return_mask", bool, "1: return the mask instead of the masked map", default=False),
+    ),
     check=_check_auto3d,
 )
-def mask_auto3d(data: np.ndarray, *, ndim: int, apix: float | None, threshold, sigma,
-                radius: float, nshells: int, nshellsgauss: int, nmaxseed: int,
-                return_mask: bool) -> np.ndarray:
+def mask_auto3d(
+    data: np.ndarray,
+    *,
+    ndim: int,
+    apix: float | None,
+    threshold,
+    sigma,
+    radius: float,
+    nshells: int,
+    nshellsgauss: int,
+    nmaxseed: int,
+    return_mask: bool,
+) -> np.ndarray:
     if ndim != 3:
         raise CryorefineError("mask.auto3d: works on 3D maps only")
     maps = data.reshape((-1,) + data.shape[-3:])

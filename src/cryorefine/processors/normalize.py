@@ -39,11 +39,18 @@ def edge_mean(data: np.ndarray, ndim: int) -> np.ndarray:
     if ndim == 2:
         parts = [data[..., 0, :], data[..., -1, :], data[..., :, 0], data[..., :, -1]]
     else:
-        parts = [data[..., 0, :, :], data[..., -1, :, :], data[..., :, 0, :],
-                 data[..., :, -1, :], data[..., :, :, 0], data[..., :, :, -1]]
-    total = sum(p.reshape(p.shape[: data.ndim - ndim] + (-1,)).sum(axis=-1, dtype=np.float64)
-                for p in parts)
-    count = sum(int(np.prod(p.shape[data.ndim - ndim:])) for p in parts)
+        parts = [
+            data[..., 0, :, :],
+            data[..., -1, :, :],
+            data[..., :, 0, :],
+            data[..., :, -1, :],
+            data[..., :, :, 0],
+            data[..., :, :, -1],
+        ]
+    total = sum(
+        p.reshape(p.shape[: data.ndim - ndim] + (-1,)).sum(axis=-1, dtype=np.float64) for p in parts
+    )
+    count = sum(int(np.prod(p.shape[data.ndim - ndim :])) for p in parts)
     return total / count
 
 
@@ -82,8 +89,9 @@ def _check_bymass(params: dict, where: str) -> None:
         raise CryorefineError(f"{where}: apix must be positive (Å/pixel)")
 
 
-def mass_threshold(volume: np.ndarray, mass_kda: float, apix: float,
-                   thr: float | None = None) -> float:
+def mass_threshold(
+    volume: np.ndarray, mass_kda: float, apix: float, thr: float | None = None
+) -> float:
     """Density level whose enclosed volume holds ``mass_kda`` of protein (EMAN2 search).
 
     The enclosed mass at level ``t`` is ``count(x >= t) * apix^3 * 0.81 / 1000`` kDa.
@@ -104,8 +112,11 @@ def mass_threshold(volume: np.ndarray, mass_kda: float, apix: float,
     for _ in range(4):
         for direction in (+1, -1):
             steps = 0
-            while ((t < vmax and enclosed(t) > mass_kda) if direction > 0
-                   else (t > vmin and enclosed(t) < mass_kda)):
+            while (
+                (t < vmax and enclosed(t) > mass_kda)
+                if direction > 0
+                else (t > vmin and enclosed(t) < mass_kda)
+            ):
                 t += direction * step
                 steps += 1
                 if steps > 1000:
@@ -119,8 +130,7 @@ def mass_threshold(volume: np.ndarray, mass_kda: float, apix: float,
 
 @PROCESSORS.register(
     "normalize.bymass",
-    "Scale a map so that the iso-level 1.0 encloses the given mass of protein "
-    "(0.81 Da/Å^3).",
+    "Scale a map so that the iso-level 1.0 encloses the given mass of protein (0.81 Da/Å^3).",
     (
         Param("mass", float, "mass in kDa", required=True),
         Param("apix", float, "Å/pixel (default: the map's)"),
@@ -128,8 +138,9 @@ def mass_threshold(volume: np.ndarray, mass_kda: float, apix: float,
     ),
     check=_check_bymass,
 )
-def normalize_bymass(data: np.ndarray, *, ndim: int, apix: float | None, mass: float,
-                     thr: float | None = None) -> np.ndarray:
+def normalize_bymass(
+    data: np.ndarray, *, ndim: int, apix: float | None, mass: float, thr: float | None = None
+) -> np.ndarray:
     if ndim != 3:
         raise CryorefineError("normalize.bymass: works on 3D maps only")
     a = apix
