@@ -19,6 +19,12 @@ from cryorefine.io.eman2 import (
 from cryorefine.io.lst import LSX_COMMENT, LstRecord, read_lst, write_lst
 from cryorefine.io.mrc import write_mrc
 
+# spec 05 §5.7 fact 3: EMAN (120, 40, -40), (tx, ty) = (1.5, -2.25), row-major [A | t]
+# fmt: off
+WORKED_EXAMPLE = [0.043412, 0.909616, -0.413176, 1.5, -0.829598, 0.263258, 0.492404, -2.25,
+                  0.55667, 0.321394, 0.766044, 0]
+# fmt: on
+
 
 def test_new_stack_layout(tmp_path, rng):
     # fact 1
@@ -60,20 +66,7 @@ def test_transform_attribute_of_the_worked_example(tmp_path):
     t = projection_transform(eman_to_matrices(120, 40, -40)[0], np.array([1.5, -2.25]))
     with HdfStackWriter(tmp_path / "t.hdf") as w:
         w.append(np.zeros((1, 8, 8)), [{"xform.projection": t}])
-    expected = [
-        0.043412,
-        0.909616,
-        -0.413176,
-        1.5,
-        -0.829598,
-        0.263258,
-        0.492404,
-        -2.25,
-        0.55667,
-        0.321394,
-        0.766044,
-        0,
-    ]
+    expected = WORKED_EXAMPLE
     with h5py.File(tmp_path / "t.hdf") as f:
         attr = f["MDF/images/0"].attrs["EMAN.xform.projection"]
         assert attr.shape == (1,) and attr.dtype.names == tuple(
@@ -172,22 +165,7 @@ def test_hdf_errors(tmp_path):
 
 def test_lst_layout_of_the_spec_example(tmp_path):
     # fact 8: three records, L = 217, header 173 bytes, file 824 bytes
-    t0 = Transform(
-        [
-            0.043412,
-            0.909616,
-            -0.413176,
-            1.5,
-            -0.829598,
-            0.263258,
-            0.492404,
-            -2.25,
-            0.55667,
-            0.321394,
-            0.766044,
-            0,
-        ]
-    )
+    t0 = Transform(WORKED_EXAMPLE)
     recs = [
         LstRecord(
             0,

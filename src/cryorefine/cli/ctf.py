@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cryorefine.cli._common import write_processed
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier import ctf as ctf_ops
-from cryorefine.io.stacks import ParticleStack, write_stack
+from cryorefine.io.stacks import ParticleStack
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -56,11 +57,6 @@ def main(args: argparse.Namespace) -> int:
             return ctf_ops.phase_flip(images, c)
         return ctf_ops.wiener_divide(images, c, snr=args.snr)
 
-    try:
-        written = write_stack(
-            stack, args.output, overwrite=args.overwrite, chunk_size=args.chunk, process=run
-        )
-    finally:
-        stack.close()
+    written = write_processed(stack, args, run)
     print(f"wrote {', '.join(map(str, written))}: {len(stack)} particles, CTF {args.mode}")
     return 0

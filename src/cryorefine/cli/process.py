@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cryorefine.cli._common import write_processed
 from cryorefine.errors import CryorefineError
 from cryorefine.io.maps import is_map_file, read_map, write_map
-from cryorefine.io.stacks import ParticleStack, write_stack
+from cryorefine.io.stacks import ParticleStack
 from cryorefine.registry import PROCESSORS
 
 
@@ -61,11 +62,6 @@ def main(args: argparse.Namespace) -> int:
             images = m(images, ndim=2, apix=apix)
         return images
 
-    try:
-        written = write_stack(
-            stack, args.output, overwrite=args.overwrite, chunk_size=args.chunk, process=run
-        )
-    finally:
-        stack.close()
+    written = write_processed(stack, args, run)
     print(f"wrote {', '.join(map(str, written))}: {len(stack)} particles")
     return 0
