@@ -304,11 +304,19 @@ class HdfImages:
     def shape(self, i: int = 0) -> tuple[int, ...]:
         return tuple(self._entry(i)["image"].shape)
 
-    def header(self, i: int) -> dict[str, Any]:
-        """Header of image ``i`` with the ``EMAN.`` prefix stripped."""
+    def header(self, i: int, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Header of image ``i`` with the ``EMAN.`` prefix stripped.
+
+        ``keys`` limits the read to those keys (each attribute read costs ~0.1 ms in
+        HDF5, so a stack's metadata is read much faster this way).
+        """
         attrs = self._entry(i).attrs
+        if keys is None:
+            names = list(attrs)
+        else:
+            names = [n for n in (f"EMAN.{k}" for k in keys) if n in attrs]
         out = {}
-        for name in attrs:
+        for name in names:
             key = name[5:] if name.startswith("EMAN.") else name
             out[key] = decode_attr(key, attrs[name])
         return out
@@ -358,6 +366,16 @@ def image_stats(images: np.ndarray) -> list[dict[str, float]]:
     return [{k: float(v[i]) for k, v in stats.items()} for i in range(len(images))]
 
 
+def _create_attr(gid: h5py.h5g.GroupID, name: str, value: np.ndarray) -> None:
+    """Create one attribute through h5py's low-level API (twice as fast as ``attrs``)."""
+    if value.shape == ():
+        space = h5py.h5s.create(h5py.h5s.SCALAR)
+    else:
+        space = h5py.h5s.create_simple(value.shape)
+    attr = h5py.h5a.create(gid, name.encode("ascii"), h5py.h5t.py_create(value.dtype), space)
+    attr.write(np.ascontiguousarray(value))
+
+
 class HdfStackWriter:
     """Write images with EMAN2 headers into a new ``.hdf`` file (atomically).
 
@@ -400,7 +418,7 @@ class HdfStackWriter:
             for key, value in full.items():
                 enc = encode_attr(value)
                 if enc is not None:
-                    g.attrs.create(f"EMAN.{key}", enc)
+                    _create_attr(g.id, f"EMAN.{key}", enc)
             self.count += 1
         self._group.attrs.create("imageid_max", np.array([self.count - 1], dtype=np.int32))
 

@@ -29,6 +29,8 @@ from cryorefine.io.metadata import ParticleMetadata
 from cryorefine.io.mrc import MrcStackWriter, header_apix, open_mrc
 
 STACK_SUFFIXES = (".mrcs", ".mrc", ".star", ".hdf", ".lst")
+#: the EMAN2 header keys that particle metadata is built from
+EMAN_META_KEYS = ("apix_x", "ctf", "xform.projection", "class", "class_id", "score", "weight")
 MRC_SUFFIXES = (".mrcs", ".mrc", ".st")
 
 
@@ -62,6 +64,9 @@ class _HdfSource:
 
     def images(self, idx: np.ndarray) -> np.ndarray:
         return self._f.images(idx).reshape((len(idx),) + self.shape)
+
+    def header(self, i: int) -> dict[str, Any]:
+        return self._f.header(i, EMAN_META_KEYS)
 
     def close(self) -> None:
         self._f.close()
@@ -163,7 +168,7 @@ class ParticleStack:
         elif suffix == ".hdf":
             src = _HdfSource(str(path.resolve()))
             sources[src.path] = src
-            headers = [src._f.header(i) for i in range(src.count)]
+            headers = [src.header(i) for i in range(src.count)]
             meta = meta_from_eman_headers(headers, [src.path] * src.count, np.arange(src.count))
         else:
             meta, sources = _read_lst(path, root_p)
@@ -384,7 +389,7 @@ def _read_lst(path: Path, root: Path) -> tuple[ParticleMetadata, dict[str, Any]]
             raise CryorefineError(
                 f"{path}: refers to image {rec.n} of {full}, which holds {src.count}"
             )
-        base = src._f.header(rec.n) if isinstance(src, _HdfSource) else {"apix_x": src.apix}
+        base = src.header(rec.n) if isinstance(src, _HdfSource) else {"apix_x": src.apix}
         headers.append({**base, **rec.params})
         paths.append(full)
     meta = meta_from_eman_headers(headers, paths, np.array([r.n for r in records], dtype=np.int64))
