@@ -1,5 +1,7 @@
-"""List processors, comparators, aligners, averagers, reconstructors, projectors or
-orientation generators, with their parameters.
+"""List the EMAN2 objects of one kind (processors, ...) with their parameters.
+
+Kinds: processors, comparators, aligners, averagers, reconstructors, projectors,
+orientgens.
 
 examples:
   cryorefine help processors
