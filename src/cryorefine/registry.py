@@ -220,8 +220,8 @@ COMPARATORS = Registry("comparators", "comparator")
 ALIGNERS = Registry("aligners", "aligner")
 AVERAGERS = Registry("averagers", "averager")
 RECONSTRUCTORS = Registry("reconstructors", "reconstructor")
-PROJECTORS = Registry("projectors", "projector")
-ORIENTGENS = Registry("orientgens", "orientation generator")
+PROJECTORS = Registry("projectors", "projector", ("cryorefine.fourier.project",))
+ORIENTGENS = Registry("orientgens", "orientation generator", ("cryorefine.geometry.orientations",))
 
 REGISTRIES: dict[str, Registry] = {
     r.kind: r

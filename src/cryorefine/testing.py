@@ -6,8 +6,13 @@ from importlib import resources
 
 import numpy as np
 
+from scipy.spatial.transform import Rotation
+
 from cryorefine.fourier.ctf import CTFParams, apply_ctf
+from cryorefine.fourier.project import project
 from cryorefine.io.maps import Map, read_map
+from cryorefine.io.metadata import ParticleMetadata
+from cryorefine.io.stacks import ParticleStack
 
 
 def demo_map() -> Map:
@@ -86,3 +91,87 @@ def noisy_images(
     signal = clean if ctf is None else apply_ctf(clean, ctf.evaluate(clean.shape[-1], apix))
     sigma = np.sqrt(signal.var(axis=(1, 2), keepdims=True) / snr)
     return (signal + sigma * rng.standard_normal(signal.shape)).astype(np.float32)
+
+
+def uniform_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``(n, 3, 3)`` rotations uniform on SO(3)."""
+    return Rotation.random(n, random_state=rng).as_matrix()
+
+
+def simulate_metadata(
+    n: int,
+    *,
+    apix: float,
+    rng: np.random.Generator,
+    rotations: np.ndarray | None = None,
+    max_shift_a: float = 0.0,
+    defocus_range_um: tuple[float, float] | None = (1.0, 2.5),
+    astigmatism_um: float = 0.05,
+    voltage_kv: float = 300.0,
+    cs_mm: float = 2.7,
+    amplitude_contrast: float = 0.1,
+) -> ParticleMetadata:
+    """Ground-truth metadata for ``n`` simulated particles.
+
+    Orientations uniform on SO(3) unless given; shifts uniform in a disc of radius
+    ``max_shift_a`` Å; mean defocus uniform in ``defocus_range_um`` (µm, None: no CTF)
+    with astigmatism ``U - V`` uniform in ``[0, astigmatism_um]`` at a random angle;
+    half sets 1 and 2 at random, balanced.
+    """
+    meta = ParticleMetadata.empty(n, apix=apix)
+    meta.rotations = uniform_rotations(n, rng) if rotations is None else np.asarray(rotations)
+    radius = max_shift_a * np.sqrt(rng.uniform(0, 1, n))
+    angle = rng.uniform(0, 2 * np.pi, n)
+    meta.shift_a = np.c_[radius * np.cos(angle), radius * np.sin(angle)]
+    if defocus_range_um is not None:
+        mean = rng.uniform(*defocus_range_um, n) * 1e4
+        half = rng.uniform(0, astigmatism_um, n) * 1e4 / 2
+        meta.ctf = CTFParams(mean + half, mean - half, rng.uniform(-90, 90, n), voltage_kv,
+                             cs_mm, amplitude_contrast, 0.0, 0.0, 1.0)
+    meta.half_set = rng.permutation(np.arange(n) % 2) + 1
+    return meta
+
+
+def render_particles(volume: np.ndarray, meta: ParticleMetadata, indices: np.ndarray, *,
+                     noise_sigma: float, rng: np.random.Generator,
+                     projector: str = "fourier") -> np.ndarray:
+    """Images of the particles ``indices``: projection, shift, CTF, white noise."""
+    sub = meta.take(indices)
+    ctf = sub.ctf if sub.ctf.known.all() else None
+    clean = project(volume, sub.rotations, projector=projector,
+                    shifts_px=sub.shift_a / sub.apix[:, None], ctf=ctf, apix=float(sub.apix[0]))
+    return (clean + noise_sigma * rng.standard_normal(clean.shape)).astype(np.float32)
+
+
+def noise_sigma_for_snr(volume: np.ndarray, meta: ParticleMetadata, snr: float, *,
+                        rng: np.random.Generator, pilot: int = 200,
+                        projector: str = "fourier") -> float:
+    """Noise standard deviation giving ``snr`` = mean signal variance / noise variance.
+
+    The signal variance (inside the box, after CTF) is averaged over up to ``pilot``
+    particles.
+    """
+    if snr <= 0:
+        raise ValueError("snr must be positive")
+    idx = np.arange(min(pilot, len(meta)))
+    clean = render_particles(volume, meta, idx, noise_sigma=0.0, rng=rng, projector=projector)
+    return float(np.sqrt(clean.var(axis=(1, 2)).mean() / snr))
+
+
+def simulate_particles(volume: np.ndarray, n: int, *, apix: float, snr: float,
+                       rng: np.random.Generator, chunk: int = 1000,
+                       projector: str = "fourier", **kw) -> ParticleStack:
+    """An in-memory stack of ``n`` simulated particles with their true metadata.
+
+    ``kw`` goes to :func:`simulate_metadata` (rotations, max_shift_a, defocus_range_um,
+    astigmatism_um, voltage_kv, cs_mm, amplitude_contrast).
+    """
+    meta = simulate_metadata(n, apix=apix, rng=rng, **kw)
+    sigma = noise_sigma_for_snr(volume, meta, snr, rng=rng, projector=projector)
+    box = volume.shape[-1]
+    images = np.empty((n, box, box), dtype=np.float32)
+    for start in range(0, n, chunk):
+        idx = np.arange(start, min(start + chunk, n))
+        images[idx] = render_particles(volume, meta, idx, noise_sigma=sigma, rng=rng,
+                                       projector=projector)
+    return ParticleStack.from_arrays(images, apix=apix, meta=meta)

@@ -19,13 +19,15 @@ from cryorefine.errors import CryorefineError
 
 
 def _subcommands() -> dict[str, ModuleType]:
-    from cryorefine.cli import check, convert, ctf, demo, help, process
+    from cryorefine.cli import check, convert, ctf, demo, help, process, project3d, simulate
 
     return {
         "convert": convert,
         "process": process,
         "ctf": ctf,
         "check": check,
+        "project3d": project3d,
+        "simulate": simulate,
         "help": help,
         "demo": demo,
     }

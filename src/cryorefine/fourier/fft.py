@@ -54,3 +54,16 @@ def filter_rfft(data: np.ndarray, transfer: np.ndarray, ndim: int) -> np.ndarray
     ft *= transfer
     out = scipy.fft.irfftn(ft, s=data.shape[-ndim:], axes=axes, workers=WORKERS)
     return out.astype(np.float32, copy=False)
+
+
+def shift_images(images: np.ndarray, shifts_px: np.ndarray) -> np.ndarray:
+    """Move each image ``(k, n, n)`` by ``(dx, dy)`` pixels ``(k, 2)`` (Fourier phase shift).
+
+    Content at pixel ``(x, y)`` moves to ``(x + dx, y + dy)`` (circularly).
+    """
+    n = images.shape[-1]
+    fy, fx = rfft_freqs_2d(n)
+    d = np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2)
+    phase = np.exp(-2j * np.pi * (fx[None] * d[:, 0, None, None] + fy[None] * d[:, 1, None, None]))
+    ft = scipy.fft.rfft2(np.asarray(images, dtype=np.float32), workers=WORKERS)
+    return scipy.fft.irfft2(ft * phase, s=(n, n), workers=WORKERS).astype(np.float32)

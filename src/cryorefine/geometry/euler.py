@@ -99,3 +99,55 @@ def matrices_to_eman(rotations: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     az = np.where(flat, 0.0, rot + 90.0)
     phi = np.where(flat, np.rad2deg(phi_flat), psi - 90.0)
     return np.mod(az, 360.0), tilt, np.mod(phi, 360.0)
+
+
+def matrices_to_quaternions(rotations: np.ndarray) -> np.ndarray:
+    """``(k, 3, 3)`` rotations -> unit quaternions ``(k, 4)`` as ``(w, x, y, z)``, w >= 0."""
+    from scipy.spatial.transform import Rotation
+
+    q = Rotation.from_matrix(np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)).as_quat()
+    q = np.roll(q, 1, axis=1)  # scipy is scalar-last
+    return q * np.where(q[:, :1] < 0, -1.0, 1.0)
+
+
+def quaternions_to_matrices(quaternions: np.ndarray) -> np.ndarray:
+    """Quaternions ``(k, 4)`` ``(w, x, y, z)`` -> ``(k, 3, 3)`` rotation matrices."""
+    from scipy.spatial.transform import Rotation
+
+    q = np.asarray(quaternions, dtype=np.float64).reshape(-1, 4)
+    return Rotation.from_quat(np.roll(q, -1, axis=1)).as_matrix()
+
+
+def rotation_2d(alpha_deg: np.ndarray) -> np.ndarray:
+    """EMAN2's 2D rotation ``R(0, 0, alpha)`` as ``(k, 3, 3)``: ``[[c, s, 0], [-s, c, 0], [0, 0, 1]]``."""
+    a = np.deg2rad(np.atleast_1d(np.asarray(alpha_deg, dtype=np.float64)))
+    return _frame_z(a)
+
+
+def particle_from_alignment(
+    reference: np.ndarray, alpha_deg, tx_px, ty_px, mirror
+) -> tuple[np.ndarray, np.ndarray]:
+    """A particle's orientation and shift from its 2D alignment to a reference projection.
+
+    The 2D transform ``S = (alpha, tx, ty, mirror)`` (EMAN2 ``xform.align2d``: rotate,
+    translate, then x-mirror) brings the particle onto the projection made with
+    ``reference`` ``(k, 3, 3)``. The particle is then the projection with
+    ``S^-1 R_ref``: rotation ``R_alpha^T F^m R_ref`` (made proper by negating row 2 when
+    mirrored, which leaves a projection unchanged) shifted by ``tau = -R_alpha^T t``.
+
+    Returns ``(rotations (k, 3, 3), shifts (k, 2) px)``; ``shift`` is EMAN2's
+    ``xform.projection`` ``(tx, ty)`` (RELION origin = ``-shift``).
+    """
+    ref = np.asarray(reference, dtype=np.float64).reshape(-1, 3, 3)
+    alpha, tx, ty, m = np.broadcast_arrays(
+        np.atleast_1d(np.asarray(alpha_deg, float)), np.atleast_1d(np.asarray(tx_px, float)),
+        np.atleast_1d(np.asarray(ty_px, float)), np.atleast_1d(np.asarray(mirror).astype(bool)))
+    ra_t = np.swapaxes(rotation_2d(alpha), 1, 2)
+    flip = np.where(m[:, None], -1.0, 1.0)
+    fm = np.zeros((len(m), 3, 3))
+    fm[:, 0, 0], fm[:, 1, 1], fm[:, 2, 2] = flip[:, 0], 1.0, 1.0
+    rot = ra_t @ fm @ ref
+    rot[:, 2] *= flip  # fold the mirror: negate row 2 (a z-reflection inside the projection)
+    t = np.stack([tx, ty, np.zeros_like(tx)], axis=1)
+    tau = -(ra_t @ t[:, :, None])[:, :2, 0]
+    return rot, tau

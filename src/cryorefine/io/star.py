@@ -320,3 +320,21 @@ def write_particle_star(
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def read_orientations_star(path: str | os.PathLike) -> np.ndarray:
+    """Only the orientations ``(k, 3, 3)`` of a STAR file's particle table.
+
+    Needs ``rlnAngleRot``, ``rlnAngleTilt``, ``rlnAnglePsi`` (missing ones count as 0,
+    all three missing is an error); image files are not looked at.
+    """
+    path = Path(path)
+    blocks = read_star_blocks(path)
+    cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+    table = next((b for name in ("particles", "images", "") if (b := blocks.get(name)) is not None
+                  and any(c in b.columns for c in cols)), None)
+    if table is None:
+        table = next((b for b in blocks.values() if any(c in b.columns for c in cols)), None)
+    if table is None:
+        raise CryorefineError(f"{path}: no rlnAngleRot/rlnAngleTilt/rlnAnglePsi columns")
+    return relion_to_matrices(*(_column(table, c, 0.0) for c in cols))

@@ -1,0 +1,1 @@
+"""The stages e2refine chains, as array functions with thin file wrappers."""
