@@ -228,3 +228,118 @@ def test_existing_output_is_not_overwritten(ctf_star, run_cli):
 def test_verbose_shows_the_traceback(in_tmp, run_cli):
     code, _, err = run_cli("convert", "nothing.star", "out.hdf", "--verbose")
     assert code == 2 and "Traceback" in err and "nothing.star: no such file" in err
+
+
+# --- project3d and simulate ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".star", ".hdf", ".lst"])
+def test_project3d_writes_orientations_in_every_format(in_tmp, run_cli, rnapol2_64, suffix):
+    from cryorefine.geometry.orientations import orientations
+
+    code, _, err = run_cli(
+        "project3d",
+        "--model",
+        rnapol2_64,
+        "--out",
+        f"proj{suffix}",
+        "--sym",
+        "d7",
+        "--orientgen",
+        "eman:delta=10:perturb=0",
+        "--postprocess",
+        "normalize.circlemean",
+    )
+    assert code == 0, err
+    stack = ParticleStack.from_path(f"proj{suffix}")
+    expected = orientations("eman:delta=10:perturb=0", "d7")
+    assert len(stack) == 27 == len(expected)
+    np.testing.assert_allclose(stack.meta.rotations, expected, atol=2e-6)
+    assert stack.apix == 3.0 and stack.box == 64
+    images = stack.read()
+    np.testing.assert_allclose(images.reshape(27, -1).std(axis=1, ddof=1), 1.0, rtol=1e-4)
+    stack.close()
+
+
+def test_simulate_writes_the_ground_truth(in_tmp, run_cli, rnapol2_64):
+    from cryorefine.fourier.project import project
+
+    code, out, err = run_cli(
+        "simulate",
+        "--model",
+        rnapol2_64,
+        "--n",
+        "120",
+        "--snr",
+        "0.5",
+        "--max-shift",
+        "9",
+        "--out",
+        "sim.star",
+        "--seed",
+        "4",
+    )
+    assert code == 0, err
+    stack = ParticleStack.from_path("sim.star")
+    meta = stack.meta
+    assert len(stack) == 120 and stack.apix == 3.0
+    assert meta.ctf.known.all() and meta.has_orientation.all()
+    assert set(meta.half_set.tolist()) == {1, 2}
+    assert np.linalg.norm(meta.shift_a, axis=1).max() <= 9.0 + 1e-6
+    defocus = (meta.ctf.defocus_u_a + meta.ctf.defocus_v_a) / 2
+    assert 1e4 <= defocus.min() and defocus.max() <= 2.5e4
+    # the images are the truth's projections plus noise at the stated SNR
+    volume = read_map(rnapol2_64)
+    clean = project(
+        volume.data, meta.rotations, shifts_px=meta.shift_a / 3.0, ctf=meta.ctf, apix=3.0
+    )
+    noise = stack.read() - clean
+    snr = clean.var(axis=(1, 2)).mean() / noise.var()
+    assert snr == pytest.approx(0.5, rel=0.1)
+    assert abs(np.corrcoef(noise[0].ravel(), noise[1].ravel())[0, 1]) < 0.1
+    stack.close()
+    # orientations taken from a STAR file
+    code, _, err = run_cli(
+        "simulate", "--model", rnapol2_64, "--angles", "sim.star", "--no-ctf", "--out", "again.star"
+    )
+    assert code == 0, err
+    again = ParticleStack.from_path("again.star")
+    np.testing.assert_allclose(again.meta.rotations, meta.rotations, atol=1e-5)
+    assert not again.meta.ctf.known.any()
+
+
+def test_projection_and_simulation_errors(in_tmp, run_cli, rnapol2_64):
+    assert_one_line_error(
+        run_cli("project3d", "--model", rnapol2_64, "--out", "p.star", "--sym", "q5"),
+        "--sym",
+        "'q5'",
+    )
+    assert_one_line_error(
+        run_cli(
+            "project3d",
+            "--model",
+            rnapol2_64,
+            "--out",
+            "p.star",
+            "--orientgen",
+            "eman:delta=5:mirror=1",
+        ),
+        "--orientgen",
+        "unknown parameter 'mirror'",
+        "inc_mirror",
+    )
+    assert_one_line_error(
+        run_cli("project3d", "--model", rnapol2_64, "--out", "p.star", "--projector", "gauss_fft"),
+        "--projector",
+        "unknown projector 'gauss_fft'",
+        "fourier",
+    )
+    assert_one_line_error(
+        run_cli("project3d", "--model", "none.mrc", "--out", "p.star"), "none.mrc"
+    )
+    assert_one_line_error(
+        run_cli("simulate", "--model", rnapol2_64, "--out", "s.mrcs"), "must be a .star"
+    )
+    assert_one_line_error(
+        run_cli("simulate", "--model", rnapol2_64, "--out", "s.star", "--snr", "0"), "--snr"
+    )

@@ -19,8 +19,11 @@ COUNTS = {
     10: "210/419 114/211 72/143 59/110 44/88 40/75 62/106 42/72 36/55 30/44 29/38 27/33 18/34 "
     "14/19 10/9",
 }
-CASES = [(d, g, tuple(map(int, c.split("/")))) for d, row in COUNTS.items()
-         for g, c in zip(GROUPS, row.split(), strict=True)]
+CASES = [
+    (d, g, tuple(map(int, c.split("/"))))
+    for d, row in COUNTS.items()
+    for g, c in zip(GROUPS, row.split(), strict=True)
+]
 
 
 @pytest.mark.parametrize("delta,group,expected", CASES)
@@ -39,22 +42,46 @@ def test_first_c1_ring_and_icos_layout():
     assert az[9] == pytest.approx(28.794, abs=1e-3)
     assert (az[-1], alt[-1]) == (180.0, 90.0)
     rings = np.unique(alt, return_counts=True)
-    assert rings[1].tolist() == [1, 7, 13, 19, 25, 31, 36, 42, 47, 51, 55, 59, 63, 66, 68, 70,
-                                 71, 72, 37]
+    assert rings[1].tolist() == [
+        1,
+        7,
+        13,
+        19,
+        25,
+        31,
+        36,
+        42,
+        47,
+        51,
+        55,
+        59,
+        63,
+        66,
+        68,
+        70,
+        71,
+        72,
+        37,
+    ]
     az, alt = eman_directions(symmetry_group("icos"), 5.0)
     np.testing.assert_allclose(az[:5], [234, 234, 251.143, 268.286, 234], atol=1e-3)
     assert alt[:5] == [0, 5, 5, 5, 10] and az[-1] == pytest.approx(268.869, abs=1e-3)
 
 
 def test_other_generators_counts():
-    want = {("even", "c1", 5): (835, 1599), ("even", "d2", 5): (190, 406),
-            ("even", "icos", 5): (9, 21), ("even", "c1", 10): (213, 391),
-            ("even", "d2", 10): (44, 100), ("even", "icos", 10): (4, 5),
-            ("saff", "c1", 5): (850, 1701), ("saff", "d2", 5): (212, 425),
-            ("saff", "icos", 5): (13, 27)}
+    want = {
+        ("even", "c1", 5): (835, 1599),
+        ("even", "d2", 5): (190, 406),
+        ("even", "icos", 5): (9, 21),
+        ("even", "c1", 10): (213, 391),
+        ("even", "d2", 10): (44, 100),
+        ("even", "icos", 10): (4, 5),
+        ("saff", "c1", 5): (850, 1701),
+        ("saff", "d2", 5): (212, 425),
+        ("saff", "icos", 5): (13, 27),
+    }
     for (gen, group, delta), counts in want.items():
-        got = tuple(len(orientations(f"{gen}:delta={delta}:inc_mirror={m}", group))
-                    for m in (0, 1))
+        got = tuple(len(orientations(f"{gen}:delta={delta}:inc_mirror={m}", group)) for m in (0, 1))
         assert got == counts, (gen, group, delta)
 
 
@@ -73,8 +100,9 @@ def test_phi_options_n_and_breaksym():
     more = orientations("eman:delta=10:perturb=0:phitoo=90", "c1")
     assert len(more) == 4 * len(base)
     np.testing.assert_allclose(matrices_to_eman(more[:4])[2], [0, 90, 180, 270], atol=1e-9)
-    rand_phi = orientations("eman:delta=10:perturb=0:random_phi=1", "c1",
-                            rng=np.random.default_rng(0))
+    rand_phi = orientations(
+        "eman:delta=10:perturb=0:random_phi=1", "c1", rng=np.random.default_rng(0)
+    )
     assert np.std(matrices_to_eman(rand_phi)[2]) > 50
     for n in (100, 300, 1000):  # n is approximate (the count jumps as rings appear)
         assert abs(len(orientations(f"eman:n={n}:perturb=0", "c1")) - n) <= 0.1 * n

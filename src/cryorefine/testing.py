@@ -5,7 +5,6 @@ from __future__ import annotations
 from importlib import resources
 
 import numpy as np
-
 from scipy.spatial.transform import Rotation
 
 from cryorefine.fourier.ctf import CTFParams, apply_ctf
@@ -126,26 +125,53 @@ def simulate_metadata(
     if defocus_range_um is not None:
         mean = rng.uniform(*defocus_range_um, n) * 1e4
         half = rng.uniform(0, astigmatism_um, n) * 1e4 / 2
-        meta.ctf = CTFParams(mean + half, mean - half, rng.uniform(-90, 90, n), voltage_kv,
-                             cs_mm, amplitude_contrast, 0.0, 0.0, 1.0)
+        meta.ctf = CTFParams(
+            mean + half,
+            mean - half,
+            rng.uniform(-90, 90, n),
+            voltage_kv,
+            cs_mm,
+            amplitude_contrast,
+            0.0,
+            0.0,
+            1.0,
+        )
     meta.half_set = rng.permutation(np.arange(n) % 2) + 1
     return meta
 
 
-def render_particles(volume: np.ndarray, meta: ParticleMetadata, indices: np.ndarray, *,
-                     noise_sigma: float, rng: np.random.Generator,
-                     projector: str = "fourier") -> np.ndarray:
+def render_particles(
+    volume: np.ndarray,
+    meta: ParticleMetadata,
+    indices: np.ndarray,
+    *,
+    noise_sigma: float,
+    rng: np.random.Generator,
+    projector: str = "fourier",
+) -> np.ndarray:
     """Images of the particles ``indices``: projection, shift, CTF, white noise."""
     sub = meta.take(indices)
     ctf = sub.ctf if sub.ctf.known.all() else None
-    clean = project(volume, sub.rotations, projector=projector,
-                    shifts_px=sub.shift_a / sub.apix[:, None], ctf=ctf, apix=float(sub.apix[0]))
+    clean = project(
+        volume,
+        sub.rotations,
+        projector=projector,
+        shifts_px=sub.shift_a / sub.apix[:, None],
+        ctf=ctf,
+        apix=float(sub.apix[0]),
+    )
     return (clean + noise_sigma * rng.standard_normal(clean.shape)).astype(np.float32)
 
 
-def noise_sigma_for_snr(volume: np.ndarray, meta: ParticleMetadata, snr: float, *,
-                        rng: np.random.Generator, pilot: int = 200,
-                        projector: str = "fourier") -> float:
+def noise_sigma_for_snr(
+    volume: np.ndarray,
+    meta: ParticleMetadata,
+    snr: float,
+    *,
+    rng: np.random.Generator,
+    pilot: int = 200,
+    projector: str = "fourier",
+) -> float:
     """Noise standard deviation giving ``snr`` = mean signal variance / noise variance.
 
     The signal variance (inside the box, after CTF) is averaged over up to ``pilot``
@@ -158,9 +184,17 @@ def noise_sigma_for_snr(volume: np.ndarray, meta: ParticleMetadata, snr: float, 
     return float(np.sqrt(clean.var(axis=(1, 2)).mean() / snr))
 
 
-def simulate_particles(volume: np.ndarray, n: int, *, apix: float, snr: float,
-                       rng: np.random.Generator, chunk: int = 1000,
-                       projector: str = "fourier", **kw) -> ParticleStack:
+def simulate_particles(
+    volume: np.ndarray,
+    n: int,
+    *,
+    apix: float,
+    snr: float,
+    rng: np.random.Generator,
+    chunk: int = 1000,
+    projector: str = "fourier",
+    **kw,
+) -> ParticleStack:
     """An in-memory stack of ``n`` simulated particles with their true metadata.
 
     ``kw`` goes to :func:`simulate_metadata` (rotations, max_shift_a, defocus_range_um,
@@ -172,6 +206,7 @@ def simulate_particles(volume: np.ndarray, n: int, *, apix: float, snr: float,
     images = np.empty((n, box, box), dtype=np.float32)
     for start in range(0, n, chunk):
         idx = np.arange(start, min(start + chunk, n))
-        images[idx] = render_particles(volume, meta, idx, noise_sigma=sigma, rng=rng,
-                                       projector=projector)
+        images[idx] = render_particles(
+            volume, meta, idx, noise_sigma=sigma, rng=rng, projector=projector
+        )
     return ParticleStack.from_arrays(images, apix=apix, meta=meta)

@@ -20,23 +20,43 @@ from cryorefine.stages.project3d import run_project3d
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="3D map to project")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="output stack (.star, .hdf, .lst or .mrcs)")
-    parser.add_argument("--orientgen", default="eman:delta=5.0:inc_mirror=0:perturb=1",
-                        help="orientation generator (default %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output stack (.star, .hdf, .lst or .mrcs)"
+    )
+    parser.add_argument(
+        "--orientgen",
+        default="eman:delta=5.0:inc_mirror=0:perturb=1",
+        help="orientation generator (default %(default)s)",
+    )
     parser.add_argument("--sym", default="c1", help="symmetry: cN, dN, tet, oct, icos")
-    parser.add_argument("--projector", default="fourier",
-                        help="fourier (default) or standard (EMAN2's real-space projector)")
-    parser.add_argument("--postprocess", action="append", default=[], metavar="NAME:K=V",
-                        help="processor applied to each projection (repeatable)")
+    parser.add_argument(
+        "--projector",
+        default="fourier",
+        help="fourier (default) or standard (EMAN2's real-space projector)",
+    )
+    parser.add_argument(
+        "--postprocess",
+        action="append",
+        default=[],
+        metavar="NAME:K=V",
+        help="processor applied to each projection (repeatable)",
+    )
     parser.add_argument("--apix", type=float, help="pixel size in Å, overriding the map's")
     parser.add_argument("--seed", type=int, help="random seed for perturb/random generators")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
 def main(args: argparse.Namespace) -> int:
-    written = run_project3d(args.model, args.out, orientgen=args.orientgen, sym=args.sym,
-                            projector=args.projector, postprocess=tuple(args.postprocess),
-                            apix=args.apix, seed=args.seed, overwrite=args.overwrite)
+    written = run_project3d(
+        args.model,
+        args.out,
+        orientgen=args.orientgen,
+        sym=args.sym,
+        projector=args.projector,
+        postprocess=tuple(args.postprocess),
+        apix=args.apix,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {', '.join(map(str, written))}")
     return 0

@@ -41,12 +41,25 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, help="number of particles (default: 1000, or --angles)")
     parser.add_argument("--angles", type=Path, help="STAR file whose orientations to use")
     parser.add_argument("--snr", type=float, default=0.1, help="signal/noise variance ratio")
-    parser.add_argument("--max-shift", type=float, default=0.0,
-                        help="largest random shift in Å (default %(default)s)")
-    parser.add_argument("--defocus", type=_pair, default=(1.0, 2.5), metavar="MIN,MAX",
-                        help="defocus range in µm (default 1.0,2.5)")
-    parser.add_argument("--astigmatism", type=float, default=0.05,
-                        help="largest defocus difference U-V in µm (default %(default)s)")
+    parser.add_argument(
+        "--max-shift",
+        type=float,
+        default=0.0,
+        help="largest random shift in Å (default %(default)s)",
+    )
+    parser.add_argument(
+        "--defocus",
+        type=_pair,
+        default=(1.0, 2.5),
+        metavar="MIN,MAX",
+        help="defocus range in µm (default 1.0,2.5)",
+    )
+    parser.add_argument(
+        "--astigmatism",
+        type=float,
+        default=0.05,
+        help="largest defocus difference U-V in µm (default %(default)s)",
+    )
     parser.add_argument("--no-ctf", dest="ctf", action="store_false", help="no CTF")
     parser.add_argument("--voltage", type=float, default=300.0, help="kV")
     parser.add_argument("--cs", type=float, default=2.7, help="spherical aberration, mm")
@@ -74,26 +87,41 @@ def main(args: argparse.Namespace) -> int:
     rotations = read_orientations_star(args.angles) if args.angles else None
     n = args.n or (len(rotations) if rotations is not None else 1000)
     if rotations is not None and n != len(rotations):
-        raise CryorefineError(f"--n {n} differs from the {len(rotations)} orientations in "
-                              f"{args.angles}")
+        raise CryorefineError(
+            f"--n {n} differs from the {len(rotations)} orientations in {args.angles}"
+        )
     rng = np.random.default_rng(args.seed)
-    meta = simulate_metadata(n, apix=volume.apix, rng=rng, rotations=rotations,
-                             max_shift_a=args.max_shift,
-                             defocus_range_um=args.defocus if args.ctf else None,
-                             astigmatism_um=args.astigmatism, voltage_kv=args.voltage,
-                             cs_mm=args.cs, amplitude_contrast=args.amp_contrast)
+    meta = simulate_metadata(
+        n,
+        apix=volume.apix,
+        rng=rng,
+        rotations=rotations,
+        max_shift_a=args.max_shift,
+        defocus_range_um=args.defocus if args.ctf else None,
+        astigmatism_um=args.astigmatism,
+        voltage_kv=args.voltage,
+        cs_mm=args.cs,
+        amplitude_contrast=args.amp_contrast,
+    )
     sigma = noise_sigma_for_snr(volume.data, meta, args.snr, rng=rng, projector=args.projector)
-    with MrcStackWriter(images_path, n, volume.box, apix=volume.apix,
-                        overwrite=args.overwrite) as w:
+    with MrcStackWriter(
+        images_path, n, volume.box, apix=volume.apix, overwrite=args.overwrite
+    ) as w:
         for start in range(0, n, args.chunk):
             idx = np.arange(start, min(start + args.chunk, n))
-            w.write(start, render_particles(volume.data, meta, idx, noise_sigma=sigma, rng=rng,
-                                            projector=args.projector))
+            w.write(
+                start,
+                render_particles(
+                    volume.data, meta, idx, noise_sigma=sigma, rng=rng, projector=args.projector
+                ),
+            )
     stack = ParticleStack.from_path(images_path)
     meta.source_path, meta.source_index = stack.meta.source_path, stack.meta.source_index
     stack.meta = meta
     write_stack(stack, args.out, overwrite=args.overwrite)
     stack.close()
-    print(f"wrote {args.out} and {images_path}: {n} particles of {volume.box} px at "
-          f"{volume.apix:.4f} Å/px, SNR {args.snr}, noise sigma {sigma:.4g}")
+    print(
+        f"wrote {args.out} and {images_path}: {n} particles of {volume.box} px at "
+        f"{volume.apix:.4f} Å/px, SNR {args.snr}, noise sigma {sigma:.4g}"
+    )
     return 0

@@ -55,9 +55,12 @@ def prepare_volume(volume: np.ndarray, *, pad_factor: float = 2.0) -> VolumeFT:
     corrected = volume / (s2[:, None, None] * s2[None, :, None] * s2[None, None, :])
     padded = np.zeros((size,) * 3, dtype=np.float32)
     o = size // 2 - n // 2
-    padded[o:o + n, o:o + n, o:o + n] = corrected
-    ft = scipy.fft.fftn(scipy.fft.ifftshift(padded), workers=WORKERS)
-    return VolumeFT(scipy.fft.fftshift(ft).astype(np.complex64), n)
+    padded[o : o + n, o : o + n, o : o + n] = corrected
+    ft = scipy.fft.fftshift(scipy.fft.fftn(scipy.fft.ifftshift(padded), workers=WORKERS))
+    # the -P/2 planes have no +P/2 partners; zero them so that every rotation of the
+    # grid sees the same (Hermitian-symmetric) transform
+    ft[0], ft[:, 0], ft[:, :, 0] = 0, 0, 0
+    return VolumeFT(ft.astype(np.complex64), n)
 
 
 def extract_slices(volume_ft: VolumeFT, rotations: np.ndarray) -> np.ndarray:
@@ -75,8 +78,9 @@ def extract_slices(volume_ft: VolumeFT, rotations: np.ndarray) -> np.ndarray:
     s = rots[:, 0, :, None, None] * qx + rots[:, 1, :, None, None] * qy  # (k, 3, P, P/2+1)
     coords = s[:, ::-1] + size // 2  # (x, y, z) -> array axes (z, y, x)
     coords = np.moveaxis(coords, 1, 0).reshape(3, -1)
-    out = ndimage.map_coordinates(volume_ft.data, coords, order=1, mode="constant", cval=0.0,
-                                  prefilter=False)
+    out = ndimage.map_coordinates(
+        volume_ft.data, coords, order=1, mode="constant", cval=0.0, prefilter=False
+    )
     return out.reshape(len(rots), size, size // 2 + 1).astype(np.complex64)
 
 
@@ -86,11 +90,16 @@ def slices_to_images(slices: np.ndarray, n: int) -> np.ndarray:
     images = scipy.fft.irfft2(slices, s=(size, size), workers=WORKERS)
     images = scipy.fft.fftshift(images, axes=(-2, -1))
     o = size // 2 - n // 2
-    return np.ascontiguousarray(images[:, o:o + n, o:o + n], dtype=np.float32)
+    return np.ascontiguousarray(images[:, o : o + n, o : o + n], dtype=np.float32)
 
 
-def project_fourier(volume: np.ndarray | VolumeFT, rotations: np.ndarray, *,
-                    pad_factor: float = 2.0, chunk: int = 64) -> np.ndarray:
+def project_fourier(
+    volume: np.ndarray | VolumeFT,
+    rotations: np.ndarray,
+    *,
+    pad_factor: float = 2.0,
+    chunk: int = 64,
+) -> np.ndarray:
     """Central-slice projections ``(k, n, n)`` float32 of ``volume`` along ``rotations``."""
     vft = volume if isinstance(volume, VolumeFT) else prepare_volume(volume, pad_factor=pad_factor)
     rots = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
@@ -141,9 +150,15 @@ def standard(volume: np.ndarray, rotations: np.ndarray) -> np.ndarray:
     return project_standard(volume, rotations)
 
 
-def project(volume: np.ndarray, rotations: np.ndarray, *, projector: str = "fourier",
-            shifts_px: np.ndarray | None = None, ctf: CTFParams | None = None,
-            apix: float | None = None) -> np.ndarray:
+def project(
+    volume: np.ndarray,
+    rotations: np.ndarray,
+    *,
+    projector: str = "fourier",
+    shifts_px: np.ndarray | None = None,
+    ctf: CTFParams | None = None,
+    apix: float | None = None,
+) -> np.ndarray:
     """Project ``volume`` along ``rotations``, then shift and apply a CTF if given.
 
     Parameters

@@ -119,7 +119,10 @@ def quaternions_to_matrices(quaternions: np.ndarray) -> np.ndarray:
 
 
 def rotation_2d(alpha_deg: np.ndarray) -> np.ndarray:
-    """EMAN2's 2D rotation ``R(0, 0, alpha)`` as ``(k, 3, 3)``: ``[[c, s, 0], [-s, c, 0], [0, 0, 1]]``."""
+    """EMAN2's 2D rotation ``R(0, 0, alpha)``, ``(k, 3, 3)``.
+
+    ``[[c, s, 0], [-s, c, 0], [0, 0, 1]]`` with ``c, s`` of ``alpha`` (degrees).
+    """
     a = np.deg2rad(np.atleast_1d(np.asarray(alpha_deg, dtype=np.float64)))
     return _frame_z(a)
 
@@ -140,8 +143,11 @@ def particle_from_alignment(
     """
     ref = np.asarray(reference, dtype=np.float64).reshape(-1, 3, 3)
     alpha, tx, ty, m = np.broadcast_arrays(
-        np.atleast_1d(np.asarray(alpha_deg, float)), np.atleast_1d(np.asarray(tx_px, float)),
-        np.atleast_1d(np.asarray(ty_px, float)), np.atleast_1d(np.asarray(mirror).astype(bool)))
+        np.atleast_1d(np.asarray(alpha_deg, float)),
+        np.atleast_1d(np.asarray(tx_px, float)),
+        np.atleast_1d(np.asarray(ty_px, float)),
+        np.atleast_1d(np.asarray(mirror).astype(bool)),
+    )
     ra_t = np.swapaxes(rotation_2d(alpha), 1, 2)
     flip = np.where(m[:, None], -1.0, 1.0)
     fm = np.zeros((len(m), 3, 3))

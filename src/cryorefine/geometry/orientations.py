@@ -20,8 +20,9 @@ from cryorefine.registry import ORIENTGENS, Modifier, Param
 F32 = np.float32
 
 
-def _emit(az: list[float], alt: list[float], *, random_phi: bool, phitoo: float,
-          rng: np.random.Generator) -> np.ndarray:
+def _emit(
+    az: list[float], alt: list[float], *, random_phi: bool, phitoo: float, rng: np.random.Generator
+) -> np.ndarray:
     az_a, alt_a = np.asarray(az, dtype=np.float64), np.asarray(alt, dtype=np.float64)
     phi = rng.uniform(0, 360, len(az_a)) if random_phi else np.zeros(len(az_a))
     if phitoo > 0:
@@ -38,9 +39,16 @@ def _inside(sym: SymmetryGroup, alt: float, az: float, inc_mirror: bool) -> bool
     return bool(sym.in_asym_unit(np.float64(alt), np.float64(az), inc_mirror=inc_mirror))
 
 
-def eman_directions(sym: SymmetryGroup, delta: float, *, inc_mirror: bool = False,
-                    perturb: bool = False, alt_min: float = 0.0, alt_max: float = 180.0,
-                    rng: np.random.Generator | None = None) -> tuple[list[float], list[float]]:
+def eman_directions(
+    sym: SymmetryGroup,
+    delta: float,
+    *,
+    inc_mirror: bool = False,
+    perturb: bool = False,
+    alt_min: float = 0.0,
+    alt_max: float = 180.0,
+    rng: np.random.Generator | None = None,
+) -> tuple[list[float], list[float]]:
     """EMAN2's ``eman`` ring walk: the ``(az, alt)`` list in degrees (offset applied)."""
     rng = rng or np.random.default_rng()
     delta32 = F32(delta)
@@ -93,8 +101,9 @@ def eman_directions(sym: SymmetryGroup, delta: float, *, inc_mirror: bool = Fals
     return azs, alts
 
 
-def even_directions(sym: SymmetryGroup, delta: float, *,
-                    inc_mirror: bool = False) -> tuple[list[float], list[float]]:
+def even_directions(
+    sym: SymmetryGroup, delta: float, *, inc_mirror: bool = False
+) -> tuple[list[float], list[float]]:
     """Penczek's (1994) even rings: ``(az, alt)`` in degrees (offset applied)."""
     zm = sym.az_max(inc_mirror)
     am = sym.alt_max(inc_mirror)
@@ -116,8 +125,9 @@ def even_directions(sym: SymmetryGroup, delta: float, *,
     return azs, alts
 
 
-def saff_directions(sym: SymmetryGroup, delta: float, *,
-                    inc_mirror: bool = False) -> tuple[list[float], list[float]]:
+def saff_directions(
+    sym: SymmetryGroup, delta: float, *, inc_mirror: bool = False
+) -> tuple[list[float], list[float]]:
     """Saff & Kuijlaars spiral: ``(az, alt)`` in degrees (offset applied)."""
     zm = sym.az_max(inc_mirror)
     am = sym.alt_max(inc_mirror)
@@ -158,8 +168,9 @@ def _delta_for_count(count_fn, n: int) -> float:
 def _common_params(extra: tuple[Param, ...]) -> tuple[Param, ...]:
     return extra + (
         Param("random_phi", bool, "draw phi uniformly in [0, 360) instead of 0", default=False),
-        Param("phitoo", float, "also emit phi + k * phitoo (degrees) for each direction",
-              default=0.0),
+        Param(
+            "phitoo", float, "also emit phi + k * phitoo (degrees) for each direction", default=0.0
+        ),
     )
 
 
@@ -182,32 +193,50 @@ def _check_delta_n(params: dict, where: str) -> None:
         raise CryorefineError(f"{where}: phitoo must not be negative")
 
 
-def _finish(sym: SymmetryGroup, azs, alts, p: dict, rng) -> np.ndarray:
-    return _emit(azs, alts, random_phi=p["random_phi"], phitoo=p["phitoo"], rng=rng)
-
-
 @ORIENTGENS.register(
     "eman",
     "EMAN2's rings of constant alt with azimuth step delta/sin(alt) (e2refine's default).",
-    _common_params(_DELTA_N + (
-        Param("perturb", bool, "jitter each direction by N(0, delta/8) in alt, N(0, h/8) in az",
-              default=True),
-        Param("alt_min", float, "lowest alt (degrees)", default=0.0),
-        Param("alt_max", float, "highest alt (degrees)", default=180.0),
-        Param("breaksym", bool, "cover all symmetry copies (reconstruct in c1)", default=False),
-    )),
+    _common_params(
+        _DELTA_N
+        + (
+            Param(
+                "perturb",
+                bool,
+                "jitter each direction by N(0, delta/8) in alt, N(0, h/8) in az",
+                default=True,
+            ),
+            Param("alt_min", float, "lowest alt (degrees)", default=0.0),
+            Param("alt_max", float, "highest alt (degrees)", default=180.0),
+            Param("breaksym", bool, "cover all symmetry copies (reconstruct in c1)", default=False),
+        )
+    ),
     check=_check_delta_n,
 )
-def eman(sym: SymmetryGroup, *, rng: np.random.Generator, delta=None, n=None,
-         inc_mirror=False, perturb=True, alt_min=0.0, alt_max=180.0, breaksym=False,
-         random_phi=False, phitoo=0.0) -> np.ndarray:
+def eman(
+    sym: SymmetryGroup,
+    *,
+    rng: np.random.Generator,
+    delta=None,
+    n=None,
+    inc_mirror=False,
+    perturb=True,
+    alt_min=0.0,
+    alt_max=180.0,
+    breaksym=False,
+    random_phi=False,
+    phitoo=0.0,
+) -> np.ndarray:
     mirror = inc_mirror or breaksym
     if delta is None:
         delta = _delta_for_count(
-            lambda d: len(eman_directions(sym, d, inc_mirror=mirror, alt_min=alt_min,
-                                          alt_max=alt_max)[0]), n)
-    azs, alts = eman_directions(sym, delta, inc_mirror=mirror, perturb=perturb,
-                                alt_min=alt_min, alt_max=alt_max, rng=rng)
+            lambda d: len(
+                eman_directions(sym, d, inc_mirror=mirror, alt_min=alt_min, alt_max=alt_max)[0]
+            ),
+            n,
+        )
+    azs, alts = eman_directions(
+        sym, delta, inc_mirror=mirror, perturb=perturb, alt_min=alt_min, alt_max=alt_max, rng=rng
+    )
     rots = _emit(azs, alts, random_phi=random_phi, phitoo=phitoo, rng=rng)
     if breaksym and sym.order > 1:
         rots = np.concatenate([rots] + [rots @ op for op in sym.operators[1:]])
@@ -216,28 +245,40 @@ def eman(sym: SymmetryGroup, *, rng: np.random.Generator, delta=None, n=None,
     return rots
 
 
-@ORIENTGENS.register(
-    "even", "Penczek's even rings: alt steps of delta, equal azimuth steps on each ring.",
-    _common_params(_DELTA_N), check=_check_delta_n,
-)
-def even(sym: SymmetryGroup, *, rng: np.random.Generator, delta=None, n=None,
-         inc_mirror=False, random_phi=False, phitoo=0.0) -> np.ndarray:
-    if delta is None:
-        delta = _delta_for_count(lambda d: len(even_directions(sym, d, inc_mirror=inc_mirror)[0]), n)
-    azs, alts = even_directions(sym, delta, inc_mirror=inc_mirror)
-    return _emit(azs, alts, random_phi=random_phi, phitoo=phitoo, rng=rng)
+def _ring_generator(directions):
+    """An orientation generator from a ``directions(sym, delta, inc_mirror=)`` function."""
+
+    def generate(
+        sym: SymmetryGroup,
+        *,
+        rng: np.random.Generator,
+        delta=None,
+        n=None,
+        inc_mirror=False,
+        random_phi=False,
+        phitoo=0.0,
+    ) -> np.ndarray:
+        if delta is None:
+            delta = _delta_for_count(lambda d: len(directions(sym, d, inc_mirror=inc_mirror)[0]), n)
+        azs, alts = directions(sym, delta, inc_mirror=inc_mirror)
+        return _emit(azs, alts, random_phi=random_phi, phitoo=phitoo, rng=rng)
+
+    return generate
 
 
-@ORIENTGENS.register(
-    "saff", "Saff & Kuijlaars spiral of nearly equally spaced directions.",
-    _common_params(_DELTA_N), check=_check_delta_n,
-)
-def saff(sym: SymmetryGroup, *, rng: np.random.Generator, delta=None, n=None,
-         inc_mirror=False, random_phi=False, phitoo=0.0) -> np.ndarray:
-    if delta is None:
-        delta = _delta_for_count(lambda d: len(saff_directions(sym, d, inc_mirror=inc_mirror)[0]), n)
-    azs, alts = saff_directions(sym, delta, inc_mirror=inc_mirror)
-    return _emit(azs, alts, random_phi=random_phi, phitoo=phitoo, rng=rng)
+even = ORIENTGENS.register(
+    "even",
+    "Penczek's even rings: alt steps of delta, equal azimuth steps on each ring.",
+    _common_params(_DELTA_N),
+    check=_check_delta_n,
+)(_ring_generator(even_directions))
+
+saff = ORIENTGENS.register(
+    "saff",
+    "Saff & Kuijlaars spiral of nearly equally spaced directions.",
+    _common_params(_DELTA_N),
+    check=_check_delta_n,
+)(_ring_generator(saff_directions))
 
 
 def _check_rand(params: dict, where: str) -> None:
@@ -246,15 +287,25 @@ def _check_rand(params: dict, where: str) -> None:
 
 
 @ORIENTGENS.register(
-    "rand", "n random directions, uniform on the sphere, reduced into the asymmetric unit.",
-    (Param("n", int, "number of orientations", required=True),
-     Param("inc_mirror", bool, "no effect (kept for EMAN2 compatibility)", default=False),
-     Param("phitoo", bool, "random phi as well", default=False),
-     Param("seed", int, "random seed (default: the caller's generator)")),
+    "rand",
+    "n random directions, uniform on the sphere, reduced into the asymmetric unit.",
+    (
+        Param("n", int, "number of orientations", required=True),
+        Param("inc_mirror", bool, "no effect (kept for EMAN2 compatibility)", default=False),
+        Param("phitoo", bool, "random phi as well", default=False),
+        Param("seed", int, "random seed (default: the caller's generator)"),
+    ),
     check=_check_rand,
 )
-def rand(sym: SymmetryGroup, *, rng: np.random.Generator, n: int, inc_mirror=False,
-         phitoo=False, seed=None) -> np.ndarray:
+def rand(
+    sym: SymmetryGroup,
+    *,
+    rng: np.random.Generator,
+    n: int,
+    inc_mirror=False,
+    phitoo=False,
+    seed=None,
+) -> np.ndarray:
     rng = np.random.default_rng(seed) if seed is not None else rng
     pts = []
     while sum(len(p) for p in pts) < n:  # Marsaglia (1972): uniform on the sphere
@@ -271,9 +322,13 @@ def rand(sym: SymmetryGroup, *, rng: np.random.Generator, n: int, inc_mirror=Fal
     return rots
 
 
-def orientations(orientgen: str | Modifier, sym: str | SymmetryGroup, *,
-                 rng: np.random.Generator | None = None,
-                 option: str = "--orientgen") -> np.ndarray:
+def orientations(
+    orientgen: str | Modifier,
+    sym: str | SymmetryGroup,
+    *,
+    rng: np.random.Generator | None = None,
+    option: str = "--orientgen",
+) -> np.ndarray:
     """Orientations ``(k, 3, 3)`` for an ``--orientgen`` string and a symmetry."""
     mod = ORIENTGENS.parse(orientgen, option=option) if isinstance(orientgen, str) else orientgen
     if mod is None:

@@ -128,11 +128,13 @@ class SymmetryGroup:
         s2 = self._platonic_sigma / 2
         tc = self._platonic_half_theta_c
         with np.errstate(divide="ignore"):
-            return np.arctan(np.sin(s2) / (np.sin(s2 - a_rad) / np.tan(tc)
-                                           + np.sin(a_rad) / np.tan(x_rad)))
+            return np.arctan(
+                np.sin(s2) / (np.sin(s2 - a_rad) / np.tan(tc) + np.sin(a_rad) / np.tan(x_rad))
+            )
 
-    def in_asym_unit(self, alt_deg: np.ndarray, az_deg: np.ndarray, *,
-                     inc_mirror: bool = False) -> np.ndarray:
+    def in_asym_unit(
+        self, alt_deg: np.ndarray, az_deg: np.ndarray, *, inc_mirror: bool = False
+    ) -> np.ndarray:
         """Whether directions ``(alt, az)`` lie in the unit (``az`` without offset).
 
         EMAN2's ``is_in_asym_unit``; the inclusive bounds get 1e-6 deg of slack.
@@ -162,8 +164,9 @@ class SymmetryGroup:
         az = np.mod(az - self.az_offset + _EPS, 360.0) - _EPS
         return self.in_asym_unit(alt, az, inc_mirror=inc_mirror)
 
-    def reduce(self, rotations: np.ndarray, *,
-               inc_mirror: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def reduce(
+        self, rotations: np.ndarray, *, inc_mirror: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Move each orientation into the asymmetric unit.
 
         Returns ``(reduced, operator_index, mirrored)``: ``reduced = R S_i`` (or, when
@@ -192,12 +195,13 @@ class SymmetryGroup:
                 index[sel] = i
                 mirrored[sel] = is_mirror
         if (index < 0).any():
-            raise RuntimeError(f"{self.name}: {int((index < 0).sum())} orientations could not "
-                               "be reduced into the asymmetric unit")
+            raise RuntimeError(
+                f"{self.name}: {int((index < 0).sum())} orientations could not "
+                "be reduced into the asymmetric unit"
+            )
         return reduced, index, mirrored
 
-    def angle_between(self, a: np.ndarray, b: np.ndarray, *,
-                      mirror: bool = False) -> np.ndarray:
+    def angle_between(self, a: np.ndarray, b: np.ndarray, *, mirror: bool = False) -> np.ndarray:
         """Smallest rotation angle (degrees) from ``a`` to any equivalent of ``b``.
 
         ``mirror=True`` also allows ``R_y(180) b`` (the mirror-image view), as when 2D
@@ -235,5 +239,6 @@ def symmetry_group(name: str) -> SymmetryGroup:
         hint = " (helical symmetry is not supported)"
     elif text == "icos2":
         hint = " (icos2 is not supported; use icos)"
-    raise CryorefineError(f"--sym: '{name}' is not a symmetry; use c<N> or d<N> with N >= 1, "
-                          f"tet, oct or icos{hint}")
+    raise CryorefineError(
+        f"--sym: '{name}' is not a symmetry; use c<N> or d<N> with N >= 1, tet, oct or icos{hint}"
+    )

@@ -331,8 +331,14 @@ def read_orientations_star(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     blocks = read_star_blocks(path)
     cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
-    table = next((b for name in ("particles", "images", "") if (b := blocks.get(name)) is not None
-                  and any(c in b.columns for c in cols)), None)
+    table = next(
+        (
+            b
+            for name in ("particles", "images", "")
+            if (b := blocks.get(name)) is not None and any(c in b.columns for c in cols)
+        ),
+        None,
+    )
     if table is None:
         table = next((b for b in blocks.values() if any(c in b.columns for c in cols)), None)
     if table is None:

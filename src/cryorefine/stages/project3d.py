@@ -14,8 +14,14 @@ from cryorefine.io.stacks import ParticleStack, write_stack
 from cryorefine.registry import PROCESSORS
 
 
-def project3d(volume: np.ndarray, rotations: np.ndarray, *, projector: str = "fourier",
-              postprocess: tuple[str, ...] = (), apix: float | None = None) -> np.ndarray:
+def project3d(
+    volume: np.ndarray,
+    rotations: np.ndarray,
+    *,
+    projector: str = "fourier",
+    postprocess: tuple[str, ...] = (),
+    apix: float | None = None,
+) -> np.ndarray:
     """Project ``volume`` ``(n, n, n)`` along ``rotations`` ``(k, 3, 3)``; apply processors.
 
     Returns ``(k, n, n)`` float32 projections (voxel-sum units before post-processing),
@@ -29,10 +35,18 @@ def project3d(volume: np.ndarray, rotations: np.ndarray, *, projector: str = "fo
     return images
 
 
-def run_project3d(model: Path, out: Path, *, orientgen: str, sym: str = "c1",
-                  projector: str = "fourier", postprocess: tuple[str, ...] = (),
-                  apix: float | None = None, seed: int | None = None,
-                  overwrite: bool = False) -> list[Path]:
+def run_project3d(
+    model: Path,
+    out: Path,
+    *,
+    orientgen: str,
+    sym: str = "c1",
+    projector: str = "fourier",
+    postprocess: tuple[str, ...] = (),
+    apix: float | None = None,
+    seed: int | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
     """Read the map, project over the asymmetric unit, write the stack with orientations."""
     from cryorefine.registry import PROJECTORS
 
@@ -41,8 +55,9 @@ def run_project3d(model: Path, out: Path, *, orientgen: str, sym: str = "c1",
         PROCESSORS.parse(p, option="--postprocess")
     rotations = orientations(orientgen, sym, rng=np.random.default_rng(seed))
     volume = read_map(model, apix=apix)
-    images = project3d(volume.data, rotations, projector=projector, postprocess=postprocess,
-                       apix=volume.apix)
+    images = project3d(
+        volume.data, rotations, projector=projector, postprocess=postprocess, apix=volume.apix
+    )
     meta = ParticleMetadata.empty(len(images), apix=volume.apix)
     meta.rotations = rotations
     stack = ParticleStack.from_arrays(images, apix=volume.apix, meta=meta)
