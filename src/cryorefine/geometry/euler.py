@@ -157,3 +157,32 @@ def particle_from_alignment(
     t = np.stack([tx, ty, np.zeros_like(tx)], axis=1)
     tau = -(ra_t @ t[:, :, None])[:, :2, 0]
     return rot, tau
+
+
+def transform_2d(alpha_deg, tx_px, ty_px, mirror) -> np.ndarray:
+    """EMAN2 ``2d`` Transforms ``(k, 3, 4)``: ``v -> F^m (R_alpha v + t)``.
+
+    Rotate by ``alpha`` (EMAN ``phi`` slot), translate by ``(tx, ty)`` px, then mirror x
+    when ``mirror``; the stored matrix is ``[F^m R_alpha | F^m t]`` (EMAN2 stores the
+    pre-mirror ``tx`` negated).
+    """
+    alpha, tx, ty, m = np.broadcast_arrays(
+        np.atleast_1d(np.asarray(alpha_deg, float)),
+        np.atleast_1d(np.asarray(tx_px, float)),
+        np.atleast_1d(np.asarray(ty_px, float)),
+        np.atleast_1d(np.asarray(mirror).astype(bool)),
+    )
+    out = np.zeros((len(alpha), 3, 4))
+    out[:, :, :3] = rotation_2d(alpha)
+    out[:, 0, 3], out[:, 1, 3] = tx, ty
+    out[m, 0, :] *= -1.0
+    return out
+
+
+def decompose_2d(transforms: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``(alpha_deg, tx_px, ty_px, mirror)`` of EMAN2 ``2d`` Transforms ``(k, 3, 4)``."""
+    t = np.asarray(transforms, dtype=np.float64).reshape(-1, 3, 4).copy()
+    mirror = np.linalg.det(t[:, :, :3]) < 0
+    t[mirror, 0, :] *= -1.0
+    alpha = np.rad2deg(np.arctan2(t[:, 0, 1], t[:, 0, 0]))
+    return alpha, t[:, 0, 3], t[:, 1, 3], mirror
