@@ -8,11 +8,21 @@ size is given, then in 1/Å.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import scipy.fft
 
 #: every FFT call in cryorefine uses all cores
 WORKERS = -1
+
+
+def cpu_count() -> int:
+    """Cores this process may use (respects affinity masks, e.g. SLURM's)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def rfft_freqs_2d(n: int, apix: float | None = None) -> tuple[np.ndarray, np.ndarray]:
