@@ -343,3 +343,50 @@ def test_projection_and_simulation_errors(in_tmp, run_cli, rnapol2_64):
     assert_one_line_error(
         run_cli("simulate", "--model", rnapol2_64, "--out", "s.star", "--snr", "0"), "--snr"
     )
+
+
+def test_make3d_and_fsc_commands(in_tmp, run_cli, rnapol2_64):
+    code, _, err = run_cli(
+        "simulate", "--model", rnapol2_64, "--n", "400", "--snr", "1", "--out", "s.star"
+    )
+    assert code == 0, err
+    code, out, err = run_cli("make3d", "--input", "s.star", "--output", "m.mrc")
+    assert code == 0 and "400 images inserted" in out and "CTF on" in out, err
+    code, out, err = run_cli("fsc", "m.mrc", rnapol2_64, "--out", "cmp")
+    assert code == 0, err
+    res143 = float(out.split("FSC 0.143:")[1].split()[0])
+    assert 6.0 <= res143 < 12.0
+    lines = (in_tmp / "cmp.txt").read_text().splitlines()
+    assert len(lines) == 32 and lines[0].split("\t")[0] == f"{1 / (64 * 3.0):g}"
+    assert (in_tmp / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "_rlnFourierShellCorrelation" in (in_tmp / "cmp.star").read_text()
+    code, _, _ = run_cli(
+        "make3d",
+        "--input",
+        "s.star",
+        "--output",
+        "m.hdf",
+        "--sym",
+        "c2",
+        "--recon",
+        "fourier:mode=gauss_2",
+    )
+    assert code == 0 and read_map("m.hdf").apix == 3.0
+
+
+def test_make3d_and_fsc_errors(in_tmp, run_cli, rng):
+    write_mrc("p.mrcs", rng.standard_normal((4, 16, 16)), apix=1.0, stack=True)
+    assert_one_line_error(
+        run_cli("make3d", "--input", "p.mrcs", "--output", "m.mrc"),
+        "p.mrcs",
+        "no image has an orientation",
+    )
+    assert_one_line_error(
+        run_cli(
+            "make3d", "--input", "p.mrcs", "--output", "m.mrc", "--recon", "fourier:mode=cubic"
+        ),
+        "mode 'cubic'",
+    )
+    write_map("a.mrc", Map(np.zeros((16, 16, 16), np.float32), 1.0))
+    write_map("b.mrc", Map(np.zeros((20, 20, 20), np.float32), 1.0))
+    assert_one_line_error(run_cli("fsc", "a.mrc", "b.mrc"), "b.mrc", "box 20 px differs")

@@ -157,3 +157,72 @@ def test_projections_match_relion_project(in_tmp, rnapol2_64, angles):
     mirrored = project(volume, np.diag([1.0, -1.0, -1.0]) @ rotations, shifts_px=shifts_px)
     theirs = relion_projections("poses.star", rnapol2_64, "pm", ctf=False, apix=apix)
     assert np.median([corr(a, b) for a, b in zip(theirs, mirrored, strict=True)]) < 0.9
+
+
+def compare_with_relion_reconstruct(model, shifts_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """FSC against the truth of ours and of relion_reconstruct --ctf on the same particles:
+    2,000 particles at SNR 0.1 with CTF (defocus 1-2.5 um)."""
+    from cryorefine.fourier.fsc import fsc
+    from cryorefine.io.maps import read_map
+    from cryorefine.io.stacks import ParticleStack, write_stack
+    from cryorefine.stages.make3d import make3d
+    from cryorefine.testing import simulate_particles
+
+    truth = read_map(model)
+    stack = simulate_particles(
+        truth.data,
+        2000,
+        apix=truth.apix,
+        snr=0.1,
+        rng=np.random.default_rng(2024),
+        max_shift_a=shifts_px * truth.apix,
+        defocus_range_um=(1.0, 2.5),
+    )
+    write_stack(stack, "particles.star")
+    subprocess.run(
+        [
+            "relion_reconstruct",
+            "--i",
+            "particles.star",
+            "--o",
+            "relion.mrc",
+            "--ctf",
+            "--angpix",
+            str(truth.apix),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    ours_map, info = make3d(ParticleStack.from_path("particles.star"))
+    assert info["ctf"]
+    return fsc(ours_map, truth.data), fsc(mrcfile.read("relion.mrc"), truth.data)
+
+
+def assert_no_worse_up_to_0143(ours: np.ndarray, theirs: np.ndarray) -> None:
+    below = np.flatnonzero(ours[1:] < 0.143)
+    last = below[0] + 1 if below.size else len(ours) - 1
+    assert (ours[1 : last + 1] >= theirs[1 : last + 1] - 0.03).all(), np.c_[ours, theirs][
+        1 : last + 1
+    ]
+
+
+def test_reconstruction_matches_relion_reconstruct_at_1_5_angstrom(in_tmp):
+    from .conftest import SHARED_DATA
+
+    model = SHARED_DATA / "rnapol2_128.mrc"
+    if not model.is_file():
+        pytest.skip(f"{model} not present")
+    ours, theirs = compare_with_relion_reconstruct(model, shifts_px=3.0)
+    assert_no_worse_up_to_0143(ours, theirs)
+    assert ours[1:40].mean() > theirs[1:40].mean()  # and better at low/mid resolution
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: at 3 A/px the highest shells (beyond ~8 A) fall up to 0.3 below "
+    "relion_reconstruct; the 1.5 A/px case passes",
+)
+def test_reconstruction_matches_relion_reconstruct_at_3_angstrom(in_tmp, rnapol2_64):
+    ours, theirs = compare_with_relion_reconstruct(rnapol2_64, shifts_px=3.0)
+    assert_no_worse_up_to_0143(ours, theirs)

@@ -219,7 +219,7 @@ PROCESSORS = Registry("processors", "processor", ("cryorefine.processors",))
 COMPARATORS = Registry("comparators", "comparator")
 ALIGNERS = Registry("aligners", "aligner")
 AVERAGERS = Registry("averagers", "averager")
-RECONSTRUCTORS = Registry("reconstructors", "reconstructor")
+RECONSTRUCTORS = Registry("reconstructors", "reconstructor", ("cryorefine.stages.make3d",))
 PROJECTORS = Registry("projectors", "projector", ("cryorefine.fourier.project",))
 ORIENTGENS = Registry("orientgens", "orientation generator", ("cryorefine.geometry.orientations",))
 

@@ -149,17 +149,23 @@ def render_particles(
     rng: np.random.Generator,
     projector: str = "fourier",
 ) -> np.ndarray:
-    """Images of the particles ``indices``: projection, shift, CTF, white noise."""
+    """Images of the particles ``indices``: projection, shift, CTF, white noise.
+
+    The CTF acts on the projection padded to twice the box and the result is cropped,
+    as in a micrograph: signal the CTF delocalises past the box edge is lost rather
+    than wrapped around.
+    """
     sub = meta.take(indices)
-    ctf = sub.ctf if sub.ctf.known.all() else None
     clean = project(
-        volume,
-        sub.rotations,
-        projector=projector,
-        shifts_px=sub.shift_a / sub.apix[:, None],
-        ctf=ctf,
-        apix=float(sub.apix[0]),
+        volume, sub.rotations, projector=projector, shifts_px=sub.shift_a / sub.apix[:, None]
     )
+    if sub.ctf.known.all():
+        n = clean.shape[-1]
+        o = n - n // 2  # centre n // 2 -> n in the 2n box
+        padded = np.zeros((len(clean), 2 * n, 2 * n), dtype=np.float32)
+        padded[:, o : o + n, o : o + n] = clean
+        padded = apply_ctf(padded, sub.ctf.evaluate(2 * n, sub.apix))
+        clean = padded[:, o : o + n, o : o + n]
     return (clean + noise_sigma * rng.standard_normal(clean.shape)).astype(np.float32)
 
 

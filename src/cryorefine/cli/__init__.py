@@ -19,7 +19,18 @@ from cryorefine.errors import CryorefineError
 
 
 def _subcommands() -> dict[str, ModuleType]:
-    from cryorefine.cli import check, convert, ctf, demo, help, process, project3d, simulate
+    from cryorefine.cli import (
+        check,
+        convert,
+        ctf,
+        demo,
+        fsc,
+        help,
+        make3d,
+        process,
+        project3d,
+        simulate,
+    )
 
     return {
         "convert": convert,
@@ -28,6 +39,8 @@ def _subcommands() -> dict[str, ModuleType]:
         "check": check,
         "project3d": project3d,
         "simulate": simulate,
+        "make3d": make3d,
+        "fsc": fsc,
         "help": help,
         "demo": demo,
     }

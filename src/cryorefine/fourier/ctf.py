@@ -92,29 +92,31 @@ class CTFParams:
             ``(k, box, box // 2 + 1)`` float32, ky in FFT order, kx = 0..box//2.
         """
         fy, fx = rfft_freqs_2d(box)
+        s2_px = fx * fx + fy * fy  # (cycles/pixel)^2
+        theta = np.arctan2(fy, fx)
+        cos2t, sin2t = np.cos(2 * theta), np.sin(2 * theta)
         apix = np.broadcast_to(np.asarray(apix, dtype=np.float64), (len(self),))
+        # df(theta) = mean + half cos(2 (theta - A)); chi = a s^2 + b s^4 + c per particle
+        a2 = np.deg2rad(self.defocus_angle_deg) * 2
+        mean = (self.defocus_u_a + self.defocus_v_a) / 2
+        half = (self.defocus_u_a - self.defocus_v_a) / 2
+        lam = electron_wavelength_a(self.voltage_kv)
+        inv_a2 = 1.0 / (apix * apix)
+        k1 = -np.pi * lam * inv_a2  # times df(theta) s^2 (s in cycles/pixel)
+        k2 = 0.5 * np.pi * self.cs_mm * 1e7 * lam**3 * inv_a2 * inv_a2
+        k3 = -np.deg2rad(self.phase_shift_deg) - np.arcsin(np.clip(self.amplitude_contrast, -1, 1))
         col = (slice(None), None, None)
-        sx = fx[None] / apix[col]
-        sy = fy[None] / apix[col]
-        s2 = sx * sx + sy * sy
-        theta = np.arctan2(sy, sx)
-        angle = np.deg2rad(self.defocus_angle_deg)[col]
-        cos2 = np.cos(theta - angle) ** 2
-        defocus = self.defocus_u_a[col] * cos2 + self.defocus_v_a[col] * (1.0 - cos2)
-        lam = electron_wavelength_a(self.voltage_kv)[col]
-        cs_a = self.cs_mm[col] * 1e7
-        q0 = np.clip(self.amplitude_contrast, -1.0, 1.0)
-        chi = (
-            -np.pi * lam * defocus * s2
-            + 0.5 * np.pi * cs_a * lam**3 * s2 * s2
-            - np.deg2rad(self.phase_shift_deg)[col]
-            - np.arcsin(q0)[col]
+        defocus = (
+            mean[col]
+            + half[col] * np.cos(a2)[col] * cos2t[None]
+            + half[col] * np.sin(a2)[col] * sin2t[None]
         )
-        ctf = -np.sin(chi) * self.scale[col]
-        bfac = self.bfactor[col]
+        chi = (k1[col] * defocus + k2[col] * s2_px[None]) * s2_px[None] + k3[col]
+        ctf = (-np.sin(chi) * self.scale[col]).astype(np.float32)
+        bfac = self.bfactor
         if np.any(bfac != 0):
-            ctf *= np.exp(-bfac * s2 / 4.0)
-        return ctf.astype(np.float32)
+            ctf *= np.exp(-(bfac * inv_a2)[col] * s2_px[None] / 4.0).astype(np.float32)
+        return ctf
 
 
 def _rfft2(images: np.ndarray) -> np.ndarray:

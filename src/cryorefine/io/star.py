@@ -32,6 +32,8 @@ _OPTICS = (
     "rlnImageSize",
     "rlnImageDimensionality",
 )
+#: optics values written when the particles have no CTF (RELION requires the columns)
+DEFAULT_VOLTAGE_KV, DEFAULT_CS_MM, DEFAULT_AMPLITUDE_CONTRAST = 300.0, 2.7, 0.1
 _USED = {
     "rlnImageName",
     "rlnOpticsGroup",
@@ -243,6 +245,12 @@ def particles_star_text(
             rlnVoltage=ctf.voltage_kv,
             rlnSphericalAberration=ctf.cs_mm,
             rlnAmplitudeContrast=ctf.amplitude_contrast,
+        )
+    else:  # RELION 3.1 refuses optics groups without them; unused without defocus columns
+        keys.update(
+            rlnVoltage=np.full(n, DEFAULT_VOLTAGE_KV),
+            rlnSphericalAberration=np.full(n, DEFAULT_CS_MM),
+            rlnAmplitudeContrast=np.full(n, DEFAULT_AMPLITUDE_CONTRAST),
         )
     extra_optics = {k: v for k, v in meta.optics_extra.items() if k != "rlnOpticsGroupName"}
     keyframe = pd.DataFrame({**keys, **extra_optics})

@@ -1,0 +1,322 @@
+"""Direct Fourier inversion: insert 2D slices into a padded 3D transform.
+
+Each image (``n x n``, centred on ``n // 2``) is zero-padded to ``P x P`` (centre at
+``P // 2``), Fourier-transformed, un-shifted and, with a CTF, multiplied by it. Its
+``rfft2`` half-plane ``q = (qx, qy)`` is inserted at ``v = (R S_k)^T (qx, qy, 0)`` for every
+symmetry operator ``S_k`` into ``Fsum`` (complex) and ``Wsum`` (real) on the half-space
+``vx >= 0`` of a ``P^3`` volume (Friedel mates are conjugated). Interpolation:
+
+* ``trilinear`` (default): the 8 neighbours with tent weights; the finished map is
+  divided by the kernel's transform ``sinc^2(x / P)`` per axis (gridding correction);
+* ``gauss_2``: EMAN2's 2x2x2 Gaussian ``exp(-r^2 pi^2 / 4)``, no correction (as EMAN2);
+* ``nearest_neighbor``.
+
+Finishing: ``F = Fsum / (Wsum + lambda)``, Hermitian planes symmetrised, inverse FFT,
+centred crop to ``n^3``. ``lambda = 0`` (or a per-shell Wiener term) as the caller says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+import scipy.fft
+
+from cryorefine.errors import CryorefineError
+from cryorefine.fourier import _kernels
+from cryorefine.fourier.ctf import CTFParams
+from cryorefine.fourier.fft import WORKERS
+
+KERNELS = ("trilinear", "gauss_2", "nearest_neighbor")
+
+
+def padded_size(n: int, pad_factor: float) -> int:
+    """The even padded box ``P >= n`` for ``pad_factor``."""
+    size = int(round(pad_factor * n))
+    size += size % 2
+    if size < n:
+        raise CryorefineError(f"pad factor {pad_factor} must be at least 1")
+    return size
+
+
+def image_slices(images: np.ndarray, size: int, shifts_px: np.ndarray | None = None) -> np.ndarray:
+    """``rfft2`` of images zero-padded to ``size`` (centre to ``size // 2``), un-shifted.
+
+    ``shifts_px`` ``(k, 2)``: each particle's centre sits at ``n // 2 + shift``; the
+    transform is phase-shifted by ``-shift`` to centre it. Returns complex64
+    ``(k, size, size // 2 + 1)`` with the origin at index 0.
+    """
+    k, n = images.shape[0], images.shape[-1]
+    padded = np.zeros((k, size, size), dtype=np.float32)
+    o = size // 2 - n // 2
+    padded[:, o : o + n, o : o + n] = images
+    ft = scipy.fft.rfft2(scipy.fft.ifftshift(padded, axes=(-2, -1)), workers=WORKERS)
+    if shifts_px is not None:
+        d = np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2)
+        # separable phase ramp exp(2 pi i (fx dx + fy dy)): two 1D factors per image
+        ex = np.exp(2j * np.pi * scipy.fft.rfftfreq(size)[None, :] * d[:, :1]).astype(np.complex64)
+        ey = np.exp(2j * np.pi * scipy.fft.fftfreq(size)[None, :] * d[:, 1:]).astype(np.complex64)
+        ft *= ey[:, :, None] * ex[:, None, :]
+    return ft.astype(np.complex64)
+
+
+def half_plane(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``rfft2`` half-plane points of a ``size`` box inside the Nyquist circle.
+
+    Returns ``(flat, qxy, mult)``: their flat indices in the ``(size, size // 2 + 1)``
+    layout, their ``(qx, qy)`` frequencies in Fourier pixels, and how many points of the
+    full plane each stands for (1 on the columns ``qx = 0`` and ``qx = size / 2``, else 2).
+    """
+    qy = scipy.fft.fftfreq(size, 1.0 / size)
+    qx = np.arange(size // 2 + 1, dtype=np.float64)
+    gy, gx = np.meshgrid(qy, qx, indexing="ij")
+    inside = (gx * gx + gy * gy <= (size / 2) ** 2).ravel()
+    mult = np.where((gx == 0) | (gx == size // 2), 1.0, 2.0).ravel()
+    return np.flatnonzero(inside), np.c_[gx.ravel(), gy.ravel()][inside], mult[inside]
+
+
+@dataclass
+class FourierVolume:
+    """Accumulators of a ``P^3`` transform: ``Fsum`` (complex) and ``Wsum`` (real).
+
+    Half-space layout ``(P, P, P // 2 + 1)``, axes (z, y, x); z and y in FFT order, so
+    index ``i`` is frequency ``i`` (``i - P`` above ``P // 2``). Kept as float64 in one
+    accumulator per thread (``threads``), summed when read.
+    """
+
+    size: int
+    n: int
+    kernel: str = "trilinear"
+    threads: int = 0
+    slice_size: int = 0
+    accs: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise CryorefineError(
+                f"reconstructor mode '{self.kernel}': use one of {', '.join(KERNELS)}"
+            )
+        hx = self.size // 2 + 1
+        per_thread = self.size * self.size * hx * 3 * 8
+        if self.threads <= 0:  # all cores, within ~2 GB of accumulators
+            self.threads = max(1, min(numba.get_num_threads(), int(2e9 // per_thread)))
+        self.accs = np.zeros((self.threads, self.size, self.size, hx, 3))
+        # 2D transforms of slice_size (default: the padded size) land at q * size / slice_size
+        self.slice_size = self.slice_size or self.size
+        self._flat, self._qxy, self._mult = half_plane(self.slice_size)
+        self._qxy = self._qxy * (self.size / self.slice_size)
+
+    @property
+    def fsum(self) -> np.ndarray:
+        acc = self.accs.sum(axis=0)
+        return acc[..., 0] + 1j * acc[..., 1]
+
+    @property
+    def wsum(self) -> np.ndarray:
+        return self.accs[..., 2].sum(axis=0)
+
+    def _operands(
+        self,
+        slices: np.ndarray,
+        rotations: np.ndarray,
+        ops: np.ndarray,
+        weights: np.ndarray,
+        ctf: np.ndarray | None,
+    ):
+        k = len(slices)
+        w = np.asarray(weights, np.float64)[:, None] * self._mult[None]
+        vals = slices.reshape(k, -1)[:, self._flat]
+        wts = np.broadcast_to(w, vals.shape)
+        if ctf is not None:
+            c = ctf.reshape(k, -1)[:, self._flat]
+            vals = vals * c
+            wts = wts * c * c
+        vals = (vals * w).astype(np.complex128)
+        # v = (R S)^T q for every slice and operator
+        mats = np.swapaxes(np.einsum("kij,sjl->ksil", rotations, ops), -1, -2)
+        nops = len(ops)
+        vals = np.repeat(vals, nops, axis=0)
+        wts = np.repeat(np.ascontiguousarray(wts, np.float64), nops, axis=0)
+        return vals, wts, np.ascontiguousarray(mats.reshape(-1, 3, 3))
+
+    def insert(
+        self,
+        slices: np.ndarray,
+        rotations: np.ndarray,
+        *,
+        ops: np.ndarray,
+        weights: np.ndarray,
+        ctf: np.ndarray | None = None,
+    ) -> None:
+        """Insert ``slices`` ``(k, P, P // 2 + 1)`` at ``rotations`` ``(k, 3, 3)``.
+
+        ``ops`` ``(K, 3, 3)`` symmetry operators; ``weights`` ``(k,)`` per slice (a
+        negative weight removes a slice); ``ctf`` ``(k, P, P // 2 + 1)``: then values
+        ``w C X`` and weights ``w C^2`` are accumulated.
+        """
+        vals, wts, mats = self._operands(
+            slices, np.asarray(rotations, np.float64), ops, weights, ctf
+        )
+        _kernels.insert_slices(
+            self.accs,
+            vals,
+            wts,
+            mats,
+            self._qxy[:, 0].copy(),
+            self._qxy[:, 1].copy(),
+            self.size,
+            _MODES[self.kernel],
+        )
+
+    def compare(
+        self,
+        slices: np.ndarray,
+        rotations: np.ndarray,
+        *,
+        ops: np.ndarray,
+        ctf: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """EMAN2's agreement of each slice with the current volume (mean over operators).
+
+        Returns ``(absqual, scale)``: the weighted Fourier correlation in [-1, 1] and
+        ``sqrt(power_volume / power_slice)``, the factor matching the slice to the volume.
+        """
+        f, w = self.symmetrised()
+        k = len(slices)
+        vals = np.ascontiguousarray(slices.reshape(k, -1)[:, self._flat], np.complex128)
+        c = (
+            np.ones(vals.shape)
+            if ctf is None
+            else np.ascontiguousarray(ctf.reshape(k, -1)[:, self._flat], np.float64)
+        )
+        mats = np.swapaxes(
+            np.einsum("kij,sjl->ksil", np.asarray(rotations, np.float64), ops), -1, -2
+        )
+        nops = len(ops)
+        out = np.zeros((k * nops, 3))
+        _kernels.compare_slices(
+            f,
+            w,
+            np.repeat(vals, nops, axis=0),
+            np.repeat(c, nops, axis=0),
+            np.ascontiguousarray(mats.reshape(-1, 3, 3)),
+            self._qxy[:, 0].copy(),
+            self._qxy[:, 1].copy(),
+            self.size,
+            out,
+        )
+        dot, p1, p2 = out.reshape(k, nops, 3).sum(axis=1).T
+        with np.errstate(invalid="ignore", divide="ignore"):
+            qual = np.where(p1 * p2 > 0, dot / np.sqrt(p1 * p2), 0.0)
+            scale = np.where(p2 > 0, np.sqrt(p1 / p2), 1.0)
+        return qual, scale
+
+    # --- finishing -------------------------------------------------------------------
+    def symmetrised(self) -> tuple[np.ndarray, np.ndarray]:
+        """``fsum, wsum`` with the Hermitian planes ``x = 0`` and ``x = P/2`` completed."""
+        f, w = self.fsum, self.wsum
+        for x in (0, self.size // 2):
+            plane_f, plane_w = f[:, :, x].copy(), w[:, :, x].copy()
+            mate_f = np.conj(np.roll(plane_f[::-1, ::-1], 1, axis=(0, 1)))
+            mate_w = np.roll(plane_w[::-1, ::-1], 1, axis=(0, 1))
+            f[:, :, x], w[:, :, x] = plane_f + mate_f, plane_w + mate_w
+        return f, w
+
+    def finish(self, regularisation: np.ndarray | float = 0.0) -> np.ndarray:
+        """The map ``(n, n, n)`` float32: ``Fsum / (Wsum + lambda)``, inverse FFT, crop.
+
+        ``regularisation`` is a constant or a per-shell array (index = shell radius in
+        voxels of the ``P^3`` grid).
+        """
+        f, w = self.symmetrised()
+        if np.ndim(regularisation):
+            shell = np.minimum(_shell_index(self.size), len(regularisation) - 1)
+            lam = np.asarray(regularisation)[shell]
+        else:
+            lam = float(regularisation)
+        den = w + lam
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f = np.where(den > 1e-12 * max(float(w.max()), 1e-300), f / den, 0.0)
+        vol = scipy.fft.irfftn(f, s=(self.size,) * 3, workers=WORKERS)
+        vol = scipy.fft.fftshift(vol)
+        if self.kernel == "trilinear":
+            c = np.arange(self.size) - self.size // 2
+            s2 = np.sinc(c / self.size) ** 2
+            vol /= s2[:, None, None] * s2[None, :, None] * s2[None, None, :]
+        o = self.size // 2 - self.n // 2
+        n = self.n
+        return np.ascontiguousarray(vol[o : o + n, o : o + n, o : o + n], dtype=np.float32)
+
+
+_MODES = {
+    "trilinear": _kernels.TRILINEAR,
+    "gauss_2": _kernels.GAUSS_2,
+    "nearest_neighbor": _kernels.NEAREST,
+}
+
+
+def _shell_index(size: int) -> np.ndarray:
+    """Radius (rounded, in voxels) of each element of the half-space ``(P, P, P/2+1)`` grid."""
+    f = scipy.fft.fftfreq(size, 1.0 / size)
+    fx = np.arange(size // 2 + 1)
+    r = np.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + fx[None, None, :] ** 2)
+    return np.rint(r).astype(np.int64)
+
+
+def backproject(
+    images: np.ndarray,
+    rotations: np.ndarray,
+    *,
+    shifts_px: np.ndarray | None = None,
+    ctf: CTFParams | None = None,
+    apix: float | None = None,
+    weights: np.ndarray | None = None,
+    ops: np.ndarray | None = None,
+    pad_factor: float = 2.0,
+    kernel: str = "trilinear",
+    chunk: int = 64,
+    oversample_2d: bool = True,
+    volume: FourierVolume | None = None,
+) -> FourierVolume:
+    """Insert images ``(k, n, n)`` into a (new or given) :class:`FourierVolume`.
+
+    ``rotations`` as for projection (``geometry.euler``); ``shifts_px`` the particles'
+    offsets (RELION origin = ``-shift``); ``ctf`` and ``apix`` for CTF-weighted
+    insertion; ``weights`` per image (default 1); ``ops`` symmetry operators (default
+    the identity).
+    """
+    n = images.shape[-1]
+    if volume is None:
+        size = padded_size(n, pad_factor)
+        volume = FourierVolume(size, n, kernel, slice_size=size if oversample_2d else n)
+    vol = volume
+    ops = np.eye(3)[None] if ops is None else np.asarray(ops, dtype=np.float64)
+    k = len(images)
+    weights = np.ones(k) if weights is None else np.asarray(weights, dtype=np.float64)
+    rotations = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
+    for start in range(0, k, chunk):
+        sl = slice(start, min(start + chunk, k))
+        slices = image_slices(
+            images[sl], vol.slice_size, None if shifts_px is None else shifts_px[sl]
+        )
+        c = None
+        if ctf is not None:
+            if not apix:
+                raise CryorefineError("CTF-weighted insertion needs the pixel size")
+            c = ctf.take(np.arange(sl.start, sl.stop)).evaluate(vol.slice_size, apix)
+        vol.insert(slices, rotations[sl], ops=ops, weights=weights[sl], ctf=c)
+    return vol
+
+
+def sphere_mask(n: int, *, edge_px: float = 4.0) -> np.ndarray:
+    """``(n, n, n)`` soft sphere: 1 within ``n / 2 - edge``, cosine fall-off to 0 at ``n / 2``.
+
+    Reconstruction noise fills the whole box; the particle sits inside the inscribed
+    sphere, so the corners hold only noise (RELION damps them likewise).
+    """
+    c = np.arange(n) - n // 2
+    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    inner = n / 2 - edge_px
+    ramp = 0.5 + 0.5 * np.cos(np.pi * np.clip((r - inner) / edge_px, 0, 1))
+    return np.where(r <= inner, 1.0, ramp).astype(np.float32)
