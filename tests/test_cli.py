@@ -87,19 +87,22 @@ def test_process_ctf_and_check(ctf_star, run_cli):
 
 
 def test_demo_runs_the_pipeline(in_tmp, run_cli):
-    code, out, err = run_cli("demo", "--out", "d", "--n", "200", "--snr", "0.01")
+    code, out, err = run_cli("demo", "--out", "d", "--n", "300", "--snr", "0.5")
     assert code == 0, err
-    assert "FRC(half 1, half 2) = 0.143 at" in out
+    res = float(out.split("FSC(half 1, half 2) = 0.143 at")[1].split()[0])
+    assert 6.0 <= res < 20.0
     for name in (
         "particles.star",
         "particles.mrcs",
         "particles.hdf",
         "particles.lst",
+        "half1.mrc",
+        "threed.mrc",
         "threed_filt.mrc",
-        "threed_mask.mrc",
+        "fsc_halves.png",
     ):
         assert (in_tmp / "d" / name).is_file()
-    assert run_cli("demo", "--out", "d", "--n", "200")[0] == 2  # no silent overwrite
+    assert run_cli("demo", "--out", "d", "--n", "300")[0] == 2  # no silent overwrite
 
 
 # --- bad input: one line, exit 2 -----------------------------------------------------

@@ -101,3 +101,31 @@ def test_make3d_skips_images_without_orientation_and_weights(rnapol2_64, rng):
     volume, info = make3d(ParticleStack.from_arrays(images, apix=3.0, meta=meta))
     assert len(info["inserted"]) == len(rots) - 10 and len(info["skipped"]) == 10
     assert fsc(volume, truth)[1:20].min() > 0.98
+
+
+def test_keep_excludes_the_worst_slices_and_sums_their_weights(rnapol2_64):
+    # ch04 fact 8: --keepabs --keep 0.8 --iter 2 on 100 class averages excludes 20;
+    # ptcl_repr is the summed weight of the 80 kept. Ten averages are pure noise.
+    truth = mrcfile.read(rnapol2_64)
+    rng = np.random.default_rng(8)
+    rots = uniform_rotations(100, rng)
+    images = project(truth, rots)
+    images += rng.standard_normal(images.shape).astype(np.float32) * images.std() * 0.3
+    bad = np.arange(0, 100, 10)
+    images[bad] = rng.standard_normal((10, 64, 64)).astype(np.float32) * images.std()
+    meta = ParticleMetadata.empty(100, apix=3.0)
+    meta.rotations = rots
+    meta.weight = rng.integers(5, 50, 100).astype(float)
+    stack = ParticleStack.from_arrays(images, apix=3.0, meta=meta)
+    volume, info = make3d(stack, iterations=2, keep=0.8, keepabs=True)
+    assert len(info["excluded"]) == 20 and len(info["inserted"]) == 80
+    assert set(bad) <= set(info["excluded"].tolist())
+    assert info["ptcl_repr"] == pytest.approx(meta.weight[info["inserted"]].sum())
+    cleaned = fsc(volume, truth)[1:25].mean()
+    everything, _ = make3d(stack)
+    assert cleaned > fsc(everything, truth)[1:25].mean()
+    # the relative rule and the sigma rule also leave the noise out
+    _, rel = make3d(stack, iterations=2, keep=0.8)
+    assert set(bad) <= set(rel["excluded"].tolist())
+    _, sig = make3d(stack, iterations=2, keep=1.0, keepsig=True, keepabs=True)
+    assert set(bad) <= set(sig["excluded"].tolist()) and len(sig["excluded"]) < 30

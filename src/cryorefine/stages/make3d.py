@@ -7,11 +7,18 @@ from pathlib import Path
 import numpy as np
 
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.reconstruct import FourierVolume, backproject, sphere_mask
+from cryorefine.fourier.reconstruct import KERNELS, FourierVolume, image_slices, sphere_mask
 from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.maps import Map, write_map
 from cryorefine.io.stacks import ParticleStack
 from cryorefine.registry import PROCESSORS, RECONSTRUCTORS, Param
+
+
+def _check_mode(params: dict, where: str) -> None:
+    if params["mode"] not in KERNELS:
+        raise CryorefineError(
+            f"{where}: mode '{params['mode']}' is not one of {', '.join(KERNELS)}"
+        )
 
 
 @RECONSTRUCTORS.register(
@@ -27,9 +34,40 @@ from cryorefine.registry import PROCESSORS, RECONSTRUCTORS, Param
             default="trilinear",
         ),
     ),
+    check=_check_mode,
 )
 def fourier_reconstructor(size: int, n: int, *, mode: str = "trilinear") -> FourierVolume:
     return FourierVolume(size, n, mode)
+
+
+def slice_qualities(
+    absqual: np.ndarray, weights: np.ndarray, *, keep: float, keepsig: bool, keepabs: bool
+) -> tuple[np.ndarray, float]:
+    """EMAN2's slice quality and exclusion cut-off (e2make3d ``--keep``).
+
+    ``keepabs``: the quality is ``absqual``; otherwise it is ``absqual`` over the mean
+    of its 21 neighbours when sorted by (weight, absqual), so that averages of similar
+    particle counts are compared. Cut-off: the best ``keep`` fraction, or
+    ``mean - keep * std`` with ``keepsig``. Slices with quality below it are excluded.
+    """
+    if keepabs:
+        qual = absqual.copy()
+    else:
+        order = np.lexsort((absqual, weights))
+        sorted_q = absqual[order]
+        k = len(order)
+        csum = np.concatenate([[0.0], np.cumsum(sorted_q)])
+        lo = np.maximum(np.arange(k) - 10, 0)
+        hi = np.minimum(np.arange(k) + 10, k)
+        local = (csum[hi] - csum[lo]) / np.maximum(hi - lo, 1)
+        qual = np.empty(k)
+        qual[order] = sorted_q / np.where(local != 0, local, 1.0)
+    q = np.sort(qual)
+    if keepsig:
+        cutoff = float(q.mean() - keep * q.std())
+    else:
+        cutoff = float(q[-int(np.floor(keep * len(q)))]) if np.floor(keep * len(q)) > 0 else -np.inf
+    return qual, cutoff
 
 
 def make3d(
@@ -42,6 +80,10 @@ def make3d(
     use_ctf: bool = True,
     use_weights: bool = True,
     mask_sphere: bool = True,
+    iterations: int = 1,
+    keep: float = 1.0,
+    keepsig: bool = False,
+    keepabs: bool = False,
     chunk: int = 256,
 ) -> tuple[np.ndarray, dict]:
     """Reconstruct a map ``(n, n, n)`` float32 from a stack with orientations.
@@ -50,12 +92,25 @@ def make3d(
     ``pad_px`` (default twice the box), CTF-weighted when the metadata has a CTF and
     ``use_ctf``, weighted by ``meta.weight`` when ``use_weights``, and inserted once
     per symmetry operator of ``sym``. Images with weight 0 or no orientation are
-    skipped. Returns the map and a dict (``inserted``, ``skipped`` indices,
-    ``ptcl_repr`` = summed weight).
+    skipped.
+
+    ``iterations > 1`` runs EMAN2's passes: after each pass but the last, every slice
+    is compared with the map built without it (Fourier correlation weighted by the
+    map's sampling), rescaled to match it, and the worst (``keep``, ``keepsig``,
+    ``keepabs``; see :func:`slice_qualities`) are left out of the next pass. Slices
+    are taken out in small blocks (about 1/64 of the stack) for the comparison.
+
+    Returns the map and a dict: ``inserted`` and ``excluded`` image indices of the
+    last pass, ``skipped`` (no orientation or weight 0), ``quality`` (absolute, per
+    image, NaN where not compared), ``ptcl_repr`` (summed weight inserted), ``ctf``.
     """
     group = symmetry_group(sym)
     mod = RECONSTRUCTORS.parse(recon, option="--recon")
     mods = [m for m in (PROCESSORS.parse(p, option="--preprocess") for p in preprocess) if m]
+    if iterations < 1:
+        raise CryorefineError(f"--iter must be at least 1, got {iterations}")
+    if not keepsig and not 0 < keep <= 1:
+        raise CryorefineError(f"--keep {keep}: a fraction must be in (0, 1] (or use --keepsig)")
     meta = stack.meta
     n = stack.box
     usable = meta.has_orientation & (np.abs(meta.weight) > 0 if use_weights else True)
@@ -68,35 +123,78 @@ def make3d(
     if size < n:
         raise CryorefineError(f"--pad {size} is smaller than the box ({n} px)")
     size += size % 2
-    vol = mod(size, n)
     apix = stack.apix
-    ctf_known = meta.ctf.known
-    with_ctf = use_ctf and bool(ctf_known[usable].all())
-    idx_all = np.flatnonzero(usable)
-    for start in range(0, len(idx_all), chunk):
-        idx = idx_all[start : start + chunk]
+    with_ctf = use_ctf and bool(meta.ctf.known[usable].all())
+    weights = meta.weight if use_weights else np.ones(len(meta))
+    ops = group.operators
+
+    def prepare(idx: np.ndarray):
         images = stack.read(idx)
         for m in mods:
             images = m(images, ndim=2, apix=apix)
         sub = meta.take(idx)
-        backproject(
-            images,
-            sub.rotations,
-            shifts_px=sub.shift_a / apix,
-            ctf=sub.ctf if with_ctf else None,
-            apix=apix,
-            weights=sub.weight if use_weights else None,
-            ops=group.operators,
-            volume=vol,
-            chunk=64,
+        slices = image_slices(images, size, sub.shift_a / apix)
+        ctf = sub.ctf.evaluate(size, apix) if with_ctf else None
+        return slices, ctf, sub.rotations
+
+    idx_all = np.flatnonzero(usable)
+    norm = np.ones(len(meta))
+    excluded = np.zeros(len(meta), dtype=bool)
+    absqual = np.full(len(meta), np.nan)
+    for it in range(iterations):
+        vol = mod(size, n)
+        active = idx_all[~excluded[idx_all]]
+        for start in range(0, len(active), chunk):
+            idx = active[start : start + chunk]
+            slices, ctf, rots = prepare(idx)
+            vol.insert(
+                slices * norm[idx, None, None].astype(np.float32),
+                rots,
+                ops=ops,
+                weights=weights[idx],
+                ctf=ctf,
+            )
+        if it == iterations - 1:
+            break
+        scale = np.ones(len(meta))
+        block = max(1, -(-len(idx_all) // 64))
+        for start in range(0, len(idx_all), block):
+            idx = idx_all[start : start + block]
+            slices, ctf, rots = prepare(idx)
+            slices = slices * norm[idx, None, None].astype(np.float32)
+            inside = ~excluded[idx]
+            if inside.any():
+                vol.insert(
+                    slices[inside],
+                    rots[inside],
+                    ops=ops,
+                    weights=-weights[idx][inside],
+                    ctf=None if ctf is None else ctf[inside],
+                )
+            absqual[idx], scale[idx] = vol.compare(slices, rots, ops=ops, ctf=ctf)
+            if inside.any():
+                vol.insert(
+                    slices[inside],
+                    rots[inside],
+                    ops=ops,
+                    weights=weights[idx][inside],
+                    ctf=None if ctf is None else ctf[inside],
+                )
+        norm *= scale
+        qual, cutoff = slice_qualities(
+            absqual[idx_all], weights[idx_all], keep=keep, keepsig=keepsig, keepabs=keepabs
         )
+        excluded[idx_all] = qual < cutoff
     volume = vol.finish()
     if mask_sphere:
         volume *= sphere_mask(n)
+    inserted = idx_all[~excluded[idx_all]]
     info = {
-        "inserted": idx_all,
+        "inserted": inserted,
+        "excluded": idx_all[excluded[idx_all]],
         "skipped": np.flatnonzero(~usable),
-        "ptcl_repr": float(meta.weight[usable].sum()) if use_weights else float(usable.sum()),
+        "quality": absqual,
+        "ptcl_repr": float(weights[inserted].sum()),
         "ctf": with_ctf,
     }
     return volume, info
@@ -116,6 +214,10 @@ def run_make3d(
     use_ctf: bool = True,
     use_weights: bool = True,
     mask_sphere: bool = True,
+    iterations: int = 1,
+    keep: float = 1.0,
+    keepsig: bool = False,
+    keepabs: bool = False,
     overwrite: bool = False,
 ) -> dict:
     """Read the stack, reconstruct, apply setsf and post-processors, write the map."""
@@ -123,8 +225,7 @@ def run_make3d(
 
     check_output(output, overwrite=overwrite)
     symmetry_group(sym)
-    recon_mod = RECONSTRUCTORS.parse(recon, option="--recon")
-    FourierVolume(4, 2, recon_mod.params["mode"])  # validates the mode before any reading
+    RECONSTRUCTORS.parse(recon, option="--recon")
     post = [m for m in (PROCESSORS.parse(p, option="--postprocess") for p in postprocess) if m]
     sf = (
         PROCESSORS.parse(f"filter.setstrucfac:strucfac={setsf}", option="--setsf")
@@ -142,6 +243,10 @@ def run_make3d(
             use_ctf=use_ctf,
             use_weights=use_weights,
             mask_sphere=mask_sphere,
+            iterations=iterations,
+            keep=keep,
+            keepsig=keepsig,
+            keepabs=keepabs,
         )
         a = stack.apix
     finally:
