@@ -36,6 +36,15 @@ def test_eman_and_relion_agree_under_the_offsets(rng):
 
 
 def test_spec02_example_and_viewing_directions():
+    # ch02 §3.5 worked example and facts 2-3
+    expected = np.array(
+        [
+            [0.263258, 0.829598, 0.492404],
+            [-0.909616, 0.043412, 0.413176],
+            [0.321394, -0.556670, 0.766044],
+        ]
+    )
+    np.testing.assert_allclose(eman_to_matrices(30, 40, 50)[0], expected, atol=2e-6)
     np.testing.assert_allclose(
         eman_to_matrices(30, 40, 50), relion_to_matrices(-60, 40, 140), atol=1e-12
     )
