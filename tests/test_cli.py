@@ -393,3 +393,33 @@ def test_make3d_and_fsc_errors(in_tmp, run_cli, rng):
     write_map("a.mrc", Map(np.zeros((16, 16, 16), np.float32), 1.0))
     write_map("b.mrc", Map(np.zeros((20, 20, 20), np.float32), 1.0))
     assert_one_line_error(run_cli("fsc", "a.mrc", "b.mrc"), "b.mrc", "box 20 px differs")
+
+
+def test_make3d_keep_through_the_command_line(in_tmp, run_cli, rnapol2_64):
+    code, _, err = run_cli(
+        "project3d",
+        "--model",
+        rnapol2_64,
+        "--out",
+        "p.hdf",
+        "--orientgen",
+        "eman:delta=12:perturb=0",
+    )
+    assert code == 0, err
+    code, out, err = run_cli(
+        "make3d",
+        "--input",
+        "p.hdf",
+        "--output",
+        "m.mrc",
+        "--iter",
+        "2",
+        "--keep",
+        "0.8",
+        "--keepabs",
+    )
+    n = len(ParticleStack.from_path("p.hdf"))
+    assert code == 0 and f"{n - int(0.2 * n + 0.999)} images inserted" in out, (out, err)
+    assert_one_line_error(
+        run_cli("make3d", "--input", "p.hdf", "--output", "x.mrc", "--keep", "1.5"), "--keep 1.5"
+    )

@@ -4,6 +4,7 @@ import mrcfile
 import numpy as np
 import pytest
 
+from cryorefine.config import Make3dConfig
 from cryorefine.fourier.filters import radial_power
 from cryorefine.fourier.fsc import fsc, resolution_at
 from cryorefine.fourier.project import project
@@ -73,8 +74,8 @@ def test_d7_symmetry_beats_c1_on_noisy_particles(rnapol2_64):
     sym_truth = backproject(project_fourier(truth, views), views, ops=d7.operators).finish()
     rng = np.random.default_rng(5)
     stack = simulate_particles(sym_truth, 600, apix=3.0, snr=0.05, rng=rng, max_shift_a=6.0)
-    with_d7, _ = make3d(stack, sym="d7")
-    with_c1, _ = make3d(stack, sym="c1")
+    with_d7, _ = make3d(stack, Make3dConfig(sym="d7"))
+    with_c1, _ = make3d(stack, Make3dConfig(sym="c1"))
     a, b = fsc(with_d7, sym_truth), fsc(with_c1, sym_truth)
     assert a[1:30].mean() > b[1:30].mean() + 0.05
     assert resolution_at(a, threshold=0.5, apix=3.0) < resolution_at(b, threshold=0.5, apix=3.0)
@@ -117,7 +118,7 @@ def test_keep_excludes_the_worst_slices_and_sums_their_weights(rnapol2_64):
     meta.rotations = rots
     meta.weight = rng.integers(5, 50, 100).astype(float)
     stack = ParticleStack.from_arrays(images, apix=3.0, meta=meta)
-    volume, info = make3d(stack, iterations=2, keep=0.8, keepabs=True)
+    volume, info = make3d(stack, Make3dConfig(iterations=2, keep=0.8, keepabs=True))
     assert len(info["excluded"]) == 20 and len(info["inserted"]) == 80
     assert set(bad) <= set(info["excluded"].tolist())
     assert info["ptcl_repr"] == pytest.approx(meta.weight[info["inserted"]].sum())
@@ -125,7 +126,7 @@ def test_keep_excludes_the_worst_slices_and_sums_their_weights(rnapol2_64):
     everything, _ = make3d(stack)
     assert cleaned > fsc(everything, truth)[1:25].mean()
     # the relative rule and the sigma rule also leave the noise out
-    _, rel = make3d(stack, iterations=2, keep=0.8)
+    _, rel = make3d(stack, Make3dConfig(iterations=2, keep=0.8))
     assert set(bad) <= set(rel["excluded"].tolist())
-    _, sig = make3d(stack, iterations=2, keep=1.0, keepsig=True, keepabs=True)
+    _, sig = make3d(stack, Make3dConfig(iterations=2, keep=1.0, keepsig=True, keepabs=True))
     assert set(bad) <= set(sig["excluded"].tolist()) and len(sig["excluded"]) < 30

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryorefine.config import Make3dConfig
 from cryorefine.stages.make3d import run_make3d
 
 
@@ -48,6 +49,25 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--setsf", help="impose this structure factor (text file or map)")
     parser.add_argument("--apix", type=float, help="pixel size in Å, overriding the input's")
     parser.add_argument(
+        "--iter",
+        type=int,
+        default=1,
+        help="passes; from 2 on, slices are rated against the map and the worst left out "
+        "(e2make3d's default and e2refine's --m3diter are 2)",
+    )
+    parser.add_argument(
+        "--keep",
+        type=float,
+        default=1.0,
+        help="fraction of slices kept (a sigma multiple with --keepsig)",
+    )
+    parser.add_argument("--keepsig", action="store_true", help="--keep is a sigma multiple")
+    parser.add_argument(
+        "--keepabs",
+        action="store_true",
+        help="rate slices by absolute, not locally relative, quality",
+    )
+    parser.add_argument(
         "--no-ctf", dest="ctf", action="store_false", help="ignore the CTF in the metadata"
     )
     parser.add_argument(
@@ -66,24 +86,25 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    info = run_make3d(
-        args.input,
-        args.output,
+    cfg = Make3dConfig(
         sym=args.sym,
         pad_px=args.pad,
         recon=args.recon,
         preprocess=tuple(args.preprocess),
         postprocess=tuple(args.postprocess),
         setsf=args.setsf,
-        apix=args.apix,
         use_ctf=args.ctf,
         use_weights=args.weights,
         mask_sphere=args.sphere_mask,
-        overwrite=args.overwrite,
+        iterations=args.iter,
+        keep=args.keep,
+        keepsig=args.keepsig,
+        keepabs=args.keepabs,
     )
+    info = run_make3d(args.input, args.output, cfg, apix=args.apix, overwrite=args.overwrite)
     print(
         f"wrote {args.output}: {len(info['inserted'])} images inserted "
-        f"({len(info['skipped'])} skipped), symmetry {args.sym}, "
-        f"CTF {'on' if info['ctf'] else 'off'}"
+        f"({len(info['excluded'])} excluded, {len(info['skipped'])} skipped), "
+        f"symmetry {args.sym}, CTF {'on' if info['ctf'] else 'off'}"
     )
     return 0

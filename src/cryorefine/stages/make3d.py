@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cryorefine.config import Make3dConfig
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.reconstruct import KERNELS, FourierVolume, image_slices, sphere_mask
 from cryorefine.geometry.symmetry import symmetry_group
+from cryorefine.io.atomic import check_output
 from cryorefine.io.maps import Map, write_map
 from cryorefine.io.stacks import ParticleStack
 from cryorefine.registry import PROCESSORS, RECONSTRUCTORS, Param
@@ -71,20 +73,7 @@ def slice_qualities(
 
 
 def make3d(
-    stack: ParticleStack,
-    *,
-    sym: str = "c1",
-    pad_px: int | None = None,
-    recon: str = "fourier",
-    preprocess: tuple[str, ...] = (),
-    use_ctf: bool = True,
-    use_weights: bool = True,
-    mask_sphere: bool = True,
-    iterations: int = 1,
-    keep: float = 1.0,
-    keepsig: bool = False,
-    keepabs: bool = False,
-    chunk: int = 256,
+    stack: ParticleStack, cfg: Make3dConfig | None = None, *, chunk: int = 256
 ) -> tuple[np.ndarray, dict]:
     """Reconstruct a map ``(n, n, n)`` float32 from a stack with orientations.
 
@@ -104,28 +93,25 @@ def make3d(
     last pass, ``skipped`` (no orientation or weight 0), ``quality`` (absolute, per
     image, NaN where not compared), ``ptcl_repr`` (summed weight inserted), ``ctf``.
     """
-    group = symmetry_group(sym)
-    mod = RECONSTRUCTORS.parse(recon, option="--recon")
-    mods = [m for m in (PROCESSORS.parse(p, option="--preprocess") for p in preprocess) if m]
-    if iterations < 1:
-        raise CryorefineError(f"--iter must be at least 1, got {iterations}")
-    if not keepsig and not 0 < keep <= 1:
-        raise CryorefineError(f"--keep {keep}: a fraction must be in (0, 1] (or use --keepsig)")
+    cfg = cfg or Make3dConfig()
+    group = symmetry_group(cfg.sym)
+    mod = RECONSTRUCTORS.parse(cfg.recon, option="--recon")
+    mods = [m for m in (PROCESSORS.parse(p, option="--preprocess") for p in cfg.preprocess) if m]
     meta = stack.meta
     n = stack.box
-    usable = meta.has_orientation & (np.abs(meta.weight) > 0 if use_weights else True)
+    usable = meta.has_orientation & (np.abs(meta.weight) > 0 if cfg.use_weights else True)
     if not usable.any():
         raise CryorefineError(
             f"{stack.label}: no image has an orientation (STAR: rlnAngleRot/"
             "rlnAngleTilt/rlnAnglePsi; EMAN2: xform.projection)"
         )
-    size = 2 * n if pad_px is None else int(pad_px)
+    size = 2 * n if cfg.pad_px is None else int(cfg.pad_px)
     if size < n:
         raise CryorefineError(f"--pad {size} is smaller than the box ({n} px)")
     size += size % 2
     apix = stack.apix
-    with_ctf = use_ctf and bool(meta.ctf.known[usable].all())
-    weights = meta.weight if use_weights else np.ones(len(meta))
+    with_ctf = cfg.use_ctf and bool(meta.ctf.known[usable].all())
+    weights = meta.weight if cfg.use_weights else np.ones(len(meta))
     ops = group.operators
 
     def prepare(idx: np.ndarray):
@@ -141,7 +127,7 @@ def make3d(
     norm = np.ones(len(meta))
     excluded = np.zeros(len(meta), dtype=bool)
     absqual = np.full(len(meta), np.nan)
-    for it in range(iterations):
+    for it in range(cfg.iterations):
         vol = mod(size, n)
         active = idx_all[~excluded[idx_all]]
         for start in range(0, len(active), chunk):
@@ -154,7 +140,7 @@ def make3d(
                 weights=weights[idx],
                 ctf=ctf,
             )
-        if it == iterations - 1:
+        if it == cfg.iterations - 1:
             break
         scale = np.ones(len(meta))
         block = max(1, -(-len(idx_all) // 64))
@@ -182,11 +168,15 @@ def make3d(
                 )
         norm *= scale
         qual, cutoff = slice_qualities(
-            absqual[idx_all], weights[idx_all], keep=keep, keepsig=keepsig, keepabs=keepabs
+            absqual[idx_all],
+            weights[idx_all],
+            keep=cfg.keep,
+            keepsig=cfg.keepsig,
+            keepabs=cfg.keepabs,
         )
         excluded[idx_all] = qual < cutoff
     volume = vol.finish()
-    if mask_sphere:
+    if cfg.mask_sphere:
         volume *= sphere_mask(n)
     inserted = idx_all[~excluded[idx_all]]
     info = {
@@ -203,55 +193,25 @@ def make3d(
 def run_make3d(
     input_path: Path,
     output: Path,
+    cfg: Make3dConfig,
     *,
-    sym: str = "c1",
-    pad_px: int | None = None,
-    recon: str = "fourier",
-    preprocess: tuple[str, ...] = (),
-    postprocess: tuple[str, ...] = (),
-    setsf: str | None = None,
     apix: float | None = None,
-    use_ctf: bool = True,
-    use_weights: bool = True,
-    mask_sphere: bool = True,
-    iterations: int = 1,
-    keep: float = 1.0,
-    keepsig: bool = False,
-    keepabs: bool = False,
     overwrite: bool = False,
 ) -> dict:
     """Read the stack, reconstruct, apply setsf and post-processors, write the map."""
-    from cryorefine.io.atomic import check_output
-
     check_output(output, overwrite=overwrite)
-    symmetry_group(sym)
-    RECONSTRUCTORS.parse(recon, option="--recon")
-    post = [m for m in (PROCESSORS.parse(p, option="--postprocess") for p in postprocess) if m]
-    sf = (
-        PROCESSORS.parse(f"filter.setstrucfac:strucfac={setsf}", option="--setsf")
-        if setsf
-        else None
-    )
+    post = [m for m in (PROCESSORS.parse(p, option="--postprocess") for p in cfg.postprocess) if m]
+    if cfg.setsf:
+        post.insert(
+            0, PROCESSORS.parse(f"filter.setstrucfac:strucfac={cfg.setsf}", option="--setsf")
+        )
     stack = ParticleStack.from_path(input_path, apix=apix)
     try:
-        volume, info = make3d(
-            stack,
-            sym=sym,
-            pad_px=pad_px,
-            recon=recon,
-            preprocess=preprocess,
-            use_ctf=use_ctf,
-            use_weights=use_weights,
-            mask_sphere=mask_sphere,
-            iterations=iterations,
-            keep=keep,
-            keepsig=keepsig,
-            keepabs=keepabs,
-        )
+        volume, info = make3d(stack, cfg)
         a = stack.apix
     finally:
         stack.close()
-    for m in ([sf] if sf else []) + post:
+    for m in post:
         volume = m(volume, ndim=3, apix=a)
     write_map(output, Map(np.asarray(volume, np.float32), a), overwrite=overwrite)
     return info
