@@ -20,7 +20,9 @@ class Make3dConfig:
     ``pad_px``: padded image size in pixels (default twice the box); ``iterations``,
     ``keep``, ``keepsig``, ``keepabs``: EMAN2's slice rating and exclusion passes;
     ``use_ctf``/``use_weights``: use the metadata's CTF and weights; ``mask_sphere``:
-    damp the corners outside the inscribed sphere.
+    damp the corners outside the inscribed sphere; ``wiener``: when the particles carry
+    two half sets, reconstruct them apart and regularise the whole map with the
+    spectral SNR from their FSC (RELION's tau^2 term).
     """
 
     sym: str = "c1"
@@ -32,6 +34,7 @@ class Make3dConfig:
     use_ctf: bool = True
     use_weights: bool = True
     mask_sphere: bool = True
+    wiener: bool = True
     iterations: int = 1
     keep: float = 1.0
     keepsig: bool = False

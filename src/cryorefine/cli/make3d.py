@@ -71,6 +71,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--no-ctf", dest="ctf", action="store_false", help="ignore the CTF in the metadata"
     )
     parser.add_argument(
+        "--no-wiener",
+        dest="wiener",
+        action="store_false",
+        help="no half-set Wiener regularisation (used when the particles carry two half sets)",
+    )
+    parser.add_argument(
         "--no-wt",
         dest="weights",
         action="store_false",
@@ -96,6 +102,7 @@ def main(args: argparse.Namespace) -> int:
         use_ctf=args.ctf,
         use_weights=args.weights,
         mask_sphere=args.sphere_mask,
+        wiener=args.wiener,
         iterations=args.iter,
         keep=args.keep,
         keepsig=args.keepsig,

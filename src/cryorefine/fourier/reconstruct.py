@@ -304,7 +304,7 @@ def backproject(
         if ctf is not None:
             if not apix:
                 raise CryorefineError("CTF-weighted insertion needs the pixel size")
-            c = ctf.take(np.arange(sl.start, sl.stop)).evaluate(vol.slice_size, apix)
+            c = boxed_ctf(ctf.take(np.arange(sl.start, sl.stop)).evaluate(vol.slice_size, apix), n)
         vol.insert(slices, rotations[sl], ops=ops, weights=weights[sl], ctf=c)
     return vol
 
@@ -320,3 +320,42 @@ def sphere_mask(n: int, *, edge_px: float = 4.0) -> np.ndarray:
     inner = n / 2 - edge_px
     ramp = 0.5 + 0.5 * np.cos(np.pi * np.clip((r - inner) / edge_px, 0, 1))
     return np.where(r <= inner, 1.0, ramp).astype(np.float32)
+
+
+def boxed_ctf(ctf: np.ndarray, n: int) -> np.ndarray:
+    """The CTF that an ``n``-pixel particle box actually carries, on a padded grid.
+
+    ``ctf`` ``(k, P, P // 2 + 1)`` is the CTF on the ``rfft2`` grid of the padded size
+    ``P``. A particle image is cut from the micrograph, so the CTF's point-spread
+    function is truncated to the box: the effective transfer is the transform of the
+    PSF times an ``n x n`` window centred on it. Using it instead of the sharp CTF keeps
+    the padded transform and its weights consistent where the CTF oscillates fast.
+    Returns float32 of the same shape.
+    """
+    size = ctf.shape[-2]
+    if size == n:
+        return ctf
+    window = np.zeros((size, size), dtype=np.float32)
+    o = size // 2 - n // 2
+    window[o : o + n, o : o + n] = 1.0
+    window = scipy.fft.ifftshift(window)
+    psf = scipy.fft.irfft2(ctf, s=(size, size), workers=WORKERS)
+    return scipy.fft.rfft2(psf * window, workers=WORKERS).real.astype(np.float32)
+
+
+def wiener_regularisation(volume: FourierVolume, half_fsc: np.ndarray) -> np.ndarray:
+    """Per-shell ``lambda`` for ``Fsum / (Wsum + lambda)`` from the half-map FSC.
+
+    As RELION: the full set's FSC ``2 FSC / (1 + FSC)`` gives the spectral SNR
+    ``FSC / (1 - FSC)``; ``lambda = mean(Wsum in the shell) / SSNR``. Indexed by shell
+    radius on the padded grid.
+    """
+    size, n = volume.size, volume.n
+    full = np.clip(2 * half_fsc / (1 + half_fsc), 1e-3, 0.999)
+    ssnr = full / (1 - full)
+    _, w = volume.symmetrised()
+    shell = np.minimum(_shell_index(size), size // 2)
+    counts = np.bincount(shell.ravel(), minlength=size // 2 + 1)
+    mean_w = np.bincount(shell.ravel(), w.ravel(), size // 2 + 1) / np.maximum(counts, 1)
+    to_n = np.minimum(np.rint(np.arange(size // 2 + 1) * n / size).astype(int), n // 2)
+    return mean_w / ssnr[to_n]

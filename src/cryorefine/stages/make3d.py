@@ -8,7 +8,15 @@ import numpy as np
 
 from cryorefine.config import Make3dConfig
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.reconstruct import KERNELS, FourierVolume, image_slices, sphere_mask
+from cryorefine.fourier.fsc import fsc
+from cryorefine.fourier.reconstruct import (
+    KERNELS,
+    FourierVolume,
+    boxed_ctf,
+    image_slices,
+    sphere_mask,
+    wiener_regularisation,
+)
 from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.atomic import check_output
 from cryorefine.io.maps import Map, write_map
@@ -120,52 +128,49 @@ def make3d(
             images = m(images, ndim=2, apix=apix)
         sub = meta.take(idx)
         slices = image_slices(images, size, sub.shift_a / apix)
-        ctf = sub.ctf.evaluate(size, apix) if with_ctf else None
-        return slices, ctf, sub.rotations
+        ctf = boxed_ctf(sub.ctf.evaluate(size, apix), n) if with_ctf else None
+        return slices * norm[idx, None, None].astype(np.float32), ctf, sub.rotations
+
+    def insert(vol, slices, ctf, rots, w, sel) -> None:
+        if sel.any():
+            vol.insert(
+                slices[sel],
+                rots[sel],
+                ops=ops,
+                weights=w[sel],
+                ctf=None if ctf is None else ctf[sel],
+            )
 
     idx_all = np.flatnonzero(usable)
+    halves = meta.half_set
+    split = cfg.wiener and set(np.unique(halves[idx_all]).tolist()) == {1, 2}
     norm = np.ones(len(meta))
     excluded = np.zeros(len(meta), dtype=bool)
     absqual = np.full(len(meta), np.nan)
     for it in range(cfg.iterations):
-        vol = mod(size, n)
+        final = it == cfg.iterations - 1
+        vols = [mod(size, n) for _ in range(2 if final and split else 1)]
         active = idx_all[~excluded[idx_all]]
         for start in range(0, len(active), chunk):
             idx = active[start : start + chunk]
             slices, ctf, rots = prepare(idx)
-            vol.insert(
-                slices * norm[idx, None, None].astype(np.float32),
-                rots,
-                ops=ops,
-                weights=weights[idx],
-                ctf=ctf,
-            )
-        if it == cfg.iterations - 1:
+            if len(vols) == 1:
+                insert(vols[0], slices, ctf, rots, weights[idx], np.ones(len(idx), bool))
+            else:  # gold standard: the two half sets in separate volumes
+                for h, vol in zip((1, 2), vols, strict=True):
+                    insert(vol, slices, ctf, rots, weights[idx], halves[idx] == h)
+        if final:
             break
+        vol = vols[0]
         scale = np.ones(len(meta))
         block = max(1, -(-len(idx_all) // 64))
         for start in range(0, len(idx_all), block):
             idx = idx_all[start : start + block]
             slices, ctf, rots = prepare(idx)
-            slices = slices * norm[idx, None, None].astype(np.float32)
             inside = ~excluded[idx]
-            if inside.any():
-                vol.insert(
-                    slices[inside],
-                    rots[inside],
-                    ops=ops,
-                    weights=-weights[idx][inside],
-                    ctf=None if ctf is None else ctf[inside],
-                )
+            insert(vol, slices, ctf, rots, -weights[idx], inside)  # compare without itself
             absqual[idx], scale[idx] = vol.compare(slices, rots, ops=ops, ctf=ctf)
-            if inside.any():
-                vol.insert(
-                    slices[inside],
-                    rots[inside],
-                    ops=ops,
-                    weights=weights[idx][inside],
-                    ctf=None if ctf is None else ctf[inside],
-                )
+            insert(vol, slices, ctf, rots, weights[idx], inside)
         norm *= scale
         qual, cutoff = slice_qualities(
             absqual[idx_all],
@@ -175,9 +180,15 @@ def make3d(
             keepabs=cfg.keepabs,
         )
         excluded[idx_all] = qual < cutoff
-    volume = vol.finish()
-    if cfg.mask_sphere:
-        volume *= sphere_mask(n)
+    mask = sphere_mask(n) if cfg.mask_sphere else np.ones((n, n, n), np.float32)
+    half_fsc = None
+    if len(vols) == 2:
+        half_fsc = fsc(vols[0].finish() * mask, vols[1].finish() * mask)
+        vols[0].accs += vols[1].accs
+        volume = vols[0].finish(wiener_regularisation(vols[0], half_fsc))
+    else:
+        volume = vols[0].finish()
+    volume *= mask
     inserted = idx_all[~excluded[idx_all]]
     info = {
         "inserted": inserted,
@@ -186,6 +197,7 @@ def make3d(
         "quality": absqual,
         "ptcl_repr": float(weights[inserted].sum()),
         "ctf": with_ctf,
+        "half_fsc": half_fsc,
     }
     return volume, info
 
