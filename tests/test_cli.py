@@ -423,3 +423,47 @@ def test_make3d_keep_through_the_command_line(in_tmp, run_cli, rnapol2_64):
     assert_one_line_error(
         run_cli("make3d", "--input", "p.hdf", "--output", "x.mrc", "--keep", "1.5"), "--keep 1.5"
     )
+
+
+def test_make3d_automask3d(in_tmp, run_cli, rnapol2_64):
+    code, _, err = run_cli(
+        "project3d",
+        "--model",
+        rnapol2_64,
+        "--out",
+        "p.star",
+        "--orientgen",
+        "eman:delta=8:perturb=0",
+    )
+    assert code == 0, err
+    plain = "plain.mrc"
+    assert run_cli("make3d", "--input", "p.star", "--output", plain)[0] == 0
+    level = float(np.percentile(read_map(plain).data, 90))
+    code, _, err = run_cli(
+        "make3d", "--input", "p.star", "--output", "masked.mrc", "--automask3d", f"{level},4,2,3,0"
+    )
+    assert code == 0, err
+    masked, full = read_map("masked.mrc").data, read_map(plain).data
+    assert (masked == 0).mean() > 0.3  # the solvent is cut away ...
+    core = full > 2 * level
+    np.testing.assert_allclose(masked[core], full[core], rtol=0.02)  # ... the particle kept
+    assert_one_line_error(
+        run_cli("make3d", "--input", "p.star", "--output", "x.mrc", "--automask3d", "1,2,3"),
+        "--automask3d",
+        "threshold,radius",
+    )
+
+
+def test_fsc_command_gives_the_analytic_curve_for_added_noise(in_tmp, run_cli, rnapol2_64):
+    from cryorefine.fourier.filters import radial_power
+
+    truth = read_map(rnapol2_64)
+    noise = np.random.default_rng(4).standard_normal(truth.data.shape) * truth.data.std()
+    write_map("noisy.mrc", Map((truth.data + noise).astype(np.float32), truth.apix))
+    code, _, err = run_cli("fsc", rnapol2_64, "noisy.mrc", "--out", "curve")
+    assert code == 0, err
+    table = np.loadtxt(in_tmp / "curve.txt")
+    ps, pn = radial_power(truth.data, 3), radial_power(noise, 3)
+    expected = np.sqrt(ps / (ps + pn))[1:]  # correlation of S with S + N, shells 1..n/2
+    np.testing.assert_allclose(table[:, 0], np.arange(1, 33) / (64 * truth.apix), rtol=1e-5)
+    np.testing.assert_allclose(table[:, 1], expected, atol=0.05)

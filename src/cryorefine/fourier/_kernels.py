@@ -25,20 +25,21 @@ def _kernel_weight(mode: int, fx: float, fy: float, fz: float, dx: int, dy: int,
 
 
 @njit(cache=True, fastmath=True)
-def _insert_block(acc, values, weights, rots, qx, qy, size, mode, first, last):
+def _insert_block(acc, nrep, values, weights, rots, qx, qy, size, mode, first, last):
     hx = size // 2 + 1
     m = qx.shape[0]
     for s in range(first, last):
         a = rots[s]
+        row = s // nrep
         for j in range(m):
             x = a[0, 0] * qx[j] + a[0, 1] * qy[j]
             y = a[1, 0] * qx[j] + a[1, 1] * qy[j]
             z = a[2, 0] * qx[j] + a[2, 1] * qy[j]
-            vre = values[s, j].real
-            vim = values[s, j].imag
+            vre = values[row, j].real
+            vim = values[row, j].imag
             if x < 0:  # Friedel mate: conjugate at -v
                 x, y, z, vim = -x, -y, -z, -vim
-            wt = weights[s, j]
+            wt = weights[row, j]
             if mode == NEAREST:
                 ix = int(np.floor(x + 0.5))
                 if ix < hx:
@@ -82,18 +83,29 @@ def _insert_block(acc, values, weights, rots, qx, qy, size, mode, first, last):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def insert_slices(accs, values, weights, rots, qx, qy, size, mode):
-    """Scatter ``values`` ``(k, m)`` complex, ``weights`` ``(k, m)`` at ``rots`` ``(k, 3, 3)``.
+def insert_slices(accs, nrep, values, weights, rots, qx, qy, size, mode):
+    """Scatter ``values``/``weights`` ``(k, m)`` at ``rots`` ``(k * nrep, 3, 3)``.
 
-    ``rots[s]`` maps a slice point ``(qx, qy, 0)`` to the volume: ``v = rots[s] @ q``.
+    ``rots[s]`` maps a point ``(qx, qy, 0)`` of slice ``s // nrep`` (one rotation per
+    symmetry operator) to the volume: ``v = rots[s] @ q``.
     ``accs`` ``(T, P, P, P // 2 + 1, 3)``: one accumulator per thread block.
     """
-    k = values.shape[0]
+    k = rots.shape[0]
     blocks = accs.shape[0]
     step = (k + blocks - 1) // blocks
     for b in prange(blocks):
         _insert_block(
-            accs[b], values, weights, rots, qx, qy, size, mode, b * step, min(k, (b + 1) * step)
+            accs[b],
+            nrep,
+            values,
+            weights,
+            rots,
+            qx,
+            qy,
+            size,
+            mode,
+            b * step,
+            min(k, (b + 1) * step),
         )
 
 

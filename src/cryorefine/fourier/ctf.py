@@ -14,8 +14,24 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import scipy.fft
+from numba import njit, prange
 
 from cryorefine.fourier.fft import WORKERS, rfft_freqs_2d
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _evaluate_ctf(coef, s2, cos2t, sin2t, out):  # one pass, one sine per sample
+    for k in prange(coef.shape[0]):
+        mean, half, a2, k2, k3, scale, bexp = coef[k]
+        ca, sa = np.cos(a2), np.sin(a2)
+        for j in range(s2.shape[0]):
+            q = s2[j]
+            astig = half * (cos2t[j] * ca + sin2t[j] * sa)
+            chi = (mean + astig + k2 * q) * q + k3
+            value = -np.sin(chi) * scale
+            if bexp != 0.0:
+                value *= np.exp(bexp * q)
+            out[k, j] = value
 
 
 def electron_wavelength_a(voltage_kv: np.ndarray | float) -> np.ndarray:
@@ -94,29 +110,33 @@ class CTFParams:
         fy, fx = rfft_freqs_2d(box)
         s2_px = fx * fx + fy * fy  # (cycles/pixel)^2
         theta = np.arctan2(fy, fx)
-        cos2t, sin2t = np.cos(2 * theta), np.sin(2 * theta)
         apix = np.broadcast_to(np.asarray(apix, dtype=np.float64), (len(self),))
-        # df(theta) = mean + half cos(2 (theta - A)); chi = a s^2 + b s^4 + c per particle
-        a2 = np.deg2rad(self.defocus_angle_deg) * 2
-        mean = (self.defocus_u_a + self.defocus_v_a) / 2
-        half = (self.defocus_u_a - self.defocus_v_a) / 2
+        # df(theta) = mean + half cos(2 (theta - A)); chi = (k1 df + k2 s^2) s^2 + k3
         lam = electron_wavelength_a(self.voltage_kv)
         inv_a2 = 1.0 / (apix * apix)
-        k1 = -np.pi * lam * inv_a2  # times df(theta) s^2 (s in cycles/pixel)
-        k2 = 0.5 * np.pi * self.cs_mm * 1e7 * lam**3 * inv_a2 * inv_a2
-        k3 = -np.deg2rad(self.phase_shift_deg) - np.arcsin(np.clip(self.amplitude_contrast, -1, 1))
-        col = (slice(None), None, None)
-        defocus = (
-            mean[col]
-            + half[col] * np.cos(a2)[col] * cos2t[None]
-            + half[col] * np.sin(a2)[col] * sin2t[None]
+        k1 = -np.pi * lam * inv_a2
+        coef = np.stack(
+            [
+                k1 * (self.defocus_u_a + self.defocus_v_a) / 2,  # times s^2
+                k1 * (self.defocus_u_a - self.defocus_v_a) / 2,  # times s^2 cos(2 (theta - A))
+                np.deg2rad(self.defocus_angle_deg) * 2,
+                0.5 * np.pi * self.cs_mm * 1e7 * lam**3 * inv_a2 * inv_a2,  # times s^4
+                -np.deg2rad(self.phase_shift_deg)
+                - np.arcsin(np.clip(self.amplitude_contrast, -1, 1)),
+                self.scale,
+                -self.bfactor * inv_a2 / 4.0,  # times s^2 in the exponent
+            ],
+            axis=1,
         )
-        chi = (k1[col] * defocus + k2[col] * s2_px[None]) * s2_px[None] + k3[col]
-        ctf = (-np.sin(chi) * self.scale[col]).astype(np.float32)
-        bfac = self.bfactor
-        if np.any(bfac != 0):
-            ctf *= np.exp(-(bfac * inv_a2)[col] * s2_px[None] / 4.0).astype(np.float32)
-        return ctf
+        out = np.empty((len(self),) + s2_px.shape, dtype=np.float32)
+        _evaluate_ctf(
+            coef,
+            s2_px.ravel(),
+            np.cos(2 * theta).ravel(),
+            np.sin(2 * theta).ravel(),
+            out.reshape(len(self), -1),
+        )
+        return out
 
 
 def _rfft2(images: np.ndarray) -> np.ndarray:

@@ -125,19 +125,17 @@ class FourierVolume:
         ctf: np.ndarray | None,
     ):
         k = len(slices)
-        w = np.asarray(weights, np.float64)[:, None] * self._mult[None]
+        w = (np.asarray(weights, np.float64)[:, None] * self._mult[None]).astype(np.float32)
         vals = slices.reshape(k, -1)[:, self._flat]
         wts = np.broadcast_to(w, vals.shape)
         if ctf is not None:
             c = ctf.reshape(k, -1)[:, self._flat]
             vals = vals * c
             wts = wts * c * c
-        vals = (vals * w).astype(np.complex128)
-        # v = (R S)^T q for every slice and operator
+        vals = np.ascontiguousarray(vals * w, dtype=np.complex64)
+        wts = np.ascontiguousarray(wts, dtype=np.float32)
+        # v = (R S)^T q for every slice and operator (slice s // len(ops) of the values)
         mats = np.swapaxes(np.einsum("kij,sjl->ksil", rotations, ops), -1, -2)
-        nops = len(ops)
-        vals = np.repeat(vals, nops, axis=0)
-        wts = np.repeat(np.ascontiguousarray(wts, np.float64), nops, axis=0)
         return vals, wts, np.ascontiguousarray(mats.reshape(-1, 3, 3))
 
     def insert(
@@ -160,6 +158,7 @@ class FourierVolume:
         )
         _kernels.insert_slices(
             self.accs,
+            len(ops),
             vals,
             wts,
             mats,

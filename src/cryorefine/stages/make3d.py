@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryorefine.config import Make3dConfig
+from cryorefine.config import Make3dConfig, automask_processor
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fsc import fsc
 from cryorefine.fourier.reconstruct import (
@@ -47,6 +47,25 @@ def _check_mode(params: dict, where: str) -> None:
     check=_check_mode,
 )
 def fourier_reconstructor(size: int, n: int, *, mode: str = "trilinear") -> FourierVolume:
+    return FourierVolume(size, n, mode)
+
+
+@RECONSTRUCTORS.register(
+    "wiener_fourier",
+    "As fourier, always Wiener-regularised: the two half sets (rlnRandomSubset, or "
+    "alternate particles when the stack has none) are reconstructed apart and the map "
+    "is divided by Wsum + mean(Wsum) / SSNR per shell, SSNR from their FSC.",
+    (
+        Param(
+            "mode",
+            str,
+            "interpolation: trilinear, gauss_2 or nearest_neighbor",
+            default="trilinear",
+        ),
+    ),
+    check=_check_mode,
+)
+def wiener_fourier_reconstructor(size: int, n: int, *, mode: str = "trilinear") -> FourierVolume:
     return FourierVolume(size, n, mode)
 
 
@@ -122,13 +141,21 @@ def make3d(
     weights = meta.weight if cfg.use_weights else np.ones(len(meta))
     ops = group.operators
 
+    slice_size = size if cfg.oversample_2d else n
+
+    def new_volume() -> FourierVolume:
+        vol = mod(size, n)
+        if slice_size != vol.slice_size:
+            vol = FourierVolume(size, n, vol.kernel, slice_size=slice_size)
+        return vol
+
     def prepare(idx: np.ndarray):
         images = stack.read(idx)
         for m in mods:
             images = m(images, ndim=2, apix=apix)
         sub = meta.take(idx)
-        slices = image_slices(images, size, sub.shift_a / apix)
-        ctf = boxed_ctf(sub.ctf.evaluate(size, apix), n) if with_ctf else None
+        slices = image_slices(images, slice_size, sub.shift_a / apix)
+        ctf = boxed_ctf(sub.ctf.evaluate(slice_size, apix), n) if with_ctf else None
         return slices * norm[idx, None, None].astype(np.float32), ctf, sub.rotations
 
     def insert(vol, slices, ctf, rots, w, sel) -> None:
@@ -143,13 +170,18 @@ def make3d(
 
     idx_all = np.flatnonzero(usable)
     halves = meta.half_set
-    split = cfg.wiener and set(np.unique(halves[idx_all]).tolist()) == {1, 2}
+    has_halves = set(np.unique(halves[idx_all]).tolist()) == {1, 2}
+    always = mod.name == "wiener_fourier"
+    if always and not has_halves:  # alternate particles make the two halves
+        halves = np.zeros(len(meta), dtype=np.int64)
+        halves[idx_all] = 1 + np.arange(len(idx_all)) % 2
+    split = always or (cfg.wiener and has_halves)
     norm = np.ones(len(meta))
     excluded = np.zeros(len(meta), dtype=bool)
     absqual = np.full(len(meta), np.nan)
     for it in range(cfg.iterations):
         final = it == cfg.iterations - 1
-        vols = [mod(size, n) for _ in range(2 if final and split else 1)]
+        vols = [new_volume() for _ in range(2 if final and split else 1)]
         active = idx_all[~excluded[idx_all]]
         for start in range(0, len(active), chunk):
             idx = active[start : start + chunk]
@@ -213,6 +245,8 @@ def run_make3d(
     """Read the stack, reconstruct, apply setsf and post-processors, write the map."""
     check_output(output, overwrite=overwrite)
     post = [m for m in (PROCESSORS.parse(p, option="--postprocess") for p in cfg.postprocess) if m]
+    if cfg.automask3d:
+        post.append(PROCESSORS.parse(automask_processor(cfg.automask3d), option="--automask3d"))
     if cfg.setsf:
         post.insert(
             0, PROCESSORS.parse(f"filter.setstrucfac:strucfac={cfg.setsf}", option="--setsf")
