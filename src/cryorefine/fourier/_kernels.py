@@ -25,21 +25,28 @@ def _kernel_weight(mode: int, fx: float, fy: float, fz: float, dx: int, dy: int,
 
 
 @njit(cache=True, fastmath=True)
-def _insert_block(acc, nrep, values, weights, rots, qx, qy, size, mode, first, last):
+def _insert_block(
+    acc, nrep, slices, ctf, weights, flat, mult, rots, qx, qy, size, mode, first, last
+):
     hx = size // 2 + 1
     m = qx.shape[0]
+    has_ctf = ctf.shape[0] > 0
     for s in range(first, last):
         a = rots[s]
         row = s // nrep
+        w_row = weights[row]
         for j in range(m):
             x = a[0, 0] * qx[j] + a[0, 1] * qy[j]
             y = a[1, 0] * qx[j] + a[1, 1] * qy[j]
             z = a[2, 0] * qx[j] + a[2, 1] * qy[j]
-            vre = values[row, j].real
-            vim = values[row, j].imag
+            f = flat[j]
+            c = ctf[row, f] if has_ctf else 1.0
+            w = w_row * mult[j]
+            vre = slices[row, f].real * c * w
+            vim = slices[row, f].imag * c * w
+            wt = c * c * w
             if x < 0:  # Friedel mate: conjugate at -v
                 x, y, z, vim = -x, -y, -z, -vim
-            wt = weights[row, j]
             if mode == NEAREST:
                 ix = int(np.floor(x + 0.5))
                 if ix < hx:
@@ -83,12 +90,16 @@ def _insert_block(acc, nrep, values, weights, rots, qx, qy, size, mode, first, l
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def insert_slices(accs, nrep, values, weights, rots, qx, qy, size, mode):
-    """Scatter ``values``/``weights`` ``(k, m)`` at ``rots`` ``(k * nrep, 3, 3)``.
+def insert_slices(accs, nrep, slices, ctf, weights, flat, mult, rots, qx, qy, size, mode):
+    """Scatter 2D transforms into the per-thread accumulators ``accs``.
 
-    ``rots[s]`` maps a point ``(qx, qy, 0)`` of slice ``s // nrep`` (one rotation per
-    symmetry operator) to the volume: ``v = rots[s] @ q``.
-    ``accs`` ``(T, P, P, P // 2 + 1, 3)``: one accumulator per thread block.
+    ``slices`` ``(k, M)`` complex: flattened ``rfft2`` of each image; ``ctf`` ``(k, M)``
+    (or an empty array: no CTF); ``weights`` ``(k,)``. Points ``flat`` ``(m,)`` of the
+    half-plane, standing for ``mult`` points of the full plane, at ``(qx, qy)``, are
+    inserted with value ``w mult C X`` and weight ``w mult C^2``. ``rots[s]``
+    ``(k * nrep, 3, 3)`` maps a point of slice ``s // nrep`` (one rotation per symmetry
+    operator) to the volume, ``v = rots[s] @ (qx, qy, 0)``. ``accs``
+    ``(T, P, P, P // 2 + 1, 3)``: one accumulator per thread block.
     """
     k = rots.shape[0]
     blocks = accs.shape[0]
@@ -97,8 +108,11 @@ def insert_slices(accs, nrep, values, weights, rots, qx, qy, size, mode):
         _insert_block(
             accs[b],
             nrep,
-            values,
+            slices,
+            ctf,
             weights,
+            flat,
+            mult,
             rots,
             qx,
             qy,

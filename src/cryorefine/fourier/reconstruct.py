@@ -116,28 +116,6 @@ class FourierVolume:
     def wsum(self) -> np.ndarray:
         return self.accs[..., 2].sum(axis=0)
 
-    def _operands(
-        self,
-        slices: np.ndarray,
-        rotations: np.ndarray,
-        ops: np.ndarray,
-        weights: np.ndarray,
-        ctf: np.ndarray | None,
-    ):
-        k = len(slices)
-        w = (np.asarray(weights, np.float64)[:, None] * self._mult[None]).astype(np.float32)
-        vals = slices.reshape(k, -1)[:, self._flat]
-        wts = np.broadcast_to(w, vals.shape)
-        if ctf is not None:
-            c = ctf.reshape(k, -1)[:, self._flat]
-            vals = vals * c
-            wts = wts * c * c
-        vals = np.ascontiguousarray(vals * w, dtype=np.complex64)
-        wts = np.ascontiguousarray(wts, dtype=np.float32)
-        # v = (R S)^T q for every slice and operator (slice s // len(ops) of the values)
-        mats = np.swapaxes(np.einsum("kij,sjl->ksil", rotations, ops), -1, -2)
-        return vals, wts, np.ascontiguousarray(mats.reshape(-1, 3, 3))
-
     def insert(
         self,
         slices: np.ndarray,
@@ -153,15 +131,24 @@ class FourierVolume:
         negative weight removes a slice); ``ctf`` ``(k, P, P // 2 + 1)``: then values
         ``w C X`` and weights ``w C^2`` are accumulated.
         """
-        vals, wts, mats = self._operands(
-            slices, np.asarray(rotations, np.float64), ops, weights, ctf
+        k = len(slices)
+        rots = np.asarray(rotations, np.float64).reshape(-1, 3, 3)
+        # v = (R S)^T q for every slice and operator (slice s // len(ops))
+        mats = np.swapaxes(np.einsum("kij,sjl->ksil", rots, ops), -1, -2).reshape(-1, 3, 3)
+        c = (
+            np.zeros((0, 1), np.float32)
+            if ctf is None
+            else np.ascontiguousarray(ctf.reshape(k, -1), dtype=np.float32)
         )
         _kernels.insert_slices(
             self.accs,
             len(ops),
-            vals,
-            wts,
-            mats,
+            np.ascontiguousarray(slices.reshape(k, -1), np.complex64),
+            c,
+            np.asarray(weights, np.float64),
+            self._flat,
+            self._mult,
+            np.ascontiguousarray(mats),
             self._qxy[:, 0].copy(),
             self._qxy[:, 1].copy(),
             self.size,
