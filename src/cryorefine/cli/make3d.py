@@ -1,11 +1,14 @@
 """Reconstruct a 3D map from images with known orientations (EMAN2 e2make3d).
 
 Input: a STAR, EMAN2 HDF/LST or MRCS stack whose metadata holds orientations (and
-shifts, CTF, weights). Each image is padded (--pad, default twice the box), Fourier
-transformed, CTF-weighted if the metadata has a CTF, and inserted into a 3D
-transform once per symmetry operator; the result is divided by the summed weights,
-gridding-corrected and cropped. A soft spherical mask of the box's inscribed sphere
-removes the noise in the corners (--no-sphere-mask keeps it).
+shifts, CTF, weights, half sets). Each image is padded (--pad, default twice the box),
+Fourier transformed, weighted by its CTF if the metadata has one, and inserted into
+a 3D transform once per symmetry operator; the result is divided by the summed
+weights, gridding-corrected and cropped. Particles with two half sets
+(rlnRandomSubset) are reconstructed in two halves whose FSC sets a Wiener term
+(--no-wiener: plain division). A soft mask of the box's inscribed sphere removes
+the noise in the corners (--no-sphere-mask keeps it). --iter 2 --keep 0.8 rates
+each image against the map and leaves out the worst, as e2make3d does.
 
 examples:
   cryorefine make3d --input particles.star --output threed.mrc
