@@ -325,7 +325,8 @@ def boxed_ctf(ctf: np.ndarray, n: int) -> np.ndarray:
     o = size // 2 - n // 2
     window[o : o + n, o : o + n] = 1.0
     window = scipy.fft.ifftshift(window)
-    psf = scipy.fft.irfft2(ctf, s=(size, size), workers=WORKERS)
+    # complex input: scipy's real-input path for irfft2 is ~3x slower
+    psf = scipy.fft.irfft2(ctf.astype(np.complex64), s=(size, size), workers=WORKERS)
     return scipy.fft.rfft2(psf * window, workers=WORKERS).real.astype(np.float32)
 
 
