@@ -15,7 +15,6 @@ with rows 0 and 2 negated, which is how mirrors are folded on reading.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -460,8 +459,3 @@ def write_hdf_map(
     with HdfStackWriter(path, overwrite=overwrite) as w:
         w.append(np.asarray(volume, dtype=np.float32)[None], [hdr])
     return Path(path)
-
-
-def iter_headers(f: HdfImages) -> Iterator[dict[str, Any]]:
-    for i in range(f.count):
-        yield f.header(i)

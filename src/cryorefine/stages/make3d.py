@@ -31,42 +31,34 @@ def _check_mode(params: dict, where: str) -> None:
         )
 
 
-@RECONSTRUCTORS.register(
-    "fourier",
-    "Direct Fourier inversion: slices inserted into a padded 3D transform and divided "
-    "by the summed weights (CTF^2 with CTF); trilinear with sinc^2 gridding correction "
-    "by default, or EMAN2's gauss_2 kernel.",
-    (
-        Param(
-            "mode",
-            str,
-            "interpolation: trilinear, gauss_2 or nearest_neighbor",
-            default="trilinear",
-        ),
+_MODE = (
+    Param(
+        "mode", str, "interpolation: trilinear, gauss_2 or nearest_neighbor", default="trilinear"
     ),
-    check=_check_mode,
 )
-def fourier_reconstructor(size: int, n: int, *, mode: str = "trilinear") -> FourierVolume:
+
+
+def _fourier_volume(size: int, n: int, *, mode: str = "trilinear") -> FourierVolume:
     return FourierVolume(size, n, mode)
 
 
-@RECONSTRUCTORS.register(
+RECONSTRUCTORS.register(
+    "fourier",
+    "Direct Fourier inversion: slices inserted into a padded 3D transform and divided "
+    "by the summed weights (CTF^2 with CTF); trilinear with sinc^2 gridding correction "
+    "by default, or EMAN2's gauss_2 kernel. Wiener-regularised when the particles carry "
+    "two half sets (unless --no-wiener).",
+    _MODE,
+    check=_check_mode,
+)(_fourier_volume)
+RECONSTRUCTORS.register(
     "wiener_fourier",
     "As fourier, always Wiener-regularised: the two half sets (rlnRandomSubset, or "
     "alternate particles when the stack has none) are reconstructed apart and the map "
     "is divided by Wsum + mean(Wsum) / SSNR per shell, SSNR from their FSC.",
-    (
-        Param(
-            "mode",
-            str,
-            "interpolation: trilinear, gauss_2 or nearest_neighbor",
-            default="trilinear",
-        ),
-    ),
+    _MODE,
     check=_check_mode,
-)
-def wiener_fourier_reconstructor(size: int, n: int, *, mode: str = "trilinear") -> FourierVolume:
-    return FourierVolume(size, n, mode)
+)(_fourier_volume)
 
 
 def slice_qualities(
