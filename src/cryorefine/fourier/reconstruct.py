@@ -1,7 +1,8 @@
 """Direct Fourier inversion: insert 2D slices into a padded 3D transform.
 
 Each image (``n x n``, centred on ``n // 2``) is zero-padded to ``P x P`` (centre at
-``P // 2``), Fourier-transformed, un-shifted and, with a CTF, multiplied by it. Its
+``P // 2``), Fourier-transformed, un-shifted and, with a CTF, multiplied by the CTF
+evaluated on the padded grid (as RELION). Its
 ``rfft2`` half-plane ``q = (qx, qy)`` is inserted at ``v = (R S_k)^T (qx, qy, 0)`` for every
 symmetry operator ``S_k`` into ``Fsum`` (complex) and ``Wsum`` (real) on the half-space
 ``vx >= 0`` of a ``P^3`` volume (Friedel mates are conjugated). Interpolation:
@@ -81,7 +82,7 @@ class FourierVolume:
     """Accumulators of a ``P^3`` transform: ``Fsum`` (complex) and ``Wsum`` (real).
 
     Half-space layout ``(P, P, P // 2 + 1)``, axes (z, y, x); z and y in FFT order, so
-    index ``i`` is frequency ``i`` (``i - P`` above ``P // 2``). Kept as float64 in one
+    index ``i`` is frequency ``i`` (``i - P`` above ``P // 2``). Kept as float32 in one
     accumulator per thread (``threads``), summed when read.
     """
 
@@ -98,23 +99,19 @@ class FourierVolume:
                 f"reconstructor mode '{self.kernel}': use one of {', '.join(KERNELS)}"
             )
         hx = self.size // 2 + 1
-        per_thread = self.size * self.size * hx * 3 * 8
+        per_thread = self.size * self.size * hx * 3 * 4
         if self.threads <= 0:  # all cores, within ~2 GB of accumulators
             self.threads = max(1, min(numba.get_num_threads(), int(2e9 // per_thread)))
-        self.accs = np.zeros((self.threads, self.size, self.size, hx, 3))
+        self.accs = np.zeros((self.threads, self.size, self.size, hx, 3), np.float32)
         # 2D transforms of slice_size (default: the padded size) land at q * size / slice_size
         self.slice_size = self.slice_size or self.size
         self._flat, self._qxy, self._mult = half_plane(self.slice_size)
         self._qxy = self._qxy * (self.size / self.slice_size)
 
-    @property
-    def fsum(self) -> np.ndarray:
-        acc = self.accs.sum(axis=0)
-        return acc[..., 0] + 1j * acc[..., 1]
-
-    @property
-    def wsum(self) -> np.ndarray:
-        return self.accs[..., 2].sum(axis=0)
+    def sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(Fsum, Wsum)``: complex64 and float32 ``(P, P, P // 2 + 1)``."""
+        acc = self.accs[0] if self.threads == 1 else self.accs.sum(axis=0)
+        return acc[..., 0] + 1j * acc[..., 1], acc[..., 2].copy()
 
     def insert(
         self,
@@ -201,7 +198,7 @@ class FourierVolume:
     # --- finishing -------------------------------------------------------------------
     def symmetrised(self) -> tuple[np.ndarray, np.ndarray]:
         """``fsum, wsum`` with the Hermitian planes ``x = 0`` and ``x = P/2`` completed."""
-        f, w = self.fsum, self.wsum
+        f, w = self.sums()
         for x in (0, self.size // 2):
             plane_f, plane_w = f[:, :, x].copy(), w[:, :, x].copy()
             mate_f = np.conj(np.roll(plane_f[::-1, ::-1], 1, axis=(0, 1)))
@@ -221,18 +218,18 @@ class FourierVolume:
             lam = np.asarray(regularisation)[shell]
         else:
             lam = float(regularisation)
-        den = w + lam
+        den = w + np.float32(lam) if np.ndim(lam) == 0 else w + lam.astype(np.float32)
         with np.errstate(invalid="ignore", divide="ignore"):
-            f = np.where(den > 1e-12 * max(float(w.max()), 1e-300), f / den, 0.0)
+            f = np.where(den > 1e-12 * max(float(w.max()), 1e-30), f / den, 0).astype(np.complex64)
         vol = scipy.fft.irfftn(f, s=(self.size,) * 3, workers=WORKERS)
-        vol = scipy.fft.fftshift(vol)
+        # centred crop of the fftshifted map, taken directly from the unshifted one
+        c = np.arange(self.n) - self.n // 2
+        idx = c % self.size
+        vol = vol[np.ix_(idx, idx, idx)]
         if self.kernel == "trilinear":
-            c = np.arange(self.size) - self.size // 2
-            s2 = np.sinc(c / self.size) ** 2
+            s2 = (np.sinc(c / self.size) ** 2).astype(np.float32)
             vol /= s2[:, None, None] * s2[None, :, None] * s2[None, None, :]
-        o = self.size // 2 - self.n // 2
-        n = self.n
-        return np.ascontiguousarray(vol[o : o + n, o : o + n, o : o + n], dtype=np.float32)
+        return np.ascontiguousarray(vol, dtype=np.float32)
 
 
 _MODES = {
@@ -290,7 +287,7 @@ def backproject(
         if ctf is not None:
             if not apix:
                 raise CryorefineError("CTF-weighted insertion needs the pixel size")
-            c = boxed_ctf(ctf.take(np.arange(sl.start, sl.stop)).evaluate(vol.slice_size, apix), n)
+            c = ctf.take(np.arange(sl.start, sl.stop)).evaluate(vol.slice_size, apix)
         vol.insert(slices, rotations[sl], ops=ops, weights=weights[sl], ctf=c)
     return vol
 
@@ -308,28 +305,6 @@ def sphere_mask(n: int, *, edge_px: float = 4.0) -> np.ndarray:
     return np.where(r <= inner, 1.0, ramp).astype(np.float32)
 
 
-def boxed_ctf(ctf: np.ndarray, n: int) -> np.ndarray:
-    """The CTF that an ``n``-pixel particle box actually carries, on a padded grid.
-
-    ``ctf`` ``(k, P, P // 2 + 1)`` is the CTF on the ``rfft2`` grid of the padded size
-    ``P``. A particle image is cut from the micrograph, so the CTF's point-spread
-    function is truncated to the box: the effective transfer is the transform of the
-    PSF times an ``n x n`` window centred on it. Using it instead of the sharp CTF keeps
-    the padded transform and its weights consistent where the CTF oscillates fast.
-    Returns float32 of the same shape.
-    """
-    size = ctf.shape[-2]
-    if size == n:
-        return ctf
-    window = np.zeros((size, size), dtype=np.float32)
-    o = size // 2 - n // 2
-    window[o : o + n, o : o + n] = 1.0
-    window = scipy.fft.ifftshift(window)
-    # complex input: scipy's real-input path for irfft2 is ~3x slower
-    psf = scipy.fft.irfft2(ctf.astype(np.complex64), s=(size, size), workers=WORKERS)
-    return scipy.fft.rfft2(psf * window, workers=WORKERS).real.astype(np.float32)
-
-
 def wiener_regularisation(volume: FourierVolume, half_fsc: np.ndarray) -> np.ndarray:
     """Per-shell ``lambda`` for ``Fsum / (Wsum + lambda)`` from the half-map FSC.
 
@@ -338,7 +313,12 @@ def wiener_regularisation(volume: FourierVolume, half_fsc: np.ndarray) -> np.nda
     radius on the padded grid.
     """
     size, n = volume.size, volume.n
-    full = np.clip(2 * half_fsc / (1 + half_fsc), 1e-3, 0.999)
+    # a running mean over 5 shells: where the FSC is near zero its noise alone would
+    # swing lambda by orders of magnitude from one shell to the next
+    h = np.asarray(half_fsc, dtype=np.float64)
+    padded = np.r_[h[:1], h[:1], h, h[-1:], h[-1:]]
+    h = np.r_[h[:2], np.convolve(padded, np.ones(5) / 5, mode="valid")[2:]]
+    full = np.clip(2 * h / (1 + h), 0.02, 0.999)
     ssnr = full / (1 - full)
     _, w = volume.symmetrised()
     shell = np.minimum(_shell_index(size), size // 2)

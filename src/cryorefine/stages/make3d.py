@@ -12,7 +12,6 @@ from cryorefine.fourier.fsc import fsc
 from cryorefine.fourier.reconstruct import (
     KERNELS,
     FourierVolume,
-    boxed_ctf,
     image_slices,
     sphere_mask,
     wiener_regularisation,
@@ -147,7 +146,7 @@ def make3d(
             images = m(images, ndim=2, apix=apix)
         sub = meta.take(idx)
         slices = image_slices(images, slice_size, sub.shift_a / apix)
-        ctf = boxed_ctf(sub.ctf.evaluate(slice_size, apix), n) if with_ctf else None
+        ctf = sub.ctf.evaluate(slice_size, apix) if with_ctf else None
         return slices * norm[idx, None, None].astype(np.float32), ctf, sub.rotations
 
     def insert(vol, slices, ctf, rots, w, sel) -> None:
