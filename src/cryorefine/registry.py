@@ -216,8 +216,8 @@ class Registry:
 
 #: The registries, one per kind of EMAN2 object, with the modules that fill them.
 PROCESSORS = Registry("processors", "processor", ("cryorefine.processors",))
-COMPARATORS = Registry("comparators", "comparator")
-ALIGNERS = Registry("aligners", "aligner")
+COMPARATORS = Registry("comparators", "comparator", ("cryorefine.align.compare",))
+ALIGNERS = Registry("aligners", "aligner", ("cryorefine.align.align2d",))
 AVERAGERS = Registry("averagers", "averager")
 RECONSTRUCTORS = Registry("reconstructors", "reconstructor", ("cryorefine.stages.make3d",))
 PROJECTORS = Registry("projectors", "projector", ("cryorefine.fourier.project",))

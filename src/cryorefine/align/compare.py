@@ -1,0 +1,338 @@
+"""EMAN2's image comparators, each evaluated on many image pairs at once.
+
+Every comparator returns float64 scores where **smaller is better** (similarity
+measures are negated). ``a`` is EMAN2's "this" image and ``b`` "with", both
+``(k, n, n)`` (or broadcastable); sums are accumulated in float64. In e2simmx's final
+score ``a`` is the particle and ``b`` the aligned projection.
+
+Keyword context every comparator accepts (and may ignore): ``apix`` (Å/px of ``a``,
+for ``minres``/``maxres``), ``snr`` ``(k, n // 2)`` (the particle's SNR per Fourier
+ring, for ``snrweight``), ``ptcl_repr`` (particles behind ``b``, for ``nweight``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import scipy.fft
+
+from cryorefine.errors import CryorefineError
+from cryorefine.fourier.fft import WORKERS
+from cryorefine.registry import COMPARATORS, Param
+
+FLT_MAX = float(np.finfo(np.float32).max)
+FLT_MIN = float(np.finfo(np.float32).tiny)
+
+_MASK = Param("mask", str, "mask image file; pixels > 0.5 are compared")
+
+
+def load_mask(mask: str | np.ndarray | None, n: int, where: str) -> np.ndarray | None:
+    """A comparator mask as a boolean ``(n, n)``: given as an array or an image file."""
+    if mask is None:
+        return None
+    if isinstance(mask, str | Path):
+        from cryorefine.io.stacks import ParticleStack
+
+        stack = ParticleStack.from_path(Path(mask))
+        try:
+            mask = stack.read(np.arange(1))[0]
+        finally:
+            stack.close()
+    mask = np.asarray(mask)
+    if mask.shape != (n, n):
+        raise CryorefineError(f"{where}: mask is {mask.shape}, the images are {(n, n)}")
+    return mask > 0.5
+
+
+def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape[-2:] != b.shape[-2:]:
+        raise CryorefineError(f"cannot compare images of {a.shape[-2:]} and {b.shape[-2:]}")
+    a, b = np.broadcast_arrays(a, b)
+    return a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+
+
+def _moments(a, b, sel):
+    """Pixel count and float64 sums (a, b, a^2, b^2, ab) over ``sel`` (None: all)."""
+    k = a.shape[0]
+    a2 = a.reshape(k, -1).astype(np.float64)
+    b2 = b.reshape(k, -1).astype(np.float64)
+    if sel is None:
+        w = None
+        count = np.full(k, float(a2.shape[1]))
+    else:
+        w = np.broadcast_to(sel.reshape(-1, a2.shape[1]), a2.shape).astype(np.float64)
+        count = w.sum(axis=1)
+        a2, b2 = a2 * w, b2 * w
+    return (
+        count,
+        a2.sum(1),
+        b2.sum(1),
+        np.einsum("ij,ij->i", a2, a2),
+        np.einsum("ij,ij->i", b2, b2),
+        np.einsum("ij,ij->i", a2, b2),
+    )
+
+
+@COMPARATORS.register(
+    "ccc",
+    "Normalised cross-correlation coefficient: -1 identical (up to scale and offset), "
+    "+1 inverted, +2 when undefined.",
+    (Param("negative", bool, "return -c (smaller is better)", default=True), _MASK),
+)
+def ccc(a, b, *, negative: bool = True, mask=None, **_ctx) -> np.ndarray:
+    a, b = _pair(a, b)
+    sel = load_mask(mask, a.shape[-1], "ccc")
+    n, sa, sb, saa, sbb, sab = _moments(a, b, sel)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ma, mb = sa / n, sb / n
+        va, vb = saa / n - ma * ma, sbb / n - mb * mb
+        c = (sab / n - ma * mb) / np.sqrt(va * vb)
+    c = np.where(np.isfinite(c), c, -2.0)
+    return -c if negative else c
+
+
+@COMPARATORS.register(
+    "dot",
+    "Dot product: -sum(ab)/n, or with normalize=1 the cosine -sum(ab)/sqrt(sum(a^2) "
+    "sum(b^2)) (no mean subtraction).",
+    (
+        Param("negative", bool, "return the negative (smaller is better)", default=True),
+        Param("normalize", bool, "divide by the norms instead of the pixel count", default=False),
+        _MASK,
+    ),
+)
+def dot(a, b, *, negative: bool = True, normalize: bool = False, mask=None, **_ctx):
+    a, b = _pair(a, b)
+    sel = load_mask(mask, a.shape[-1], "dot")
+    n, _, _, saa, sbb, sab = _moments(a, b, sel)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = sab / np.sqrt(saa * sbb) if normalize else sab / n
+    value = np.where(np.isfinite(value), value, 0.0)
+    return -value if negative else value
+
+
+@COMPARATORS.register(
+    "sqeuclidean",
+    "Mean squared difference; normto=1 first scales and offsets b to a by least squares.",
+    (
+        _MASK,
+        Param("zeromask", bool, "use only pixels that are non-zero in both", default=False),
+        Param("normto", bool, "fit b = A + B a first and compare (b - A) / B", default=False),
+    ),
+)
+def sqeuclidean(a, b, *, mask=None, zeromask: bool = False, normto: bool = False, **_ctx):
+    a, b = _pair(a, b)
+    a64 = a.reshape(len(a), -1).astype(np.float64)
+    b64 = b.reshape(len(b), -1).astype(np.float64)
+    if normto:  # EMAN2 normalize.toimage: fit over a >= FLT_MIN (and both != 0)
+        fit = a64 >= FLT_MIN
+        if zeromask:
+            fit &= (a64 != 0) & (b64 != 0)
+        w = fit.astype(np.float64)
+        cnt = w.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ma, mb = (a64 * w).sum(1) / cnt, (b64 * w).sum(1) / cnt
+            cov = ((a64 - ma[:, None]) * (b64 - mb[:, None]) * w).sum(1)
+            var = (((a64 - ma[:, None]) ** 2) * w).sum(1)
+            slope = cov / var
+            icept = mb - slope * ma
+            ok = np.isfinite(slope) & (slope != 0) & (1.0 / slope > 0)
+        slope, icept = np.where(ok, slope, 1.0), np.where(ok, icept, 0.0)
+        b64 = (b64 - icept[:, None]) / slope[:, None]
+    sel = load_mask(mask, a.shape[-1], "sqeuclidean")
+    if sel is not None:
+        w = np.broadcast_to(sel.reshape(1, -1), a64.shape)
+    elif zeromask:
+        w = (a64 != 0) & (b.reshape(len(b), -1) != 0)
+    else:
+        w = None
+    d = (a64 - b64) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = d.mean(1) if w is None else (d * w).sum(1) / w.sum(1)
+    return np.where(np.isfinite(out), out, FLT_MAX)
+
+
+def _zeromask(a, b):
+    both = (a != 0) & (b != 0)
+    return np.where(both, a, 0).astype(np.float32), np.where(both, b, 0).astype(np.float32)
+
+
+def _ring_index(n: int) -> np.ndarray:
+    """Integer ring ``round(|k|)`` of each ``rfft2`` coefficient of an ``n x n`` image."""
+    ky = scipy.fft.fftfreq(n, 1.0 / n)
+    kx = np.arange(n // 2 + 1)
+    return np.rint(np.hypot(ky[:, None], kx[None, :])).astype(np.int64)
+
+
+def _resolution_edges(w, rings, n, apix, minres, maxres, where):
+    if (minres > 0 or maxres > 0) and not apix:
+        raise CryorefineError(f"{where}: minres/maxres need the pixel size")
+    if minres > 0:
+        pmin = apix * n / minres
+        w = w * (np.tanh(5 * (rings - pmin) / pmin) + 1) / 2
+    if maxres > 0:
+        pmax = apix * n / maxres
+        w = w * (1 - np.tanh(rings - pmax)) / 2
+    return w
+
+
+def _snr_weights(snr, k, nring, where):
+    if snr is None:
+        raise CryorefineError(
+            f"{where}: snrweight=1 needs particles with CTF (an SNR curve per Fourier ring)"
+        )
+    s = np.broadcast_to(np.asarray(snr, dtype=np.float64), (k, np.shape(snr)[-1]))
+    if s.shape[1] < nring:
+        s = np.concatenate([s, np.repeat(s[:, -1:], nring - s.shape[1], axis=1)], axis=1)
+    s = s[:, :nring]
+    return np.where(s <= 0, 0.001, s)
+
+
+_RES = (
+    Param("minres", float, "low-resolution edge in Å (<= 0: none)", default=500.0),
+    Param("maxres", float, "high-resolution edge in Å (<= 0: none)", default=10.0),
+)
+
+
+@COMPARATORS.register(
+    "frc",
+    "Weighted mean Fourier ring correlation, negated (-1 identical). Rings weighted by "
+    "their size (sweight), mean amplitude (ampweight), the particle's SNR (snrweight) "
+    "and soft minres/maxres edges.",
+    (
+        Param("snrweight", bool, "weight rings by the particle's CTF SNR", default=False),
+        Param("ampweight", bool, "weight rings by the mean amplitude of a", default=False),
+        Param("sweight", bool, "weight rings by their number of coefficients", default=True),
+        Param("nweight", bool, "scale the SNR by 1 / ptcl_repr of b", default=False),
+        Param("zeromask", bool, "zero both images wherever either is 0", default=False),
+        *_RES,
+    ),
+)
+def frc(
+    a,
+    b,
+    *,
+    snrweight: bool = False,
+    ampweight: bool = False,
+    sweight: bool = True,
+    nweight: bool = False,
+    zeromask: bool = False,
+    minres: float = 500.0,
+    maxres: float = 10.0,
+    apix: float | None = None,
+    snr=None,
+    ptcl_repr=None,
+    **_ctx,
+) -> np.ndarray:
+    a, b = _pair(a, b)
+    k, n = a.shape[0], a.shape[-1]
+    if zeromask:
+        a, b = _zeromask(a, b)
+    fa = scipy.fft.rfft2(a, workers=WORKERS).reshape(k, -1)
+    fb = scipy.fft.rfft2(b, workers=WORKERS).reshape(k, -1)
+    rings = _ring_index(n)
+    # the non-redundant half-plane: kx > 0, and ky >= 0 on the column kx = 0
+    ky = scipy.fft.fftfreq(n, 1.0 / n)
+    keep = np.ones(rings.shape, bool)
+    keep[:, 0] = ky >= 0
+    keep &= rings <= n // 2
+    idx = np.flatnonzero(keep.ravel())
+    r = rings.ravel()[idx]
+    nring = n // 2
+    fa, fb = fa[:, idx], fb[:, idx]
+    cross = _ring_sum(np.real(fa * np.conj(fb)), r, nring + 1)
+    pa = _ring_sum(np.abs(fa) ** 2, r, nring + 1)
+    pb = _ring_sum(np.abs(fb) ** 2, r, nring + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ring_frc = (cross / np.sqrt(pa * pb))[:, :nring]
+    ring_frc = np.where(np.isfinite(ring_frc), ring_frc, 0.0)
+    i = np.arange(nring, dtype=np.float64)
+    w = np.ones((k, nring))
+    if sweight:
+        w = w * 2 * np.bincount(r, minlength=nring + 1)[:nring]
+    if ampweight:
+        cnt = np.maximum(np.bincount(r, minlength=nring + 1), 1)
+        w = w * (_ring_sum(np.abs(fa), r, nring + 1) / cnt)[:, :nring]
+    if snrweight:
+        w = w * _snr_weights(snr, k, nring, "frc")
+    w = _resolution_edges(w, i, n, apix, minres, maxres, "frc")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = (w * ring_frc).sum(1) / w.sum(1)
+        if nweight and ptcl_repr is not None:
+            nrep = np.broadcast_to(np.asarray(ptcl_repr, np.float64), (k,))
+            ok = (nrep > 0) & (total >= 0) & (total < 1)
+            s = total / (1 - total) / np.where(nrep > 0, nrep, 1)
+            total = np.where(ok, s / (1 + s), total)
+    total = np.where(np.isfinite(total), total, -3e38)
+    return -total
+
+
+def _ring_sum(values: np.ndarray, rings: np.ndarray, nring: int) -> np.ndarray:
+    """Per-row sums of ``values`` ``(k, m)`` by ring ``(m,)``: ``(k, nring)`` float64."""
+    onehot = np.zeros((values.shape[1], nring))
+    onehot[np.arange(len(rings)), rings] = 1.0
+    return values.astype(np.float64) @ onehot
+
+
+@COMPARATORS.register(
+    "phase",
+    "Weighted mean phase residual in radians (0 identical, pi inverted).",
+    (
+        Param("snrweight", bool, "weight by the particle's CTF SNR", default=False),
+        Param("snrfn", bool, "weight by x exp(-x), x = 10 r / (n / 2)", default=False),
+        Param("ampweight", bool, "weight each coefficient by |F(b)|", default=False),
+        Param("zeromask", bool, "zero both images wherever either is 0", default=False),
+        *_RES,
+    ),
+    check=lambda p, w: _exclusive(p, w),
+)
+def phase(
+    a,
+    b,
+    *,
+    snrweight: bool = False,
+    snrfn: bool = False,
+    ampweight: bool = False,
+    zeromask: bool = False,
+    minres: float = 500.0,
+    maxres: float = 10.0,
+    apix: float | None = None,
+    snr=None,
+    **_ctx,
+) -> np.ndarray:
+    a, b = _pair(a, b)
+    k, n = a.shape[0], a.shape[-1]
+    if zeromask:
+        a, b = _zeromask(a, b)
+    # double precision: arccos is ill-conditioned next to 0 and pi
+    fa = scipy.fft.rfft2(a.astype(np.float64), workers=WORKERS).reshape(k, -1)
+    fb = scipy.fft.rfft2(b.astype(np.float64), workers=WORKERS).reshape(k, -1)
+    rings = _ring_index(n).ravel()
+    nring = n // 2
+    idx = np.flatnonzero(rings < nring)
+    r = rings[idx]
+    fa, fb = fa[:, idx], fb[:, idx]
+    i = np.arange(nring, dtype=np.float64)
+    if snrweight:
+        wr = _snr_weights(snr, k, nring, "phase")
+    elif snrfn:
+        x = 10 * i / (n / 2)
+        wr = np.broadcast_to(x * np.exp(-x), (k, nring))
+    else:
+        wr = np.ones((k, nring))
+    wr = _resolution_edges(wr, i, n, apix, minres, maxres, "phase")
+    w = wr[:, r]
+    if ampweight:
+        w = w * np.abs(fb)
+    mag = np.abs(fa) * np.abs(fb)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = np.clip(np.real(fa * np.conj(fb)) / mag, -1.0, 1.0)
+    err = np.where(mag > 0, np.arccos(cosine), 0.0)
+    return (w * err).sum(1) / (FLT_MIN + w.sum(1))
+
+
+def _exclusive(params: dict, where: str) -> None:
+    if params["snrweight"] and params["snrfn"]:
+        raise CryorefineError(f"{where}: snrweight and snrfn cannot both be set")

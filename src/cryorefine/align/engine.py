@@ -1,0 +1,326 @@
+"""The batched alignment engine: every particle against every reference at once.
+
+For ``rotate_translate_flip`` (and ``rotate_translate``) the per-pair definition in
+:mod:`cryorefine.align.align2d` is evaluated for all pairs of two stacks without a
+loop over pairs:
+
+1. Rotational footprints of every reference, particle and mirrored particle; the
+   footprint rotation of every pair is one matrix product per angular frequency
+   (over radii) followed by an inverse FFT along angle (:func:`best_rotations`).
+2. The footprint angle is quantised to ``180 / xs`` degrees, so each reference is
+   rotated once to each of the ``2 xs`` angles (a "bank", bilinear as the per-pair
+   path) and Fourier-transformed once, instead of once per pair.
+3. Each pair has four candidates (``alpha0``, ``alpha0 + 180``, each against the
+   particle and its mirror); the translation of each is the peak of one inverse FFT
+   of ``bank * conj(particle)``, batched.
+4. The candidates are scored by the aligner's comparator on the actually shifted
+   images (zero fill): ``ccc``/``dot``/``sqeuclidean`` by a fused compiled kernel,
+   any other comparator on materialised images.
+
+References are taken in chunks (the bank holds ``2 xs`` images per reference) and
+particles in chunks, so memory is bounded whatever the stack sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.fft
+from numba import njit, prange
+
+from cryorefine.align.align2d import default_maxshift
+from cryorefine.align.rotational import best_rotations, footprints, polar_size, spectra
+from cryorefine.align.transform2d import apply_transform, mirror_x, shift_integer
+from cryorefine.fourier.fft import WORKERS
+
+FUSED = {"ccc", "dot", "sqeuclidean"}
+
+
+@dataclass
+class PairAlignment:
+    """Forward transforms (reference -> particle) for a block of pairs ``(Np, Nc)``."""
+
+    alpha: np.ndarray
+    tx: np.ndarray
+    ty: np.ndarray
+    mirror: np.ndarray
+    score: np.ndarray  # the aligner comparator's value of the chosen candidate
+    final: np.ndarray | None = None  # the final comparator's score, when asked for
+
+
+def fused_ok(cmp) -> bool:
+    """Whether a comparator modifier can be scored by the fused kernel."""
+    name = getattr(cmp, "name", None)
+    if name not in FUSED:
+        return False
+    p = cmp.params
+    if p.get("mask") is not None:
+        return False
+    if name == "sqeuclidean" and (p.get("normto") or p.get("zeromask")):
+        return False
+    return True
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _search_block(bank_ft, bank, tgt_ft, tgt, j0, c_start, xs, ey, ex, px_out, py_out, stats):
+    """Translations and candidate sums for every (particle, reference) of one chunk.
+
+    For pair ``(p, c)`` and candidate ``q = 2 m + h`` the bank image is
+    ``c * 2 xs + j0[m, p, c_start + c] + h xs``; its circular CCF with target ``m`` is
+    evaluated only on the ``(2 ms + 1)^2`` window by a partial inverse DFT (rows
+    first), the first maximum in scan order is kept, and the sums (a, a^2, ab) of
+    the bank image shifted by minus the peak (zero fill) against the target are formed.
+    """
+    n_p = tgt.shape[1]
+    ncs = px_out.shape[1]
+    nm = tgt.shape[0]
+    n = bank.shape[-1]
+    hx = bank_ft.shape[-1]
+    nw = ey.shape[0]
+    ms = nw // 2
+    for pc in prange(n_p * ncs):
+        p = pc // ncs
+        c = pc % ncs
+        rows = np.empty((nw, hx), dtype=np.complex64)
+        g = np.empty(hx, dtype=np.complex64)
+        for m in range(nm):
+            t_ft = tgt_ft[m, p]
+            t_img = tgt[m, p]
+            for h in range(2):
+                b = c * 2 * xs + j0[m, p, c_start + c] + h * xs
+                src_ft = bank_ft[b]
+                rows[:, :] = 0
+                for ky in range(n):
+                    for kx in range(hx):
+                        g[kx] = src_ft[ky, kx] * np.conj(t_ft[ky, kx])
+                    for w in range(nw):
+                        e = ey[w, ky]
+                        for kx in range(hx):
+                            rows[w, kx] += e * g[kx]
+                best = -np.inf
+                bx = 0
+                by = 0
+                for wy in range(nw):
+                    for wx in range(nw):
+                        v = 0.0
+                        for kx in range(hx):
+                            v += (rows[wy, kx] * ex[wx, kx]).real
+                        if v > best:
+                            best = v
+                            bx = wx - ms
+                            by = wy - ms
+                q = 2 * m + h
+                px_out[p, c, q] = bx
+                py_out[p, c, q] = by
+                # candidate = bank image shifted by (-bx, -by), zero fill
+                sx, sy = -bx, -by
+                img = bank[b]
+                s_a = 0.0
+                s_aa = 0.0
+                s_ab = 0.0
+                for y in range(max(0, sy), min(n, n + sy)):
+                    for x in range(max(0, sx), min(n, n + sx)):
+                        a = np.float64(img[y - sy, x - sx])
+                        s_a += a
+                        s_aa += a * a
+                        s_ab += a * t_img[y, x]
+                c0 = 0.0
+                c00 = 0.0
+                if sx <= 0:  # column 0 of the shifted image (dropped by a mirror)
+                    for y in range(max(0, sy), min(n, n + sy)):
+                        a = np.float64(img[y - sy, -sx])
+                        c0 += a
+                        c00 += a * a
+                stats[p, c, q, 0] = s_a
+                stats[p, c, q, 1] = s_aa
+                stats[p, c, q, 2] = s_ab
+                stats[p, c, q, 3] = c0
+                stats[p, c, q, 4] = c00
+
+
+def window_dft(n: int, maxshift: int) -> tuple[np.ndarray, np.ndarray]:
+    """Factors of the inverse DFT restricted to shifts ``-ms..ms``: rows ``(2ms+1, n)``
+    over ky (FFT order) and columns ``(2ms+1, n//2+1)`` over kx with the half-plane
+    weights (1 on kx = 0 and n/2, else 2)."""
+    d = np.arange(-maxshift, maxshift + 1)
+    ky = np.arange(n)
+    kx = np.arange(n // 2 + 1)
+    ey = np.exp(2j * np.pi * np.outer(d, ky) / n)
+    w = np.where((kx == 0) | (kx == n // 2), 1.0, 2.0)
+    ex = np.exp(2j * np.pi * np.outer(d, kx) / n) * w
+    return ey.astype(np.complex64), ex.astype(np.complex64)
+
+
+def fused_scores(cmp, a_sum, a_sq, b_sum, b_sq, ab, npix: int) -> np.ndarray:
+    """``cmp(a, b)`` for ccc/dot/sqeuclidean from pixel sums over the whole box."""
+    p = cmp.params
+    sign = -1.0 if p.get("negative", True) else 1.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if cmp.name == "ccc":
+            ma, mb = a_sum / npix, b_sum / npix
+            c = (ab / npix - ma * mb) / np.sqrt((a_sq / npix - ma * ma) * (b_sq / npix - mb * mb))
+            return sign * np.where(np.isfinite(c), c, -2.0)
+        if cmp.name == "dot":
+            v = ab / np.sqrt(a_sq * b_sq) if p.get("normalize") else ab / npix
+            return sign * np.where(np.isfinite(v), v, 0.0)
+        v = (a_sq - 2 * ab + b_sq) / npix
+        return np.where(np.isfinite(v), v, np.finfo(np.float32).max)
+
+
+def align_all(
+    refs: np.ndarray,
+    particles: np.ndarray,
+    *,
+    cmp,
+    final=None,
+    maxshift: int | None = None,
+    flip: bool = True,
+    ctx: dict | None = None,
+    ref_chunk: int = 64,
+    batch: int = 4096,
+    ref_spectra: np.ndarray | None = None,
+) -> PairAlignment:
+    """``rotate_translate[_flip]`` of every reference onto every particle.
+
+    ``refs`` ``(Nc, n, n)`` are the moving images, ``particles`` ``(Np, n, n)`` the
+    targets; ``cmp`` chooses among candidates. ``final`` (optional comparator) scores
+    each chosen alignment as e2simmx does, ``final(particle, aligned reference)``,
+    into ``PairAlignment.final``. ``ctx``: comparator context; per-particle arrays
+    (``snr``) are indexed by particle. Returns ``(Np, Nc)`` arrays.
+    """
+    refs = np.ascontiguousarray(refs, np.float32)
+    particles = np.ascontiguousarray(particles, np.float32)
+    nc, n = len(refs), refs.shape[-1]
+    n_p = len(particles)
+    ms = default_maxshift(n, maxshift)
+    xs = polar_size(n)[0]
+    ctx = ctx or {}
+    if ref_spectra is None:
+        ref_spectra = spectra(footprints(refs))
+    tgt = np.stack([particles, mirror_x(particles)] if flip else [particles])
+    nm = len(tgt)
+    j0 = np.ascontiguousarray(
+        np.stack([best_rotations(ref_spectra, spectra(footprints(t)), xs) for t in tgt])
+    )
+    tgt_ft = scipy.fft.rfft2(tgt, workers=WORKERS).astype(np.complex64, copy=False)
+    t64 = tgt.reshape(nm, n_p, -1).astype(np.float64)
+    t_sum, t_sq = t64.sum(-1), np.einsum("mij,mij->mi", t64, t64)  # (nm, Np)
+    del t64
+    ey, ex = window_dft(n, ms)
+    angles = np.arange(2 * xs) * (180.0 / xs)
+    out = PairAlignment(
+        np.zeros((n_p, nc)),
+        np.zeros((n_p, nc)),
+        np.zeros((n_p, nc)),
+        np.zeros((n_p, nc), bool),
+        np.zeros((n_p, nc)),
+    )
+    out.final = None if final is None else np.zeros((n_p, nc))
+    m_of_q = np.repeat(np.arange(nm), 2)
+    for c0 in range(0, nc, ref_chunk):
+        cs = slice(c0, min(c0 + ref_chunk, nc))
+        ncs = cs.stop - cs.start
+        bank = apply_transform(
+            refs,
+            np.tile(angles, ncs),
+            0.0,
+            0.0,
+            False,
+            source=np.repeat(np.arange(cs.start, cs.stop), 2 * xs),
+        )
+        bank_ft = scipy.fft.rfft2(bank, workers=WORKERS).astype(np.complex64, copy=False)
+        px = np.zeros((n_p, ncs, 2 * nm), np.int64)
+        py = np.zeros((n_p, ncs, 2 * nm), np.int64)
+        st = np.zeros((n_p, ncs, 2 * nm, 5))
+        _search_block(bank_ft, bank, tgt_ft, tgt, j0, cs.start, xs, ey, ex, px, py, st)
+        # candidate q = 2 m + h is scored against target m
+        if fused_ok(cmp):
+            score = fused_scores(
+                cmp,
+                st[..., 0],
+                st[..., 1],
+                t_sum[m_of_q].T[:, None, :],
+                t_sq[m_of_q].T[:, None, :],
+                st[..., 2],
+                n * n,
+            )
+        else:
+            score = _generic_scores(bank, tgt, j0[:, :, cs], xs, px, py, cmp, ctx, batch)
+        # within a mirror state the 180-degree candidate wins ties; then the
+        # unmirrored one wins only if strictly better
+        use180 = score[..., 1::2] <= score[..., 0::2]
+        s_m = np.where(use180, score[..., 1::2], score[..., 0::2])
+        mirror = ~(s_m[..., 0] < s_m[..., 1]) if nm == 2 else np.zeros((n_p, ncs), bool)
+        m = mirror.astype(np.int64)
+        h = np.take_along_axis(use180, m[..., None], axis=2)[..., 0].astype(np.int64)
+        q = (2 * m + h)[..., None]
+        bx = np.take_along_axis(px, q, axis=2)[..., 0]
+        by = np.take_along_axis(py, q, axis=2)[..., 0]
+        j = np.take_along_axis(j0[:, :, cs], m[None], axis=0)[0]
+        out.alpha[:, cs] = np.mod((j + h * xs) * (180.0 / xs), 360.0)
+        out.tx[:, cs], out.ty[:, cs] = -bx, -by
+        out.mirror[:, cs] = mirror
+        out.score[:, cs] = np.take_along_axis(s_m, m[..., None], axis=2)[..., 0]
+        if final is None:
+            continue
+        bank_idx = np.arange(ncs)[None, :] * 2 * xs + j + h * xs
+        if fused_ok(final):  # final(particle, S or mirror(S)); S the shifted bank image
+            sel = np.take_along_axis(st, q[..., None], axis=2)[:, :, 0]
+            b_sum = np.where(mirror, sel[..., 0] - sel[..., 3], sel[..., 0])
+            b_sq = np.where(mirror, sel[..., 1] - sel[..., 4], sel[..., 1])
+            out.final[:, cs] = fused_scores(
+                final, t_sum[0][:, None], t_sq[0][:, None], b_sum, b_sq, sel[..., 2], n * n
+            )
+        else:
+            out.final[:, cs] = _generic_final(
+                bank, bank_idx, bx, by, mirror, particles, final, ctx, batch
+            )
+    return out
+
+
+def _generic_final(bank, bank_idx, bx, by, mirror, particles, final, ctx, batch):
+    """``final(particle, aligned reference)`` on materialised images."""
+    n_p, ncs = bank_idx.shape
+    p_i = np.repeat(np.arange(n_p), ncs)
+    b_i, sx, sy, mi = (v.ravel() for v in (bank_idx, -bx, -by, mirror))
+    res = np.empty(n_p * ncs)
+    for s0 in range(0, len(p_i), batch):
+        sl = slice(s0, s0 + batch)
+        img = shift_integer(bank[b_i[sl]], sx[sl], sy[sl])
+        flipped = mi[sl]
+        if flipped.any():
+            img[flipped] = mirror_x(img[flipped])
+        sub = {
+            k: (v[p_i[sl]] if isinstance(v, np.ndarray) and v.ndim else v) for k, v in ctx.items()
+        }
+        res[sl] = np.asarray(final(particles[p_i[sl]], img, **sub), np.float64)
+    return res.reshape(n_p, ncs)
+
+
+def _generic_scores(bank, tgt, j0c, xs, px, py, cmp, ctx, batch):
+    """Candidate scores with any comparator, on materialised candidate images."""
+    n_p, ncs, ncand = px.shape
+    score = np.empty(px.shape)
+    p_i, c_i, q_i = (a.ravel() for a in np.indices(px.shape))
+    m_i, h_i = q_i // 2, q_i % 2
+    b_i = c_i * 2 * xs + j0c[m_i, p_i, c_i] + h_i * xs
+    for s0 in range(0, len(p_i), batch):
+        sl = slice(s0, s0 + batch)
+        cand = shift_integer(bank[b_i[sl]], -px.ravel()[sl], -py.ravel()[sl])
+        sub = {
+            k: (v[p_i[sl]] if isinstance(v, np.ndarray) and v.ndim else v) for k, v in ctx.items()
+        }
+        score.reshape(-1)[sl] = np.asarray(cmp(cand, tgt[m_i[sl], p_i[sl]], **sub), np.float64)
+    return score
+
+
+def aligned_references(refs: np.ndarray, pa: PairAlignment, p_idx, c_idx) -> np.ndarray:
+    """The references ``c_idx`` moved onto particles ``p_idx`` by their alignment
+    (rotate bilinear, integer shift with zero fill, then mirror), as the aligner does."""
+    a, tx, ty, m = (v[p_idx, c_idx] for v in (pa.alpha, pa.tx, pa.ty, pa.mirror))
+    rot = apply_transform(refs[c_idx], a, 0.0, 0.0, False)
+    out = shift_integer(rot, np.rint(tx).astype(np.int64), np.rint(ty).astype(np.int64))
+    if m.any():
+        out[m] = mirror_x(out[m])
+    return out

@@ -1,0 +1,110 @@
+"""EMAN2's rotational footprint and the rotation search over all image pairs at once.
+
+The footprint is a translation-invariant image: the inverse transform of the
+high-passed amplitude spectrum (``|F H|``, ``H = 1 - exp(-s^2 / 2 sigma^2)``,
+``sigma = 1.5 / n`` cycles/px), centred, minus its edge mean, unwrapped to polar
+coordinates over 180 degrees (it is centrosymmetric): ``xs`` angles ``i 180 / xs``,
+radii ``4 .. r2 - 1`` (``r2 = n / 2 - 2`` rounded down to even), each row times its
+radius. Rotating an image by ``alpha`` shifts its footprint by ``alpha`` along angle,
+so the rotation that best brings image ``m`` onto image ``t`` is the peak of the
+circular correlation ``C(j) = sum_r sum_i fp_t(r, i) fp_m(r, i + j)``. For every pair
+of two stacks that is one matrix product per angular frequency (over radii) and an
+inverse FFT along angle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft
+from numba import njit, prange
+
+from cryorefine.fourier.fft import WORKERS
+
+
+def _smooth_size(n: int) -> bool:
+    if n % 2:
+        return False
+    for p in (2, 3, 5, 7):
+        while n % p == 0:
+            n //= p
+    return n == 1
+
+
+def polar_size(n: int) -> tuple[int, int, int]:
+    """``(xs, r1, r2)``: angular samples over 180 degrees and the radius range [r1, r2)."""
+    xs = int(np.floor(np.pi * n / 3))
+    xs -= xs % 4
+    while not _smooth_size(xs):
+        xs += 1
+    xs = max(xs, 16)
+    r2 = n // 2 - 2
+    r2 -= r2 % 2
+    return xs, 4, r2
+
+
+def angle_step(n: int) -> float:
+    """The rotation search's step in degrees (``180 / xs``)."""
+    return 180.0 / polar_size(n)[0]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _unwrap(images, cos_t, sin_t, r1, r2, out):
+    k, n, _ = images.shape
+    c = n / 2.0
+    for i in prange(k):
+        for ir in range(r2 - r1):
+            r = r1 + ir
+            for j in range(cos_t.shape[0]):
+                x = r * cos_t[j] + c
+                y = r * sin_t[j] + c
+                x0 = int(np.floor(x))
+                y0 = int(np.floor(y))
+                fx = x - x0
+                fy = y - y0
+                v = (1 - fy) * ((1 - fx) * images[i, y0, x0] + fx * images[i, y0, x0 + 1]) + fy * (
+                    (1 - fx) * images[i, y0 + 1, x0] + fx * images[i, y0 + 1, x0 + 1]
+                )
+                out[i, ir, j] = v * r
+
+
+def footprints(images: np.ndarray) -> np.ndarray:
+    """Polar rotational footprints ``(k, r2 - r1, xs)`` float32 of images ``(k, n, n)``."""
+    images = np.asarray(images, dtype=np.float32)
+    n = images.shape[-1]
+    ft = scipy.fft.fft2(images, workers=WORKERS)
+    f = scipy.fft.fftfreq(n)
+    s2 = f[:, None] ** 2 + f[None, :] ** 2
+    sigma = 1.5 / n
+    amp = np.abs(ft) * (1.0 - np.exp(-s2 / (2 * sigma * sigma)))
+    fp = scipy.fft.fftshift(
+        scipy.fft.ifft2(amp, workers=WORKERS).real.astype(np.float32), axes=(-2, -1)
+    )
+    edge = np.concatenate(
+        [fp[:, 0, :], fp[:, -1, :], fp[:, 1:-1, 0], fp[:, 1:-1, -1]], axis=1
+    ).mean(axis=1)
+    fp -= edge[:, None, None]
+    xs, r1, r2 = polar_size(n)
+    theta = np.arange(xs) * np.pi / xs
+    out = np.empty((len(images), r2 - r1, xs), dtype=np.float32)
+    _unwrap(np.ascontiguousarray(fp), np.cos(theta), np.sin(theta), r1, r2, out)
+    return out
+
+
+def spectra(fp: np.ndarray) -> np.ndarray:
+    """Angular spectra of footprints ``(k, R, xs)``: ``(xs // 2 + 1, R, k)`` complex64,
+    laid out for the per-frequency matrix products of :func:`best_rotations`."""
+    s = scipy.fft.rfft(fp, axis=-1, workers=WORKERS).astype(np.complex64)
+    return np.ascontiguousarray(np.transpose(s, (2, 1, 0)))
+
+
+def best_rotations(moving: np.ndarray, target: np.ndarray, xs: int) -> np.ndarray:
+    """Footprint rotation index ``j`` ``(n_target, n_moving)`` for every pair.
+
+    ``moving``/``target`` are :func:`spectra`. Rotating moving image ``c`` by
+    ``j * 180 / xs`` degrees best matches target ``p`` (first maximum; the answer is
+    modulo 180 degrees).
+    """
+    # C_hat[m, p, c] = sum_r conj(T[m, r, p]) M[m, r, c]: one GEMM per frequency m
+    c_hat = np.matmul(np.conj(np.transpose(target, (0, 2, 1))), moving)
+    corr = scipy.fft.irfft(c_hat, n=xs, axis=0, workers=WORKERS)
+    return np.argmax(corr, axis=0)

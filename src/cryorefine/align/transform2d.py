@@ -1,0 +1,142 @@
+"""EMAN2's 2D alignment transform and its application to image stacks.
+
+A transform ``(alpha, tx, ty, mirror)`` maps centred coordinates ``q`` (pixels from
+``(n // 2, n // 2)``) as ``T(q) = M^mirror (R(alpha) q + t)``: rotate about the centre,
+translate, then mirror x. ``R(a) = [[cos a, sin a], [-sin a, cos a]]`` on ``(x, y)``,
+``M = diag(-1, 1)``. Applying ``T`` to an image moves the content at ``q`` to ``T(q)``:
+``J(p) = I(T^-1(p))``, bilinear, zero where the source lies outside the box. All
+functions take arrays of transforms (one per image); angles in degrees, shifts in px.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from cryorefine.errors import CryorefineError
+
+
+def as_matrices(alpha, tx, ty, mirror) -> np.ndarray:
+    """Homogeneous ``(k, 3, 3)`` matrices ``[[M^m R, M^m t], [0, 0, 1]]``."""
+    alpha, tx, ty, mirror = np.broadcast_arrays(
+        np.atleast_1d(np.asarray(alpha, np.float64)),
+        np.atleast_1d(np.asarray(tx, np.float64)),
+        np.atleast_1d(np.asarray(ty, np.float64)),
+        np.atleast_1d(np.asarray(mirror).astype(bool)),
+    )
+    a = np.deg2rad(alpha)
+    c, s = np.cos(a), np.sin(a)
+    out = np.zeros(alpha.shape + (3, 3))
+    out[..., 0, 0], out[..., 0, 1], out[..., 0, 2] = c, s, tx
+    out[..., 1, 0], out[..., 1, 1], out[..., 1, 2] = -s, c, ty
+    out[..., 2, 2] = 1.0
+    out[..., 0, :] *= np.where(mirror, -1.0, 1.0)[..., None]
+    return out
+
+
+def from_matrices(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(alpha in [0, 360), tx, ty, mirror)`` of homogeneous matrices ``(..., 3, 3)``."""
+    m = np.array(m, dtype=np.float64)
+    mirror = (m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]) < 0
+    m[..., 0, :] *= np.where(mirror, -1.0, 1.0)[..., None]
+    alpha = np.mod(np.rad2deg(np.arctan2(m[..., 0, 1], m[..., 0, 0])), 360.0)
+    alpha = np.where(alpha >= 360.0 - 1e-9, 0.0, alpha)
+    return alpha, m[..., 0, 2], m[..., 1, 2], mirror
+
+
+def inverse(alpha, tx, ty, mirror) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The inverse transforms (a mirrored transform keeps its angle)."""
+    return from_matrices(np.linalg.inv(as_matrices(alpha, tx, ty, mirror)))
+
+
+def compose(first, second) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``second o first``: apply ``first`` then ``second``; each an (alpha, tx, ty, mirror)."""
+    return from_matrices(as_matrices(*second) @ as_matrices(*first))
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _apply(images, src, inv, out):
+    k = out.shape[0]
+    n = images.shape[-1]
+    c = n // 2
+    for i in prange(k):
+        a = inv[i]
+        img = images[src[i]]
+        for y in range(n):
+            py = y - c
+            for x in range(n):
+                px = x - c
+                sx = a[0, 0] * px + a[0, 1] * py + a[0, 2] + c
+                sy = a[1, 0] * px + a[1, 1] * py + a[1, 2] + c
+                if sx < 0.0 or sy < 0.0 or sx > n - 1 or sy > n - 1:
+                    out[i, y, x] = 0.0
+                    continue
+                x0 = min(int(sx), n - 2)
+                y0 = min(int(sy), n - 2)
+                fx = sx - x0
+                fy = sy - y0
+                out[i, y, x] = (1.0 - fy) * (
+                    (1.0 - fx) * img[y0, x0] + fx * img[y0, x0 + 1]
+                ) + fy * ((1.0 - fx) * img[y0 + 1, x0] + fx * img[y0 + 1, x0 + 1])
+
+
+def apply_transform(images: np.ndarray, alpha, tx, ty, mirror, *, source=None) -> np.ndarray:
+    """Transform each image ``(k, n, n)`` by its own ``(alpha, tx, ty, mirror)``.
+
+    Bilinear; pixels whose source falls outside the box are 0. Returns float32.
+    ``source`` (optional, ``(m,)`` indices into ``images``): output ``i`` is image
+    ``source[i]`` transformed by transform ``i`` (no copies of repeated images).
+    """
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    if images.ndim == 2:
+        return apply_transform(images[None], alpha, tx, ty, mirror)[0]
+    if images.shape[-1] != images.shape[-2] or images.shape[-1] < 2:
+        raise CryorefineError(f"images must be square, got {images.shape[-2:]}")
+    src = np.arange(len(images)) if source is None else np.asarray(source, np.int64)
+    k = len(src)
+    inv = np.linalg.inv(as_matrices(alpha, tx, ty, mirror))
+    inv = np.ascontiguousarray(np.broadcast_to(inv, (k, 3, 3)))
+    out = np.empty((k,) + images.shape[1:], np.float32)
+    _apply(images, src, inv, out)
+    return out
+
+
+def mirror_x(images: np.ndarray) -> np.ndarray:
+    """Mirror x about the centre column ``n // 2``; for even ``n`` column 0 has no
+    partner and becomes 0 (as EMAN2)."""
+    n = images.shape[-1]
+    out = np.zeros_like(images)
+    c = n // 2
+    # out[..., j] = in[..., 2c - j]; 2c - lo = n - 1 for odd and even n
+    lo = 2 * c - (n - 1)
+    out[..., lo:] = images[..., ::-1][..., : n - lo]
+    return out
+
+
+def shift_integer(images: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Shift each image by whole pixels ``(dx, dy)`` with zero fill (content moves by +d)."""
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    dx = np.broadcast_to(np.asarray(dx, np.int64), images.shape[:1]).copy()
+    dy = np.broadcast_to(np.asarray(dy, np.int64), images.shape[:1]).copy()
+    out = np.zeros_like(images)
+    _shift_integer(images, dx, dy, out)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _shift_integer(images, dx, dy, out):
+    k, n, _ = images.shape
+    for i in prange(k):
+        for y in range(max(0, dy[i]), min(n, n + dy[i])):
+            for x in range(max(0, dx[i]), min(n, n + dx[i])):
+                out[i, y, x] = images[i, y - dy[i], x - dx[i]]
+
+
+def meanshrink(images: np.ndarray, factor: int) -> np.ndarray:
+    """EMAN2 ``math.meanshrink``: means of non-overlapping ``factor x factor`` blocks."""
+    if factor < 2:
+        raise CryorefineError(f"--shrink {factor}: the shrink factor must be at least 2")
+    n_y, n_x = images.shape[-2] // factor, images.shape[-1] // factor
+    cut = images[..., : n_y * factor, : n_x * factor]
+    shape = cut.shape[:-2] + (n_y, factor, n_x, factor)
+    return cut.reshape(shape).mean(axis=(-3, -1), dtype=np.float64).astype(np.float32)
