@@ -63,32 +63,33 @@ def fused_ok(cmp) -> bool:
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _search_block(bank_ft, bank, tgt_ft, tgt, j0, c_start, xs, ey, ex, px_out, py_out, stats):
-    """Translations and candidate sums for every (particle, reference) of one chunk.
+def _search_block(
+    bank_ft, bank, tgt_ft, tgt, ang, p_list, c_list, xs, ey, ex, px_out, py_out, stats
+):
+    """Translations and candidate sums for the pairs ``(p_list[i], c_list[i])``.
 
-    For pair ``(p, c)`` and candidate ``q = 2 m + h`` the bank image is
-    ``c * 2 xs + j0[m, p, c_start + c] + h xs``; its circular CCF with target ``m`` is
+    ``c_list`` indexes the references of this chunk's bank and ``ang[m, i]`` is pair
+    ``i``'s footprint angle index against target ``m``. For candidate ``q = 2 m + h``
+    the bank image is ``c * 2 xs + ang[m, i] + h xs``; its circular CCF with target ``m`` is
     evaluated only on the ``(2 ms + 1)^2`` window by a partial inverse DFT (rows
     first), the first maximum in scan order is kept, and the sums (a, a^2, ab) of
     the bank image shifted by minus the peak (zero fill) against the target are formed.
     """
-    n_p = tgt.shape[1]
-    ncs = px_out.shape[1]
     nm = tgt.shape[0]
     n = bank.shape[-1]
     hx = bank_ft.shape[-1]
     nw = ey.shape[0]
     ms = nw // 2
-    for pc in prange(n_p * ncs):
-        p = pc // ncs
-        c = pc % ncs
+    for i in prange(p_list.shape[0]):
+        p = p_list[i]
+        c = c_list[i]
         rows = np.empty((nw, hx), dtype=np.complex64)
         g = np.empty(hx, dtype=np.complex64)
         for m in range(nm):
             t_ft = tgt_ft[m, p]
             t_img = tgt[m, p]
             for h in range(2):
-                b = c * 2 * xs + j0[m, p, c_start + c] + h * xs
+                b = c * 2 * xs + ang[m, i] + h * xs
                 src_ft = bank_ft[b]
                 rows[:, :] = 0
                 for ky in range(n):
@@ -111,8 +112,8 @@ def _search_block(bank_ft, bank, tgt_ft, tgt, j0, c_start, xs, ey, ex, px_out, p
                             bx = wx - ms
                             by = wy - ms
                 q = 2 * m + h
-                px_out[p, c, q] = bx
-                py_out[p, c, q] = by
+                px_out[i, q] = bx
+                py_out[i, q] = by
                 # candidate = bank image shifted by (-bx, -by), zero fill
                 sx, sy = -bx, -by
                 img = bank[b]
@@ -132,11 +133,11 @@ def _search_block(bank_ft, bank, tgt_ft, tgt, j0, c_start, xs, ey, ex, px_out, p
                         a = np.float64(img[y - sy, -sx])
                         c0 += a
                         c00 += a * a
-                stats[p, c, q, 0] = s_a
-                stats[p, c, q, 1] = s_aa
-                stats[p, c, q, 2] = s_ab
-                stats[p, c, q, 3] = c0
-                stats[p, c, q, 4] = c00
+                stats[i, q, 0] = s_a
+                stats[i, q, 1] = s_aa
+                stats[i, q, 2] = s_ab
+                stats[i, q, 3] = c0
+                stats[i, q, 4] = c00
 
 
 def window_dft(n: int, maxshift: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,9 +169,24 @@ def fused_scores(cmp, a_sum, a_sq, b_sum, b_sq, ab, npix: int) -> np.ndarray:
         return np.where(np.isfinite(v), v, np.finfo(np.float32).max)
 
 
-def align_all(
+def align_all(refs: np.ndarray, particles: np.ndarray, **kw) -> PairAlignment:
+    """:func:`align_pairs` for every (particle, reference) pair; ``(Np, Nc)`` arrays."""
+    n_p, nc = len(particles), len(refs)
+    p_idx, c_idx = (a.ravel() for a in np.indices((n_p, nc)))
+    flat = align_pairs(refs, particles, p_idx, c_idx, **kw)
+    return PairAlignment(
+        *(
+            None if v is None else v.reshape(n_p, nc)
+            for v in (flat.alpha, flat.tx, flat.ty, flat.mirror, flat.score, flat.final)
+        )
+    )
+
+
+def align_pairs(
     refs: np.ndarray,
     particles: np.ndarray,
+    p_idx: np.ndarray,
+    c_idx: np.ndarray,
     *,
     cmp,
     final=None,
@@ -181,18 +197,21 @@ def align_all(
     batch: int = 4096,
     ref_spectra: np.ndarray | None = None,
 ) -> PairAlignment:
-    """``rotate_translate[_flip]`` of every reference onto every particle.
+    """``rotate_translate[_flip]`` of reference ``c_idx[i]`` onto particle ``p_idx[i]``.
 
     ``refs`` ``(Nc, n, n)`` are the moving images, ``particles`` ``(Np, n, n)`` the
     targets; ``cmp`` chooses among candidates. ``final`` (optional comparator) scores
     each chosen alignment as e2simmx does, ``final(particle, aligned reference)``,
     into ``PairAlignment.final``. ``ctx``: comparator context; per-particle arrays
-    (``snr``) are indexed by particle. Returns ``(Np, Nc)`` arrays.
+    (``snr``) are indexed by particle. Returns one value per pair.
     """
     refs = np.ascontiguousarray(refs, np.float32)
     particles = np.ascontiguousarray(particles, np.float32)
     nc, n = len(refs), refs.shape[-1]
     n_p = len(particles)
+    p_idx = np.asarray(p_idx, np.int64)
+    c_idx = np.asarray(c_idx, np.int64)
+    npair = len(p_idx)
     ms = default_maxshift(n, maxshift)
     xs = polar_size(n)[0]
     ctx = ctx or {}
@@ -200,9 +219,7 @@ def align_all(
         ref_spectra = spectra(footprints(refs))
     tgt = np.stack([particles, mirror_x(particles)] if flip else [particles])
     nm = len(tgt)
-    j0 = np.ascontiguousarray(
-        np.stack([best_rotations(ref_spectra, spectra(footprints(t)), xs) for t in tgt])
-    )
+    j0 = np.stack([best_rotations(ref_spectra, spectra(footprints(t)), xs) for t in tgt])
     tgt_ft = scipy.fft.rfft2(tgt, workers=WORKERS).astype(np.complex64, copy=False)
     t64 = tgt.reshape(nm, n_p, -1).astype(np.float64)
     t_sum, t_sq = t64.sum(-1), np.einsum("mij,mij->mi", t64, t64)  # (nm, Np)
@@ -210,117 +227,112 @@ def align_all(
     ey, ex = window_dft(n, ms)
     angles = np.arange(2 * xs) * (180.0 / xs)
     out = PairAlignment(
-        np.zeros((n_p, nc)),
-        np.zeros((n_p, nc)),
-        np.zeros((n_p, nc)),
-        np.zeros((n_p, nc), bool),
-        np.zeros((n_p, nc)),
+        np.zeros(npair),
+        np.zeros(npair),
+        np.zeros(npair),
+        np.zeros(npair, bool),
+        np.zeros(npair),
+        None if final is None else np.zeros(npair),
     )
-    out.final = None if final is None else np.zeros((n_p, nc))
     m_of_q = np.repeat(np.arange(nm), 2)
+    order = np.argsort(c_idx, kind="stable")
     for c0 in range(0, nc, ref_chunk):
-        cs = slice(c0, min(c0 + ref_chunk, nc))
-        ncs = cs.stop - cs.start
+        c1 = min(c0 + ref_chunk, nc)
+        lo, hi = np.searchsorted(c_idx[order], [c0, c1])
+        if hi == lo:
+            continue
+        sel = order[lo:hi]
+        ps, cl = p_idx[sel], c_idx[sel] - c0
+        used = np.unique(cl)
         bank = apply_transform(
             refs,
-            np.tile(angles, ncs),
+            np.tile(angles, len(used)),
             0.0,
             0.0,
             False,
-            source=np.repeat(np.arange(cs.start, cs.stop), 2 * xs),
+            source=np.repeat(used + c0, 2 * xs),
         )
         bank_ft = scipy.fft.rfft2(bank, workers=WORKERS).astype(np.complex64, copy=False)
-        px = np.zeros((n_p, ncs, 2 * nm), np.int64)
-        py = np.zeros((n_p, ncs, 2 * nm), np.int64)
-        st = np.zeros((n_p, ncs, 2 * nm, 5))
-        _search_block(bank_ft, bank, tgt_ft, tgt, j0, cs.start, xs, ey, ex, px, py, st)
+        slot = np.searchsorted(used, cl)  # position of each pair's reference in the bank
+        ang = np.ascontiguousarray(j0[:, ps, cl + c0])
+        k = len(sel)
+        px = np.zeros((k, 2 * nm), np.int64)
+        py = np.zeros((k, 2 * nm), np.int64)
+        st = np.zeros((k, 2 * nm, 5))
+        _search_block(bank_ft, bank, tgt_ft, tgt, ang, ps, slot, xs, ey, ex, px, py, st)
         # candidate q = 2 m + h is scored against target m
         if fused_ok(cmp):
             score = fused_scores(
                 cmp,
                 st[..., 0],
                 st[..., 1],
-                t_sum[m_of_q].T[:, None, :],
-                t_sq[m_of_q].T[:, None, :],
+                t_sum[m_of_q][:, ps].T,
+                t_sq[m_of_q][:, ps].T,
                 st[..., 2],
                 n * n,
             )
         else:
-            score = _generic_scores(bank, tgt, j0[:, :, cs], xs, px, py, cmp, ctx, batch)
+            score = _generic_scores(bank, tgt, ang, ps, slot, xs, px, py, cmp, ctx, batch)
         # within a mirror state the 180-degree candidate wins ties; then the
         # unmirrored one wins only if strictly better
-        use180 = score[..., 1::2] <= score[..., 0::2]
-        s_m = np.where(use180, score[..., 1::2], score[..., 0::2])
-        mirror = ~(s_m[..., 0] < s_m[..., 1]) if nm == 2 else np.zeros((n_p, ncs), bool)
+        use180 = score[:, 1::2] <= score[:, 0::2]
+        s_m = np.where(use180, score[:, 1::2], score[:, 0::2])
+        mirror = ~(s_m[:, 0] < s_m[:, 1]) if nm == 2 else np.zeros(k, bool)
         m = mirror.astype(np.int64)
-        h = np.take_along_axis(use180, m[..., None], axis=2)[..., 0].astype(np.int64)
-        q = (2 * m + h)[..., None]
-        bx = np.take_along_axis(px, q, axis=2)[..., 0]
-        by = np.take_along_axis(py, q, axis=2)[..., 0]
-        j = np.take_along_axis(j0[:, :, cs], m[None], axis=0)[0]
-        out.alpha[:, cs] = np.mod((j + h * xs) * (180.0 / xs), 360.0)
-        out.tx[:, cs], out.ty[:, cs] = -bx, -by
-        out.mirror[:, cs] = mirror
-        out.score[:, cs] = np.take_along_axis(s_m, m[..., None], axis=2)[..., 0]
+        h = use180[np.arange(k), m].astype(np.int64)
+        q = 2 * m + h
+        bx, by = px[np.arange(k), q], py[np.arange(k), q]
+        j = ang[m, np.arange(k)]
+        out.alpha[sel] = np.mod((j + h * xs) * (180.0 / xs), 360.0)
+        out.tx[sel], out.ty[sel] = -bx, -by
+        out.mirror[sel] = mirror
+        out.score[sel] = s_m[np.arange(k), m]
         if final is None:
             continue
-        bank_idx = np.arange(ncs)[None, :] * 2 * xs + j + h * xs
+        bank_idx = slot * 2 * xs + j + h * xs
         if fused_ok(final):  # final(particle, S or mirror(S)); S the shifted bank image
-            sel = np.take_along_axis(st, q[..., None], axis=2)[:, :, 0]
-            b_sum = np.where(mirror, sel[..., 0] - sel[..., 3], sel[..., 0])
-            b_sq = np.where(mirror, sel[..., 1] - sel[..., 4], sel[..., 1])
-            out.final[:, cs] = fused_scores(
-                final, t_sum[0][:, None], t_sq[0][:, None], b_sum, b_sq, sel[..., 2], n * n
+            chosen = st[np.arange(k), q]
+            b_sum = np.where(mirror, chosen[:, 0] - chosen[:, 3], chosen[:, 0])
+            b_sq = np.where(mirror, chosen[:, 1] - chosen[:, 4], chosen[:, 1])
+            out.final[sel] = fused_scores(
+                final, t_sum[0][ps], t_sq[0][ps], b_sum, b_sq, chosen[:, 2], n * n
             )
         else:
-            out.final[:, cs] = _generic_final(
-                bank, bank_idx, bx, by, mirror, particles, final, ctx, batch
+            out.final[sel] = _generic_final(
+                bank, bank_idx, bx, by, mirror, particles, ps, final, ctx, batch
             )
     return out
 
 
-def _generic_final(bank, bank_idx, bx, by, mirror, particles, final, ctx, batch):
+def _generic_final(bank, bank_idx, bx, by, mirror, particles, p_i, final, ctx, batch):
     """``final(particle, aligned reference)`` on materialised images."""
-    n_p, ncs = bank_idx.shape
-    p_i = np.repeat(np.arange(n_p), ncs)
-    b_i, sx, sy, mi = (v.ravel() for v in (bank_idx, -bx, -by, mirror))
-    res = np.empty(n_p * ncs)
+    res = np.empty(len(p_i))
     for s0 in range(0, len(p_i), batch):
         sl = slice(s0, s0 + batch)
-        img = shift_integer(bank[b_i[sl]], sx[sl], sy[sl])
-        flipped = mi[sl]
+        img = shift_integer(bank[bank_idx[sl]], -bx[sl], -by[sl])
+        flipped = mirror[sl]
         if flipped.any():
             img[flipped] = mirror_x(img[flipped])
         sub = {
             k: (v[p_i[sl]] if isinstance(v, np.ndarray) and v.ndim else v) for k, v in ctx.items()
         }
         res[sl] = np.asarray(final(particles[p_i[sl]], img, **sub), np.float64)
-    return res.reshape(n_p, ncs)
+    return res
 
 
-def _generic_scores(bank, tgt, j0c, xs, px, py, cmp, ctx, batch):
+def _generic_scores(bank, tgt, ang, p_i, slot, xs, px, py, cmp, ctx, batch):
     """Candidate scores with any comparator, on materialised candidate images."""
-    n_p, ncs, ncand = px.shape
+    k, ncand = px.shape
     score = np.empty(px.shape)
-    p_i, c_i, q_i = (a.ravel() for a in np.indices(px.shape))
+    i_i, q_i = (a.ravel() for a in np.indices(px.shape))
     m_i, h_i = q_i // 2, q_i % 2
-    b_i = c_i * 2 * xs + j0c[m_i, p_i, c_i] + h_i * xs
-    for s0 in range(0, len(p_i), batch):
+    b_i = slot[i_i] * 2 * xs + ang[m_i, i_i] + h_i * xs
+    pp = p_i[i_i]
+    for s0 in range(0, len(i_i), batch):
         sl = slice(s0, s0 + batch)
         cand = shift_integer(bank[b_i[sl]], -px.ravel()[sl], -py.ravel()[sl])
         sub = {
-            k: (v[p_i[sl]] if isinstance(v, np.ndarray) and v.ndim else v) for k, v in ctx.items()
+            k: (v[pp[sl]] if isinstance(v, np.ndarray) and v.ndim else v) for k, v in ctx.items()
         }
-        score.reshape(-1)[sl] = np.asarray(cmp(cand, tgt[m_i[sl], p_i[sl]], **sub), np.float64)
+        score.reshape(-1)[sl] = np.asarray(cmp(cand, tgt[m_i[sl], pp[sl]], **sub), np.float64)
     return score
-
-
-def aligned_references(refs: np.ndarray, pa: PairAlignment, p_idx, c_idx) -> np.ndarray:
-    """The references ``c_idx`` moved onto particles ``p_idx`` by their alignment
-    (rotate bilinear, integer shift with zero fill, then mirror), as the aligner does."""
-    a, tx, ty, m = (v[p_idx, c_idx] for v in (pa.alpha, pa.tx, pa.ty, pa.mirror))
-    rot = apply_transform(refs[c_idx], a, 0.0, 0.0, False)
-    out = shift_integer(rot, np.rint(tx).astype(np.int64), np.rint(ty).astype(np.int64))
-    if m.any():
-        out[m] = mirror_x(out[m])
-    return out
