@@ -61,16 +61,38 @@ def window_offsets(maxshift: int) -> tuple[np.ndarray, np.ndarray]:
     return dx.ravel(), dy.ravel()
 
 
-def ccf_peaks(moving_ft: np.ndarray, target_ft: np.ndarray, n: int, maxshift: int):
-    """Integer peaks ``(px, py)`` of ``IFFT(M conj T)`` within ``|d| <= maxshift``.
+def ccf_peaks(
+    moving_ft: np.ndarray, target_ft: np.ndarray, n: int, maxshift: int, nozero: bool = False
+):
+    """Integer peaks ``(px, py)`` of ``IFFT(M conj T)`` within ``|d| <= maxshift``, and
+    their sub-pixel offsets ``(fx, fy)`` from a parabola through the neighbours.
 
-    First maximum in scan order (y outer, x inner, negative to positive).
+    First maximum in scan order (y outer, x inner, negative to positive). ``nozero``
+    zeroes the CCF at the origin and its 8 neighbours first (against fixed patterns).
     """
     ccf = scipy.fft.irfft2(moving_ft * np.conj(target_ft), s=(n, n), workers=WORKERS)
+    if nozero:
+        near = np.array([-1, 0, 1]) % n
+        ccf[:, near[:, None], near[None, :]] = 0.0
     dx, dy = window_offsets(maxshift)
+    nw = 2 * maxshift + 1
     win = ccf[:, dy % n, dx % n]
     best = np.argmax(win, axis=1)
-    return dx[best], dy[best]
+    win = win.reshape(-1, nw, nw).astype(np.float64)
+    iy, ix = np.divmod(best, nw)
+    k = np.arange(len(best))
+
+    def vertex(lo, mid, hi, at_edge):
+        den = lo - 2 * mid + hi
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f = np.clip(0.5 * (lo - hi) / den, -0.5, 0.5)
+        return np.where(at_edge | (den >= 0), 0.0, f)
+
+    ixl, ixh = np.clip(ix - 1, 0, nw - 1), np.clip(ix + 1, 0, nw - 1)
+    iyl, iyh = np.clip(iy - 1, 0, nw - 1), np.clip(iy + 1, 0, nw - 1)
+    fx = vertex(win[k, iy, ixl], win[k, iy, ix], win[k, iy, ixh], (ix == 0) | (ix == nw - 1))
+    fy = vertex(win[k, iyl, ix], win[k, iy, ix], win[k, iyh, ix], (iy == 0) | (iy == nw - 1))
+    return dx[best], dy[best], fx, fy
 
 
 def _cmp_ctx(cmp, a, b, ctx):
@@ -81,17 +103,21 @@ def _cmp_ctx(cmp, a, b, ctx):
     "translational",
     "Integer translation: peak of the circular cross-correlation within maxshift; "
     "the image is shifted with zero fill.",
-    (Param("maxshift", int, "largest shift per axis in px (default n/4)"),),
+    (
+        Param("maxshift", int, "largest shift per axis in px (default n/4)"),
+        Param("nozero", bool, "zero the CCF at the origin and its 8 neighbours", default=False),
+    ),
 )
-def translational(moving, target, *, maxshift=None, cmp=None, **ctx) -> Alignment:
+def translational(moving, target, *, maxshift=None, nozero=False, cmp=None, **ctx) -> Alignment:
     moving = np.asarray(moving, np.float32)
     n = moving.shape[-1]
     ms = default_maxshift(n, maxshift)
-    px, py = ccf_peaks(
+    px, py, _, _ = ccf_peaks(
         scipy.fft.rfft2(moving, workers=WORKERS),
         scipy.fft.rfft2(np.asarray(target, np.float32), workers=WORKERS),
         n,
         ms,
+        nozero,
     )
     k = len(moving)
     return Alignment(
@@ -141,6 +167,13 @@ _RT_PARAMS = (
     Param("rfp_mode", int, "rotational footprint mode (2: EMAN2's default)", default=2),
     Param("useflcf", bool, "fast local correlation (not supported)", default=False),
     Param("zscore", bool, "z-score footprint rows (not supported)", default=False),
+    Param(
+        "subpixel",
+        bool,
+        "report the shift at the parabola-interpolated CCF peak (not EMAN2; the "
+        "candidates are still compared at the integer peak)",
+        default=False,
+    ),
 )
 
 
@@ -158,7 +191,9 @@ def _check_rt(params: dict, where: str) -> None:
     _RT_PARAMS,
     check=_check_rt,
 )
-def rotate_translate(moving, target, *, maxshift=None, nozero=False, cmp=None, **ctx) -> Alignment:
+def rotate_translate(
+    moving, target, *, maxshift=None, nozero=False, subpixel=False, cmp=None, **ctx
+) -> Alignment:
     moving = np.asarray(moving, np.float32)
     target = np.asarray(target, np.float32)
     k, n = len(moving), moving.shape[-1]
@@ -169,18 +204,19 @@ def rotate_translate(moving, target, *, maxshift=None, nozero=False, cmp=None, *
     best = None
     for alpha in (a0, a0 + 180.0):  # two candidates; on a tie the 180-degree one wins
         rot = apply_transform(moving, alpha, 0, 0, 0)
-        px, py = ccf_peaks(scipy.fft.rfft2(rot, workers=WORKERS), target_ft, n, ms)
+        px, py, fx, fy = ccf_peaks(scipy.fft.rfft2(rot, workers=WORKERS), target_ft, n, ms, nozero)
         cand = shift_integer(rot, -px, -py)
         score = _cmp_ctx(cmp, cand, target, ctx)
+        tx, ty = (-(px + fx), -(py + fy)) if subpixel else (-px * 1.0, -py * 1.0)
         if best is None:
-            best = [cand, alpha, -px * 1.0, -py * 1.0, score]
+            best = [cand, alpha, tx, ty, score]
         else:
             take = score <= best[4]
             best = [
                 np.where(take[:, None, None], cand, best[0]),
                 np.where(take, alpha, best[1]),
-                np.where(take, -px * 1.0, best[2]),
-                np.where(take, -py * 1.0, best[3]),
+                np.where(take, tx, best[2]),
+                np.where(take, ty, best[3]),
                 np.where(take, score, best[4]),
             ]
     return Alignment(best[0], np.mod(best[1], 360.0), best[2], best[3], np.zeros(k, bool), best[4])

@@ -242,9 +242,9 @@ def frc(
     r = rings.ravel()[idx]
     nring = n // 2
     fa, fb = fa[:, idx], fb[:, idx]
-    cross = _ring_sum(np.real(fa * np.conj(fb)), r, nring + 1)
-    pa = _ring_sum(np.abs(fa) ** 2, r, nring + 1)
-    pb = _ring_sum(np.abs(fb) ** 2, r, nring + 1)
+    cross = ring_sum(np.real(fa * np.conj(fb)), r, nring + 1)
+    pa = ring_sum(np.abs(fa) ** 2, r, nring + 1)
+    pb = ring_sum(np.abs(fb) ** 2, r, nring + 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         ring_frc = (cross / np.sqrt(pa * pb))[:, :nring]
     ring_frc = np.where(np.isfinite(ring_frc), ring_frc, 0.0)
@@ -254,7 +254,7 @@ def frc(
         w = w * 2 * np.bincount(r, minlength=nring + 1)[:nring]
     if ampweight:
         cnt = np.maximum(np.bincount(r, minlength=nring + 1), 1)
-        w = w * (_ring_sum(np.abs(fa), r, nring + 1) / cnt)[:, :nring]
+        w = w * (ring_sum(np.abs(fa), r, nring + 1) / cnt)[:, :nring]
     if snrweight:
         w = w * _snr_weights(snr, k, nring, "frc")
     w = _resolution_edges(w, i, n, apix, minres, maxres, "frc")
@@ -269,7 +269,7 @@ def frc(
     return -total
 
 
-def _ring_sum(values: np.ndarray, rings: np.ndarray, nring: int) -> np.ndarray:
+def ring_sum(values: np.ndarray, rings: np.ndarray, nring: int) -> np.ndarray:
     """Per-row sums of ``values`` ``(k, m)`` by ring ``(m,)``: ``(k, nring)`` float64."""
     onehot = np.zeros((values.shape[1], nring))
     onehot[np.arange(len(rings)), rings] = 1.0

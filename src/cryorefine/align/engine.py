@@ -62,6 +62,24 @@ def fused_ok(cmp) -> bool:
     return True
 
 
+@njit(cache=True)
+def _parabola(win, iy, ix, axis):
+    """Sub-pixel offset of a window maximum along x (axis 0) or y (axis 1): the vertex
+    of the parabola through it and its two neighbours (0 at the window's edge)."""
+    nw = win.shape[0]
+    i = ix if axis == 0 else iy
+    if i == 0 or i == nw - 1:
+        return 0.0
+    if axis == 0:
+        lo, mid, hi = win[iy, ix - 1], win[iy, ix], win[iy, ix + 1]
+    else:
+        lo, mid, hi = win[iy - 1, ix], win[iy, ix], win[iy + 1, ix]
+    den = lo - 2.0 * mid + hi
+    if den >= 0.0:
+        return 0.0
+    return min(0.5, max(-0.5, 0.5 * (lo - hi) / den))
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def _search_block(
     bank_ft, bank, tgt_ft, tgt, ang, p_list, c_list, xs, ey, ex, px_out, py_out, stats
@@ -72,8 +90,10 @@ def _search_block(
     ``i``'s footprint angle index against target ``m``. For candidate ``q = 2 m + h``
     the bank image is ``c * 2 xs + ang[m, i] + h xs``; its circular CCF with target ``m`` is
     evaluated only on the ``(2 ms + 1)^2`` window by a partial inverse DFT (rows
-    first), the first maximum in scan order is kept, and the sums (a, a^2, ab) of
-    the bank image shifted by minus the peak (zero fill) against the target are formed.
+    first), the first maximum in scan order is kept, and the sums (a, a^2, ab, and
+    a, a^2 over its column 0) of the bank image shifted by minus the peak (zero fill)
+    against the target are formed; ``stats[..., 5:7]`` hold the peak's sub-pixel
+    offset (x, y) from a parabola through its neighbours.
     """
     nm = tgt.shape[0]
     n = bank.shape[-1]
@@ -85,6 +105,7 @@ def _search_block(
         c = c_list[i]
         rows = np.empty((nw, hx), dtype=np.complex64)
         g = np.empty(hx, dtype=np.complex64)
+        win = np.empty((nw, nw))
         for m in range(nm):
             t_ft = tgt_ft[m, p]
             t_img = tgt[m, p]
@@ -107,6 +128,7 @@ def _search_block(
                         v = 0.0
                         for kx in range(hx):
                             v += (rows[wy, kx] * ex[wx, kx]).real
+                        win[wy, wx] = v
                         if v > best:
                             best = v
                             bx = wx - ms
@@ -114,6 +136,8 @@ def _search_block(
                 q = 2 * m + h
                 px_out[i, q] = bx
                 py_out[i, q] = by
+                stats[i, q, 5] = _parabola(win, by + ms, bx + ms, 0)
+                stats[i, q, 6] = _parabola(win, by + ms, bx + ms, 1)
                 # candidate = bank image shifted by (-bx, -by), zero fill
                 sx, sy = -bx, -by
                 img = bank[b]
@@ -192,6 +216,7 @@ def align_pairs(
     final=None,
     maxshift: int | None = None,
     flip: bool = True,
+    subpixel: bool = False,
     ctx: dict | None = None,
     ref_chunk: int = 64,
     batch: int = 4096,
@@ -203,7 +228,9 @@ def align_pairs(
     targets; ``cmp`` chooses among candidates. ``final`` (optional comparator) scores
     each chosen alignment as e2simmx does, ``final(particle, aligned reference)``,
     into ``PairAlignment.final``. ``ctx``: comparator context; per-particle arrays
-    (``snr``) are indexed by particle. Returns one value per pair.
+    (``snr``) are indexed by particle. ``subpixel``: report the translation at the
+    parabola-interpolated CCF peak (candidates are still chosen and scored at the
+    integer peak). Returns one value per pair.
     """
     refs = np.ascontiguousarray(refs, np.float32)
     particles = np.ascontiguousarray(particles, np.float32)
@@ -258,7 +285,7 @@ def align_pairs(
         k = len(sel)
         px = np.zeros((k, 2 * nm), np.int64)
         py = np.zeros((k, 2 * nm), np.int64)
-        st = np.zeros((k, 2 * nm, 5))
+        st = np.zeros((k, 2 * nm, 7))
         _search_block(bank_ft, bank, tgt_ft, tgt, ang, ps, slot, xs, ey, ex, px, py, st)
         # candidate q = 2 m + h is scored against target m
         if fused_ok(cmp):
@@ -284,7 +311,11 @@ def align_pairs(
         bx, by = px[np.arange(k), q], py[np.arange(k), q]
         j = ang[m, np.arange(k)]
         out.alpha[sel] = np.mod((j + h * xs) * (180.0 / xs), 360.0)
-        out.tx[sel], out.ty[sel] = -bx, -by
+        if subpixel:  # reported shift from the interpolated peak; scores stay integer
+            out.tx[sel] = -(bx + st[np.arange(k), q, 5])
+            out.ty[sel] = -(by + st[np.arange(k), q, 6])
+        else:
+            out.tx[sel], out.ty[sel] = -bx, -by
         out.mirror[sel] = mirror
         out.score[sel] = s_m[np.arange(k), m]
         if final is None:

@@ -21,6 +21,7 @@ from cryorefine.errors import CryorefineError
 def _subcommands() -> dict[str, ModuleType]:
     from cryorefine.cli import (
         check,
+        classify,
         convert,
         ctf,
         demo,
@@ -29,6 +30,7 @@ def _subcommands() -> dict[str, ModuleType]:
         make3d,
         process,
         project3d,
+        simmx,
         simulate,
     )
 
@@ -39,6 +41,8 @@ def _subcommands() -> dict[str, ModuleType]:
         "check": check,
         "project3d": project3d,
         "simulate": simulate,
+        "simmx": simmx,
+        "classify": classify,
         "make3d": make3d,
         "fsc": fsc,
         "help": help,

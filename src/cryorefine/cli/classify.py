@@ -1,0 +1,41 @@
+"""Assign each particle to its best projection(s) of a similarity matrix (e2classify).
+
+Output (HDF5): datasets cls, weight, dx, dy, dalpha, flip, scale of shape
+(particles, sep), best first, and members/offsets + members/particles listing the
+particles of each class.
+
+examples:
+  cryorefine classify simmx.h5 classmx.h5
+  cryorefine classify simmx.h5 classmx.h5 --sep 2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cryorefine.stages.classify import classify, write_classmx
+from cryorefine.stages.simmx import read_simmx
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("simmx", type=Path, help="similarity matrix from cryorefine simmx")
+    parser.add_argument("output", type=Path, help="classification matrix (.h5)")
+    parser.add_argument("--sep", type=int, default=1, help="classes per particle (default 1)")
+    parser.add_argument(
+        "--simvec", action="store_true", help="classify by the pattern of similarities"
+    )
+    parser.add_argument("--overwrite", "-f", action="store_true", help="replace an existing output")
+
+
+def main(args: argparse.Namespace) -> int:
+    from cryorefine.io.atomic import check_output
+
+    check_output(args.output, overwrite=args.overwrite)
+    sim = read_simmx(args.simmx)
+    cm = classify(sim, sep=args.sep, simvec=args.simvec)
+    nc = sim.score.shape[1]
+    write_classmx(args.output, cm, nc, overwrite=args.overwrite)
+    used = len({int(c) for c in cm.cls[:, 0]})
+    print(f"wrote {args.output}: {cm.cls.shape[0]} particles into {used} of {nc} classes")
+    return 0

@@ -1,0 +1,107 @@
+"""Similarity matrix: every particle aligned to and scored against every projection (e2simmx).
+
+Positional arguments as e2simmx: the projections (columns), the particles (rows) and
+the output (HDF5 datasets score, dx, dy, dalpha, flip, scale, each particles x
+projections). Scores: smaller is better. (dx, dy, dalpha, flip) bring the particle
+onto the projection: rotate about the centre, shift (full-size px), mirror x.
+The default aligner runs on the batched engine: footprint rotation search for all
+pairs at once, then the translation of 4 candidates per pair.
+
+examples:
+  cryorefine simmx projections.hdf particles.star simmx.h5
+  cryorefine simmx proj.mrcs ptcl.star simmx.h5 --align rotate_translate_flip:maxshift=3 \\
+      --aligncmp ccc --cmp frc:zeromask=1:snrweight=1 --ralign refine --raligncmp ccc
+  cryorefine simmx proj.mrcs ptcl.star simmx.h5 --twostage 2 --shrink 2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cryorefine.stages.simmx import SimmxConfig, run_simmx
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("projections", type=Path, help="reference projections (columns)")
+    parser.add_argument("particles", type=Path, help="particle stack (rows)")
+    parser.add_argument("output", type=Path, help="similarity matrix (.h5)")
+    parser.add_argument(
+        "--align",
+        default="rotate_translate_flip",
+        help="aligner (default %(default)s; none: no alignment)",
+    )
+    parser.add_argument(
+        "--aligncmp", default="dot", help="comparator inside the aligner (default %(default)s)"
+    )
+    parser.add_argument("--ralign", help="refining aligner run after --align (e.g. refine)")
+    parser.add_argument(
+        "--raligncmp", default="dot", help="comparator of --ralign (default %(default)s)"
+    )
+    parser.add_argument(
+        "--cmp", default="dot:normalize=1", help="final comparator (default %(default)s)"
+    )
+    parser.add_argument(
+        "--mask", help="2D mask multiplied into both images before the final compare"
+    )
+    parser.add_argument(
+        "--shrink", type=int, help="block-average both stacks by this factor first (>= 2)"
+    )
+    parser.add_argument(
+        "--twostage",
+        type=int,
+        default=0,
+        help="coarse search over averaged projections shrunk by this factor, then a local "
+        "full search (e2simmx2stage); 0: off",
+    )
+    parser.add_argument(
+        "--prefilt",
+        action="store_true",
+        help="match each projection's power spectrum to the particle's (not supported yet)",
+    )
+    parser.add_argument(
+        "--usefilt",
+        type=Path,
+        help="align and score this stack instead (same particles, e.g. filtered)",
+    )
+    parser.add_argument(
+        "--exclude", type=Path, help="text file of particle rows to skip (they get the worst score)"
+    )
+    parser.add_argument(
+        "--chunk", type=int, default=1000, help="particles per batch (bounds memory)"
+    )
+    parser.add_argument("--overwrite", "-f", action="store_true", help="replace an existing output")
+
+
+def main(args: argparse.Namespace) -> int:
+    from cryorefine.errors import CryorefineError
+
+    if args.prefilt:
+        raise CryorefineError("--prefilt is not supported yet")
+    if args.shrink is not None and args.shrink < 2:
+        raise CryorefineError(f"--shrink {args.shrink}: must be at least 2")
+    if args.twostage < 0:
+        raise CryorefineError(f"--twostage {args.twostage}: must be 0 (off) or a shrink factor")
+    cfg = SimmxConfig(
+        align=args.align,
+        aligncmp=args.aligncmp,
+        ralign=args.ralign,
+        raligncmp=args.raligncmp,
+        cmp=args.cmp,
+        mask=args.mask,
+        shrink=args.shrink,
+        twostage=args.twostage,
+    )
+    result = run_simmx(
+        args.projections,
+        args.particles,
+        args.output,
+        cfg,
+        exclude=args.exclude,
+        usefilt=args.usefilt,
+        chunk=args.chunk,
+        overwrite=args.overwrite,
+    )
+    n_p, nc = result.score.shape
+    print(f"wrote {args.output}: {n_p} particles x {nc} projections")
+    return 0

@@ -1,0 +1,108 @@
+"""e2classify: each particle to its ``sep`` best projections of a similarity matrix.
+
+The classmx holds, per particle (row) and choice (column, best first), the class
+(projection index), weight (1.0, as EMAN2) and the particle -> projection alignment
+copied from the similarity matrix (dx, dy, dalpha, flip, scale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cryorefine.errors import CryorefineError
+from cryorefine.io.atomic import atomic_output
+from cryorefine.stages.simmx import Simmx
+
+CLASSMX_FIELDS = ("cls", "weight", "dx", "dy", "dalpha", "flip", "scale")
+
+
+@dataclass
+class ClassMx:
+    """``(Np, sep)`` arrays; ``cls`` holds projection indices."""
+
+    cls: np.ndarray
+    weight: np.ndarray
+    dx: np.ndarray
+    dy: np.ndarray
+    dalpha: np.ndarray
+    flip: np.ndarray
+    scale: np.ndarray
+
+    def members(self, n_classes: int) -> list[np.ndarray]:
+        """Per class, the particles assigned to it in any of their ``sep`` choices."""
+        rows = np.repeat(np.arange(self.cls.shape[0]), self.cls.shape[1])
+        order = np.argsort(self.cls.ravel(), kind="stable")
+        bounds = np.searchsorted(self.cls.ravel()[order], np.arange(n_classes + 1))
+        return [rows[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def simvec_scores(score: np.ndarray) -> np.ndarray:
+    """EMAN2 ``--simvec``: rows compared with the mean standardised row of each class."""
+    from cryorefine.align.compare import sqeuclidean
+
+    n_p, nc = score.shape
+    best = np.argmin(score, axis=1)
+    s = score.astype(np.float64)
+    std = s.std(axis=1, keepdims=True)
+    z = (s - s.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1)
+    acc = np.zeros((nc, nc))
+    np.add.at(acc, best, z)
+    norm = np.linalg.norm(acc, axis=1, keepdims=True)
+    used = norm[:, 0] > 0
+    acc = np.where(norm > 0, acc / np.where(norm > 0, norm, 1), 0)
+    out = np.full((n_p, nc), 100000.0)
+    for i in np.flatnonzero(used):  # one comparison per used class, vectorised over particles
+        out[:, i] = sqeuclidean(
+            s[:, None, :].astype(np.float32), np.broadcast_to(acc[i], (n_p, 1, nc)), normto=True
+        )
+    return out
+
+
+def classify(sim: Simmx, *, sep: int = 1, simvec: bool = False) -> ClassMx:
+    """Assign each particle to its ``sep`` lowest-scoring projections (first minimum wins)."""
+    n_p, nc = sim.score.shape
+    if not 1 <= sep <= nc:
+        raise CryorefineError(f"--sep {sep}: must be between 1 and the {nc} projections")
+    row = simvec_scores(sim.score) if simvec else sim.score.astype(np.float64)
+    # a stable sort keeps the first of equal scores first, as EMAN2's repeated argmin
+    cls = np.argsort(row, axis=1, kind="stable")[:, :sep]
+    take = lambda a: np.take_along_axis(a, cls, axis=1).astype(np.float32)  # noqa: E731
+    return ClassMx(
+        cls.astype(np.float32),
+        np.ones((n_p, sep), np.float32),
+        take(sim.dx),
+        take(sim.dy),
+        take(sim.dalpha),
+        take(sim.flip),
+        take(sim.scale),
+    )
+
+
+def write_classmx(path: Path, cm: ClassMx, n_classes: int, *, overwrite: bool = False) -> None:
+    """HDF5: ``(particles, sep)`` datasets and per-class member lists (CSR)."""
+    members = cm.members(n_classes)
+    with atomic_output(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = "cryorefine classmx 1"
+        f.attrs["axes"] = "particle, choice (best first)"
+        f.attrs["n_classes"] = n_classes
+        for name in CLASSMX_FIELDS:
+            ds = f.create_dataset(name, data=getattr(cm, name), compression="gzip")
+            ds.attrs["axes"] = "particle, choice"
+        g = f.create_group("members")
+        g.attrs["layout"] = "particles of class c: particles[offsets[c]:offsets[c+1]]"
+        g.create_dataset("offsets", data=np.cumsum([0] + [len(m) for m in members]))
+        g.create_dataset("particles", data=np.concatenate(members) if members else [])
+
+
+def read_classmx(path: Path) -> ClassMx:
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != "cryorefine classmx 1":
+                raise CryorefineError(f"{path}: not a cryorefine classmx")
+            return ClassMx(**{name: f[name][()] for name in CLASSMX_FIELDS})
+    except OSError as err:
+        raise CryorefineError(f"{path}: cannot read ({err})") from None

@@ -1,0 +1,322 @@
+"""e2simmx: every particle against every reference projection, aligned and scored.
+
+The result holds, per particle (row) and projection (column), the final score
+(smaller is better) and the transform that brings the **particle** onto the
+projection (the inverse of the aligner's projection -> particle transform):
+``dx, dy`` in full-size pixels, ``dalpha`` in degrees ``[0, 360)``, ``flip`` 0/1 and
+``scale`` (1). Particles are processed in chunks; references once per chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cryorefine.align import transform2d
+from cryorefine.align.compare import load_mask, ring_sum
+from cryorefine.align.engine import align_pairs
+from cryorefine.align.rotational import footprints, spectra
+from cryorefine.errors import CryorefineError
+from cryorefine.fourier.fft import rfft_shell_index
+from cryorefine.io.atomic import atomic_output
+from cryorefine.io.stacks import ParticleStack
+from cryorefine.registry import ALIGNERS, COMPARATORS
+
+WORST = 1e24
+ENGINE = {"rotate_translate_flip", "rotate_translate"}
+FIELDS = ("score", "dx", "dy", "dalpha", "flip", "scale")
+
+
+@dataclass(frozen=True)
+class SimmxConfig:
+    """e2simmx's options (EMAN2 modifier strings)."""
+
+    align: str | None = "rotate_translate_flip"
+    aligncmp: str = "dot"
+    ralign: str | None = None
+    raligncmp: str = "dot"
+    cmp: str = "dot:normalize=1"
+    mask: str | None = None
+    shrink: int | None = None
+    prefilt: bool = False
+    twostage: int = 0
+
+
+@dataclass
+class Simmx:
+    """Per (particle, projection) arrays ``(Np, Nc)``: score and particle->projection
+    alignment (see the module docstring)."""
+
+    score: np.ndarray
+    dx: np.ndarray
+    dy: np.ndarray
+    dalpha: np.ndarray
+    flip: np.ndarray
+    scale: np.ndarray
+    attrs: dict = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, n_p: int, nc: int) -> Simmx:
+        z = lambda: np.zeros((n_p, nc), np.float32)  # noqa: E731
+        return cls(z(), z(), z(), z(), z(), np.ones((n_p, nc), np.float32))
+
+
+def ctf_snr(stack: ParticleStack, idx: np.ndarray, box: int, apix: float) -> np.ndarray | None:
+    """Per-particle SNR per Fourier ring for ``snrweight``: the ring mean of CTF^2.
+
+    Choice: RELION-style particles carry CTF parameters but no measured SNR curve
+    (EMAN2's ``ctf.snr``); the CTF^2 ring average has the same zeros and envelope.
+    """
+    ctf = stack.meta.ctf.take(idx)
+    if not ctf.known.all():
+        return None
+    c2 = ctf.evaluate(box, apix).astype(np.float64) ** 2
+    rings = np.minimum(rfft_shell_index((box, box)).ravel(), box // 2)
+    counts = np.maximum(np.bincount(rings, minlength=box // 2 + 1), 1)
+    return (ring_sum(c2.reshape(len(idx), -1), rings, box // 2 + 1) / counts)[:, : box // 2]
+
+
+def _masked(cmp, mask: np.ndarray):
+    def masked_cmp(a, b, **ctx):
+        return cmp(a * mask, b * mask, **ctx)
+
+    return masked_cmp
+
+
+def simmx(
+    refs: np.ndarray,
+    particles: np.ndarray,
+    cfg: SimmxConfig,
+    *,
+    apix: float,
+    snr: np.ndarray | None = None,
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
+    ref_spectra: np.ndarray | None = None,
+) -> Simmx:
+    """Similarity matrix of ``particles`` ``(Np, n, n)`` against ``refs`` ``(Nc, n, n)``.
+
+    Images are already shrunk if asked (``apix`` is then the shrunken pixel size);
+    shifts are returned in the pixels given. ``pairs`` = ``(p_idx, c_idx)`` restricts
+    the computation to those cells (the others get ``WORST``). ``snr`` ``(Np, n//2)``
+    feeds ``snrweight``.
+    """
+    align = ALIGNERS.parse(cfg.align, option="--align")
+    aligncmp = COMPARATORS.parse(cfg.aligncmp, option="--aligncmp")
+    ralign = ALIGNERS.parse(cfg.ralign, option="--ralign")
+    raligncmp = COMPARATORS.parse(cfg.raligncmp, option="--raligncmp")
+    cmp = COMPARATORS.parse(cfg.cmp, option="--cmp")
+    if cmp is None:
+        raise CryorefineError("--cmp: a comparator is required")
+    n_p, nc, n = len(particles), len(refs), refs.shape[-1]
+    mask = load_mask(cfg.mask, n, "--mask") if isinstance(cfg.mask, str) else cfg.mask
+    final = cmp if mask is None else _masked(cmp, mask.astype(np.float32))
+    ctx = {"apix": apix, "snr": snr}
+    if pairs is None:
+        p_idx, c_idx = (a.ravel() for a in np.indices((n_p, nc)))
+    else:
+        p_idx, c_idx = (np.asarray(a, np.int64) for a in pairs)
+    out = Simmx.empty(n_p, nc)
+    out.score[:] = WORST
+    blank = refs.reshape(nc, -1).std(axis=1) == 0
+    if align is None:
+        score = np.empty(len(p_idx))
+        for s0 in range(0, len(p_idx), 4096):
+            sl = slice(s0, s0 + 4096)
+            sub = dict(ctx, snr=None if snr is None else snr[p_idx[sl]])
+            score[sl] = final(particles[p_idx[sl]], refs[c_idx[sl]], **sub)
+        out.score[p_idx, c_idx] = score
+        out.score[:, blank] = WORST
+        return _finite(out)
+    if align.name in ENGINE and not (align.name == "rotate_translate" and align.params["nozero"]):
+        pa = align_pairs(
+            refs,
+            particles,
+            p_idx,
+            c_idx,
+            cmp=aligncmp,
+            final=None if ralign is not None else final,
+            maxshift=align.params.get("maxshift"),
+            subpixel=bool(align.params.get("subpixel")),
+            flip=align.name == "rotate_translate_flip",
+            ctx=ctx,
+            ref_spectra=ref_spectra,
+        )
+        fwd = (pa.alpha, pa.tx, pa.ty, pa.mirror)
+        score = pa.final
+    else:
+        fwd, score = _pairwise(align, aligncmp, refs, particles, p_idx, c_idx, ctx, final)
+    if ralign is not None:
+        fwd, score = _pairwise(
+            ralign, raligncmp, refs, particles, p_idx, c_idx, ctx, final, start=fwd
+        )
+    alpha, tx, ty, mirror = transform2d.inverse(*fwd)
+    out.score[p_idx, c_idx] = score
+    out.dx[p_idx, c_idx], out.dy[p_idx, c_idx] = tx, ty
+    out.dalpha[p_idx, c_idx], out.flip[p_idx, c_idx] = alpha, mirror
+    out.score[:, blank] = WORST
+    return _finite(out)
+
+
+def _finite(out: Simmx) -> Simmx:
+    out.score[~np.isfinite(out.score)] = WORST
+    return out
+
+
+def _pairwise(aligner, aligncmp, refs, particles, p_idx, c_idx, ctx, final, start=None):
+    """Any registered aligner on explicit pairs, in batches; then the final score."""
+    fwd = [np.zeros(len(p_idx)) for _ in range(3)] + [np.zeros(len(p_idx), bool)]
+    score = np.empty(len(p_idx))
+    for s0 in range(0, len(p_idx), 2048):
+        sl = slice(s0, s0 + 2048)
+        kw = {k: v for k, v in aligner.params.items() if v is not None}
+        sub = dict(ctx, snr=None if ctx.get("snr") is None else ctx["snr"][p_idx[sl]])
+        if start is not None:
+            kw["start"] = tuple(v[sl] for v in start)
+        res = aligner.entry.func(refs[c_idx[sl]], particles[p_idx[sl]], cmp=aligncmp, **kw, **sub)
+        for v, r in zip(fwd, res.params, strict=True):
+            v[sl] = r
+        score[sl] = final(particles[p_idx[sl]], res.images, **sub)
+    return tuple(fwd), score
+
+
+def run_simmx(
+    projections: Path,
+    particles: Path,
+    output: Path,
+    cfg: SimmxConfig,
+    *,
+    exclude: Path | None = None,
+    usefilt: Path | None = None,
+    chunk: int = 1000,
+    overwrite: bool = False,
+    progress=None,
+) -> Simmx:
+    """Read both stacks, compute the similarity matrix in particle chunks, write it."""
+    from cryorefine.stages.twostage import twostage_pairs
+
+    for text, reg, opt in (
+        (cfg.align, ALIGNERS, "--align"),
+        (cfg.ralign, ALIGNERS, "--ralign"),
+        (cfg.aligncmp, COMPARATORS, "--aligncmp"),
+        (cfg.raligncmp, COMPARATORS, "--raligncmp"),
+        (cfg.cmp, COMPARATORS, "--cmp"),
+    ):
+        reg.parse(text, option=opt)
+    from cryorefine.io.atomic import check_output
+
+    check_output(output, overwrite=overwrite)
+    proj = ParticleStack.from_path(projections)
+    ptcl = ParticleStack.from_path(usefilt or particles)
+    try:
+        if proj.box != ptcl.box:
+            raise CryorefineError(
+                f"{ptcl.label}: box {ptcl.box} px differs from {proj.label} ({proj.box} px)"
+            )
+        refs = proj.read()
+        apix = ptcl.apix
+        shrink = cfg.shrink or 1
+        if cfg.shrink is not None:
+            refs = transform2d.meanshrink(refs, shrink)
+        box = refs.shape[-1]
+        skip = np.zeros(len(ptcl), bool)
+        if exclude is not None:
+            skip[_read_exclude(exclude, len(ptcl))] = True
+        n_p, nc = len(ptcl), len(refs)
+        result = Simmx.empty(n_p, nc)
+        needs_snr = "snrweight=1" in (cfg.cmp or "").replace("true", "1")
+        ref_spec = spectra(footprints(refs)) if box >= 16 else None
+        pair_plan = twostage_pairs(refs, cfg, apix * shrink) if cfg.twostage else None
+        for start in range(0, n_p, chunk):
+            idx = np.arange(start, min(start + chunk, n_p))
+            idx = idx[~skip[idx]]
+            if idx.size == 0:
+                continue
+            images = ptcl.read(idx)
+            if cfg.shrink is not None:
+                images = transform2d.meanshrink(images, shrink)
+            snr = ctf_snr(ptcl, idx, box, apix * shrink) if needs_snr else None
+            pairs = None if pair_plan is None else pair_plan(images, snr)
+            part = simmx(
+                refs, images, cfg, apix=apix * shrink, snr=snr, pairs=pairs, ref_spectra=ref_spec
+            )
+            for name in FIELDS:
+                getattr(result, name)[idx] = getattr(part, name)
+            if progress:
+                progress(len(idx))
+        result.dx *= shrink
+        result.dy *= shrink
+        result.score[skip] = WORST
+        if pair_plan is not None:
+            fill_uncomputed(result)
+        result.attrs = {
+            "projection_file": str(projections),
+            "particle_file": str(particles),
+            "apix": apix,
+            "options": repr(cfg),
+        }
+        write_simmx(output, result, overwrite=overwrite)
+        return result
+    finally:
+        proj.close()
+        ptcl.close()
+
+
+def fill_uncomputed(result: Simmx) -> None:
+    """Cells left at ``WORST`` by a restricted search become ``max(row) + 1e-4``."""
+    s = result.score
+    computed = s < WORST
+    row_max = np.where(computed, s, -np.inf).max(axis=1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, WORST)
+    result.score[:] = np.where(computed, s, row_max + 1e-4)
+
+
+def _read_exclude(path: Path, n: int) -> np.ndarray:
+    try:
+        values = [int(x) for x in Path(path).read_text().split()]
+    except (OSError, ValueError) as err:
+        raise CryorefineError(f"--exclude {path}: {err}") from None
+    bad = [v for v in values if not 0 <= v < n]
+    if bad:
+        raise CryorefineError(f"--exclude {path}: particle {bad[0]} is not in 0..{n - 1}")
+    return np.asarray(values, np.int64)
+
+
+def write_simmx(path: Path, result: Simmx, *, overwrite: bool = False) -> None:
+    """HDF5: datasets score, dx, dy, dalpha, flip, scale, each ``(particles, projections)``."""
+    units = {
+        "score": "comparator (smaller is better)",
+        "dx": "px",
+        "dy": "px",
+        "dalpha": "degrees",
+        "flip": "0/1",
+        "scale": "1",
+    }
+    with atomic_output(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = "cryorefine simmx 1"
+        f.attrs["axes"] = "particle, projection"
+        f.attrs["transform"] = (
+            "particle -> projection: rotate by dalpha about (n//2, n//2), shift by (dx, dy), "
+            "then mirror x if flip"
+        )
+        for k, v in result.attrs.items():
+            f.attrs[k] = v
+        for name in FIELDS:
+            ds = f.create_dataset(name, data=getattr(result, name), compression="gzip")
+            ds.attrs["units"] = units[name]
+            ds.attrs["axes"] = "particle, projection"
+
+
+def read_simmx(path: Path) -> Simmx:
+    """Read a similarity matrix written by :func:`write_simmx`."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != "cryorefine simmx 1":
+                raise CryorefineError(f"{path}: not a cryorefine similarity matrix")
+            data = {name: f[name][()] for name in FIELDS}
+            attrs = dict(f.attrs)
+    except OSError as err:
+        raise CryorefineError(f"{path}: cannot read ({err})") from None
+    return Simmx(**data, attrs=attrs)
