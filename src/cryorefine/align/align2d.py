@@ -17,7 +17,7 @@ import numpy as np
 import scipy.fft
 
 from cryorefine.align.rotational import footprints, polar_size
-from cryorefine.align.transform2d import apply_transform, mirror_x, shift_integer
+from cryorefine.align.transform2d import apply_transform, mirror_x, rotate180, shift_integer
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fft import WORKERS
 from cryorefine.registry import ALIGNERS, COMPARATORS, Param
@@ -202,8 +202,10 @@ def rotate_translate(
     a0 = footprint_angles(moving, target)
     target_ft = scipy.fft.rfft2(target, workers=WORKERS)
     best = None
-    for alpha in (a0, a0 + 180.0):  # two candidates; on a tie the 180-degree one wins
-        rot = apply_transform(moving, alpha, 0, 0, 0)
+    r0 = apply_transform(moving, a0, 0, 0, 0)
+    # two candidates, alpha0 and that image turned by a further 180 degrees (exact);
+    # on a tie the 180-degree one wins
+    for alpha, rot in ((a0, r0), (a0 + 180.0, rotate180(r0))):
         px, py, fx, fy = ccf_peaks(scipy.fft.rfft2(rot, workers=WORKERS), target_ft, n, ms, nozero)
         cand = shift_integer(rot, -px, -py)
         score = _cmp_ctx(cmp, cand, target, ctx)

@@ -8,14 +8,17 @@ loop over pairs:
    footprint rotation of every pair is one matrix product per angular frequency
    (over radii) followed by an inverse FFT along angle (:func:`best_rotations`).
 2. The footprint angle is quantised to ``180 / xs`` degrees, so each reference is
-   rotated once to each of the ``2 xs`` angles (a "bank", bilinear as the per-pair
-   path) and Fourier-transformed once, instead of once per pair.
+   rotated once to each of the ``xs`` angles (bilinear, as the per-pair path) and
+   turned by a further 180 degrees (exact): a "bank" of ``2 xs`` images per
+   reference, each Fourier-transformed once instead of a rotation per pair.
 3. Each pair has four candidates (``alpha0``, ``alpha0 + 180``, each against the
-   particle and its mirror); the translation of each is the peak of one inverse FFT
-   of ``bank * conj(particle)``, batched.
+   particle and its mirror). Their circular cross-correlation is needed only inside
+   the ``maxshift`` window, so a compiled kernel evaluates ``bank * conj(particle)``
+   by a partial inverse DFT on that window (rows, then columns) and takes the first
+   maximum in EMAN2's scan order.
 4. The candidates are scored by the aligner's comparator on the actually shifted
-   images (zero fill): ``ccc``/``dot``/``sqeuclidean`` by a fused compiled kernel,
-   any other comparator on materialised images.
+   images (zero fill): ``ccc``, ``dot`` and ``sqeuclidean`` (also ``normto=1``) from
+   pixel sums the same kernel forms; any other comparator on materialised images.
 
 References are taken in chunks (the bank holds ``2 xs`` images per reference) and
 particles in chunks, so memory is bounded whatever the stack sizes.
@@ -31,10 +34,11 @@ from numba import njit, prange
 
 from cryorefine.align.align2d import default_maxshift
 from cryorefine.align.rotational import best_rotations, footprints, polar_size, spectra
-from cryorefine.align.transform2d import apply_transform, mirror_x, shift_integer
+from cryorefine.align.transform2d import apply_transform, mirror_x, rotate180, shift_integer
 from cryorefine.fourier.fft import WORKERS
 
 FUSED = {"ccc", "dot", "sqeuclidean"}
+FLT_MIN = float(np.finfo(np.float32).tiny)
 
 
 @dataclass
@@ -57,9 +61,11 @@ def fused_ok(cmp) -> bool:
     p = cmp.params
     if p.get("mask") is not None:
         return False
-    if name == "sqeuclidean" and (p.get("normto") or p.get("zeromask")):
-        return False
-    return True
+    return not (name == "sqeuclidean" and p.get("zeromask"))
+
+
+def _needs_fit(cmp) -> bool:
+    return getattr(cmp, "name", None) == "sqeuclidean" and bool(cmp.params.get("normto"))
 
 
 @njit(cache=True)
@@ -82,7 +88,7 @@ def _parabola(win, iy, ix, axis):
 
 @njit(cache=True, parallel=True, fastmath=True)
 def _search_block(
-    bank_ft, bank, tgt_ft, tgt, ang, p_list, c_list, xs, ey, ex, px_out, py_out, stats
+    bank_ft, bank, tgt_ft, tgt, ang, p_list, c_list, xs, ey, ex, px_out, py_out, stats, fit
 ):
     """Translations and candidate sums for the pairs ``(p_list[i], c_list[i])``.
 
@@ -93,7 +99,9 @@ def _search_block(
     first), the first maximum in scan order is kept, and the sums (a, a^2, ab, and
     a, a^2 over its column 0) of the bank image shifted by minus the peak (zero fill)
     against the target are formed; ``stats[..., 5:7]`` hold the peak's sub-pixel
-    offset (x, y) from a parabola through its neighbours.
+    offset (x, y) from a parabola through its neighbours. With ``fit``,
+    ``stats[..., 7:12]`` are the count and sums (a, b, a^2, ab) over the pixels where
+    ``a >= FLT_MIN`` (the least-squares fit of ``sqeuclidean:normto=1``).
     """
     nm = tgt.shape[0]
     n = bank.shape[-1]
@@ -150,6 +158,27 @@ def _search_block(
                         s_a += a
                         s_aa += a * a
                         s_ab += a * t_img[y, x]
+                f_n = 0.0
+                f_a = 0.0
+                f_b = 0.0
+                f_aa = 0.0
+                f_ab = 0.0
+                if fit:
+                    for y in range(max(0, sy), min(n, n + sy)):
+                        for x in range(max(0, sx), min(n, n + sx)):
+                            a = np.float64(img[y - sy, x - sx])
+                            if a >= FLT_MIN:
+                                b = np.float64(t_img[y, x])
+                                f_n += 1.0
+                                f_a += a
+                                f_b += b
+                                f_aa += a * a
+                                f_ab += a * b
+                stats[i, q, 7] = f_n
+                stats[i, q, 8] = f_a
+                stats[i, q, 9] = f_b
+                stats[i, q, 10] = f_aa
+                stats[i, q, 11] = f_ab
                 c0 = 0.0
                 c00 = 0.0
                 if sx <= 0:  # column 0 of the shifted image (dropped by a mirror)
@@ -177,8 +206,12 @@ def window_dft(n: int, maxshift: int) -> tuple[np.ndarray, np.ndarray]:
     return ey.astype(np.complex64), ex.astype(np.complex64)
 
 
-def fused_scores(cmp, a_sum, a_sq, b_sum, b_sq, ab, npix: int) -> np.ndarray:
-    """``cmp(a, b)`` for ccc/dot/sqeuclidean from pixel sums over the whole box."""
+def fused_scores(cmp, a_sum, a_sq, b_sum, b_sq, ab, npix: int, fit=None) -> np.ndarray:
+    """``cmp(a, b)`` for ccc/dot/sqeuclidean from pixel sums over the whole box.
+
+    ``fit`` (``sqeuclidean:normto=1``): ``(..., 5)`` count and sums (a, b, a^2, ab) over
+    the pixels with ``a >= FLT_MIN``, where ``b = A + B a`` is fitted.
+    """
     p = cmp.params
     sign = -1.0 if p.get("negative", True) else 1.0
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -189,6 +222,15 @@ def fused_scores(cmp, a_sum, a_sq, b_sum, b_sq, ab, npix: int) -> np.ndarray:
         if cmp.name == "dot":
             v = ab / np.sqrt(a_sq * b_sq) if p.get("normalize") else ab / npix
             return sign * np.where(np.isfinite(v), v, 0.0)
+        if fit is not None and p.get("normto"):
+            f_n, f_a, f_b, f_aa, f_ab = (fit[..., i] for i in range(5))
+            ma, mb = f_a / f_n, f_b / f_n
+            slope = (f_ab - f_n * ma * mb) / (f_aa - f_n * ma * ma)
+            icept = mb - slope * ma
+            ok = np.isfinite(slope) & (slope != 0) & (1.0 / slope > 0)
+            slope, icept = np.where(ok, slope, 1.0), np.where(ok, icept, 0.0)
+            ab = (ab - icept * a_sum) / slope
+            b_sq = (b_sq - 2 * icept * b_sum + npix * icept * icept) / (slope * slope)
         v = (a_sq - 2 * ab + b_sq) / npix
         return np.where(np.isfinite(v), v, np.finfo(np.float32).max)
 
@@ -221,6 +263,7 @@ def align_pairs(
     ref_chunk: int = 64,
     batch: int = 4096,
     ref_spectra: np.ndarray | None = None,
+    bank_cache: dict | None = None,
 ) -> PairAlignment:
     """``rotate_translate[_flip]`` of reference ``c_idx[i]`` onto particle ``p_idx[i]``.
 
@@ -230,7 +273,9 @@ def align_pairs(
     into ``PairAlignment.final``. ``ctx``: comparator context; per-particle arrays
     (``snr``) are indexed by particle. ``subpixel``: report the translation at the
     parabola-interpolated CCF peak (candidates are still chosen and scored at the
-    integer peak). Returns one value per pair.
+    integer peak). ``bank_cache`` (a dict kept by the caller across calls with the
+    same ``refs`` and ``ref_chunk``) keeps the rotated references. Returns one value
+    per pair.
     """
     refs = np.ascontiguousarray(refs, np.float32)
     particles = np.ascontiguousarray(particles, np.float32)
@@ -252,7 +297,6 @@ def align_pairs(
     t_sum, t_sq = t64.sum(-1), np.einsum("mij,mij->mi", t64, t64)  # (nm, Np)
     del t64
     ey, ex = window_dft(n, ms)
-    angles = np.arange(2 * xs) * (180.0 / xs)
     out = PairAlignment(
         np.zeros(npair),
         np.zeros(npair),
@@ -270,23 +314,22 @@ def align_pairs(
             continue
         sel = order[lo:hi]
         ps, cl = p_idx[sel], c_idx[sel] - c0
-        used = np.unique(cl)
-        bank = apply_transform(
-            refs,
-            np.tile(angles, len(used)),
-            0.0,
-            0.0,
-            False,
-            source=np.repeat(used + c0, 2 * xs),
-        )
-        bank_ft = scipy.fft.rfft2(bank, workers=WORKERS).astype(np.complex64, copy=False)
+        if bank_cache is not None and c0 in bank_cache:
+            used, bank, bank_ft = bank_cache[c0]
+        else:
+            used = np.arange(c1 - c0) if bank_cache is not None else np.unique(cl)
+            bank, bank_ft = _bank(refs, used + c0, xs)
+            if bank_cache is not None:
+                bank_cache[c0] = used, bank, bank_ft
         slot = np.searchsorted(used, cl)  # position of each pair's reference in the bank
         ang = np.ascontiguousarray(j0[:, ps, cl + c0])
         k = len(sel)
         px = np.zeros((k, 2 * nm), np.int64)
         py = np.zeros((k, 2 * nm), np.int64)
-        st = np.zeros((k, 2 * nm, 7))
-        _search_block(bank_ft, bank, tgt_ft, tgt, ang, ps, slot, xs, ey, ex, px, py, st)
+        st = np.zeros((k, 2 * nm, 12))
+        _search_block(
+            bank_ft, bank, tgt_ft, tgt, ang, ps, slot, xs, ey, ex, px, py, st, _needs_fit(cmp)
+        )
         # candidate q = 2 m + h is scored against target m
         if fused_ok(cmp):
             score = fused_scores(
@@ -297,6 +340,7 @@ def align_pairs(
                 t_sq[m_of_q][:, ps].T,
                 st[..., 2],
                 n * n,
+                st[..., 7:12],
             )
         else:
             score = _generic_scores(bank, tgt, ang, ps, slot, xs, px, py, cmp, ctx, batch)
@@ -321,7 +365,7 @@ def align_pairs(
         if final is None:
             continue
         bank_idx = slot * 2 * xs + j + h * xs
-        if fused_ok(final):  # final(particle, S or mirror(S)); S the shifted bank image
+        if fused_ok(final) and not _needs_fit(final):  # final(particle, S or mirror(S))
             chosen = st[np.arange(k), q]
             b_sum = np.where(mirror, chosen[:, 0] - chosen[:, 3], chosen[:, 0])
             b_sq = np.where(mirror, chosen[:, 1] - chosen[:, 4], chosen[:, 1])
@@ -333,6 +377,18 @@ def align_pairs(
                 bank, bank_idx, bx, by, mirror, particles, ps, final, ctx, batch
             )
     return out
+
+
+def _bank(refs: np.ndarray, which: np.ndarray, xs: int) -> tuple[np.ndarray, np.ndarray]:
+    """References ``which`` at the ``xs`` footprint angles and each turned by 180 degrees
+    (``(len(which) * 2 xs, n, n)``), and their ``rfft2``."""
+    n = refs.shape[-1]
+    angles = np.arange(xs) * (180.0 / xs)
+    half = apply_transform(
+        refs, np.tile(angles, len(which)), 0.0, 0.0, False, source=np.repeat(which, xs)
+    ).reshape(len(which), xs, n, n)
+    bank = np.concatenate([half, rotate180(half)], axis=1).reshape(-1, n, n)
+    return bank, scipy.fft.rfft2(bank, workers=WORKERS).astype(np.complex64, copy=False)
 
 
 def _generic_final(bank, bank_idx, bx, by, mirror, particles, p_i, final, ctx, batch):

@@ -113,6 +113,16 @@ def mirror_x(images: np.ndarray) -> np.ndarray:
     return out
 
 
+def rotate180(images: np.ndarray) -> np.ndarray:
+    """Rotate by 180 degrees about ``(n // 2, n // 2)``: an exact pixel permutation (what
+    bilinear resampling gives); for even ``n`` row 0 and column 0 have no source and are 0."""
+    n = images.shape[-1]
+    out = np.zeros_like(images)
+    lo = 2 * (n // 2) - (n - 1)  # 1 for even n, 0 for odd
+    out[..., lo:, lo:] = images[..., ::-1, ::-1][..., : n - lo, : n - lo]
+    return out
+
+
 def shift_integer(images: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     """Shift each image by whole pixels ``(dx, dy)`` with zero fill (content moves by +d)."""
     images = np.ascontiguousarray(images, dtype=np.float32)

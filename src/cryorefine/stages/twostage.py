@@ -1,7 +1,8 @@
 """e2simmx2stage: a coarse search over averaged projections, then a local full search.
 
 Stage 1 compares the projections with each other (shrunk by the ``--twostage``
-factor, ``sqeuclidean:normto=1`` inside the aligner, ``sqeuclidean`` to score),
+factor, ``sqeuclidean:normto=1`` inside the aligner, ``sqeuclidean`` to score; shifts
+within 2 px, as all projections share one origin),
 picks ``Ns = 3 floor(sqrt(Nc))`` centres by farthest-point sampling, gives every
 projection to its 2 most similar centres and averages each centre's members after
 aligning them to its first member. Stage 2 scores every particle against those
@@ -21,67 +22,98 @@ from cryorefine.align.transform2d import apply_transform, meanshrink
 
 N_BEST = 4
 N_OWNERS = 2
+STAGE1_MAXSHIFT = 2  # px of the shrunk projections (Choice: EMAN2 uses the default n/4)
 
 
-def centres_and_members(score: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Farthest-point centres and their member lists from a projection self-simmx.
+def centres_and_members(
+    row: Callable[[int], np.ndarray], nc: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Farthest-point centres and their member lists.
 
-    ``score[k, j]`` is projection ``k`` (particle role) against ``j`` (projection
-    role), i.e. EMAN2's ``Q[j, k]``. Start with projection 0, repeatedly add the
-    projection maximising its minimum ``Q`` to the centres (ties: lowest index); then
-    each projection joins its 2 most similar centres (smallest ``Q[i, centre]``).
+    ``row(k)`` is projection ``k`` (particle role) scored against every projection
+    (projection role): EMAN2's ``Q[:, k]``. Start with projection 0, repeatedly add
+    the projection maximising its minimum ``Q`` over the centres (ties: lowest
+    index); then each projection joins its 2 most similar centres (smallest
+    ``Q[i, centre]``). Only the centres' rows are ever needed.
     """
-    nc = score.shape[0]
     ns = min(nc, 3 * int(np.floor(np.sqrt(nc))))
     centres = [0]
-    dist = score[0].astype(np.float64).copy()  # min over centres k of Q[j, k] = score[k, j]
+    rows = [np.asarray(row(0), np.float64)]
+    dist = rows[0].copy()
     taken = np.zeros(nc, bool)
     taken[0] = True
     while len(centres) < ns:
         j = int(np.argmax(np.where(taken, -np.inf, dist)))
         centres.append(j)
         taken[j] = True
-        dist = np.minimum(dist, score[j])
-    centres = np.asarray(centres)
-    q = score[centres].T  # (projection i, centre) = Q[i, centre]
+        rows.append(np.asarray(row(j), np.float64))
+        dist = np.minimum(dist, rows[-1])
+    q = np.stack(rows, axis=1)  # (projection i, centre) = Q[i, centre]
     owners = np.argsort(q, axis=1, kind="stable")[:, : min(N_OWNERS, ns)]
     members = [np.flatnonzero((owners == c).any(axis=1)) for c in range(ns)]
-    return centres, members
+    return np.asarray(centres), members
 
 
-def class_averages(refs: np.ndarray, sim, members: list[np.ndarray]) -> np.ndarray:
-    """Each centre's members aligned onto its first member (stored alignments) and averaged."""
+def class_averages(refs: np.ndarray, members: list[np.ndarray], align_onto) -> np.ndarray:
+    """Each centre's members aligned onto its first member and averaged.
+
+    ``align_onto(j, m0)`` gives ``(dalpha, dx, dy, flip)`` arrays bringing projections
+    ``j`` onto projections ``m0`` (the stored e2simmx alignment at (x=m0, y=j)).
+    """
     out = np.zeros((len(members),) + refs.shape[1:], np.float32)
+    pairs = [(mem[1:], np.full(len(mem) - 1, mem[0])) for mem in members if len(mem) > 1]
+    if pairs:
+        j_all = np.concatenate([p[0] for p in pairs])
+        m_all = np.concatenate([p[1] for p in pairs])
+        alpha, dx, dy, flip = align_onto(j_all, m_all)
+        moved = apply_transform(refs[j_all], alpha, dx, dy, flip)
+    start = 0
     for c, mem in enumerate(members):
         if mem.size == 0:
             continue
-        m0, rest = mem[0], mem[1:]
-        total = refs[m0].astype(np.float64)
-        if rest.size:
-            moved = apply_transform(
-                refs[rest],
-                sim.dalpha[rest, m0],
-                sim.dx[rest, m0],
-                sim.dy[rest, m0],
-                sim.flip[rest, m0] > 0.5,
-            )
-            total = total + moved.sum(axis=0)
+        total = refs[mem[0]].astype(np.float64)
+        if len(mem) > 1:
+            total = total + moved[start : start + len(mem) - 1].sum(axis=0)
+            start += len(mem) - 1
         out[c] = total / len(mem)
     return out
 
 
 def twostage_pairs(refs: np.ndarray, cfg, apix: float) -> Callable:
     """Stage 1 on the references; returns ``plan(particles, snr) -> (p_idx, c_idx)``."""
-    from cryorefine.stages.simmx import SimmxConfig, simmx
+    from cryorefine.align import transform2d
+    from cryorefine.align.engine import align_pairs
+    from cryorefine.align.rotational import footprints, spectra
+    from cryorefine.registry import COMPARATORS
+    from cryorefine.stages.simmx import simmx
 
     factor = max(1, int(cfg.twostage) // max(1, cfg.shrink or 1))
     small = meanshrink(refs, factor) if factor > 1 else refs
-    self_cfg = SimmxConfig(
-        align="rotate_translate_flip", aligncmp="sqeuclidean:normto=1", cmp="sqeuclidean"
+    nc = len(small)
+    # e2simmx2stage's self-comparison, one centre row at a time: the projections
+    # share one origin, so only small residual shifts are searched
+    kw = dict(
+        cmp=COMPARATORS.parse("sqeuclidean:normto=1"),
+        final=COMPARATORS.parse("sqeuclidean"),
+        maxshift=STAGE1_MAXSHIFT,
+        ref_spectra=spectra(footprints(small)),
+        bank_cache={},
+        ref_chunk=nc,  # one bank (small images), kept across the sequential rows
     )
-    q = simmx(small, small, self_cfg, apix=apix * factor)
-    centres, members = centres_and_members(q.score)
-    averages = class_averages(small, q, members)
+
+    def row(k: int) -> np.ndarray:
+        pa = align_pairs(small, small[k : k + 1], np.zeros(nc, np.int64), np.arange(nc), **kw)
+        return pa.final
+
+    centres, members = centres_and_members(row, nc)
+
+    def align_onto(j: np.ndarray, m0: np.ndarray):
+        pa = align_pairs(small, small, j, m0, **kw)
+        alpha, tx, ty, mirror = transform2d.inverse(pa.alpha, pa.tx, pa.ty, pa.mirror)
+        return alpha, tx, ty, mirror
+
+    averages = class_averages(small, members, align_onto)
+    kw.clear()
     coarse_cfg = replace(cfg, twostage=0, shrink=None, ralign=None)
 
     def plan(particles: np.ndarray, snr: np.ndarray | None):
@@ -89,8 +121,8 @@ def twostage_pairs(refs: np.ndarray, cfg, apix: float) -> Callable:
         coarse = simmx(averages, images, coarse_cfg, apix=apix * factor, snr=_resample(snr, factor))
         best = np.argsort(coarse.score, axis=1, kind="stable")[:, :N_BEST]
         p_idx, c_idx = [], []
-        for p, row in enumerate(best):
-            cols = np.unique(np.concatenate([members[c] for c in row]))
+        for p, picks in enumerate(best):
+            cols = np.unique(np.concatenate([members[c] for c in picks]))
             p_idx.append(np.full(len(cols), p))
             c_idx.append(cols)
         return np.concatenate(p_idx), np.concatenate(c_idx)
