@@ -1,0 +1,191 @@
+"""2D transforms, aligners and the batched engine against known answers and the
+per-pair definitions."""
+
+from __future__ import annotations
+
+import mrcfile
+import numpy as np
+import pytest
+
+from cryorefine.align import transform2d as t2d
+from cryorefine.align.align2d import refine, rotate_translate_flip, translational
+from cryorefine.align.engine import align_all
+from cryorefine.align.rotational import angle_step, polar_size
+from cryorefine.fourier.project import project
+from cryorefine.geometry.orientations import orientations
+from cryorefine.registry import ALIGNERS, COMPARATORS
+
+
+@pytest.fixture(scope="module")
+def projections() -> np.ndarray:
+    from .conftest import SHARED_DATA
+
+    path = SHARED_DATA / "rnapol2_64.mrc"
+    if not path.is_file():
+        pytest.skip(f"test map {path} not present")
+    return project(mrcfile.read(path), orientations("eman:delta=15", "c1"))
+
+
+def angle_diff(a, b) -> np.ndarray:
+    return np.abs((np.asarray(a) - np.asarray(b) + 180.0) % 360.0 - 180.0)
+
+
+def test_inverse_and_composition():
+    alpha, tx, ty, m = t2d.inverse(30, 3, -2, 0)
+    assert alpha[0] == pytest.approx(330)
+    r = np.deg2rad(-30)
+    expected = -np.array([[np.cos(r), np.sin(r)], [-np.sin(r), np.cos(r)]]) @ [3, -2]
+    assert (tx[0], ty[0]) == pytest.approx(tuple(expected))
+    alpha, tx, ty, m = t2d.inverse(30, 3, -2, 1)
+    assert m[0] and alpha[0] == pytest.approx(30)  # a mirrored transform keeps its angle
+    for mirror in (0, 1):
+        ident = t2d.compose(t2d.inverse(30, 3, -2, mirror), (30, 3, -2, mirror))
+        assert angle_diff(ident[0], 0)[0] < 1e-9 and abs(ident[1][0]) < 1e-9 and not ident[3][0]
+
+
+def test_rotation_moves_content_as_specified():
+    image = np.zeros((64, 64), np.float32)
+    image[32, 37] = 1.0  # q = (5, 0)
+    moved = t2d.apply_transform(image, 90, 0, 0, 0)
+    assert tuple(np.argwhere(moved > 0.5)[0] - 32) == (-5, 0)  # (y, x): q -> (0, -5)
+    shifted = t2d.apply_transform(image, 0, 2, -3, 0)
+    assert tuple(np.argwhere(shifted > 0.5)[0] - 32) == (-3, 7)
+    mirrored = t2d.apply_transform(image, 0, 0, 0, 1)
+    assert tuple(np.argwhere(mirrored > 0.5)[0] - 32) == (0, -5)
+    assert np.allclose(mirrored, t2d.mirror_x(image))
+    # applying T then its inverse gives the image back (away from the zero-filled edge)
+    back = t2d.apply_transform(
+        t2d.apply_transform(image, 0, 3, 1, 1), *[v[0] for v in t2d.inverse(0, 3, 1, 1)]
+    )
+    assert np.allclose(back, image, atol=1e-6)
+
+
+def test_polar_sizes_follow_eman2():
+    assert polar_size(64)[0] == 64 and polar_size(128)[0] == 140 and polar_size(256)[0] == 270
+    assert polar_size(64)[1:] == (4, 30)
+
+
+def _trials(projections, k, snr, seed):
+    rng = np.random.default_rng(seed)
+    ref = projections[rng.integers(0, len(projections), k)]
+    truth = (
+        rng.uniform(0, 360, k),
+        rng.integers(-4, 5, k),
+        rng.integers(-4, 5, k),
+        rng.integers(0, 2, k).astype(bool),
+    )
+    particles = t2d.apply_transform(ref, *truth)
+    if snr is not None:
+        sigma = np.sqrt(particles.var(axis=(1, 2), keepdims=True) / snr)
+        particles += (rng.standard_normal(particles.shape) * sigma).astype(np.float32)
+    return ref, particles, truth
+
+
+def _recovered(res, truth, max_angle=2.0, max_shift=0.5):
+    alpha, tx, ty, mirror = truth
+    return (
+        (angle_diff(res.alpha, alpha) <= max_angle)
+        & (np.hypot(res.tx - tx, res.ty - ty) <= max_shift)
+        & (res.mirror == mirror)
+    )
+
+
+def test_rotate_translate_flip_recovers_exact_transforms(projections):
+    """Noise-free: angle within one footprint step + 0.5 degrees, exact integer shift
+    and mirror, for every one of 200 random transforms."""
+    ref, particles, truth = _trials(projections, 200, None, 5)
+    res = rotate_translate_flip(ref, particles, maxshift=6, cmp=COMPARATORS.parse("ccc"))
+    assert _recovered(res, truth, angle_step(64) + 0.5, 0.0).all()
+
+
+def test_exhaustive_search_and_refine_reach_the_noise_limit(projections):
+    """500 trials at SNR 0.1: rtf_exhaustive then refine. Where the answer is not
+    within 2 degrees / 0.5 px / right mirror, the solution found scores better than
+    the true transform: the data, not the search, sets the error."""
+    ref, particles, truth = _trials(projections, 500, 0.1, 5)
+    ccc = COMPARATORS.parse("ccc")
+    coarse = ALIGNERS.parse("rtf_exhaustive:maxshift=5")(ref, particles, cmp=ccc)
+    res = refine(ref, particles, start=coarse.params, cmp=ccc)
+    ok = _recovered(res, truth)
+    assert ok.mean() >= 0.75, ok.mean()
+    assert (res.mirror == truth[3]).mean() >= 0.99
+    at_truth = ccc(t2d.apply_transform(ref, *truth), particles)
+    assert (res.score[~ok] <= at_truth[~ok] + 1e-6).mean() >= 0.95
+
+
+def test_refine_polishes_a_perturbed_start(projections):
+    rng = np.random.default_rng(6)
+    k = 40
+    ref = projections[rng.integers(0, len(projections), k)]
+    alpha, tx, ty = rng.uniform(0, 360, k), rng.uniform(-4, 4, k), rng.uniform(-4, 4, k)
+    mirror = rng.integers(0, 2, k).astype(bool)
+    target = t2d.apply_transform(ref, alpha, tx, ty, mirror)
+    start = (
+        alpha + rng.choice([-3.0, 3.0], k),
+        tx + rng.choice([-1.0, 1.0], k),
+        ty + rng.choice([-1.0, 1.0], k),
+        mirror,
+    )
+    res = refine(ref, target, start=start, cmp=COMPARATORS.parse("ccc"))
+    assert angle_diff(res.alpha, alpha).max() <= 0.5
+    assert np.abs(res.tx - tx).max() <= 0.25 and np.abs(res.ty - ty).max() <= 0.25
+    assert (res.mirror == mirror).all()
+    # a solution beyond maxshift is rejected: the start comes back
+    far = refine(ref[:3], target[:3], start=tuple(v[:3] for v in start), maxshift=0)
+    assert np.allclose(far.tx, start[1][:3]) and np.allclose(far.alpha % 360, start[0][:3] % 360)
+
+
+def test_translational_cannot_reach_beyond_maxshift(projections):
+    image = projections[:1]
+    moved = t2d.shift_integer(image, np.array([20]), np.array([0]))
+    res = translational(image, moved, maxshift=16)
+    assert abs(res.tx[0] - 20) > 1  # n/4 = 16 at 64 px: 20 px is out of reach
+    near = translational(image, t2d.shift_integer(image, np.array([5]), np.array([-3])))
+    assert (near.tx[0], near.ty[0]) == (5, -3)
+
+
+@pytest.mark.parametrize(
+    "aligncmp,final",
+    [("ccc", "dot:normalize=1"), ("sqeuclidean:normto=1", "sqeuclidean"), ("frc:maxres=0", "ccc")],
+)
+def test_engine_reproduces_the_per_pair_aligner(projections, aligncmp, final):
+    """Every pair of 12 noisy particles x all projections: the batched engine gives the
+    per-pair definition's transforms and scores."""
+    rng = np.random.default_rng(7)
+    refs = projections
+    k, nc = 12, len(refs)
+    truth = rng.integers(0, nc, k)
+    x = t2d.apply_transform(
+        refs[truth],
+        rng.uniform(0, 360, k),
+        rng.integers(-3, 4, k),
+        rng.integers(-3, 4, k),
+        rng.integers(0, 2, k),
+    )
+    x += (rng.standard_normal(x.shape) * x.std()).astype(np.float32)
+    a, f = COMPARATORS.parse(aligncmp), COMPARATORS.parse(final)
+    batched = align_all(refs, x, cmp=a, final=f, maxshift=5, ctx={"apix": 3.0})
+    p_i, c_i = np.repeat(np.arange(k), nc), np.tile(np.arange(nc), k)
+    pair = rotate_translate_flip(refs[c_i], x[p_i], maxshift=5, cmp=a, apix=3.0)
+    same = (
+        np.isclose(pair.alpha, batched.alpha.ravel())
+        & (pair.tx == batched.tx.ravel())
+        & (pair.ty == batched.ty.ravel())
+        & (pair.mirror == batched.mirror.ravel())
+    )
+    assert same.mean() >= 0.99
+    score = f(x[p_i], pair.images, apix=3.0)
+    assert np.allclose(score[same], batched.final.ravel()[same], rtol=1e-4, atol=1e-6)
+    assert np.allclose(pair.score[same], batched.score.ravel()[same], rtol=1e-4, atol=1e-6)
+    assert (np.argmin(batched.final, axis=1) == truth).mean() >= 0.9
+
+
+def test_aligner_registry_lists_the_five():
+    assert {
+        "translational",
+        "rotational",
+        "rotate_translate",
+        "rotate_translate_flip",
+        "refine",
+    } <= set(ALIGNERS.names())
+    assert angle_step(64) == pytest.approx(180 / 64)

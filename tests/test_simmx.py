@@ -1,0 +1,223 @@
+"""simmx, two-stage search and classify: layouts, known alignments, assignment."""
+
+from __future__ import annotations
+
+import mrcfile
+import numpy as np
+import pytest
+
+from cryorefine.align import transform2d as t2d
+from cryorefine.align.rotational import angle_step
+from cryorefine.fourier.project import project
+from cryorefine.geometry.orientations import orientations
+from cryorefine.stages.classify import classify, read_classmx
+from cryorefine.stages.simmx import WORST, Simmx, SimmxConfig, read_simmx, simmx
+from cryorefine.stages.twostage import N_BEST, twostage_pairs
+
+
+@pytest.fixture(scope="module")
+def refs() -> np.ndarray:
+    from .conftest import SHARED_DATA
+
+    path = SHARED_DATA / "rnapol2_64.mrc"
+    if not path.is_file():
+        pytest.skip(f"test map {path} not present")
+    return project(mrcfile.read(path), orientations("eman:delta=15", "c1"))
+
+
+def angle_diff(a, b) -> np.ndarray:
+    return np.abs((np.asarray(a) - np.asarray(b) + 180.0) % 360.0 - 180.0)
+
+
+CCC = SimmxConfig(aligncmp="ccc", cmp="ccc")
+
+
+def test_projections_against_themselves(refs):
+    """Identity: no shift, angle 0 (or 360) within a step, no flip, the row's best cell."""
+    sim = simmx(refs, refs[:10], CCC, apix=3.0)
+    assert sim.score.shape == (10, len(refs))
+    diag = np.arange(10)
+    assert (np.argmin(sim.score, axis=1) == diag).all()
+    assert (sim.dx[diag, diag] == 0).all() and (sim.dy[diag, diag] == 0).all()
+    assert (angle_diff(sim.dalpha[diag, diag], 0) <= angle_step(64)).all()
+    assert (sim.flip[diag, diag] == 0).all()
+    assert set(np.unique(sim.flip)) <= {0.0, 1.0} and (sim.scale == 1).all()
+
+
+@pytest.mark.parametrize("ralign", [None, "refine"])
+def test_stored_transform_brings_the_particle_onto_the_projection(refs, ralign):
+    rng = np.random.default_rng(11)
+    k = 8
+    which = rng.integers(0, len(refs), k)
+    alpha, tx, ty = rng.uniform(0, 360, k), rng.integers(-6, 7, k), rng.integers(-6, 7, k)
+    mirror = rng.integers(0, 2, k).astype(bool)
+    x = t2d.apply_transform(refs[which], alpha, tx, ty, mirror)
+    cfg = SimmxConfig(aligncmp="ccc", cmp="ccc", ralign=ralign, raligncmp="ccc")
+    sim = simmx(refs, x, cfg, apix=3.0)
+    r = np.arange(k)
+    p = (sim.dalpha[r, which], sim.dx[r, which], sim.dy[r, which], sim.flip[r, which] > 0.5)
+    back = t2d.apply_transform(x, *p)
+    inner = np.s_[:, 12:-12, 12:-12]  # away from the zero-filled edges
+    for b, ref in zip(back[inner], refs[which][inner], strict=True):
+        assert np.corrcoef(b.ravel(), ref.ravel())[0, 1] >= 0.95
+    inv = t2d.inverse(alpha, tx, ty, mirror)
+    assert (p[3] == mirror).all()
+    tol_a, tol_t = (0.5, 0.3) if ralign else (angle_step(64) + 0.5, 1.0)
+    assert angle_diff(p[0], inv[0]).max() <= tol_a
+    assert np.hypot(p[1] - inv[1], p[2] - inv[2]).max() <= tol_t
+
+
+def test_shrunk_search_reports_full_size_shifts(refs, in_tmp, run_cli):
+    from cryorefine.io.stacks import ParticleStack, write_stack
+
+    rng = np.random.default_rng(12)
+    k = 6
+    which = rng.integers(0, len(refs), k)
+    tx, ty = rng.integers(-6, 7, k), rng.integers(-6, 7, k)
+    x = t2d.apply_transform(refs[which], 0.0, tx, ty, False)
+    write_stack(ParticleStack.from_arrays(refs, apix=3.0), "proj.mrcs")
+    write_stack(ParticleStack.from_arrays(x, apix=3.0), "ptcl.mrcs")
+    (in_tmp / "skip.txt").write_text("5\n")
+    code, out, err = run_cli(
+        "simmx",
+        "proj.mrcs",
+        "ptcl.mrcs",
+        "simmx.h5",
+        "--shrink",
+        "2",
+        "--aligncmp",
+        "ccc",
+        "--cmp",
+        "ccc",
+        "--exclude",
+        "skip.txt",
+    )
+    assert code == 0, err
+    sim = read_simmx(in_tmp / "simmx.h5")
+    r = np.arange(5)
+    inv = t2d.inverse(0.0, tx, ty, False)
+    assert np.abs(sim.dx[r, which[:5]] - inv[1][:5]).max() <= 2
+    assert np.abs(sim.dy[r, which[:5]] - inv[2][:5]).max() <= 2
+    assert (sim.score[5] == WORST).all()  # excluded: the worst score, never a best match
+    code, _, err = run_cli("simmx", "proj.mrcs", "ptcl.mrcs", "simmx.h5")
+    assert code == 2 and "exists" in err  # no silent overwrite
+
+
+def test_bad_options_are_one_line_errors(refs, in_tmp, run_cli):
+    from cryorefine.io.stacks import ParticleStack, write_stack
+
+    write_stack(ParticleStack.from_arrays(refs, apix=3.0), "proj.mrcs")
+    write_stack(ParticleStack.from_arrays(refs[:, :32, :32].copy(), apix=3.0), "small.mrcs")
+    for args, text in (
+        (("--align", "nosuch"), "unknown aligner 'nosuch'"),
+        (("--cmp", "frc:nokey=1"), "unknown parameter 'nokey'"),
+        (("--shrink", "1"), "--shrink 1"),
+    ):
+        code, _, err = run_cli("simmx", "proj.mrcs", "proj.mrcs", "out.h5", *args)
+        assert code == 2 and text in err and "Traceback" not in err
+    code, _, err = run_cli("simmx", "proj.mrcs", "small.mrcs", "out.h5")
+    assert code == 2 and "box" in err
+
+
+def test_classify_facts():
+    score = np.array([[3.0, 1.0, 2.0, 5.0], [1.0, 0.0, 0.0, 4.0]], np.float32)
+    sim = Simmx.empty(2, 4)
+    sim.score[:] = score
+    sim.dx[:] = np.arange(8).reshape(2, 4)
+    cm = classify(sim, sep=2)
+    assert cm.cls[0].tolist() == [1, 2] and cm.weight[0].tolist() == [1, 1]
+    assert cm.dx[0].tolist() == [1, 2]
+    assert cm.cls[1, 0] == 1  # ties: the first minimum
+    assert cm.cls.shape == (2, 2) and cm.scale.shape == (2, 2)
+    members = cm.members(4)
+    assert members[1].tolist() == [0, 1] and members[3].size == 0
+    with pytest.raises(Exception, match="--sep 5"):
+        classify(sim, sep=5)
+    assert classify(sim, simvec=True).cls.shape == (2, 1)
+
+
+def test_two_stage_layout(refs):
+    """100 projections: 30 centres, every projection in exactly two member lists; each
+    particle's computed cells are the members of its 4 best centres."""
+    from cryorefine.align.transform2d import apply_transform
+
+    from .conftest import SHARED_DATA
+
+    proj = project(
+        mrcfile.read(SHARED_DATA / "rnapol2_64.mrc"), orientations("eman:delta=5", "c1")[:100]
+    )
+    cfg = SimmxConfig(aligncmp="ccc", cmp="ccc", twostage=2)
+    plan = twostage_pairs(proj, cfg, 3.0)
+    assert len(plan.centres) == 30 and len(set(plan.centres.tolist())) == 30
+    counts = np.bincount(np.concatenate(plan.members), minlength=100)
+    assert (counts == 2).all()
+    rng = np.random.default_rng(3)
+    x = apply_transform(proj[rng.integers(0, 100, 5)], rng.uniform(0, 360, 5), 1, -1, 0)
+    p_idx, c_idx = plan(x, None)
+    for p in range(5):
+        cells = set(c_idx[p_idx == p].tolist())
+        assert 1 <= len(cells) <= 2 * 100 // 30 * N_BEST + 20
+    from cryorefine.stages.simmx import fill_uncomputed
+
+    sim = simmx(proj, x, cfg, apix=3.0, pairs=(p_idx, c_idx))
+    computed = np.zeros(sim.score.shape, bool)
+    computed[p_idx, c_idx] = True
+    fill_uncomputed(sim)
+    row_max = np.where(computed, sim.score, -np.inf).max(axis=1)
+    assert np.allclose(sim.score[~computed], np.repeat(row_max + 1e-4, (~computed).sum(1)))
+
+
+def test_orientation_assignment_of_simulated_particles(rnapol2_64, in_tmp, run_cli):
+    """150 particles (SNR 0.1, CTF, shifts up to 3 px) against eman:delta=5 projections:
+    >= 90% assigned within 2 delta of the truth with a shift error <= 1 px."""
+    from cryorefine.geometry.euler import particle_from_alignment
+    from cryorefine.geometry.symmetry import symmetry_group
+    from cryorefine.io.stacks import ParticleStack
+
+    assert (
+        run_cli(
+            "simulate",
+            "--model",
+            rnapol2_64,
+            "--out",
+            "ptcl.star",
+            "--n",
+            "150",
+            "--snr",
+            "0.1",
+            "--max-shift",
+            "9",
+            "--seed",
+            "4",
+        )[0]
+        == 0
+    )
+    assert (
+        run_cli(
+            "project3d", "--model", rnapol2_64, "--out", "proj.hdf", "--orientgen", "eman:delta=5"
+        )[0]
+        == 0
+    )
+    code, _, err = run_cli(
+        "simmx",
+        "proj.hdf",
+        "ptcl.star",
+        "simmx.h5",
+        "--align",
+        "rotate_translate_flip:maxshift=4:subpixel=1",
+        "--aligncmp",
+        "ccc",
+        "--cmp",
+        "ccc",
+    )
+    assert code == 0, err
+    assert run_cli("classify", "simmx.h5", "classmx.h5")[0] == 0
+    cm = read_classmx(in_tmp / "classmx.h5")
+    proj, ptcl = ParticleStack.from_path("proj.hdf"), ParticleStack.from_path("ptcl.star")
+    c = cm.cls[:, 0].astype(int)
+    rot, shift = particle_from_alignment(
+        proj.meta.rotations[c], cm.dalpha[:, 0], cm.dx[:, 0], cm.dy[:, 0], cm.flip[:, 0] > 0.5
+    )
+    ang = symmetry_group("c1").angle_between(rot, ptcl.meta.rotations)
+    err_px = np.linalg.norm(shift - ptcl.meta.shift_a / ptcl.apix, axis=1)
+    assert np.mean((ang <= 10) & (err_px <= 1)) >= 0.9
