@@ -33,7 +33,13 @@ import scipy.fft
 from numba import njit, prange
 
 from cryorefine.align.align2d import default_maxshift
-from cryorefine.align.rotational import best_rotations, footprints, polar_size, spectra
+from cryorefine.align.rotational import (
+    best_rotations,
+    footprints,
+    pair_rotations,
+    polar_size,
+    spectra,
+)
 from cryorefine.align.transform2d import apply_transform, mirror_x, rotate180, shift_integer
 from cryorefine.fourier.fft import WORKERS
 
@@ -291,7 +297,15 @@ def align_pairs(
         ref_spectra = spectra(footprints(refs))
     tgt = np.stack([particles, mirror_x(particles)] if flip else [particles])
     nm = len(tgt)
-    j0 = np.stack([best_rotations(ref_spectra, spectra(footprints(t)), xs) for t in tgt])
+    tgt_spectra = [spectra(footprints(t)) for t in tgt]
+    if npair * 4 < n_p * nc:  # few pairs: footprint angles of those pairs only
+        j_pairs = np.stack(
+            [pair_rotations(ref_spectra, ts, c_idx, p_idx, xs) for ts in tgt_spectra]
+        )
+    else:
+        j0 = np.stack([best_rotations(ref_spectra, ts, xs) for ts in tgt_spectra])
+        j_pairs = j0[:, p_idx, c_idx]
+    del tgt_spectra
     tgt_ft = scipy.fft.rfft2(tgt, workers=WORKERS).astype(np.complex64, copy=False)
     t64 = tgt.reshape(nm, n_p, -1).astype(np.float64)
     t_sum, t_sq = t64.sum(-1), np.einsum("mij,mij->mi", t64, t64)  # (nm, Np)
@@ -322,7 +336,7 @@ def align_pairs(
             if bank_cache is not None:
                 bank_cache[c0] = used, bank, bank_ft
         slot = np.searchsorted(used, cl)  # position of each pair's reference in the bank
-        ang = np.ascontiguousarray(j0[:, ps, cl + c0])
+        ang = np.ascontiguousarray(j_pairs[:, sel])
         k = len(sel)
         px = np.zeros((k, 2 * nm), np.int64)
         py = np.zeros((k, 2 * nm), np.int64)

@@ -108,3 +108,18 @@ def best_rotations(moving: np.ndarray, target: np.ndarray, xs: int) -> np.ndarra
     c_hat = np.matmul(np.conj(np.transpose(target, (0, 2, 1))), moving)
     corr = scipy.fft.irfft(c_hat, n=xs, axis=0, workers=WORKERS)
     return np.argmax(corr, axis=0)
+
+
+def pair_rotations(
+    moving: np.ndarray, target: np.ndarray, c_idx: np.ndarray, p_idx: np.ndarray, xs: int
+) -> np.ndarray:
+    """As :func:`best_rotations`, for the listed pairs only ``(moving c_idx[i], target
+    p_idx[i])`` (when they are few compared with all pairs)."""
+    out = np.empty(len(c_idx), np.int64)
+    for s0 in range(0, len(c_idx), 8192):
+        sl = slice(s0, s0 + 8192)
+        # (M, R, k) -> sum over radii of conj(T) M, per frequency and pair
+        c_hat = np.einsum("mrk,mrk->mk", np.conj(target[:, :, p_idx[sl]]), moving[:, :, c_idx[sl]])
+        corr = scipy.fft.irfft(c_hat, n=xs, axis=0, workers=WORKERS)
+        out[sl] = np.argmax(corr, axis=0)
+    return out
