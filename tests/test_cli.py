@@ -91,6 +91,8 @@ def test_demo_runs_the_pipeline(in_tmp, run_cli):
     assert code == 0, err
     res = float(out.split("FSC(half 1, half 2) = 0.143 at")[1].split()[0])
     assert 6.0 <= res < 20.0
+    within = float(out.split("% within")[0].split()[-1])
+    assert within >= 85  # orientations assigned by simmx + classify from a 20 Å model
     for name in (
         "particles.star",
         "particles.mrcs",
@@ -100,6 +102,7 @@ def test_demo_runs_the_pipeline(in_tmp, run_cli):
         "threed.mrc",
         "threed_filt.mrc",
         "fsc_halves.png",
+        "threed_assigned.mrc",
     ):
         assert (in_tmp / "d" / name).is_file()
     assert run_cli("demo", "--out", "d", "--n", "300")[0] == 2  # no silent overwrite

@@ -5,6 +5,11 @@ orientations with CTF (defocus 1-2.5 µm), shifts and noise; write them as RELIO
 STAR + MRCS, convert to EMAN2 HDF and LST and read the LST back; reconstruct the two
 half sets with CTF correction (make3d); report the half-map FSC resolution (0.143)
 and the FSC against the true map (0.5); mass-normalise and automask the result.
+Then assign orientations as one refinement iteration does: project a 20 Å low-pass
+of the map (eman:delta=10), align and score every particle against every projection
+(simmx), classify each to its best projection, and reconstruct from the assigned
+orientations (threed_assigned.mrc), reporting how many landed within 2 delta of the
+truth and the map's resolution.
 
 examples:
   cryorefine demo --out demo
@@ -41,7 +46,9 @@ OUTPUTS = (
     "threed_mask.mrc",
     "fsc_halves.txt",
     "fsc_halves.png",
+    "threed_assigned.mrc",
 )
+DELTA = 10.0
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -125,5 +132,48 @@ def main(args: argparse.Namespace) -> int:
         f"resolution: FSC(half 1, half 2) = 0.143 at {res_half:.1f} Å; "
         f"FSC(map, truth) = 0.5 at {res_truth:.1f} Å (Nyquist {2 * apix:.1f} Å)"
     )
+    t1 = time.perf_counter()
+    frac, res_assigned, assigned = _assign_and_reconstruct(out, truth, apix, args.overwrite)
+    print(
+        f"orientation assignment (simmx + classify, {assigned} projections at {DELTA:g}° "
+        f"from a 20 Å model): {100 * frac:.0f}% within {2 * DELTA:g}° of the truth; map from "
+        f"the assigned orientations -> threed_assigned.mrc, FSC(map, truth) = 0.5 at "
+        f"{res_assigned:.1f} Å ({time.perf_counter() - t1:.1f} s)"
+    )
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _assign_and_reconstruct(out: Path, truth, apix: float, overwrite: bool):
+    """One orientation-assignment pass from a low-pass model; returns (fraction within
+    2 delta, resolution at FSC 0.5 against the truth, number of projections)."""
+    from cryorefine.fourier.filters import lowpass_gauss
+    from cryorefine.fourier.project import project
+    from cryorefine.geometry.euler import particle_from_alignment
+    from cryorefine.geometry.orientations import orientations
+    from cryorefine.geometry.symmetry import symmetry_group
+    from cryorefine.stages.classify import classify
+    from cryorefine.stages.simmx import SimmxConfig, simmx
+
+    model = lowpass_gauss(truth.data, apix / 20.0, 3).astype(np.float32)
+    ref_rot = orientations(f"eman:delta={DELTA:g}", "c1")
+    refs = project(model, ref_rot)
+    stack = ParticleStack.from_path(out / "particles.star")
+    try:
+        particles, meta = stack.read(), stack.meta
+    finally:
+        stack.close()
+    cfg = SimmxConfig(
+        align="rotate_translate_flip:maxshift=4:subpixel=1", aligncmp="ccc", cmp="ccc"
+    )
+    cm = classify(simmx(refs, particles, cfg, apix=apix))
+    c = cm.cls[:, 0].astype(int)
+    rot, shift = particle_from_alignment(
+        ref_rot[c], cm.dalpha[:, 0], cm.dx[:, 0], cm.dy[:, 0], cm.flip[:, 0] > 0.5
+    )
+    frac = float(np.mean(symmetry_group("c1").angle_between(rot, meta.rotations) <= 2 * DELTA))
+    assigned = meta.take(np.arange(len(meta)))
+    assigned.rotations, assigned.shift_a = rot, shift * apix
+    vol, _ = make3d(ParticleStack.from_arrays(particles, apix=apix, meta=assigned))
+    write_map(out / "threed_assigned.mrc", Map(vol, apix), overwrite=overwrite)
+    return frac, resolution_at(fsc(vol, truth.data), threshold=0.5, apix=apix), len(refs)
