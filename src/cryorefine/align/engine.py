@@ -395,14 +395,41 @@ def align_pairs(
 
 def _bank(refs: np.ndarray, which: np.ndarray, xs: int) -> tuple[np.ndarray, np.ndarray]:
     """References ``which`` at the ``xs`` footprint angles and each turned by 180 degrees
-    (``(len(which) * 2 xs, n, n)``), and their ``rfft2``."""
+    (``(len(which) * 2 xs, n, n)``, index ``slot * 2 xs + h xs + j``), and their ``rfft2``
+    (the turned half from the first by :func:`rotate180_ft`)."""
     n = refs.shape[-1]
+    m = len(which)
     angles = np.arange(xs) * (180.0 / xs)
     half = apply_transform(
-        refs, np.tile(angles, len(which)), 0.0, 0.0, False, source=np.repeat(which, xs)
-    ).reshape(len(which), xs, n, n)
-    bank = np.concatenate([half, rotate180(half)], axis=1).reshape(-1, n, n)
-    return bank, scipy.fft.rfft2(bank, workers=WORKERS).astype(np.complex64, copy=False)
+        refs, np.tile(angles, m), 0.0, 0.0, False, source=np.repeat(which, xs)
+    ).reshape(m, xs, n, n)
+    bank = np.empty((m, 2, xs, n, n), np.float32)
+    bank[:, 0] = half
+    bank[:, 1] = rotate180(half)
+    half_ft = scipy.fft.rfft2(half, workers=WORKERS).astype(np.complex64, copy=False)
+    bank_ft = np.empty((m, 2, xs, n, n // 2 + 1), np.complex64)
+    bank_ft[:, 0] = half_ft
+    bank_ft[:, 1] = rotate180_ft(half_ft, half)
+    return bank.reshape(-1, n, n), bank_ft.reshape(-1, n, n // 2 + 1)
+
+
+def rotate180_ft(ft: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """``rfft2(rotate180(images))`` from ``ft = rfft2(images)`` without a transform.
+
+    Odd ``n``: the turn is a pure permutation, ``conj(F) exp(2 pi i k / n)`` per axis.
+    Even ``n``: ``conj(F - R - C + a00)``, removing row 0 (``R``, its 1D transform) and
+    column 0 (``C``) that the turn drops.
+    """
+    n = images.shape[-1]
+    if n % 2:
+        ky = scipy.fft.fftfreq(n, 1.0 / n)
+        kx = np.arange(n // 2 + 1)
+        phase = np.exp(2j * np.pi * (ky[:, None] + kx[None, :]) / n).astype(np.complex64)
+        return np.conj(ft) * phase
+    row = scipy.fft.rfft(images[..., 0, :], axis=-1, workers=WORKERS)  # (..., n//2+1)
+    col = scipy.fft.fft(images[..., :, 0], axis=-1, workers=WORKERS)  # (..., n)
+    corr = row[..., None, :] + col[..., :, None] - images[..., :1, :1]
+    return np.conj(ft - corr.astype(np.complex64))
 
 
 def _generic_final(bank, bank_idx, bx, by, mirror, particles, p_i, final, ctx, batch):
