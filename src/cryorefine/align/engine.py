@@ -40,7 +40,7 @@ from cryorefine.align.rotational import (
     polar_size,
     spectra,
 )
-from cryorefine.align.transform2d import apply_transform, mirror_x, rotate180, shift_integer
+from cryorefine.align.transform2d import apply_transform, mirror_x, shift_integer
 from cryorefine.fourier.fft import WORKERS
 
 FUSED = {"ccc", "dot", "sqeuclidean"}
@@ -100,9 +100,9 @@ def _search_block(
 
     ``c_list`` indexes the references of this chunk's bank and ``ang[m, i]`` is pair
     ``i``'s footprint angle index against target ``m``. For candidate ``q = 2 m + h``
-    the bank image is ``c * 2 xs + ang[m, i] + h xs``; its circular CCF with target ``m`` is
-    evaluated only on the ``(2 ms + 1)^2`` window by a partial inverse DFT (rows
-    first), the first maximum in scan order is kept, and the sums (a, a^2, ab, and
+    the bank image is ``h nb + c xs + ang[m, i]`` (``nb`` = half the bank); its
+    circular CCF with target ``m`` is evaluated only on the ``(2 ms + 1)^2`` window
+    by a partial inverse DFT (rows first), the first maximum in scan order is kept, and the sums (a, a^2, ab, and
     a, a^2 over its column 0) of the bank image shifted by minus the peak (zero fill)
     against the target are formed; ``stats[..., 5:7]`` hold the peak's sub-pixel
     offset (x, y) from a parabola through its neighbours. With ``fit``,
@@ -111,6 +111,7 @@ def _search_block(
     """
     nm = tgt.shape[0]
     n = bank.shape[-1]
+    nb = bank.shape[0] // 2  # bank: the xs angles of every reference, then all turned
     hx = bank_ft.shape[-1]
     nw = ey.shape[0]
     ms = nw // 2
@@ -124,7 +125,7 @@ def _search_block(
             t_ft = tgt_ft[m, p]
             t_img = tgt[m, p]
             for h in range(2):
-                b = c * 2 * xs + ang[m, i] + h * xs
+                b = h * nb + c * xs + ang[m, i]
                 src_ft = bank_ft[b]
                 rows[:, :] = 0
                 for ky in range(n):
@@ -321,6 +322,13 @@ def align_pairs(
     )
     m_of_q = np.repeat(np.arange(nm), 2)
     order = np.argsort(c_idx, kind="stable")
+    # buffers reused from chunk to chunk (fresh memory is slow to fault in)
+    counts = np.bincount(c_idx // ref_chunk, minlength=-(-nc // ref_chunk))
+    kmax = int(counts.max()) if counts.size else 0
+    px_buf = np.empty((kmax, 2 * nm), np.int64)
+    py_buf = np.empty((kmax, 2 * nm), np.int64)
+    st_buf = np.empty((kmax, 2 * nm, 12))
+    bank_buf = None if bank_cache is not None else _BankBuffers(min(ref_chunk, nc), xs, n)
     for c0 in range(0, nc, ref_chunk):
         c1 = min(c0 + ref_chunk, nc)
         lo, hi = np.searchsorted(c_idx[order], [c0, c1])
@@ -332,15 +340,13 @@ def align_pairs(
             used, bank, bank_ft = bank_cache[c0]
         else:
             used = np.arange(c1 - c0) if bank_cache is not None else np.unique(cl)
-            bank, bank_ft = _bank(refs, used + c0, xs)
+            bank, bank_ft = _bank(refs, used + c0, xs, bank_buf)
             if bank_cache is not None:
                 bank_cache[c0] = used, bank, bank_ft
         slot = np.searchsorted(used, cl)  # position of each pair's reference in the bank
         ang = np.ascontiguousarray(j_pairs[:, sel])
         k = len(sel)
-        px = np.zeros((k, 2 * nm), np.int64)
-        py = np.zeros((k, 2 * nm), np.int64)
-        st = np.zeros((k, 2 * nm, 12))
+        px, py, st = px_buf[:k], py_buf[:k], st_buf[:k]
         _search_block(
             bank_ft, bank, tgt_ft, tgt, ang, ps, slot, xs, ey, ex, px, py, st, _needs_fit(cmp)
         )
@@ -378,7 +384,7 @@ def align_pairs(
         out.score[sel] = s_m[np.arange(k), m]
         if final is None:
             continue
-        bank_idx = slot * 2 * xs + j + h * xs
+        bank_idx = h * (len(bank) // 2) + slot * xs + j
         if fused_ok(final) and not _needs_fit(final):  # final(particle, S or mirror(S))
             chosen = st[np.arange(k), q]
             b_sum = np.where(mirror, chosen[:, 0] - chosen[:, 3], chosen[:, 0])
@@ -393,43 +399,53 @@ def align_pairs(
     return out
 
 
-def _bank(refs: np.ndarray, which: np.ndarray, xs: int) -> tuple[np.ndarray, np.ndarray]:
-    """References ``which`` at the ``xs`` footprint angles and each turned by 180 degrees
-    (``(len(which) * 2 xs, n, n)``, index ``slot * 2 xs + h xs + j``), and their ``rfft2``
-    (the turned half from the first by :func:`rotate180_ft`)."""
+class _BankBuffers:
+    """Memory for the bank of up to ``m`` references, reused from chunk to chunk."""
+
+    def __init__(self, m: int, xs: int, n: int) -> None:
+        self.bank = np.empty(2 * m * xs * n * n, np.float32)
+        self.ft = np.empty(2 * m * xs * n * (n // 2 + 1), np.complex64)
+
+    def views(self, nb: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Contiguous ``(2, nb, n, n)`` and ``(2, nb, n, n // 2 + 1)`` views."""
+        hx = n // 2 + 1
+        return (
+            self.bank[: 2 * nb * n * n].reshape(2, nb, n, n),
+            self.ft[: 2 * nb * n * hx].reshape(2, nb, n, hx),
+        )
+
+
+def _bank(
+    refs: np.ndarray, which: np.ndarray, xs: int, buf: _BankBuffers | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """References ``which`` at the ``xs`` footprint angles, then all of them turned by
+    180 degrees: ``(2 len(which) xs, n, n)``, image ``h nb + slot xs + j`` with
+    ``nb = len(which) xs``; and their ``rfft2``."""
     n = refs.shape[-1]
-    m = len(which)
+    nb = len(which) * xs
+    buf = buf or _BankBuffers(len(which), xs, n)
+    bank, ft = buf.views(nb, n)
     angles = np.arange(xs) * (180.0 / xs)
-    half = apply_transform(
-        refs, np.tile(angles, m), 0.0, 0.0, False, source=np.repeat(which, xs)
-    ).reshape(m, xs, n, n)
-    bank = np.empty((m, 2, xs, n, n), np.float32)
-    bank[:, 0] = half
-    bank[:, 1] = rotate180(half)
-    half_ft = scipy.fft.rfft2(half, workers=WORKERS).astype(np.complex64, copy=False)
-    bank_ft = np.empty((m, 2, xs, n, n // 2 + 1), np.complex64)
-    bank_ft[:, 0] = half_ft
-    bank_ft[:, 1] = rotate180_ft(half_ft, half)
-    return bank.reshape(-1, n, n), bank_ft.reshape(-1, n, n // 2 + 1)
-
-
-def rotate180_ft(ft: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """``rfft2(rotate180(images))`` from ``ft = rfft2(images)`` without a transform.
-
-    Odd ``n``: the turn is a pure permutation, ``conj(F) exp(2 pi i k / n)`` per axis.
-    Even ``n``: ``conj(F - R - C + a00)``, removing row 0 (``R``, its 1D transform) and
-    column 0 (``C``) that the turn drops.
-    """
-    n = images.shape[-1]
-    if n % 2:
-        ky = scipy.fft.fftfreq(n, 1.0 / n)
-        kx = np.arange(n // 2 + 1)
-        phase = np.exp(2j * np.pi * (ky[:, None] + kx[None, :]) / n).astype(np.complex64)
-        return np.conj(ft) * phase
-    row = scipy.fft.rfft(images[..., 0, :], axis=-1, workers=WORKERS)  # (..., n//2+1)
-    col = scipy.fft.fft(images[..., :, 0], axis=-1, workers=WORKERS)  # (..., n)
-    corr = row[..., None, :] + col[..., :, None] - images[..., :1, :1]
-    return np.conj(ft - corr.astype(np.complex64))
+    apply_transform(
+        refs,
+        np.tile(angles, len(which)),
+        0.0,
+        0.0,
+        False,
+        source=np.repeat(which, xs),
+        out=bank[0],
+    )
+    # the turned half, as transform2d.rotate180 but in place: for even n row and
+    # column 0 have no source
+    lo = 2 * (n // 2) - (n - 1)
+    stop = 0 if lo else None
+    bank[1, :, lo:, lo:] = bank[0, :, :stop:-1, :stop:-1]
+    bank[1, :, :lo, :] = 0.0
+    bank[1, :, :, :lo] = 0.0
+    for h in range(2):
+        for s0 in range(0, nb, 512):  # batches small enough to reuse heap memory
+            ft[h, s0 : s0 + 512] = scipy.fft.rfft2(bank[h, s0 : s0 + 512], workers=WORKERS)
+    return bank.reshape(-1, n, n), ft.reshape(-1, n, n // 2 + 1)
 
 
 def _generic_final(bank, bank_idx, bx, by, mirror, particles, p_i, final, ctx, batch):
@@ -454,7 +470,7 @@ def _generic_scores(bank, tgt, ang, p_i, slot, xs, px, py, cmp, ctx, batch):
     score = np.empty(px.shape)
     i_i, q_i = (a.ravel() for a in np.indices(px.shape))
     m_i, h_i = q_i // 2, q_i % 2
-    b_i = slot[i_i] * 2 * xs + ang[m_i, i_i] + h_i * xs
+    b_i = h_i * (len(bank) // 2) + slot[i_i] * xs + ang[m_i, i_i]
     pp = p_i[i_i]
     for s0 in range(0, len(i_i), batch):
         sl = slice(s0, s0 + batch)

@@ -80,12 +80,15 @@ def _apply(images, src, inv, out):
                 ) + fy * ((1.0 - fx) * img[y0 + 1, x0] + fx * img[y0 + 1, x0 + 1])
 
 
-def apply_transform(images: np.ndarray, alpha, tx, ty, mirror, *, source=None) -> np.ndarray:
+def apply_transform(
+    images: np.ndarray, alpha, tx, ty, mirror, *, source=None, out: np.ndarray | None = None
+) -> np.ndarray:
     """Transform each image ``(k, n, n)`` by its own ``(alpha, tx, ty, mirror)``.
 
     Bilinear; pixels whose source falls outside the box are 0. Returns float32.
     ``source`` (optional, ``(m,)`` indices into ``images``): output ``i`` is image
     ``source[i]`` transformed by transform ``i`` (no copies of repeated images).
+    ``out``: a float32 C-contiguous array to fill instead of a new one.
     """
     images = np.ascontiguousarray(images, dtype=np.float32)
     if images.ndim == 2:
@@ -96,7 +99,8 @@ def apply_transform(images: np.ndarray, alpha, tx, ty, mirror, *, source=None) -
     k = len(src)
     inv = np.linalg.inv(as_matrices(alpha, tx, ty, mirror))
     inv = np.ascontiguousarray(np.broadcast_to(inv, (k, 3, 3)))
-    out = np.empty((k,) + images.shape[1:], np.float32)
+    if out is None:
+        out = np.empty((k,) + images.shape[1:], np.float32)
     _apply(images, src, inv, out)
     return out
 
