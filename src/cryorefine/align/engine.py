@@ -100,13 +100,14 @@ def _search_block(
 
     ``c_list`` indexes the references of this chunk's bank and ``ang[m, i]`` is pair
     ``i``'s footprint angle index against target ``m``. For candidate ``q = 2 m + h``
-    the bank image is ``h nb + c xs + ang[m, i]`` (``nb`` = half the bank); its
+    the bank image is ``h nb + c xs + ang[m, i]`` (``nb`` = half the bank). Its
     circular CCF with target ``m`` is evaluated only on the ``(2 ms + 1)^2`` window
-    by a partial inverse DFT (rows first), the first maximum in scan order is kept,
-    and the sums (a, a^2, ab, and a, a^2 over its column 0) of the bank image shifted
-    by minus the peak (zero fill) against the target are formed; ``stats[..., 5:7]`` hold the peak's sub-pixel
-    offset (x, y) from a parabola through its neighbours. With ``fit``,
-    ``stats[..., 7:12]`` are the count and sums (a, b, a^2, ab) over the pixels where
+    by a partial inverse DFT (rows first) and the first maximum in scan order kept.
+    ``stats[..., 0:5]``: the sums (a, a^2, ab, and a, a^2 over its column 0) of the
+    bank image shifted by minus the peak (zero fill) against the target;
+    ``stats[..., 5:7]``: the peak's sub-pixel offset (x, y) from a parabola through
+    its neighbours; with ``fit``, ``stats[..., 7:12]``: the count and sums (a, b,
+    a^2, ab) over the pixels where
     ``a >= FLT_MIN`` (the least-squares fit of ``sqeuclidean:normto=1``).
     """
     nm = tgt.shape[0]
