@@ -94,7 +94,25 @@ def _parabola(win, iy, ix, axis):
 
 @njit(cache=True, parallel=True, fastmath=True)
 def _search_block(
-    bank_ft, bank, tgt_ft, tgt, ang, p_list, c_list, xs, ey, ex, px_out, py_out, stats, fit
+    bank_re,
+    bank_im,
+    bank,
+    sums,
+    tgt_re,
+    tgt_im,
+    tgt,
+    ang,
+    p_list,
+    c_list,
+    xs,
+    ey_re,
+    ey_im,
+    ex_re,
+    ex_im,
+    px_out,
+    py_out,
+    stats,
+    fit,
 ):
     """Translations and candidate sums for the pairs ``(p_list[i], c_list[i])``.
 
@@ -107,35 +125,46 @@ def _search_block(
     bank image shifted by minus the peak (zero fill) against the target;
     ``stats[..., 5:7]``: the peak's sub-pixel offset (x, y) from a parabola through
     its neighbours; with ``fit``, ``stats[..., 7:12]``: the count and sums (a, b,
-    a^2, ab) over the pixels where
-    ``a >= FLT_MIN`` (the least-squares fit of ``sqeuclidean:normto=1``).
+    a^2, ab) over the pixels where ``a >= FLT_MIN`` (the least-squares fit of
+    ``sqeuclidean:normto=1``). Transforms come as separate real and imaginary float32
+    planes so that the compiled loops vectorise.
     """
     nm = tgt.shape[0]
     n = bank.shape[-1]
     nb = bank.shape[0] // 2  # bank: the xs angles of every reference, then all turned
-    hx = bank_ft.shape[-1]
-    nw = ey.shape[0]
+    hx = bank_re.shape[-1]
+    nw = ey_re.shape[0]
     ms = nw // 2
     for i in prange(p_list.shape[0]):
         p = p_list[i]
         c = c_list[i]
-        rows = np.empty((nw, hx), dtype=np.complex64)
-        g = np.empty(hx, dtype=np.complex64)
+        rr = np.empty((nw, hx), dtype=np.float32)
+        ri = np.empty((nw, hx), dtype=np.float32)
+        gr = np.empty(hx, dtype=np.float32)
+        gi = np.empty(hx, dtype=np.float32)
         win = np.empty((nw, nw))
         for m in range(nm):
-            t_ft = tgt_ft[m, p]
+            t_re = tgt_re[m, p]
+            t_im = tgt_im[m, p]
             t_img = tgt[m, p]
             for h in range(2):
                 b = h * nb + c * xs + ang[m, i]
-                src_ft = bank_ft[b]
-                rows[:, :] = 0
+                s_re = bank_re[b]
+                s_im = bank_im[b]
+                rr[:, :] = 0.0
+                ri[:, :] = 0.0
                 for ky in range(n):
-                    for kx in range(hx):
-                        g[kx] = src_ft[ky, kx] * np.conj(t_ft[ky, kx])
+                    for kx in range(hx):  # g = S conj(T)
+                        ar, ai = s_re[ky, kx], s_im[ky, kx]
+                        br, bi = t_re[ky, kx], t_im[ky, kx]
+                        gr[kx] = ar * br + ai * bi
+                        gi[kx] = ai * br - ar * bi
                     for w in range(nw):
-                        e = ey[w, ky]
+                        er = ey_re[w, ky]
+                        ei = ey_im[w, ky]
                         for kx in range(hx):
-                            rows[w, kx] += e * g[kx]
+                            rr[w, kx] += er * gr[kx] - ei * gi[kx]
+                            ri[w, kx] += er * gi[kx] + ei * gr[kx]
                 best = -np.inf
                 bx = 0
                 by = 0
@@ -143,7 +172,7 @@ def _search_block(
                     for wx in range(nw):
                         v = 0.0
                         for kx in range(hx):
-                            v += (rows[wy, kx] * ex[wx, kx]).real
+                            v += rr[wy, kx] * ex_re[wx, kx] - ri[wy, kx] * ex_im[wx, kx]
                         win[wy, wx] = v
                         if v > best:
                             best = v
@@ -154,18 +183,39 @@ def _search_block(
                 py_out[i, q] = by
                 stats[i, q, 5] = _parabola(win, by + ms, bx + ms, 0)
                 stats[i, q, 6] = _parabola(win, by + ms, bx + ms, 1)
-                # candidate = bank image shifted by (-bx, -by), zero fill
+                # candidate = bank image shifted by (-bx, -by) with zero fill; its sums
+                # from the bank image's row/column sums less the rows and columns the
+                # shift pushes out, and its product with the target from the circular
+                # CCF at the peak less the wrapped-around strips
                 sx, sy = -bx, -by
                 img = bank[b]
-                s_a = 0.0
-                s_aa = 0.0
-                s_ab = 0.0
-                for y in range(max(0, sy), min(n, n + sy)):
-                    for x in range(max(0, sx), min(n, n + sx)):
-                        a = np.float64(img[y - sy, x - sx])
+                r_lo, r_hi = (n - sy, n) if sy > 0 else (0, -sy)
+                c_lo, c_hi = (n - sx, n) if sx > 0 else (0, -sx)
+                s_a = sums[b, 0, 0, n]
+                s_aa = sums[b, 0, 1, n]
+                for r in range(r_lo, r_hi):
+                    s_a -= sums[b, 0, 0, r]
+                    s_aa -= sums[b, 0, 1, r]
+                for cc in range(c_lo, c_hi):
+                    s_a -= sums[b, 1, 0, cc]
+                    s_aa -= sums[b, 1, 1, cc]
+                    for r in range(r_lo, r_hi):
+                        a = np.float64(img[r, cc])
                         s_a += a
                         s_aa += a * a
-                        s_ab += a * t_img[y, x]
+                wrapped = 0.0
+                for zy in range(n):
+                    wy = zy + by
+                    if wy < 0 or wy >= n:
+                        wy %= n
+                        for zx in range(n):
+                            wrapped += np.float64(img[wy, (zx + bx) % n]) * t_img[zy, zx]
+                    else:
+                        for zx in range(0, max(0, -bx)):
+                            wrapped += np.float64(img[wy, zx + bx + n]) * t_img[zy, zx]
+                        for zx in range(min(n, n - bx), n):
+                            wrapped += np.float64(img[wy, zx + bx - n]) * t_img[zy, zx]
+                s_ab = best / (n * n) - wrapped
                 f_n = 0.0
                 f_a = 0.0
                 f_b = 0.0
@@ -176,12 +226,12 @@ def _search_block(
                         for x in range(max(0, sx), min(n, n + sx)):
                             a = np.float64(img[y - sy, x - sx])
                             if a >= FLT_MIN:
-                                b = np.float64(t_img[y, x])
+                                tb = np.float64(t_img[y, x])
                                 f_n += 1.0
                                 f_a += a
-                                f_b += b
+                                f_b += tb
                                 f_aa += a * a
-                                f_ab += a * b
+                                f_ab += a * tb
                 stats[i, q, 7] = f_n
                 stats[i, q, 8] = f_a
                 stats[i, q, 9] = f_b
@@ -190,10 +240,12 @@ def _search_block(
                 c0 = 0.0
                 c00 = 0.0
                 if sx <= 0:  # column 0 of the shifted image (dropped by a mirror)
-                    for y in range(max(0, sy), min(n, n + sy)):
-                        a = np.float64(img[y - sy, -sx])
-                        c0 += a
-                        c00 += a * a
+                    c0 = sums[b, 1, 0, -sx]
+                    c00 = sums[b, 1, 1, -sx]
+                    for r in range(r_lo, r_hi):
+                        a = np.float64(img[r, -sx])
+                        c0 -= a
+                        c00 -= a * a
                 stats[i, q, 0] = s_a
                 stats[i, q, 1] = s_aa
                 stats[i, q, 2] = s_ab
@@ -308,11 +360,17 @@ def align_pairs(
         j0 = np.stack([best_rotations(ref_spectra, ts, xs) for ts in tgt_spectra])
         j_pairs = j0[:, p_idx, c_idx]
     del tgt_spectra
-    tgt_ft = scipy.fft.rfft2(tgt, workers=WORKERS).astype(np.complex64, copy=False)
+    tgt_ft = scipy.fft.rfft2(tgt, workers=WORKERS)
+    tgt_re = np.ascontiguousarray(tgt_ft.real, dtype=np.float32)
+    tgt_im = np.ascontiguousarray(tgt_ft.imag, dtype=np.float32)
+    del tgt_ft
     t64 = tgt.reshape(nm, n_p, -1).astype(np.float64)
     t_sum, t_sq = t64.sum(-1), np.einsum("mij,mij->mi", t64, t64)  # (nm, Np)
     del t64
     ey, ex = window_dft(n, ms)
+    planes = [
+        np.ascontiguousarray(a, dtype=np.float32) for a in (ey.real, ey.imag, ex.real, ex.imag)
+    ]
     out = PairAlignment(
         np.zeros(npair),
         np.zeros(npair),
@@ -338,18 +396,33 @@ def align_pairs(
         sel = order[lo:hi]
         ps, cl = p_idx[sel], c_idx[sel] - c0
         if bank_cache is not None and c0 in bank_cache:
-            used, bank, bank_ft = bank_cache[c0]
+            used, bank, bank_re, bank_im, sums = bank_cache[c0]
         else:
             used = np.arange(c1 - c0) if bank_cache is not None else np.unique(cl)
-            bank, bank_ft = _bank(refs, used + c0, xs, bank_buf)
+            bank, bank_re, bank_im, sums = _bank(refs, used + c0, xs, bank_buf)
             if bank_cache is not None:
-                bank_cache[c0] = used, bank, bank_ft
+                bank_cache[c0] = used, bank, bank_re, bank_im, sums
         slot = np.searchsorted(used, cl)  # position of each pair's reference in the bank
         ang = np.ascontiguousarray(j_pairs[:, sel])
         k = len(sel)
         px, py, st = px_buf[:k], py_buf[:k], st_buf[:k]
         _search_block(
-            bank_ft, bank, tgt_ft, tgt, ang, ps, slot, xs, ey, ex, px, py, st, _needs_fit(cmp)
+            bank_re,
+            bank_im,
+            bank,
+            sums,
+            tgt_re,
+            tgt_im,
+            tgt,
+            ang,
+            ps,
+            slot,
+            xs,
+            *planes,
+            px,
+            py,
+            st,
+            _needs_fit(cmp),
         )
         # candidate q = 2 m + h is scored against target m
         if fused_ok(cmp):
@@ -404,28 +477,33 @@ class _BankBuffers:
     """Memory for the bank of up to ``m`` references, reused from chunk to chunk."""
 
     def __init__(self, m: int, xs: int, n: int) -> None:
-        self.bank = np.empty(2 * m * xs * n * n, np.float32)
-        self.ft = np.empty(2 * m * xs * n * (n // 2 + 1), np.complex64)
+        size = 2 * m * xs * n
+        self.bank = np.empty(size * n, np.float32)
+        self.re = np.empty(size * (n // 2 + 1), np.float32)
+        self.im = np.empty(size * (n // 2 + 1), np.float32)
 
-    def views(self, nb: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Contiguous ``(2, nb, n, n)`` and ``(2, nb, n, n // 2 + 1)`` views."""
+    def views(self, nb: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Contiguous ``(2, nb, n, n)`` images and ``(2, nb, n, n // 2 + 1)`` planes."""
         hx = n // 2 + 1
+        size = 2 * nb * n
         return (
-            self.bank[: 2 * nb * n * n].reshape(2, nb, n, n),
-            self.ft[: 2 * nb * n * hx].reshape(2, nb, n, hx),
+            self.bank[: size * n].reshape(2, nb, n, n),
+            self.re[: size * hx].reshape(2, nb, n, hx),
+            self.im[: size * hx].reshape(2, nb, n, hx),
         )
 
 
 def _bank(
     refs: np.ndarray, which: np.ndarray, xs: int, buf: _BankBuffers | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """References ``which`` at the ``xs`` footprint angles, then all of them turned by
     180 degrees: ``(2 len(which) xs, n, n)``, image ``h nb + slot xs + j`` with
-    ``nb = len(which) xs``; and their ``rfft2``."""
+    ``nb = len(which) xs``; the real and imaginary planes of their ``rfft2``; and
+    their row and column sums (:func:`_line_sums`)."""
     n = refs.shape[-1]
     nb = len(which) * xs
     buf = buf or _BankBuffers(len(which), xs, n)
-    bank, ft = buf.views(nb, n)
+    bank, re, im = buf.views(nb, n)
     angles = np.arange(xs) * (180.0 / xs)
     apply_transform(
         refs,
@@ -445,8 +523,34 @@ def _bank(
     bank[1, :, :, :lo] = 0.0
     for h in range(2):
         for s0 in range(0, nb, 512):  # batches small enough to reuse heap memory
-            ft[h, s0 : s0 + 512] = scipy.fft.rfft2(bank[h, s0 : s0 + 512], workers=WORKERS)
-    return bank.reshape(-1, n, n), ft.reshape(-1, n, n // 2 + 1)
+            ft = scipy.fft.rfft2(bank[h, s0 : s0 + 512], workers=WORKERS)
+            re[h, s0 : s0 + 512], im[h, s0 : s0 + 512] = ft.real, ft.imag
+    hx = n // 2 + 1
+    flat = bank.reshape(-1, n, n)
+    return flat, re.reshape(-1, n, hx), im.reshape(-1, n, hx), _line_sums(flat)
+
+
+@njit(cache=True, parallel=True)
+def _line_sums(images: np.ndarray) -> np.ndarray:
+    """``(k, 2, 2, n + 1)`` float64: [rows | columns][values | squares][index], the
+    last index holding the image total."""
+    k, n = images.shape[0], images.shape[-1]
+    out = np.zeros((k, 2, 2, n + 1))
+    for i in prange(k):
+        for y in range(n):
+            for x in range(n):
+                a = np.float64(images[i, y, x])
+                out[i, 0, 0, y] += a
+                out[i, 0, 1, y] += a * a
+                out[i, 1, 0, x] += a
+                out[i, 1, 1, x] += a * a
+        for power in range(2):
+            total = 0.0
+            for y in range(n):
+                total += out[i, 0, power, y]
+            out[i, 0, power, n] = total
+            out[i, 1, power, n] = total
+    return out
 
 
 def _generic_final(bank, bank_idx, bx, by, mirror, particles, p_i, final, ctx, batch):
