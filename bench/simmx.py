@@ -47,11 +47,11 @@ def fft_flops(npix: int) -> float:
 
 def engine_flops_per_pair(n: int, maxshift: int) -> float:
     """Footprint GEMM and angular IFFT (both mirrors) + 4 candidates x (product,
-    windowed inverse DFT rows and columns, candidate sums)."""
+    windowed inverse DFT rows and columns, the wrapped strips removed from the peak)."""
     xs, r1, r2 = polar_size(n)
     m, r, hx, nw = xs // 2 + 1, r2 - r1, n // 2 + 1, 2 * maxshift + 1
     rotation = 2 * (8 * m * r + 2.5 * xs * math.log2(xs))
-    candidate = 6 * n * hx + 8 * n * hx * nw + 4 * nw * nw * hx + 6 * n * n
+    candidate = 6 * n * hx + 8 * n * hx * nw + 4 * nw * nw * hx + 2 * n * 2 * maxshift
     return rotation + 4 * candidate
 
 

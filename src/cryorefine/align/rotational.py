@@ -110,16 +110,35 @@ def best_rotations(moving: np.ndarray, target: np.ndarray, xs: int) -> np.ndarra
     return np.argmax(corr, axis=0)
 
 
+@njit(cache=True, parallel=True, fastmath=True)
+def _pair_spectra(moving, target, c_idx, p_idx, out):
+    """``out[i, m] = sum_r conj(target[p_idx[i], m, r]) moving[c_idx[i], m, r]``."""
+    nm, nr = moving.shape[1], moving.shape[2]
+    for i in prange(c_idx.shape[0]):
+        mv = moving[c_idx[i]]
+        tg = target[p_idx[i]]
+        for m in range(nm):
+            acc = 0j
+            for r in range(nr):
+                acc += np.conj(tg[m, r]) * mv[m, r]
+            out[i, m] = acc
+
+
 def pair_rotations(
     moving: np.ndarray, target: np.ndarray, c_idx: np.ndarray, p_idx: np.ndarray, xs: int
 ) -> np.ndarray:
     """As :func:`best_rotations`, for the listed pairs only ``(moving c_idx[i], target
     p_idx[i])`` (when they are few compared with all pairs)."""
+    mv = np.ascontiguousarray(np.transpose(moving, (2, 0, 1)))  # (Nc, M, R)
+    tg = np.ascontiguousarray(np.transpose(target, (2, 0, 1)))
+    c_idx = np.asarray(c_idx, np.int64)
+    p_idx = np.asarray(p_idx, np.int64)
     out = np.empty(len(c_idx), np.int64)
-    for s0 in range(0, len(c_idx), 8192):
-        sl = slice(s0, s0 + 8192)
-        # (M, R, k) -> sum over radii of conj(T) M, per frequency and pair
-        c_hat = np.einsum("mrk,mrk->mk", np.conj(target[:, :, p_idx[sl]]), moving[:, :, c_idx[sl]])
-        corr = scipy.fft.irfft(c_hat, n=xs, axis=0, workers=WORKERS)
-        out[sl] = np.argmax(corr, axis=0)
+    c_hat = np.empty((min(len(c_idx), 65536), mv.shape[1]), np.complex64)
+    for s0 in range(0, len(c_idx), 65536):
+        sl = slice(s0, s0 + 65536)
+        part = c_hat[: len(c_idx[sl])]
+        _pair_spectra(mv, tg, c_idx[sl], p_idx[sl], part)
+        corr = scipy.fft.irfft(part, n=xs, axis=1, workers=WORKERS)
+        out[sl] = np.argmax(corr, axis=1)
     return out

@@ -57,7 +57,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prefilt",
         action="store_true",
-        help="match each projection's power spectrum to the particle's (not supported yet)",
+        help="filter each projection to the particle's power spectrum before aligning "
+        "(one filter per pair: runs pair by pair, much slower than the batched engine)",
     )
     parser.add_argument(
         "--usefilt",
@@ -76,13 +77,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from cryorefine.errors import CryorefineError
 
-    if args.prefilt:
-        raise CryorefineError("--prefilt is not supported yet")
     if args.shrink is not None and args.shrink < 2:
         raise CryorefineError(f"--shrink {args.shrink}: must be at least 2")
     if args.twostage < 0:
         raise CryorefineError(f"--twostage {args.twostage}: must be 0 (off) or a shrink factor")
     cfg = SimmxConfig(
+        prefilt=args.prefilt,
         align=args.align,
         aligncmp=args.aligncmp,
         ralign=args.ralign,

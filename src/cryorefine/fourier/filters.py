@@ -132,3 +132,36 @@ def set_structure_factor(
     transfer = factor[:, lo] * (1.0 - w) + factor[:, hi] * w
     out = filter_rfft(data.reshape((-1,) + shape), transfer, ndim)
     return out.reshape(lead + shape) if lead else out.reshape(shape)
+
+
+def match_power_spectrum(images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """EMAN2 ``filter.matchto``: each image ``(k, n, n)`` filtered so that its ring-mean
+    power spectrum matches that of its target (``(k, n, n)``, same pixel size), then
+    multiplied by the image's support (1 where it was non-zero).
+
+    Rings are one Fourier pixel wide; the amplitude ratio ``sqrt(P_target / P_image)``
+    is interpolated linearly between rings (0 where the image has no power).
+    """
+    images = np.asarray(images, np.float32)
+    k, n = images.shape[0], images.shape[-1]
+    fi = scipy.fft.rfft2(images, workers=WORKERS)
+    ft = scipy.fft.rfft2(np.asarray(targets, np.float32), workers=WORKERS)
+    radius = rfft_radius((n, n)) * n  # Fourier pixels
+    rings = np.minimum(np.rint(radius).astype(np.int64), n // 2).ravel()
+    nring = n // 2 + 1
+    onehot = np.zeros((rings.size, nring))
+    onehot[np.arange(rings.size), rings] = 1.0
+    counts = np.maximum(onehot.sum(0), 1)
+    p_img = (np.abs(fi.reshape(k, -1)) ** 2).astype(np.float64) @ onehot / counts
+    p_tgt = (np.abs(ft.reshape(k, -1)) ** 2).astype(np.float64) @ onehot / counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(p_img > 0, np.sqrt(p_tgt / p_img), 0.0)
+    r = np.minimum(radius.ravel(), n // 2)
+    lo = np.floor(r).astype(np.int64)
+    hi = np.minimum(lo + 1, n // 2)
+    frac = r - lo
+    gain = ratio[:, lo] * (1 - frac) + ratio[:, hi] * frac
+    out = scipy.fft.irfft2(
+        fi * gain.reshape(fi.shape).astype(np.float32), s=(n, n), workers=WORKERS
+    )
+    return (out * (images != 0)).astype(np.float32)

@@ -21,6 +21,7 @@ from cryorefine.align.engine import align_pairs
 from cryorefine.align.rotational import footprints, spectra
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fft import rfft_shell_index
+from cryorefine.fourier.filters import match_power_spectrum
 from cryorefine.io.atomic import atomic_output
 from cryorefine.io.stacks import ParticleStack
 from cryorefine.registry import ALIGNERS, COMPARATORS
@@ -130,7 +131,8 @@ def simmx(
         out.score[p_idx, c_idx] = score
         out.score[:, blank] = WORST
         return _finite(out)
-    if align.name in ENGINE and not (align.name == "rotate_translate" and align.params["nozero"]):
+    engine = align.name in ENGINE and not cfg.prefilt
+    if engine and not (align.name == "rotate_translate" and align.params["nozero"]):
         pa = align_pairs(
             refs,
             particles,
@@ -147,10 +149,21 @@ def simmx(
         fwd = (pa.alpha, pa.tx, pa.ty, pa.mirror)
         score = pa.final
     else:
-        fwd, score = _pairwise(align, aligncmp, refs, particles, p_idx, c_idx, ctx, final)
+        fwd, score = _pairwise(
+            align, aligncmp, refs, particles, p_idx, c_idx, ctx, final, prefilt=cfg.prefilt
+        )
     if ralign is not None:
         fwd, score = _pairwise(
-            ralign, raligncmp, refs, particles, p_idx, c_idx, ctx, final, start=fwd
+            ralign,
+            raligncmp,
+            refs,
+            particles,
+            p_idx,
+            c_idx,
+            ctx,
+            final,
+            start=fwd,
+            prefilt=cfg.prefilt,
         )
     alpha, tx, ty, mirror = transform2d.inverse(*fwd)
     out.score[p_idx, c_idx] = score
@@ -165,8 +178,13 @@ def _finite(out: Simmx) -> Simmx:
     return out
 
 
-def _pairwise(aligner, aligncmp, refs, particles, p_idx, c_idx, ctx, final, start=None):
-    """Any registered aligner on explicit pairs, in batches; then the final score."""
+def _pairwise(
+    aligner, aligncmp, refs, particles, p_idx, c_idx, ctx, final, start=None, prefilt=False
+):
+    """Any registered aligner on explicit pairs, in batches; then the final score.
+
+    ``prefilt``: each projection is first filtered to its particle's power spectrum
+    (``filter.matchto``, one filter per pair, so not on the batched engine)."""
     fwd = [np.zeros(len(p_idx)) for _ in range(3)] + [np.zeros(len(p_idx), bool)]
     score = np.empty(len(p_idx))
     for s0 in range(0, len(p_idx), 2048):
@@ -175,7 +193,10 @@ def _pairwise(aligner, aligncmp, refs, particles, p_idx, c_idx, ctx, final, star
         sub = dict(ctx, snr=None if ctx.get("snr") is None else ctx["snr"][p_idx[sl]])
         if start is not None:
             kw["start"] = tuple(v[sl] for v in start)
-        res = aligner.entry.func(refs[c_idx[sl]], particles[p_idx[sl]], cmp=aligncmp, **kw, **sub)
+        moving = refs[c_idx[sl]]
+        if prefilt:
+            moving = match_power_spectrum(moving, particles[p_idx[sl]])
+        res = aligner.entry.func(moving, particles[p_idx[sl]], cmp=aligncmp, **kw, **sub)
         for v, r in zip(fwd, res.params, strict=True):
             v[sl] = r
         score[sl] = final(particles[p_idx[sl]], res.images, **sub)
