@@ -26,6 +26,25 @@ def rnapol2_64() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def projections_d15() -> np.ndarray:
+    """Projections of rnapol2_64.mrc over eman:delta=15 (93 images of 64 px)."""
+    import mrcfile
+
+    from cryorefine.fourier.project import project
+    from cryorefine.geometry.orientations import orientations
+
+    path = SHARED_DATA / "rnapol2_64.mrc"
+    if not path.is_file():
+        pytest.skip(f"test map {path} not present")
+    return project(mrcfile.read(path), orientations("eman:delta=15", "c1"))
+
+
+def angle_diff(a, b) -> np.ndarray:
+    """Absolute angular differences in degrees, modulo 360."""
+    return np.abs((np.asarray(a) - np.asarray(b) + 180.0) % 360.0 - 180.0)
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run the test inside a temporary folder (relative paths land there)."""

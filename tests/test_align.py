@@ -3,7 +3,6 @@ per-pair definitions."""
 
 from __future__ import annotations
 
-import mrcfile
 import numpy as np
 import pytest
 
@@ -11,23 +10,14 @@ from cryorefine.align import transform2d as t2d
 from cryorefine.align.align2d import refine, rotate_translate_flip, translational
 from cryorefine.align.engine import align_all
 from cryorefine.align.rotational import angle_step, polar_size
-from cryorefine.fourier.project import project
-from cryorefine.geometry.orientations import orientations
 from cryorefine.registry import ALIGNERS, COMPARATORS
+
+from .conftest import angle_diff
 
 
 @pytest.fixture(scope="module")
-def projections() -> np.ndarray:
-    from .conftest import SHARED_DATA
-
-    path = SHARED_DATA / "rnapol2_64.mrc"
-    if not path.is_file():
-        pytest.skip(f"test map {path} not present")
-    return project(mrcfile.read(path), orientations("eman:delta=15", "c1"))
-
-
-def angle_diff(a, b) -> np.ndarray:
-    return np.abs((np.asarray(a) - np.asarray(b) + 180.0) % 360.0 - 180.0)
+def projections(projections_d15) -> np.ndarray:
+    return projections_d15
 
 
 def test_inverse_and_composition():

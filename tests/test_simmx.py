@@ -14,19 +14,12 @@ from cryorefine.stages.classify import classify, read_classmx
 from cryorefine.stages.simmx import WORST, Simmx, SimmxConfig, read_simmx, simmx
 from cryorefine.stages.twostage import N_BEST, twostage_pairs
 
+from .conftest import angle_diff
+
 
 @pytest.fixture(scope="module")
-def refs() -> np.ndarray:
-    from .conftest import SHARED_DATA
-
-    path = SHARED_DATA / "rnapol2_64.mrc"
-    if not path.is_file():
-        pytest.skip(f"test map {path} not present")
-    return project(mrcfile.read(path), orientations("eman:delta=15", "c1"))
-
-
-def angle_diff(a, b) -> np.ndarray:
-    return np.abs((np.asarray(a) - np.asarray(b) + 180.0) % 360.0 - 180.0)
+def refs(projections_d15) -> np.ndarray:
+    return projections_d15
 
 
 CCC = SimmxConfig(aligncmp="ccc", cmp="ccc")

@@ -95,6 +95,9 @@ def ccf_peaks(
     return dx[best], dy[best], fx, fy
 
 
+_MAXSHIFT = Param("maxshift", int, "largest shift per axis in px (default n/4)")
+
+
 def _cmp_ctx(cmp, a, b, ctx):
     return np.asarray(cmp(a, b, **ctx), dtype=np.float64)
 
@@ -104,7 +107,7 @@ def _cmp_ctx(cmp, a, b, ctx):
     "Integer translation: peak of the circular cross-correlation within maxshift; "
     "the image is shifted with zero fill.",
     (
-        Param("maxshift", int, "largest shift per axis in px (default n/4)"),
+        _MAXSHIFT,
         Param("nozero", bool, "zero the CCF at the origin and its 8 neighbours", default=False),
     ),
 )
@@ -162,7 +165,7 @@ def rotational(moving, target, *, ambig180=False, cmp=None, **ctx) -> Alignment:
 
 
 _RT_PARAMS = (
-    Param("maxshift", int, "largest shift per axis in px (default n/4)"),
+    _MAXSHIFT,
     Param("nozero", bool, "zero the CCF at the origin and its 8 neighbours", default=False),
     Param("rfp_mode", int, "rotational footprint mode (2: EMAN2's default)", default=2),
     Param("useflcf", bool, "fast local correlation (not supported)", default=False),
@@ -395,7 +398,7 @@ def minimise_simplex(
     "the target and its mirror; the comparator picks the best. Robust at low SNR where "
     "the footprint misleads; about xs/2 times the work of rotate_translate_flip.",
     (
-        Param("maxshift", int, "largest shift per axis in px (default n/4)"),
+        _MAXSHIFT,
         Param("subpixel", bool, "report the interpolated CCF peak", default=False),
     ),
 )
