@@ -521,13 +521,35 @@ def _bank(
     bank[1, :, lo:, lo:] = bank[0, :, :stop:-1, :stop:-1]
     bank[1, :, :lo, :] = 0.0
     bank[1, :, :, :lo] = 0.0
-    for h in range(2):
-        for s0 in range(0, nb, 512):  # batches small enough to reuse heap memory
-            ft = scipy.fft.rfft2(bank[h, s0 : s0 + 512], workers=WORKERS)
-            re[h, s0 : s0 + 512], im[h, s0 : s0 + 512] = ft.real, ft.imag
+    for s0 in range(0, nb, 512):  # batches small enough to reuse heap memory
+        sl = slice(s0, s0 + 512)
+        ft = scipy.fft.rfft2(bank[0, sl], workers=WORKERS)
+        re[0, sl], im[0, sl] = ft.real, ft.imag
+        turned = _turned_transform(ft, bank[0, sl])
+        re[1, sl], im[1, sl] = turned.real, turned.imag
     hx = n // 2 + 1
     flat = bank.reshape(-1, n, n)
     return flat, re.reshape(-1, n, hx), im.reshape(-1, n, hx), _line_sums(flat)
+
+
+def _turned_transform(ft: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """``rfft2(rotate180(images))`` from ``ft = rfft2(images)`` without a transform.
+
+    Odd ``n``: the turn is a pixel permutation, ``conj(F) exp(2 pi i (ky + kx) / n)``.
+    Even ``n``: row 0 and column 0 drop out, ``conj(F - R(kx) - C(ky) + a00)`` with
+    ``R``, ``C`` the 1D transforms of that row and column.
+    """
+    n = images.shape[-1]
+    if n % 2:
+        ky = scipy.fft.fftfreq(n, 1.0 / n)
+        kx = np.arange(n // 2 + 1)
+        return np.conj(ft) * np.exp(2j * np.pi * (ky[:, None] + kx[None, :]) / n)
+    row = scipy.fft.rfft(images[:, 0, :], axis=-1, workers=WORKERS)[:, None, :]
+    col = scipy.fft.fft(images[:, :, 0], axis=-1, workers=WORKERS)[:, :, None]
+    out = ft - row
+    out -= col
+    out += images[:, :1, :1]
+    return np.conj(out, out=out)
 
 
 @njit(cache=True, parallel=True)

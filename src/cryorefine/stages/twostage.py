@@ -26,29 +26,43 @@ STAGE1_MAXSHIFT = 2  # px of the shrunk projections (Choice: EMAN2 uses the defa
 
 
 def centres_and_members(
-    row: Callable[[int], np.ndarray], nc: int
+    rows: Callable[[np.ndarray], np.ndarray], nc: int, *, batch: int = 8
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Farthest-point centres and their member lists.
 
-    ``row(k)`` is projection ``k`` (particle role) scored against every projection
-    (projection role): EMAN2's ``Q[:, k]``. Start with projection 0, repeatedly add
-    the projection maximising its minimum ``Q`` over the centres (ties: lowest
-    index); then each projection joins its 2 most similar centres (smallest
-    ``Q[i, centre]``). Only the centres' rows are ever needed.
+    ``rows(ks)`` scores projections ``ks`` (particle role) against every projection
+    (projection role): row ``i`` is EMAN2's ``Q[:, ks[i]]``. Start with projection 0,
+    repeatedly add the projection maximising its minimum ``Q`` over the centres (ties:
+    lowest index); then each projection joins its 2 most similar centres (smallest
+    ``Q[i, centre]``). Only centres' rows are needed; they are computed ``batch`` at a
+    time: the wanted one and the next farthest, which are likely to be wanted next.
     """
     ns = min(nc, 3 * int(np.floor(np.sqrt(nc))))
-    centres = [0]
-    rows = [np.asarray(row(0), np.float64)]
-    dist = rows[0].copy()
+    cache: dict[int, np.ndarray] = {}
     taken = np.zeros(nc, bool)
+    dist = np.full(nc, np.inf)
+
+    def row(j: int) -> np.ndarray:
+        if j not in cache:
+            free = np.flatnonzero(~taken & (dist > -np.inf))
+            order = free[np.argsort(-dist[free], kind="stable")]
+            extra = [k for k in order.tolist() if k != j and k not in cache]
+            ks = np.asarray([j] + extra[: batch - 1] if np.isfinite(dist).any() else [j])
+            for k, r in zip(ks.tolist(), rows(ks), strict=True):
+                cache[k] = np.asarray(r, np.float64)
+        return cache[j]
+
+    centres = [0]
     taken[0] = True
+    dist = row(0).copy()
+    q = [dist.copy()]
     while len(centres) < ns:
         j = int(np.argmax(np.where(taken, -np.inf, dist)))
         centres.append(j)
         taken[j] = True
-        rows.append(np.asarray(row(j), np.float64))
-        dist = np.minimum(dist, rows[-1])
-    q = np.stack(rows, axis=1)  # (projection i, centre) = Q[i, centre]
+        q.append(row(j))
+        dist = np.minimum(dist, q[-1])
+    q = np.stack(q, axis=1)  # (projection i, centre) = Q[i, centre]
     owners = np.argsort(q, axis=1, kind="stable")[:, : min(N_OWNERS, ns)]
     members = [np.flatnonzero((owners == c).any(axis=1)) for c in range(ns)]
     return np.asarray(centres), members
@@ -101,11 +115,12 @@ def twostage_pairs(refs: np.ndarray, cfg, apix: float) -> Callable:
         ref_chunk=nc,  # one bank (small images), kept across the sequential rows
     )
 
-    def row(k: int) -> np.ndarray:
-        pa = align_pairs(small, small[k : k + 1], np.zeros(nc, np.int64), np.arange(nc), **kw)
-        return pa.final
+    def rows(ks: np.ndarray) -> np.ndarray:
+        p_idx = np.repeat(np.arange(len(ks)), nc)
+        pa = align_pairs(small, small[ks], p_idx, np.tile(np.arange(nc), len(ks)), **kw)
+        return pa.final.reshape(len(ks), nc)
 
-    centres, members = centres_and_members(row, nc)
+    centres, members = centres_and_members(rows, nc)
 
     def align_onto(j: np.ndarray, m0: np.ndarray):
         pa = align_pairs(small, small, j, m0, **kw)
