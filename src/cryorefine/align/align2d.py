@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 
-from cryorefine.align.rotational import footprints, polar_size
+from cryorefine.align.rotational import footprints, pair_rotations, polar_size, spectra
 from cryorefine.align.transform2d import apply_transform, mirror_x, rotate180, shift_integer
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fft import WORKERS
@@ -130,12 +130,10 @@ def translational(moving, target, *, maxshift=None, nozero=False, cmp=None, **ct
 
 def footprint_angles(moving: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per pair, the footprint rotation ``alpha0`` in degrees, in ``[0, 180)``."""
-    n = moving.shape[-1]
-    xs = polar_size(n)[0]
-    fm = scipy.fft.rfft(footprints(moving), axis=-1, workers=WORKERS)
-    ft = scipy.fft.rfft(footprints(target), axis=-1, workers=WORKERS)
-    corr = scipy.fft.irfft((np.conj(ft) * fm).sum(axis=1), n=xs, axis=-1, workers=WORKERS)
-    return np.argmax(corr, axis=1) * (180.0 / xs)
+    xs = polar_size(moving.shape[-1])[0]
+    k = np.arange(len(moving))
+    j = pair_rotations(spectra(footprints(moving)), spectra(footprints(target)), k, k, xs)
+    return j * (180.0 / xs)
 
 
 @ALIGNERS.register(

@@ -18,7 +18,7 @@ import numpy as np
 import scipy.fft
 
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import WORKERS
+from cryorefine.fourier.fft import WORKERS, ring_sum
 from cryorefine.registry import COMPARATORS, Param
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -43,6 +43,14 @@ def load_mask(mask: str | np.ndarray | None, n: int, where: str) -> np.ndarray |
     if mask.shape != (n, n):
         raise CryorefineError(f"{where}: mask is {mask.shape}, the images are {(n, n)}")
     return mask > 0.5
+
+
+def pair_context(ctx: dict, particles: np.ndarray) -> dict:
+    """The comparator context for a batch of pairs: per-particle arrays (``snr``) taken at
+    the pairs' ``particles`` indices, scalars (``apix``) as they are."""
+    return {
+        k: (v[particles] if isinstance(v, np.ndarray) and v.ndim else v) for k, v in ctx.items()
+    }
 
 
 def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -267,13 +275,6 @@ def frc(
             total = np.where(ok, s / (1 + s), total)
     total = np.where(np.isfinite(total), total, -3e38)
     return -total
-
-
-def ring_sum(values: np.ndarray, rings: np.ndarray, nring: int) -> np.ndarray:
-    """Per-row sums of ``values`` ``(k, m)`` by ring ``(m,)``: ``(k, nring)`` float64."""
-    onehot = np.zeros((values.shape[1], nring))
-    onehot[np.arange(len(rings)), rings] = 1.0
-    return values.astype(np.float64) @ onehot
 
 
 @COMPARATORS.register(

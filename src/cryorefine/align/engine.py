@@ -33,6 +33,7 @@ import scipy.fft
 from numba import njit, prange
 
 from cryorefine.align.align2d import default_maxshift
+from cryorefine.align.compare import FLT_MIN, pair_context
 from cryorefine.align.rotational import (
     best_rotations,
     footprints,
@@ -40,11 +41,10 @@ from cryorefine.align.rotational import (
     polar_size,
     spectra,
 )
-from cryorefine.align.transform2d import apply_transform, mirror_x, shift_integer
+from cryorefine.align.transform2d import apply_transform, mirror_x, rotate180, shift_integer
 from cryorefine.fourier.fft import WORKERS
 
 FUSED = {"ccc", "dot", "sqeuclidean"}
-FLT_MIN = float(np.finfo(np.float32).tiny)
 
 
 @dataclass
@@ -514,13 +514,7 @@ def _bank(
         source=np.repeat(which, xs),
         out=bank[0],
     )
-    # the turned half, as transform2d.rotate180 but in place: for even n row and
-    # column 0 have no source
-    lo = 2 * (n // 2) - (n - 1)
-    stop = 0 if lo else None
-    bank[1, :, lo:, lo:] = bank[0, :, :stop:-1, :stop:-1]
-    bank[1, :, :lo, :] = 0.0
-    bank[1, :, :, :lo] = 0.0
+    rotate180(bank[0], out=bank[1])
     for s0 in range(0, nb, 512):  # batches small enough to reuse heap memory
         sl = slice(s0, s0 + 512)
         ft = scipy.fft.rfft2(bank[0, sl], workers=WORKERS)
@@ -584,9 +578,7 @@ def _generic_final(bank, bank_idx, bx, by, mirror, particles, p_i, final, ctx, b
         flipped = mirror[sl]
         if flipped.any():
             img[flipped] = mirror_x(img[flipped])
-        sub = {
-            k: (v[p_i[sl]] if isinstance(v, np.ndarray) and v.ndim else v) for k, v in ctx.items()
-        }
+        sub = pair_context(ctx, p_i[sl])
         res[sl] = np.asarray(final(particles[p_i[sl]], img, **sub), np.float64)
     return res
 
@@ -602,8 +594,6 @@ def _generic_scores(bank, tgt, ang, p_i, slot, xs, px, py, cmp, ctx, batch):
     for s0 in range(0, len(i_i), batch):
         sl = slice(s0, s0 + batch)
         cand = shift_integer(bank[b_i[sl]], -px.ravel()[sl], -py.ravel()[sl])
-        sub = {
-            k: (v[pp[sl]] if isinstance(v, np.ndarray) and v.ndim else v) for k, v in ctx.items()
-        }
+        sub = pair_context(ctx, pp[sl])
         score.reshape(-1)[sl] = np.asarray(cmp(cand, tgt[m_i[sl], pp[sl]], **sub), np.float64)
     return score

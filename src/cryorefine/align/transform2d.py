@@ -117,13 +117,16 @@ def mirror_x(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def rotate180(images: np.ndarray) -> np.ndarray:
+def rotate180(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Rotate by 180 degrees about ``(n // 2, n // 2)``: an exact pixel permutation (what
-    bilinear resampling gives); for even ``n`` row 0 and column 0 have no source and are 0."""
+    bilinear resampling gives); for even ``n`` row 0 and column 0 have no source and are 0.
+    ``out``: an array of the same shape to fill instead of a new one."""
     n = images.shape[-1]
-    out = np.zeros_like(images)
+    out = np.empty_like(images) if out is None else out
     lo = 2 * (n // 2) - (n - 1)  # 1 for even n, 0 for odd
     out[..., lo:, lo:] = images[..., ::-1, ::-1][..., : n - lo, : n - lo]
+    out[..., :lo, :] = 0.0
+    out[..., :, :lo] = 0.0
     return out
 
 

@@ -77,3 +77,11 @@ def shift_images(images: np.ndarray, shifts_px: np.ndarray) -> np.ndarray:
     phase = np.exp(-2j * np.pi * (fx[None] * d[:, 0, None, None] + fy[None] * d[:, 1, None, None]))
     ft = scipy.fft.rfft2(np.asarray(images, dtype=np.float32), workers=WORKERS)
     return scipy.fft.irfft2(ft * phase, s=(n, n), workers=WORKERS).astype(np.float32)
+
+
+def ring_sum(values: np.ndarray, rings: np.ndarray, nring: int) -> np.ndarray:
+    """Per-row sums of ``values`` ``(k, m)`` by ring index ``rings`` ``(m,)``:
+    ``(k, nring)`` float64 (one matrix product)."""
+    onehot = np.zeros((values.shape[1], nring))
+    onehot[np.arange(len(rings)), rings] = 1.0
+    return values.astype(np.float64) @ onehot

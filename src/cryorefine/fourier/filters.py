@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-from cryorefine.fourier.fft import WORKERS, filter_rfft, rfft_radius
+from cryorefine.fourier.fft import WORKERS, filter_rfft, rfft_radius, ring_sum
 
 
 def lowpass_gauss(data: np.ndarray, cutoff_cpp: float, ndim: int) -> np.ndarray:
@@ -149,11 +149,9 @@ def match_power_spectrum(images: np.ndarray, targets: np.ndarray) -> np.ndarray:
     radius = rfft_radius((n, n)) * n  # Fourier pixels
     rings = np.minimum(np.rint(radius).astype(np.int64), n // 2).ravel()
     nring = n // 2 + 1
-    onehot = np.zeros((rings.size, nring))
-    onehot[np.arange(rings.size), rings] = 1.0
-    counts = np.maximum(onehot.sum(0), 1)
-    p_img = (np.abs(fi.reshape(k, -1)) ** 2).astype(np.float64) @ onehot / counts
-    p_tgt = (np.abs(ft.reshape(k, -1)) ** 2).astype(np.float64) @ onehot / counts
+    counts = np.maximum(np.bincount(rings, minlength=nring), 1)
+    p_img = ring_sum(np.abs(fi.reshape(k, -1)) ** 2, rings, nring) / counts
+    p_tgt = ring_sum(np.abs(ft.reshape(k, -1)) ** 2, rings, nring) / counts
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(p_img > 0, np.sqrt(p_tgt / p_img), 0.0)
     r = np.minimum(radius.ravel(), n // 2)

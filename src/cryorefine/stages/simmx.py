@@ -16,11 +16,11 @@ import h5py
 import numpy as np
 
 from cryorefine.align import transform2d
-from cryorefine.align.compare import load_mask, ring_sum
+from cryorefine.align.compare import load_mask, pair_context
 from cryorefine.align.engine import align_pairs
 from cryorefine.align.rotational import footprints, spectra
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import rfft_shell_index
+from cryorefine.fourier.fft import rfft_shell_index, ring_sum
 from cryorefine.fourier.filters import match_power_spectrum
 from cryorefine.io.atomic import atomic_output
 from cryorefine.io.stacks import ParticleStack
@@ -126,7 +126,7 @@ def simmx(
         score = np.empty(len(p_idx))
         for s0 in range(0, len(p_idx), 4096):
             sl = slice(s0, s0 + 4096)
-            sub = dict(ctx, snr=None if snr is None else snr[p_idx[sl]])
+            sub = pair_context(ctx, p_idx[sl])
             score[sl] = final(particles[p_idx[sl]], refs[c_idx[sl]], **sub)
         out.score[p_idx, c_idx] = score
         out.score[:, blank] = WORST
@@ -190,7 +190,7 @@ def _pairwise(
     for s0 in range(0, len(p_idx), 2048):
         sl = slice(s0, s0 + 2048)
         kw = {k: v for k, v in aligner.params.items() if v is not None}
-        sub = dict(ctx, snr=None if ctx.get("snr") is None else ctx["snr"][p_idx[sl]])
+        sub = pair_context(ctx, p_idx[sl])
         if start is not None:
             kw["start"] = tuple(v[sl] for v in start)
         moving = refs[c_idx[sl]]

@@ -135,13 +135,12 @@ def twostage_pairs(refs: np.ndarray, cfg, apix: float) -> Callable:
         images = meanshrink(particles, factor) if factor > 1 else particles
         coarse = simmx(averages, images, coarse_cfg, apix=apix * factor, snr=_resample(snr, factor))
         best = np.argsort(coarse.score, axis=1, kind="stable")[:, :N_BEST]
-        p_idx, c_idx = [], []
-        for p, picks in enumerate(best):
-            cols = np.unique(np.concatenate([members[c] for c in picks]))
-            p_idx.append(np.full(len(cols), p))
-            c_idx.append(cols)
-        return np.concatenate(p_idx), np.concatenate(c_idx)
+        # the members of a particle's best centres: rows of the membership table, or-ed
+        return np.nonzero(membership[best].any(axis=1))
 
+    membership = np.zeros((len(members), nc), bool)
+    for c, mem in enumerate(members):
+        membership[c, mem] = True
     plan.centres, plan.members = centres, members
     return plan
 
