@@ -26,6 +26,7 @@ particles in chunks, so memory is bounded whatever the stack sizes.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,9 @@ from cryorefine.align.transform2d import apply_transform, mirror_x, rotate180, s
 from cryorefine.fourier.fft import WORKERS
 
 FUSED = {"ccc", "dot", "sqeuclidean"}
+#: memory for one chunk of the reference bank (2 xs rotated images per reference,
+#: each with its transform): the number of references per chunk follows from it
+BANK_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -381,13 +385,15 @@ def align_pairs(
     )
     m_of_q = np.repeat(np.arange(nm), 2)
     order = np.argsort(c_idx, kind="stable")
+    if bank_cache is None:  # bank chunks within the memory budget
+        ref_chunk = max(1, min(ref_chunk, BANK_BYTES // (16 * xs * n * n)))
     # buffers reused from chunk to chunk (fresh memory is slow to fault in)
     counts = np.bincount(c_idx // ref_chunk, minlength=-(-nc // ref_chunk))
     kmax = int(counts.max()) if counts.size else 0
     px_buf = np.empty((kmax, 2 * nm), np.int64)
     py_buf = np.empty((kmax, 2 * nm), np.int64)
     st_buf = np.empty((kmax, 2 * nm, 12))
-    bank_buf = None if bank_cache is not None else _BankBuffers(min(ref_chunk, nc), xs, n)
+    bank_buf = None if bank_cache is not None else _BankBuffers(min(ref_chunk, nc), xs, n, True)
     for c0 in range(0, nc, ref_chunk):
         c1 = min(c0 + ref_chunk, nc)
         lo, hi = np.searchsorted(c_idx[order], [c0, c1])
@@ -473,23 +479,45 @@ def align_pairs(
     return out
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, size: int) -> np.ndarray:
+    """A float32 array of ``size`` from this thread's pool: the memory of the last
+    request under ``name`` when large enough (freshly allocated memory is slow to
+    fault in, and the bank is rebuilt on every call)."""
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    buf = pool.get(name)
+    if buf is None or buf.size < size:
+        pool[name] = buf = None  # let the old one go first
+        pool[name] = buf = np.empty(size, np.float32)
+    return buf[:size]
+
+
 class _BankBuffers:
-    """Memory for the bank of up to ``m`` references, reused from chunk to chunk."""
+    """Memory for the bank of up to ``m`` references, reused from chunk to chunk and
+    (``pooled``) from call to call in the same thread."""
 
-    def __init__(self, m: int, xs: int, n: int) -> None:
+    def __init__(self, m: int, xs: int, n: int, pooled: bool = False) -> None:
         size = 2 * m * xs * n
-        self.bank = np.empty(size * n, np.float32)
-        self.re = np.empty(size * (n // 2 + 1), np.float32)
-        self.im = np.empty(size * (n // 2 + 1), np.float32)
+        hsize = size * (n // 2 + 1)
+        get = _scratch if pooled else (lambda _name, k: np.empty(k, np.float32))
+        self.bank = get("bank", size * n)
+        self.re = get("bank_re", hsize)
+        self.im = get("bank_im", hsize)
+        # float64 line sums (viewed), 2 m xs images x 2 x 2 x (n + 1)
+        self.sums = get("bank_sums", 2 * (2 * m * xs * 4 * (n + 1)))
 
-    def views(self, nb: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Contiguous ``(2, nb, n, n)`` images and ``(2, nb, n, n // 2 + 1)`` planes."""
+    def views(self, nb: int, n: int) -> tuple[np.ndarray, ...]:
+        """Contiguous ``(2, nb, n, n)`` images, ``(2, nb, n, n // 2 + 1)`` planes and
+        ``(2 nb, 2, 2, n + 1)`` float64 line sums."""
         hx = n // 2 + 1
         size = 2 * nb * n
         return (
             self.bank[: size * n].reshape(2, nb, n, n),
             self.re[: size * hx].reshape(2, nb, n, hx),
             self.im[: size * hx].reshape(2, nb, n, hx),
+            self.sums.view(np.float64)[: 2 * nb * 4 * (n + 1)].reshape(2 * nb, 2, 2, n + 1),
         )
 
 
@@ -503,7 +531,7 @@ def _bank(
     n = refs.shape[-1]
     nb = len(which) * xs
     buf = buf or _BankBuffers(len(which), xs, n)
-    bank, re, im = buf.views(nb, n)
+    bank, re, im, sums = buf.views(nb, n)
     angles = np.arange(xs) * (180.0 / xs)
     apply_transform(
         refs,
@@ -523,7 +551,7 @@ def _bank(
         re[1, sl], im[1, sl] = turned.real, turned.imag
     hx = n // 2 + 1
     flat = bank.reshape(-1, n, n)
-    return flat, re.reshape(-1, n, hx), im.reshape(-1, n, hx), _line_sums(flat)
+    return flat, re.reshape(-1, n, hx), im.reshape(-1, n, hx), _line_sums(flat, sums)
 
 
 def _turned_transform(ft: np.ndarray, images: np.ndarray) -> np.ndarray:
@@ -546,26 +574,36 @@ def _turned_transform(ft: np.ndarray, images: np.ndarray) -> np.ndarray:
     return np.conj(out, out=out)
 
 
-@njit(cache=True, parallel=True)
-def _line_sums(images: np.ndarray) -> np.ndarray:
-    """``(k, 2, 2, n + 1)`` float64: [rows | columns][values | squares][index], the
-    last index holding the image total."""
+@njit(cache=True, parallel=True, fastmath=True)
+def _line_sums(images: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` ``(k, 2, 2, n + 1)`` float64: [rows | columns][values | squares]
+    [index], the last index holding the image total."""
     k, n = images.shape[0], images.shape[-1]
-    out = np.zeros((k, 2, 2, n + 1))
     for i in prange(k):
+        cs = np.zeros(n)
+        cq = np.zeros(n)
+        ts = 0.0
+        tq = 0.0
         for y in range(n):
+            rs = 0.0
+            rq = 0.0
             for x in range(n):
                 a = np.float64(images[i, y, x])
-                out[i, 0, 0, y] += a
-                out[i, 0, 1, y] += a * a
-                out[i, 1, 0, x] += a
-                out[i, 1, 1, x] += a * a
-        for power in range(2):
-            total = 0.0
-            for y in range(n):
-                total += out[i, 0, power, y]
-            out[i, 0, power, n] = total
-            out[i, 1, power, n] = total
+                rs += a
+                rq += a * a
+                cs[x] += a
+                cq[x] += a * a
+            out[i, 0, 0, y] = rs
+            out[i, 0, 1, y] = rq
+            ts += rs
+            tq += rq
+        for x in range(n):
+            out[i, 1, 0, x] = cs[x]
+            out[i, 1, 1, x] = cq[x]
+        out[i, 0, 0, n] = ts
+        out[i, 1, 0, n] = ts
+        out[i, 0, 1, n] = tq
+        out[i, 1, 1, n] = tq
     return out
 
 

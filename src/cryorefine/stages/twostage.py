@@ -1,14 +1,14 @@
 """e2simmx2stage: a coarse search over averaged projections, then a local full search.
 
 Stage 1 compares the projections with each other (shrunk by the ``--twostage``
-factor, ``sqeuclidean:normto=1`` inside the aligner, ``sqeuclidean`` to score; shifts
-within 2 px, as all projections share one origin),
-picks ``Ns = 3 floor(sqrt(Nc))`` centres by farthest-point sampling, gives every
-projection to its 2 most similar centres and averages each centre's members after
-aligning them to its first member. Stage 2 scores every particle against those
-averages (shrunk, with the user's aligner and comparators). Stage 3 computes the full
-similarity only for the members of each particle's 4 best averages; the other cells
-of its row become ``max(computed row) + 1e-4``.
+factor, ``sqeuclidean:normto=1`` inside the aligner, ``sqeuclidean`` to score;
+rotation and mirror only, as all projections share one origin), picks
+``Ns = 3 floor(sqrt(Nc))`` centres by farthest-point sampling, gives every projection
+to its 2 most similar centres and averages each centre's members after aligning them
+to its first member. Stage 2 scores every particle against those averages (shrunk,
+with the user's aligner and comparators). Stage 3 computes the full similarity only
+for the members of each particle's 4 best averages; the other cells of its row become
+``max(computed row) + 1e-4``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from cryorefine.align.transform2d import apply_transform, meanshrink
 
 N_BEST = 4
 N_OWNERS = 2
-STAGE1_MAXSHIFT = 2  # px of the shrunk projections (Choice: EMAN2 uses the default n/4)
+# Choice (EMAN2 searches the default n/4): projections of one map share its origin, so
+# neighbouring views are related by an in-plane rotation about the box centre alone
+STAGE1_MAXSHIFT = 0
 
 
 def centres_and_members(
-    rows: Callable[[np.ndarray], np.ndarray], nc: int, *, batch: int = 8
+    rows: Callable[[np.ndarray], np.ndarray], nc: int, *, batch: int = 4
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Farthest-point centres and their member lists.
 
