@@ -181,14 +181,21 @@ def test_translational_cannot_reach_beyond_maxshift(projections):
 
 
 @pytest.mark.parametrize(
-    "aligncmp,final",
-    [("ccc", "dot:normalize=1"), ("sqeuclidean:normto=1", "sqeuclidean"), ("frc:maxres=0", "ccc")],
+    "aligncmp,final,box",
+    [
+        ("ccc", "dot:normalize=1", 64),
+        ("sqeuclidean:normto=1", "sqeuclidean", 64),
+        ("frc:maxres=0", "ccc", 64),
+        ("ccc", "sqeuclidean", 57),
+        ("sqeuclidean:normto=1", "frc:maxres=0", 57),
+    ],
 )
-def test_engine_reproduces_the_per_pair_aligner(projections, aligncmp, final):
+def test_engine_reproduces_the_per_pair_aligner(projections, aligncmp, final, box):
     """Every pair of 12 noisy particles x all projections: the batched engine gives the
-    per-pair definition's transforms and scores."""
+    per-pair definition's transforms and scores (even and odd boxes)."""
     rng = np.random.default_rng(7)
-    refs = projections
+    lo = (64 - box) // 2
+    refs = np.ascontiguousarray(projections[:, lo : lo + box, lo : lo + box])
     k, nc = 12, len(refs)
     truth = rng.integers(0, nc, k)
     x = t2d.apply_transform(

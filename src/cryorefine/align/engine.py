@@ -8,9 +8,10 @@ loop over pairs:
    footprint rotation of every pair is one matrix product per angular frequency
    (over radii) followed by an inverse FFT along angle (:func:`best_rotations`).
 2. The footprint angle is quantised to ``180 / xs`` degrees, so each reference is
-   rotated once to each of the ``xs`` angles (bilinear, as the per-pair path) and
-   turned by a further 180 degrees (exact): a "bank" of ``2 xs`` images per
-   reference, each Fourier-transformed once instead of a rotation per pair.
+   rotated once to each of the ``xs`` angles (bilinear, as the per-pair path): a
+   "bank" of ``xs`` images per reference, each Fourier-transformed once instead of a
+   rotation per pair. The further 180-degree turn is exact (a pixel permutation): its
+   transform is formed from the first's inside the kernel, never stored.
 3. Each pair has four candidates (``alpha0``, ``alpha0 + 180``, each against the
    particle and its mirror). Their circular cross-correlation is needed only inside
    the ``maxshift`` window, so a compiled kernel evaluates ``bank * conj(particle)``
@@ -20,7 +21,7 @@ loop over pairs:
    images (zero fill): ``ccc``, ``dot`` and ``sqeuclidean`` (also ``normto=1``) from
    pixel sums the same kernel forms; any other comparator on materialised images.
 
-References are taken in chunks (the bank holds ``2 xs`` images per reference) and
+References are taken in chunks (the bank holds ``xs`` images per reference) and
 particles in chunks, so memory is bounded whatever the stack sizes.
 """
 
@@ -96,12 +97,25 @@ def _parabola(win, iy, ix, axis):
     return min(0.5, max(-0.5, 0.5 * (lo - hi) / den))
 
 
+@njit(cache=True, inline="always")
+def _pixel(img, y, x, h, c2):
+    """Pixel ``(y, x)`` of bank image ``img`` (``h = 0``) or of it turned by 180 degrees
+    about the centre (``h = 1``: ``img[c2 - y, c2 - x]``, 0 where that is outside)."""
+    if h == 1:
+        y = c2 - y
+        x = c2 - x
+        if y >= img.shape[0] or x >= img.shape[1]:
+            return 0.0
+    return np.float64(img[y, x])
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def _search_block(
     bank_re,
     bank_im,
     bank,
     sums,
+    edges,
     tgt_re,
     tgt_im,
     tgt,
@@ -121,12 +135,14 @@ def _search_block(
     """Translations and candidate sums for the pairs ``(p_list[i], c_list[i])``.
 
     ``c_list`` indexes the references of this chunk's bank and ``ang[m, i]`` is pair
-    ``i``'s footprint angle index against target ``m``. For candidate ``q = 2 m + h``
-    the bank image is ``h nb + c xs + ang[m, i]`` (``nb`` = half the bank). Its
-    circular CCF with target ``m`` is evaluated only on the ``(2 ms + 1)^2`` window
-    by a partial inverse DFT (rows first) and the first maximum in scan order kept.
+    ``i``'s footprint angle index against target ``m``. Candidate ``q = 2 m + h`` is
+    bank image ``b = c xs + ang[m, i]``, turned by a further 180 degrees if ``h = 1``;
+    the turned image's transform is formed here from the first's (see
+    :func:`_bank`, ``edges``). Its circular CCF with target ``m`` is evaluated only on
+    the ``(2 ms + 1)^2`` window by a partial inverse DFT (rows first) and the first
+    maximum in scan order kept.
     ``stats[..., 0:5]``: the sums (a, a^2, ab, and a, a^2 over its column 0) of the
-    bank image shifted by minus the peak (zero fill) against the target;
+    candidate shifted by minus the peak (zero fill) against the target;
     ``stats[..., 5:7]``: the peak's sub-pixel offset (x, y) from a parabola through
     its neighbours; with ``fit``, ``stats[..., 7:12]``: the count and sums (a, b,
     a^2, ab) over the pixels where ``a >= FLT_MIN`` (the least-squares fit of
@@ -135,7 +151,9 @@ def _search_block(
     """
     nm = tgt.shape[0]
     n = bank.shape[-1]
-    nb = bank.shape[0] // 2  # bank: the xs angles of every reference, then all turned
+    nb = bank.shape[0]
+    c2 = 2 * (n // 2)
+    odd = n % 2 == 1
     hx = bank_re.shape[-1]
     nw = ey_re.shape[0]
     ms = nw // 2
@@ -146,20 +164,41 @@ def _search_block(
         ri = np.empty((nw, hx), dtype=np.float32)
         gr = np.empty(hx, dtype=np.float32)
         gi = np.empty(hx, dtype=np.float32)
+        sr = np.empty(hx, dtype=np.float32)
+        si = np.empty(hx, dtype=np.float32)
         win = np.empty((nw, nw))
         for m in range(nm):
             t_re = tgt_re[m, p]
             t_im = tgt_im[m, p]
             t_img = tgt[m, p]
+            b = c * xs + ang[m, i]
+            s_re = bank_re[b]
+            s_im = bank_im[b]
+            e = edges[b]
             for h in range(2):
-                b = h * nb + c * xs + ang[m, i]
-                s_re = bank_re[b]
-                s_im = bank_im[b]
                 rr[:, :] = 0.0
                 ri[:, :] = 0.0
                 for ky in range(n):
+                    if h == 0:
+                        for kx in range(hx):
+                            sr[kx] = s_re[ky, kx]
+                            si[kx] = s_im[ky, kx]
+                    else:  # conj(F - R(kx) - C(ky) + a00), times a phase for odd n
+                        col_re = e[2, ky] - e[4, 0]
+                        col_im = e[3, ky]
+                        for kx in range(hx):
+                            sr[kx] = s_re[ky, kx] - e[0, kx] - col_re
+                            si[kx] = -(s_im[ky, kx] - e[1, kx] - col_im)
+                        if odd:
+                            for kx in range(hx):
+                                ph = 2.0 * np.pi * (ky + kx) / n
+                                pr = np.float32(np.cos(ph))
+                                pi = np.float32(np.sin(ph))
+                                ar = sr[kx]
+                                sr[kx] = ar * pr - si[kx] * pi
+                                si[kx] = ar * pi + si[kx] * pr
                     for kx in range(hx):  # g = S conj(T)
-                        ar, ai = s_re[ky, kx], s_im[ky, kx]
+                        ar, ai = sr[kx], si[kx]
                         br, bi = t_re[ky, kx], t_im[ky, kx]
                         gr[kx] = ar * br + ai * bi
                         gi[kx] = ai * br - ar * bi
@@ -193,18 +232,19 @@ def _search_block(
                 # CCF at the peak less the wrapped-around strips
                 sx, sy = -bx, -by
                 img = bank[b]
+                hb = h * nb + b  # line sums of the turned images follow the first
                 r_lo, r_hi = (n - sy, n) if sy > 0 else (0, -sy)
                 c_lo, c_hi = (n - sx, n) if sx > 0 else (0, -sx)
-                s_a = sums[b, 0, 0, n]
-                s_aa = sums[b, 0, 1, n]
+                s_a = sums[hb, 0, 0, n]
+                s_aa = sums[hb, 0, 1, n]
                 for r in range(r_lo, r_hi):
-                    s_a -= sums[b, 0, 0, r]
-                    s_aa -= sums[b, 0, 1, r]
+                    s_a -= sums[hb, 0, 0, r]
+                    s_aa -= sums[hb, 0, 1, r]
                 for cc in range(c_lo, c_hi):
-                    s_a -= sums[b, 1, 0, cc]
-                    s_aa -= sums[b, 1, 1, cc]
+                    s_a -= sums[hb, 1, 0, cc]
+                    s_aa -= sums[hb, 1, 1, cc]
                     for r in range(r_lo, r_hi):
-                        a = np.float64(img[r, cc])
+                        a = _pixel(img, r, cc, h, c2)
                         s_a += a
                         s_aa += a * a
                 wrapped = 0.0
@@ -213,12 +253,12 @@ def _search_block(
                     if wy < 0 or wy >= n:
                         wy %= n
                         for zx in range(n):
-                            wrapped += np.float64(img[wy, (zx + bx) % n]) * t_img[zy, zx]
+                            wrapped += _pixel(img, wy, (zx + bx) % n, h, c2) * t_img[zy, zx]
                     else:
                         for zx in range(0, max(0, -bx)):
-                            wrapped += np.float64(img[wy, zx + bx + n]) * t_img[zy, zx]
+                            wrapped += _pixel(img, wy, zx + bx + n, h, c2) * t_img[zy, zx]
                         for zx in range(min(n, n - bx), n):
-                            wrapped += np.float64(img[wy, zx + bx - n]) * t_img[zy, zx]
+                            wrapped += _pixel(img, wy, zx + bx - n, h, c2) * t_img[zy, zx]
                 s_ab = best / (n * n) - wrapped
                 f_n = 0.0
                 f_a = 0.0
@@ -228,7 +268,7 @@ def _search_block(
                 if fit:
                     for y in range(max(0, sy), min(n, n + sy)):
                         for x in range(max(0, sx), min(n, n + sx)):
-                            a = np.float64(img[y - sy, x - sx])
+                            a = _pixel(img, y - sy, x - sx, h, c2)
                             if a >= FLT_MIN:
                                 tb = np.float64(t_img[y, x])
                                 f_n += 1.0
@@ -244,10 +284,10 @@ def _search_block(
                 c0 = 0.0
                 c00 = 0.0
                 if sx <= 0:  # column 0 of the shifted image (dropped by a mirror)
-                    c0 = sums[b, 1, 0, -sx]
-                    c00 = sums[b, 1, 1, -sx]
+                    c0 = sums[hb, 1, 0, -sx]
+                    c00 = sums[hb, 1, 1, -sx]
                     for r in range(r_lo, r_hi):
-                        a = np.float64(img[r, -sx])
+                        a = _pixel(img, r, -sx, h, c2)
                         c0 -= a
                         c00 -= a * a
                 stats[i, q, 0] = s_a
@@ -260,12 +300,12 @@ def _search_block(
 def window_dft(n: int, maxshift: int) -> tuple[np.ndarray, np.ndarray]:
     """Factors of the inverse DFT restricted to shifts ``-ms..ms``: rows ``(2ms+1, n)``
     over ky (FFT order) and columns ``(2ms+1, n//2+1)`` over kx with the half-plane
-    weights (1 on kx = 0 and n/2, else 2)."""
+    weights (1 on kx = 0 and, for even n, on the Nyquist column n/2; else 2)."""
     d = np.arange(-maxshift, maxshift + 1)
     ky = np.arange(n)
     kx = np.arange(n // 2 + 1)
     ey = np.exp(2j * np.pi * np.outer(d, ky) / n)
-    w = np.where((kx == 0) | (kx == n // 2), 1.0, 2.0)
+    w = np.where((kx == 0) | ((n % 2 == 0) & (kx == n // 2)), 1.0, 2.0)  # odd n: no Nyquist
     ex = np.exp(2j * np.pi * np.outer(d, kx) / n) * w
     return ey.astype(np.complex64), ex.astype(np.complex64)
 
@@ -386,7 +426,7 @@ def align_pairs(
     m_of_q = np.repeat(np.arange(nm), 2)
     order = np.argsort(c_idx, kind="stable")
     if bank_cache is None:  # bank chunks within the memory budget
-        ref_chunk = max(1, min(ref_chunk, BANK_BYTES // (16 * xs * n * n)))
+        ref_chunk = max(1, min(ref_chunk, BANK_BYTES // (8 * xs * n * n)))
     # buffers reused from chunk to chunk (fresh memory is slow to fault in)
     counts = np.bincount(c_idx // ref_chunk, minlength=-(-nc // ref_chunk))
     kmax = int(counts.max()) if counts.size else 0
@@ -402,21 +442,22 @@ def align_pairs(
         sel = order[lo:hi]
         ps, cl = p_idx[sel], c_idx[sel] - c0
         if bank_cache is not None and c0 in bank_cache:
-            used, bank, bank_re, bank_im, sums = bank_cache[c0]
+            used, bank = bank_cache[c0]
         else:
             used = np.arange(c1 - c0) if bank_cache is not None else np.unique(cl)
-            bank, bank_re, bank_im, sums = _bank(refs, used + c0, xs, bank_buf)
+            bank = _bank(refs, used + c0, xs, bank_buf)
             if bank_cache is not None:
-                bank_cache[c0] = used, bank, bank_re, bank_im, sums
+                bank_cache[c0] = used, bank
         slot = np.searchsorted(used, cl)  # position of each pair's reference in the bank
         ang = np.ascontiguousarray(j_pairs[:, sel])
         k = len(sel)
         px, py, st = px_buf[:k], py_buf[:k], st_buf[:k]
         _search_block(
-            bank_re,
-            bank_im,
-            bank,
-            sums,
+            bank.re,
+            bank.im,
+            bank.images,
+            bank.sums,
+            bank.edges,
             tgt_re,
             tgt_im,
             tgt,
@@ -443,7 +484,7 @@ def align_pairs(
                 st[..., 7:12],
             )
         else:
-            score = _generic_scores(bank, tgt, ang, ps, slot, xs, px, py, cmp, ctx, batch)
+            score = _generic_scores(bank.images, tgt, ang, ps, slot, xs, px, py, cmp, ctx, batch)
         # within a mirror state the 180-degree candidate wins ties; then the
         # unmirrored one wins only if strictly better
         use180 = score[:, 1::2] <= score[:, 0::2]
@@ -464,17 +505,18 @@ def align_pairs(
         out.score[sel] = s_m[np.arange(k), m]
         if final is None:
             continue
-        bank_idx = h * (len(bank) // 2) + slot * xs + j
+        bank_idx = slot * xs + j
         if fused_ok(final) and not _needs_fit(final):  # final(particle, S or mirror(S))
             chosen = st[np.arange(k), q]
-            b_sum = np.where(mirror, chosen[:, 0] - chosen[:, 3], chosen[:, 0])
-            b_sq = np.where(mirror, chosen[:, 1] - chosen[:, 4], chosen[:, 1])
+            drop = mirror & (n % 2 == 0)  # mirroring an even box loses column 0
+            b_sum = np.where(drop, chosen[:, 0] - chosen[:, 3], chosen[:, 0])
+            b_sq = np.where(drop, chosen[:, 1] - chosen[:, 4], chosen[:, 1])
             out.final[sel] = fused_scores(
                 final, t_sum[0][ps], t_sq[0][ps], b_sum, b_sq, chosen[:, 2], n * n
             )
         else:
             out.final[sel] = _generic_final(
-                bank, bank_idx, bx, by, mirror, particles, ps, final, ctx, batch
+                bank.images, bank_idx, h, bx, by, mirror, particles, ps, final, ctx, batch
             )
     return out
 
@@ -494,44 +536,58 @@ def _scratch(name: str, size: int) -> np.ndarray:
     return buf[:size]
 
 
+@dataclass
+class Bank:
+    """References rotated to the ``xs`` footprint angles: image ``slot xs + j``.
+
+    ``images`` ``(nb, n, n)`` and the real and imaginary planes ``re``, ``im`` of their
+    ``rfft2``; ``sums`` ``(2 nb, 2, 2, n + 1)`` float64 line sums (:func:`_line_sums`)
+    of the images and then of the images turned by 180 degrees; ``edges``
+    ``(nb, 5, n)``: the transform of the turned image is
+    ``conj(F - R(kx) - C(ky) + a00)`` (even ``n``: row 0 and column 0 have no source
+    and drop out; ``R``, ``C`` the 1D transforms of that row and column, rows 0-1 and
+    2-3 of ``edges``, ``a00`` at ``[4, 0]``) or ``conj(F) exp(2 pi i (ky + kx) / n)``
+    (odd ``n``: a pixel permutation; ``edges`` is 0).
+    """
+
+    images: np.ndarray
+    re: np.ndarray
+    im: np.ndarray
+    sums: np.ndarray
+    edges: np.ndarray
+
+
 class _BankBuffers:
     """Memory for the bank of up to ``m`` references, reused from chunk to chunk and
     (``pooled``) from call to call in the same thread."""
 
     def __init__(self, m: int, xs: int, n: int, pooled: bool = False) -> None:
-        size = 2 * m * xs * n
-        hsize = size * (n // 2 + 1)
+        size = m * xs * n
         get = _scratch if pooled else (lambda _name, k: np.empty(k, np.float32))
-        self.bank = get("bank", size * n)
-        self.re = get("bank_re", hsize)
-        self.im = get("bank_im", hsize)
-        # float64 line sums (viewed), 2 m xs images x 2 x 2 x (n + 1)
-        self.sums = get("bank_sums", 2 * (2 * m * xs * 4 * (n + 1)))
+        self.images = get("bank", size * n)
+        self.re = get("bank_re", size * (n // 2 + 1))
+        self.im = get("bank_im", size * (n // 2 + 1))
+        self.sums = get("bank_sums", 2 * (2 * m * xs * 4 * (n + 1)))  # float64, viewed
+        self.edges = get("bank_edges", 5 * size)
 
-    def views(self, nb: int, n: int) -> tuple[np.ndarray, ...]:
-        """Contiguous ``(2, nb, n, n)`` images, ``(2, nb, n, n // 2 + 1)`` planes and
-        ``(2 nb, 2, 2, n + 1)`` float64 line sums."""
+    def bank(self, nb: int, n: int) -> Bank:
+        """Views for a bank of ``nb`` images."""
         hx = n // 2 + 1
-        size = 2 * nb * n
-        return (
-            self.bank[: size * n].reshape(2, nb, n, n),
-            self.re[: size * hx].reshape(2, nb, n, hx),
-            self.im[: size * hx].reshape(2, nb, n, hx),
+        return Bank(
+            self.images[: nb * n * n].reshape(nb, n, n),
+            self.re[: nb * n * hx].reshape(nb, n, hx),
+            self.im[: nb * n * hx].reshape(nb, n, hx),
             self.sums.view(np.float64)[: 2 * nb * 4 * (n + 1)].reshape(2 * nb, 2, 2, n + 1),
+            self.edges[: nb * 5 * n].reshape(nb, 5, n),
         )
 
 
-def _bank(
-    refs: np.ndarray, which: np.ndarray, xs: int, buf: _BankBuffers | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """References ``which`` at the ``xs`` footprint angles, then all of them turned by
-    180 degrees: ``(2 len(which) xs, n, n)``, image ``h nb + slot xs + j`` with
-    ``nb = len(which) xs``; the real and imaginary planes of their ``rfft2``; and
-    their row and column sums (:func:`_line_sums`)."""
+def _bank(refs: np.ndarray, which: np.ndarray, xs: int, buf: _BankBuffers | None = None) -> Bank:
+    """References ``which`` at the ``xs`` footprint angles (bilinear), their
+    transforms, line sums and turned-image edges (:class:`Bank`)."""
     n = refs.shape[-1]
     nb = len(which) * xs
-    buf = buf or _BankBuffers(len(which), xs, n)
-    bank, re, im, sums = buf.views(nb, n)
+    bank = (buf or _BankBuffers(len(which), xs, n)).bank(nb, n)
     angles = np.arange(xs) * (180.0 / xs)
     apply_transform(
         refs,
@@ -540,45 +596,33 @@ def _bank(
         0.0,
         False,
         source=np.repeat(which, xs),
-        out=bank[0],
+        out=bank.images,
     )
-    rotate180(bank[0], out=bank[1])
+    hx = n // 2 + 1
+    bank.edges[:] = 0.0
     for s0 in range(0, nb, 512):  # batches small enough to reuse heap memory
         sl = slice(s0, s0 + 512)
-        ft = scipy.fft.rfft2(bank[0, sl], workers=WORKERS)
-        re[0, sl], im[0, sl] = ft.real, ft.imag
-        turned = _turned_transform(ft, bank[0, sl])
-        re[1, sl], im[1, sl] = turned.real, turned.imag
-    hx = n // 2 + 1
-    flat = bank.reshape(-1, n, n)
-    return flat, re.reshape(-1, n, hx), im.reshape(-1, n, hx), _line_sums(flat, sums)
-
-
-def _turned_transform(ft: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """``rfft2(rotate180(images))`` from ``ft = rfft2(images)`` without a transform.
-
-    Odd ``n``: the turn is a pixel permutation, ``conj(F) exp(2 pi i (ky + kx) / n)``.
-    Even ``n``: row 0 and column 0 drop out, ``conj(F - R(kx) - C(ky) + a00)`` with
-    ``R``, ``C`` the 1D transforms of that row and column.
-    """
-    n = images.shape[-1]
-    if n % 2:
-        ky = scipy.fft.fftfreq(n, 1.0 / n)
-        kx = np.arange(n // 2 + 1)
-        return np.conj(ft) * np.exp(2j * np.pi * (ky[:, None] + kx[None, :]) / n)
-    row = scipy.fft.rfft(images[:, 0, :], axis=-1, workers=WORKERS)[:, None, :]
-    col = scipy.fft.fft(images[:, :, 0], axis=-1, workers=WORKERS)[:, :, None]
-    out = ft - row
-    out -= col
-    out += images[:, :1, :1]
-    return np.conj(out, out=out)
+        ft = scipy.fft.rfft2(bank.images[sl], workers=WORKERS)
+        bank.re[sl], bank.im[sl] = ft.real, ft.imag
+        if n % 2 == 0:
+            row = scipy.fft.rfft(bank.images[sl, 0, :], axis=-1, workers=WORKERS)
+            col = scipy.fft.fft(bank.images[sl, :, 0], axis=-1, workers=WORKERS)
+            e = bank.edges[sl]
+            e[:, 0, :hx], e[:, 1, :hx] = row.real, row.imag
+            e[:, 2], e[:, 3] = col.real, col.imag
+            e[:, 4, 0] = bank.images[sl, 0, 0]
+    _line_sums(bank.images, bank.sums[:nb], 0)
+    _line_sums(bank.images, bank.sums[nb:], 1)
+    return bank
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _line_sums(images: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Fill ``out`` ``(k, 2, 2, n + 1)`` float64: [rows | columns][values | squares]
-    [index], the last index holding the image total."""
+def _line_sums(images: np.ndarray, out: np.ndarray, h: int) -> np.ndarray:
+    """Fill ``out`` ``(k, 2, 2, n + 1)`` float64 with the line sums of ``images``
+    (``h = 0``) or of the images turned by 180 degrees (``h = 1``, see :func:`_pixel`):
+    [rows | columns][values | squares][index], the last index holding the total."""
     k, n = images.shape[0], images.shape[-1]
+    c2 = 2 * (n // 2)
     for i in prange(k):
         cs = np.zeros(n)
         cq = np.zeros(n)
@@ -587,12 +631,20 @@ def _line_sums(images: np.ndarray, out: np.ndarray) -> np.ndarray:
         for y in range(n):
             rs = 0.0
             rq = 0.0
-            for x in range(n):
-                a = np.float64(images[i, y, x])
-                rs += a
-                rq += a * a
-                cs[x] += a
-                cq[x] += a * a
+            if h == 0:
+                for x in range(n):
+                    a = np.float64(images[i, y, x])
+                    rs += a
+                    rq += a * a
+                    cs[x] += a
+                    cq[x] += a * a
+            elif c2 - y < n:
+                for x in range(n):
+                    a = np.float64(images[i, c2 - y, c2 - x]) if c2 - x < n else 0.0
+                    rs += a
+                    rq += a * a
+                    cs[x] += a
+                    cq[x] += a * a
             out[i, 0, 0, y] = rs
             out[i, 0, 1, y] = rq
             ts += rs
@@ -607,12 +659,20 @@ def _line_sums(images: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def _generic_final(bank, bank_idx, bx, by, mirror, particles, p_i, final, ctx, batch):
+def _candidates(images: np.ndarray, idx: np.ndarray, turned: np.ndarray) -> np.ndarray:
+    """Bank images ``idx``, those with ``turned`` rotated by a further 180 degrees."""
+    out = images[idx]
+    if turned.any():
+        out[turned] = rotate180(out[turned])
+    return out
+
+
+def _generic_final(bank, bank_idx, h, bx, by, mirror, particles, p_i, final, ctx, batch):
     """``final(particle, aligned reference)`` on materialised images."""
     res = np.empty(len(p_i))
     for s0 in range(0, len(p_i), batch):
         sl = slice(s0, s0 + batch)
-        img = shift_integer(bank[bank_idx[sl]], -bx[sl], -by[sl])
+        img = shift_integer(_candidates(bank, bank_idx[sl], h[sl] == 1), -bx[sl], -by[sl])
         flipped = mirror[sl]
         if flipped.any():
             img[flipped] = mirror_x(img[flipped])
@@ -627,11 +687,12 @@ def _generic_scores(bank, tgt, ang, p_i, slot, xs, px, py, cmp, ctx, batch):
     score = np.empty(px.shape)
     i_i, q_i = (a.ravel() for a in np.indices(px.shape))
     m_i, h_i = q_i // 2, q_i % 2
-    b_i = h_i * (len(bank) // 2) + slot[i_i] * xs + ang[m_i, i_i]
+    b_i = slot[i_i] * xs + ang[m_i, i_i]
     pp = p_i[i_i]
     for s0 in range(0, len(i_i), batch):
         sl = slice(s0, s0 + batch)
-        cand = shift_integer(bank[b_i[sl]], -px.ravel()[sl], -py.ravel()[sl])
+        cand = _candidates(bank, b_i[sl], h_i[sl] == 1)
+        cand = shift_integer(cand, -px.ravel()[sl], -py.ravel()[sl])
         sub = pair_context(ctx, pp[sl])
         score.reshape(-1)[sl] = np.asarray(cmp(cand, tgt[m_i[sl], pp[sl]], **sub), np.float64)
     return score
