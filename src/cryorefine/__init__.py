@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from importlib.metadata import PackageNotFoundError, version
-
-# The compiled kernels (numba, OpenMP) alternate with scipy's FFT threads many times per
-# second; spinning OpenMP workers would steal the cores those threads need. A user's
-# own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from cryorefine.errors import CryorefineError, CryorefineWarning
 
