@@ -109,6 +109,47 @@ def _pixel(img, y, x, h, c2):
     return np.float64(img[y, x])
 
 
+@njit(cache=True, fastmath=True)
+def _fit_sums(img, t_img, sx, sy, h, c2, out):
+    """Count and sums (a, b, a^2, ab) over the pixels where the candidate ``a`` (bank
+    image, turned if ``h``, shifted by ``(sx, sy)`` with zero fill) is ``>= FLT_MIN``,
+    ``b`` the target: the least-squares fit of ``sqeuclidean:normto=1``."""
+    n = img.shape[-1]
+    y_lo, y_hi = max(0, sy), min(n, n + sy)
+    x_lo, x_hi = max(0, sx), min(n, n + sx)
+    f_n = 0.0
+    f_a = 0.0
+    f_b = 0.0
+    f_aa = 0.0
+    f_ab = 0.0
+    if h == 1:  # the turned image's row and column 0 have no source
+        y_lo = max(y_lo, c2 + sy - n + 1)
+        x_lo = max(x_lo, c2 + sx - n + 1)
+    for y in range(y_lo, y_hi):
+        if h == 0:
+            row = img[y - sy]
+            off = -sx
+            step = 1
+        else:
+            row = img[c2 - y + sy]
+            off = c2 + sx
+            step = -1
+        for x in range(x_lo, x_hi):
+            a = np.float64(row[off + step * x])
+            if a >= FLT_MIN:
+                tb = np.float64(t_img[y, x])
+                f_n += 1.0
+                f_a += a
+                f_b += tb
+                f_aa += a * a
+                f_ab += a * tb
+    out[0] = f_n
+    out[1] = f_a
+    out[2] = f_b
+    out[3] = f_aa
+    out[4] = f_ab
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def _search_block(
     bank_re,
@@ -260,27 +301,10 @@ def _search_block(
                         for zx in range(min(n, n - bx), n):
                             wrapped += _pixel(img, wy, zx + bx - n, h, c2) * t_img[zy, zx]
                 s_ab = best / (n * n) - wrapped
-                f_n = 0.0
-                f_a = 0.0
-                f_b = 0.0
-                f_aa = 0.0
-                f_ab = 0.0
                 if fit:
-                    for y in range(max(0, sy), min(n, n + sy)):
-                        for x in range(max(0, sx), min(n, n + sx)):
-                            a = _pixel(img, y - sy, x - sx, h, c2)
-                            if a >= FLT_MIN:
-                                tb = np.float64(t_img[y, x])
-                                f_n += 1.0
-                                f_a += a
-                                f_b += tb
-                                f_aa += a * a
-                                f_ab += a * tb
-                stats[i, q, 7] = f_n
-                stats[i, q, 8] = f_a
-                stats[i, q, 9] = f_b
-                stats[i, q, 10] = f_aa
-                stats[i, q, 11] = f_ab
+                    _fit_sums(img, t_img, sx, sy, h, c2, stats[i, q, 7:12])
+                else:
+                    stats[i, q, 7:12] = 0.0
                 c0 = 0.0
                 c00 = 0.0
                 if sx <= 0:  # column 0 of the shifted image (dropped by a mirror)
