@@ -407,8 +407,9 @@ def align_pairs(
     into ``PairAlignment.final``. ``ctx``: comparator context; per-particle arrays
     (``snr``) are indexed by particle. ``subpixel``: report the translation at the
     parabola-interpolated CCF peak (candidates are still chosen and scored at the
-    integer peak). ``bank_cache`` (a dict kept by the caller across calls with the
-    same ``refs`` and ``ref_chunk``) keeps the rotated references. Returns one value
+    integer peak). ``bank_cache`` (a dict or an open :class:`BankCache`, kept by the
+    caller across calls with the same ``refs`` and ``ref_chunk``) keeps the rotated
+    references. Returns one value
     per pair.
     """
     refs = np.ascontiguousarray(refs, np.float32)
@@ -463,7 +464,10 @@ def align_pairs(
     px_buf = np.empty((kmax, 2 * nm), np.int64)
     py_buf = np.empty((kmax, 2 * nm), np.int64)
     st_buf = np.empty((kmax, 2 * nm, 12))
-    bank_buf = None if bank_cache is not None else _BankBuffers(min(ref_chunk, nc), xs, n, True)
+    if bank_cache is None:
+        bank_buf = _BankBuffers(min(ref_chunk, nc), xs, n, not _pool().get("busy", False))
+    else:
+        bank_buf = None
     for c0 in range(0, nc, ref_chunk):
         c1 = min(c0 + ref_chunk, nc)
         lo, hi = np.searchsorted(c_idx[order], [c0, c1])
@@ -475,7 +479,10 @@ def align_pairs(
             used, bank = bank_cache[c0]
         else:
             used = np.arange(c1 - c0) if bank_cache is not None else np.unique(cl)
-            bank = _bank(refs, used + c0, xs, bank_buf)
+            if bank_buf is None:  # kept in bank_cache: its first bank may use the pool
+                lent = getattr(bank_cache, "lease", False) and not bank_cache
+                buf = _BankBuffers(c1 - c0, xs, n, lent)
+            bank = _bank(refs, used + c0, xs, bank_buf or buf)
             if bank_cache is not None:
                 bank_cache[c0] = used, bank
         slot = np.searchsorted(used, cl)  # position of each pair's reference in the bank
@@ -554,16 +561,40 @@ def align_pairs(
 _SCRATCH = threading.local()
 
 
+def _pool() -> dict:
+    return _SCRATCH.__dict__.setdefault("pool", {})
+
+
 def _scratch(name: str, size: int) -> np.ndarray:
     """A float32 array of ``size`` from this thread's pool: the memory of the last
     request under ``name`` when large enough (freshly allocated memory is slow to
     fault in, and the bank is rebuilt on every call)."""
-    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    pool = _pool()
     buf = pool.get(name)
     if buf is None or buf.size < size:
         pool[name] = buf = None  # let the old one go first
         pool[name] = buf = np.empty(size, np.float32)
     return buf[:size]
+
+
+class BankCache(dict):
+    """Banks kept by a caller across :func:`align_pairs` calls with the same ``refs``
+    and ``ref_chunk``. Used as a context manager, it lends its first bank this
+    thread's pooled bank memory until it closes (meanwhile other calls in the thread
+    use fresh memory), and empties itself on closing."""
+
+    lease = False
+
+    def __enter__(self) -> BankCache:
+        self.lease = not _pool().get("busy", False)
+        _pool()["busy"] = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.clear()
+        if self.lease:
+            _pool()["busy"] = False
+            self.lease = False
 
 
 @dataclass

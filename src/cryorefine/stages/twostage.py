@@ -98,7 +98,7 @@ def class_averages(refs: np.ndarray, members: list[np.ndarray], align_onto) -> n
 def twostage_pairs(refs: np.ndarray, cfg, apix: float) -> Callable:
     """Stage 1 on the references; returns ``plan(particles, snr) -> (p_idx, c_idx)``."""
     from cryorefine.align import transform2d
-    from cryorefine.align.engine import align_pairs
+    from cryorefine.align.engine import BankCache, align_pairs
     from cryorefine.align.rotational import footprints, spectra
     from cryorefine.registry import COMPARATORS
     from cryorefine.stages.simmx import simmx
@@ -113,7 +113,6 @@ def twostage_pairs(refs: np.ndarray, cfg, apix: float) -> Callable:
         final=COMPARATORS.parse("sqeuclidean"),
         maxshift=STAGE1_MAXSHIFT,
         ref_spectra=spectra(footprints(small)),
-        bank_cache={},
         ref_chunk=nc,  # one bank (small images), kept across the sequential rows
     )
 
@@ -122,15 +121,14 @@ def twostage_pairs(refs: np.ndarray, cfg, apix: float) -> Callable:
         pa = align_pairs(small, small[ks], p_idx, np.tile(np.arange(nc), len(ks)), **kw)
         return pa.final.reshape(len(ks), nc)
 
-    centres, members = centres_and_members(rows, nc)
-
     def align_onto(j: np.ndarray, m0: np.ndarray):
         pa = align_pairs(small, small, j, m0, **kw)
         alpha, tx, ty, mirror = transform2d.inverse(pa.alpha, pa.tx, pa.ty, pa.mirror)
         return alpha, tx, ty, mirror
 
-    averages = class_averages(small, members, align_onto)
-    kw.clear()
+    with BankCache() as kw["bank_cache"]:
+        centres, members = centres_and_members(rows, nc)
+        averages = class_averages(small, members, align_onto)
     coarse_cfg = replace(cfg, twostage=0, shrink=None, ralign=None)
 
     def plan(particles: np.ndarray, snr: np.ndarray | None):
