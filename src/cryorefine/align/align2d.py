@@ -17,7 +17,13 @@ import numpy as np
 import scipy.fft
 
 from cryorefine.align.rotational import footprints, pair_rotations, polar_size, spectra
-from cryorefine.align.transform2d import apply_transform, mirror_x, rotate180, shift_integer
+from cryorefine.align.transform2d import (
+    apply_transform,
+    mirror_x,
+    rotate180,
+    rotate_with_quarter_turns,
+    shift_integer,
+)
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fft import WORKERS
 from cryorefine.registry import ALIGNERS, COMPARATORS, Param
@@ -203,7 +209,7 @@ def rotate_translate(
     a0 = footprint_angles(moving, target)
     target_ft = scipy.fft.rfft2(target, workers=WORKERS)
     best = None
-    r0 = apply_transform(moving, a0, 0, 0, 0)
+    r0 = rotate_with_quarter_turns(moving, a0, a0 >= 90.0)  # as the engine's bank
     # two candidates, alpha0 and that image turned by a further 180 degrees (exact);
     # on a tie the 180-degree one wins
     for alpha, rot in ((a0, r0), (a0 + 180.0, rotate180(r0))):

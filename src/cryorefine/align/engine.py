@@ -43,7 +43,14 @@ from cryorefine.align.rotational import (
     polar_size,
     spectra,
 )
-from cryorefine.align.transform2d import apply_transform, mirror_x, rotate180, shift_integer
+from cryorefine.align.transform2d import (
+    apply_transform,
+    fix_row0,
+    mirror_x,
+    rotate180,
+    rotate_quarter,
+    shift_integer,
+)
 from cryorefine.fourier.fft import WORKERS
 
 FUSED = {"ccc", "dot", "sqeuclidean"}
@@ -649,16 +656,27 @@ def _bank(refs: np.ndarray, which: np.ndarray, xs: int, buf: _BankBuffers | None
     n = refs.shape[-1]
     nb = len(which) * xs
     bank = (buf or _BankBuffers(len(which), xs, n)).bank(nb, n)
+    # angles j 180 / xs: bilinear below 90 degrees, exact quarter turns of those above
+    # (xs is even), as the per-pair aligner (rotate_with_quarter_turns)
+    half = xs // 2
     angles = np.arange(xs) * (180.0 / xs)
+    per_ref = bank.images.reshape(len(which), xs, n, n)
     apply_transform(
         refs,
-        np.tile(angles, len(which)),
+        np.tile(angles[:half], len(which)),
         0.0,
         0.0,
         False,
-        source=np.repeat(which, xs),
-        out=bank.images,
+        source=np.repeat(which, half),
+        out=bank.images[: len(which) * half],
     )
+    # the first halves are computed packed; spread them to their places (last first)
+    packed = bank.images[: len(which) * half].reshape(len(which), half, n, n)
+    for r in range(len(which) - 1, 0, -1):
+        per_ref[r, :half] = packed[r]
+    rotate_quarter(per_ref[:, :half], out=per_ref[:, half:])
+    turned = (np.arange(len(which))[:, None] * xs + np.arange(half, xs)[None, :]).ravel()
+    fix_row0(refs, np.tile(angles[half:], len(which)), np.repeat(which, half), bank.images, turned)
     hx = n // 2 + 1
     bank.edges[:] = 0.0
     for s0 in range(0, nb, 512):  # batches small enough to reuse heap memory

@@ -55,14 +55,15 @@ def compose(first, second) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _apply(images, src, inv, out):
+def _apply(images, src, inv, out, rows):
+    """Bilinear resampling of output rows ``0 .. rows - 1``."""
     k = out.shape[0]
     n = images.shape[-1]
     c = n // 2
     for i in prange(k):
         a = inv[i]
         img = images[src[i]]
-        for y in range(n):
+        for y in range(rows):
             py = y - c
             for x in range(n):
                 px = x - c
@@ -101,7 +102,7 @@ def apply_transform(
     inv = np.ascontiguousarray(np.broadcast_to(inv, (k, 3, 3)))
     if out is None:
         out = np.empty((k,) + images.shape[1:], np.float32)
-    _apply(images, src, inv, out)
+    _apply(images, src, inv, out, images.shape[-1])
     return out
 
 
@@ -128,6 +129,50 @@ def rotate180(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     out[..., :lo, :] = 0.0
     out[..., :, :lo] = 0.0
     return out
+
+
+def rotate_quarter(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rotate by +90 degrees about ``(n // 2, n // 2)``: an exact pixel permutation,
+    ``out[y, x] = in[x, 2 (n // 2) - y]``; for even ``n`` row 0 has no source and is 0."""
+    n = images.shape[-1]
+    out = np.empty_like(images) if out is None else out
+    lo = 2 * (n // 2) - (n - 1)  # 1 for even n, 0 for odd
+    out[..., lo:, :] = np.swapaxes(images, -1, -2)[..., ::-1, :][..., : n - lo, :]
+    out[..., :lo, :] = 0.0
+    return out
+
+
+def rotate_with_quarter_turns(
+    images: np.ndarray, alpha, turn, *, source=None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Rotation by ``alpha`` degrees as ``apply_transform(images, alpha, 0, 0, 0)``;
+    where ``turn`` is set, made as an exact quarter turn of the bilinear rotation by
+    ``alpha - 90``, with row 0 (for even ``n`` it has no source in the turned image)
+    resampled bilinearly at ``alpha``. Equal to the direct bilinear rotation up to
+    rounding; the engine's bank builds its angles from 90 degrees on the same way
+    from the images it holds already. ``source``: as :func:`apply_transform`."""
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    src = np.arange(len(images)) if source is None else np.asarray(source, np.int64)
+    alpha = np.broadcast_to(np.asarray(alpha, np.float64), src.shape)
+    turn = np.broadcast_to(np.asarray(turn, bool), src.shape)
+    out = apply_transform(images, np.where(turn, alpha - 90.0, alpha), 0, 0, 0, source=src, out=out)
+    if turn.any():
+        idx = np.flatnonzero(turn)
+        out[idx] = rotate_quarter(out[idx])
+        fix_row0(images, alpha[idx], src[idx], out, idx)
+    return out
+
+
+def fix_row0(images, alpha, src, out, idx) -> None:
+    """Resample row 0 of ``out[idx]`` bilinearly: image ``src`` rotated by ``alpha``
+    (the row an even image's quarter turn leaves without a source)."""
+    n = images.shape[-1]
+    if n % 2 or len(idx) == 0:
+        return
+    inv = np.ascontiguousarray(np.linalg.inv(as_matrices(alpha, 0.0, 0.0, False)))
+    row = np.empty((len(idx), 1, n), np.float32)
+    _apply(images, np.asarray(src, np.int64), inv, row, 1)
+    out[idx, 0, :] = row[:, 0, :]
 
 
 def shift_integer(images: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
