@@ -690,18 +690,16 @@ def _bank(refs: np.ndarray, which: np.ndarray, xs: int, buf: _BankBuffers | None
             e[:, 0, :hx], e[:, 1, :hx] = row.real, row.imag
             e[:, 2], e[:, 3] = col.real, col.imag
             e[:, 4, 0] = bank.images[sl, 0, 0]
-    _line_sums(bank.images, bank.sums[:nb], 0)
-    _line_sums(bank.images, bank.sums[nb:], 1)
+    _line_sums(bank.images, bank.sums[:nb])
+    _turned_line_sums(bank.images, bank.sums[:nb], bank.sums[nb:])
     return bank
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _line_sums(images: np.ndarray, out: np.ndarray, h: int) -> np.ndarray:
-    """Fill ``out`` ``(k, 2, 2, n + 1)`` float64 with the line sums of ``images``
-    (``h = 0``) or of the images turned by 180 degrees (``h = 1``, see :func:`_pixel`):
+def _line_sums(images: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` ``(k, 2, 2, n + 1)`` float64 with the line sums of ``images``:
     [rows | columns][values | squares][index], the last index holding the total."""
     k, n = images.shape[0], images.shape[-1]
-    c2 = 2 * (n // 2)
     for i in prange(k):
         cs = np.zeros(n)
         cq = np.zeros(n)
@@ -710,20 +708,12 @@ def _line_sums(images: np.ndarray, out: np.ndarray, h: int) -> np.ndarray:
         for y in range(n):
             rs = 0.0
             rq = 0.0
-            if h == 0:
-                for x in range(n):
-                    a = np.float64(images[i, y, x])
-                    rs += a
-                    rq += a * a
-                    cs[x] += a
-                    cq[x] += a * a
-            elif c2 - y < n:
-                for x in range(n):
-                    a = np.float64(images[i, c2 - y, c2 - x]) if c2 - x < n else 0.0
-                    rs += a
-                    rq += a * a
-                    cs[x] += a
-                    cq[x] += a * a
+            for x in range(n):
+                a = np.float64(images[i, y, x])
+                rs += a
+                rq += a * a
+                cs[x] += a
+                cq[x] += a * a
             out[i, 0, 0, y] = rs
             out[i, 0, 1, y] = rq
             ts += rs
@@ -735,6 +725,41 @@ def _line_sums(images: np.ndarray, out: np.ndarray, h: int) -> np.ndarray:
         out[i, 1, 0, n] = ts
         out[i, 0, 1, n] = tq
         out[i, 1, 1, n] = tq
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _turned_line_sums(images: np.ndarray, base: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Line sums (as :func:`_line_sums`) of the images turned by 180 degrees, from
+    their own: row ``y`` of the turned image is row ``2 (n // 2) - y`` reversed; for
+    even ``n`` row and column 0 have no source and the source's column and row 0 drop
+    out of the others."""
+    k, n = images.shape[0], images.shape[-1]
+    c2 = 2 * (n // 2)
+    for i in prange(k):
+        img = images[i]
+        for p in range(2):
+            total = base[i, 0, p, n]
+            for y in range(n):  # rows (and, by symmetry of the formula, columns)
+                src = c2 - y
+                if src >= n:
+                    out[i, 0, p, y] = 0.0
+                    out[i, 1, p, y] = 0.0
+                    continue
+                row = base[i, 0, p, src]
+                col = base[i, 1, p, src]
+                if c2 == n:  # even: the source's column 0 (row 0) has no place
+                    a = np.float64(img[src, 0])
+                    b = np.float64(img[0, src])
+                    row -= a if p == 0 else a * a
+                    col -= b if p == 0 else b * b
+                out[i, 0, p, y] = row
+                out[i, 1, p, y] = col
+            if c2 == n:
+                a = np.float64(img[0, 0])
+                total -= base[i, 0, p, 0] + base[i, 1, p, 0] - (a if p == 0 else a * a)
+            out[i, 0, p, n] = total
+            out[i, 1, p, n] = total
     return out
 
 
