@@ -93,7 +93,7 @@ def main() -> None:
         truth.data, args.n, apix=apix, snr=0.1, rng=np.random.default_rng(2), max_shift_a=3 * apix
     )
     particles, meta = stack.read(), stack.meta
-    rots = orientations(f"eman:delta={delta:g}", "c1")
+    rots = orientations(f"eman:delta={delta:g}", "c1", rng=np.random.default_rng(3))
     refs = project(truth.data, rots)
     npairs = len(particles) * len(refs)
     print(f"{args.n} particles x {len(refs)} projections of {n} px, {os.cpu_count()} cores")

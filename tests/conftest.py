@@ -28,7 +28,7 @@ def rnapol2_64() -> Path:
 
 @pytest.fixture(scope="module")
 def projections_d15() -> np.ndarray:
-    """Projections of rnapol2_64.mrc over eman:delta=15 (93 images of 64 px)."""
+    """Projections of rnapol2_64.mrc over eman:delta=15 without jitter (93 images of 64 px)."""
     import mrcfile
 
     from cryorefine.fourier.project import project
@@ -37,7 +37,7 @@ def projections_d15() -> np.ndarray:
     path = SHARED_DATA / "rnapol2_64.mrc"
     if not path.is_file():
         pytest.skip(f"test map {path} not present")
-    return project(mrcfile.read(path), orientations("eman:delta=15", "c1"))
+    return project(mrcfile.read(path), orientations("eman:delta=15:perturb=0", "c1"))
 
 
 def angle_diff(a, b) -> np.ndarray:

@@ -137,7 +137,8 @@ def test_two_stage_layout(refs):
     from .conftest import SHARED_DATA
 
     proj = project(
-        mrcfile.read(SHARED_DATA / "rnapol2_64.mrc"), orientations("eman:delta=5", "c1")[:100]
+        mrcfile.read(SHARED_DATA / "rnapol2_64.mrc"),
+        orientations("eman:delta=5:perturb=0", "c1")[:100],
     )
     cfg = SimmxConfig(aligncmp="ccc", cmp="ccc", twostage=2)
     plan = twostage_pairs(proj, cfg, 3.0)

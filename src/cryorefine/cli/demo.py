@@ -133,7 +133,9 @@ def main(args: argparse.Namespace) -> int:
         f"FSC(map, truth) = 0.5 at {res_truth:.1f} Å (Nyquist {2 * apix:.1f} Å)"
     )
     t1 = time.perf_counter()
-    frac, res_assigned, assigned = _assign_and_reconstruct(out, truth, apix, args.overwrite)
+    frac, res_assigned, assigned = _assign_and_reconstruct(
+        out, truth, apix, args.overwrite, args.seed
+    )
     print(
         f"orientation assignment (simmx + classify, {assigned} projections at {DELTA:g}° "
         f"from a 20 Å model): {100 * frac:.0f}% within {2 * DELTA:g}° of the truth; map from "
@@ -144,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _assign_and_reconstruct(out: Path, truth, apix: float, overwrite: bool):
+def _assign_and_reconstruct(out: Path, truth, apix: float, overwrite: bool, seed: int):
     """One orientation-assignment pass from a low-pass model; returns (fraction within
     2 delta, resolution at FSC 0.5 against the truth, number of projections)."""
     from cryorefine.fourier.filters import lowpass_gauss
@@ -156,7 +158,7 @@ def _assign_and_reconstruct(out: Path, truth, apix: float, overwrite: bool):
     from cryorefine.stages.simmx import SimmxConfig, simmx
 
     model = lowpass_gauss(truth.data, apix / 20.0, 3).astype(np.float32)
-    ref_rot = orientations(f"eman:delta={DELTA:g}", "c1")
+    ref_rot = orientations(f"eman:delta={DELTA:g}", "c1", rng=np.random.default_rng(seed))
     refs = project(model, ref_rot)
     stack = ParticleStack.from_path(out / "particles.star")
     try:
