@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mrcfile
 import numpy as np
 import pytest
@@ -110,6 +112,25 @@ def test_bad_options_are_one_line_errors(refs, in_tmp, run_cli):
         assert code == 2 and text in err and "Traceback" not in err
     code, _, err = run_cli("simmx", "proj.mrcs", "small.mrcs", "out.h5")
     assert code == 2 and "box" in err
+
+
+@pytest.mark.parametrize("twostage", [0, 2])
+def test_results_do_not_depend_on_the_particle_chunks(refs, in_tmp, run_cli, twostage):
+    """simmx of 13 particles in chunks of 5 equals the one-chunk run, cell for cell."""
+    from cryorefine.align.transform2d import apply_transform
+    from cryorefine.io.stacks import ParticleStack, write_stack
+
+    rng = np.random.default_rng(4)
+    x = apply_transform(refs[rng.integers(0, len(refs), 13)], rng.uniform(0, 360, 13), 1, 0, 0)
+    x += (rng.standard_normal(x.shape) * x.std()).astype(np.float32)
+    write_stack(ParticleStack.from_arrays(refs, apix=3.0), "proj.mrcs")
+    write_stack(ParticleStack.from_arrays(x, apix=3.0), "ptcl.mrcs")
+    opts = ("--aligncmp", "ccc", "--cmp", "ccc", "--twostage", str(twostage))
+    assert run_cli("simmx", "proj.mrcs", "ptcl.mrcs", "one.h5", *opts)[0] == 0
+    assert run_cli("simmx", "proj.mrcs", "ptcl.mrcs", "five.h5", *opts, "--chunk", "5")[0] == 0
+    one, five = read_simmx(Path("one.h5")), read_simmx(Path("five.h5"))
+    for name in ("score", "dx", "dy", "dalpha", "flip"):
+        assert np.array_equal(getattr(one, name), getattr(five, name)), name
 
 
 def test_classify_facts():

@@ -97,17 +97,29 @@ def spectra(fp: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(s, (2, 1, 0)))
 
 
+#: memory for one block of the rotation search's temporaries (small enough for the
+#: allocator to recycle between blocks)
+ROTATION_BYTES = 24 * 2**20
+
+
 def best_rotations(moving: np.ndarray, target: np.ndarray, xs: int) -> np.ndarray:
     """Footprint rotation index ``j`` ``(n_target, n_moving)`` for every pair.
 
     ``moving``/``target`` are :func:`spectra`. Rotating moving image ``c`` by
     ``j * 180 / xs`` degrees best matches target ``p`` (first maximum; the answer is
-    modulo 180 degrees).
+    modulo 180 degrees). Targets are taken in blocks, so memory stays bounded.
     """
-    # C_hat[m, p, c] = sum_r conj(T[m, r, p]) M[m, r, c]: one GEMM per frequency m
-    c_hat = np.matmul(np.conj(np.transpose(target, (0, 2, 1))), moving)
-    corr = scipy.fft.irfft(c_hat, n=xs, axis=0, workers=WORKERS)
-    return np.argmax(corr, axis=0)
+    nm, _, nc = moving.shape
+    n_t = target.shape[-1]
+    out = np.empty((n_t, nc), np.int64)
+    block = max(1, ROTATION_BYTES // (nc * max(nm * 8, xs * 4)))
+    for s0 in range(0, n_t, block):
+        t = target[..., s0 : s0 + block]
+        # C_hat[m, p, c] = sum_r conj(T[m, r, p]) M[m, r, c]: one GEMM per frequency m
+        c_hat = np.matmul(np.conj(np.transpose(t, (0, 2, 1))), moving)
+        corr = scipy.fft.irfft(c_hat, n=xs, axis=0, workers=WORKERS)
+        out[s0 : s0 + block] = np.argmax(corr, axis=0)
+    return out
 
 
 @njit(cache=True, parallel=True, fastmath=True)

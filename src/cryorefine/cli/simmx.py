@@ -69,7 +69,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--exclude", type=Path, help="text file of particle rows to skip (they get the worst score)"
     )
     parser.add_argument(
-        "--chunk", type=int, default=1000, help="particles per batch (bounds memory)"
+        "--chunk",
+        type=int,
+        help="particles per batch (default: as many as about 1 GiB of working memory holds)",
     )
     parser.add_argument("--overwrite", "-f", action="store_true", help="replace an existing output")
 

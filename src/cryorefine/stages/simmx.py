@@ -211,12 +211,15 @@ def run_simmx(
     *,
     exclude: Path | None = None,
     usefilt: Path | None = None,
-    chunk: int = 1000,
+    chunk: int | None = None,
     overwrite: bool = False,
     progress=None,
 ) -> Simmx:
-    """Read both stacks, compute the similarity matrix in particle chunks, write it."""
-    from cryorefine.stages.twostage import twostage_pairs
+    """Read both stacks, compute the similarity matrix in particle chunks, write it.
+
+    ``chunk``: particles per chunk (default :func:`particle_chunk`); the references'
+    bank is rebuilt for every chunk, so larger chunks are faster."""
+    from cryorefine.stages.twostage import N_BEST, twostage_pairs
 
     for text, reg, opt in (
         (cfg.align, ALIGNERS, "--align"),
@@ -250,6 +253,14 @@ def run_simmx(
         needs_snr = "snrweight=1" in (cfg.cmp or "").replace("true", "1")
         ref_spec = spectra(footprints(refs)) if box >= 16 else None
         pair_plan = twostage_pairs(refs, cfg, apix * shrink) if cfg.twostage else None
+        if chunk is None:
+            cells = nc
+            if pair_plan is not None:  # at most the members of the N_BEST largest centres
+                sizes = sorted((len(m) for m in pair_plan.members), reverse=True)
+                cells = min(nc, sum(sizes[:N_BEST]))
+            chunk = particle_chunk(box, cells)
+        if chunk < 1:
+            raise CryorefineError(f"--chunk {chunk}: at least one particle per chunk")
         for start in range(0, n_p, chunk):
             idx = np.arange(start, min(start + chunk, n_p))
             idx = idx[~skip[idx]]
@@ -283,6 +294,17 @@ def run_simmx(
     finally:
         proj.close()
         ptcl.close()
+
+
+#: working memory for one chunk of particles in run_simmx
+CHUNK_BYTES = 2**30
+
+
+def particle_chunk(box: int, cells: int) -> int:
+    """Particles per chunk so that one chunk's working memory stays near
+    ``CHUNK_BYTES``: about ``50 box^2`` bytes per particle (the particle and its
+    mirror, their transforms and temporaries) plus ``100`` per computed cell."""
+    return max(1, int(CHUNK_BYTES // (50 * box * box + 100 * cells)))
 
 
 def fill_uncomputed(result: Simmx) -> None:
