@@ -132,30 +132,23 @@ def _fit_sums(img, t_img, sx, sy, h, c2, out):
     if h == 1:  # the turned image's row and column 0 have no source
         y_lo = max(y_lo, c2 + sy - n + 1)
         x_lo = max(x_lo, c2 + sx - n + 1)
-    for y in range(y_lo, y_hi):  # branch-free inner loops, so that they vectorise
+    for y in range(y_lo, y_hi):
         t_row = t_img[y]
         if h == 0:
             row = img[y - sy]
-            for x in range(x_lo, x_hi):
-                a = np.float64(row[x - sx])
-                w = 1.0 if a >= FLT_MIN else 0.0
-                tb = np.float64(t_row[x]) * w
-                f_n += w
-                f_a += a * w
-                f_b += tb
-                f_aa += a * a * w
-                f_ab += a * tb
-        else:
-            row = img[c2 - y + sy]
-            for x in range(x_lo, x_hi):
-                a = np.float64(row[c2 + sx - x])
-                w = 1.0 if a >= FLT_MIN else 0.0
-                tb = np.float64(t_row[x]) * w
-                f_n += w
-                f_a += a * w
-                f_b += tb
-                f_aa += a * a * w
-                f_ab += a * tb
+            off = sx
+        else:  # turned row y - sy is source row c2 - y + sy read backwards
+            row = img[c2 - y + sy, ::-1]
+            off = sx + c2 - n + 1
+        for x in range(x_lo, x_hi):  # branch-free, so that it vectorises
+            a = np.float64(row[x - off])
+            w = 1.0 if a >= FLT_MIN else 0.0
+            tb = np.float64(t_row[x]) * w
+            f_n += w
+            f_a += a * w
+            f_b += tb
+            f_aa += a * a * w
+            f_ab += a * tb
     out[0] = f_n
     out[1] = f_a
     out[2] = f_b
