@@ -130,6 +130,8 @@ def main() -> None:
     from cryorefine.stages.simmx import fill_uncomputed
     from cryorefine.stages.twostage import twostage_pairs
 
+    small_plan = twostage_pairs(refs[:40], two_cfg, apix)  # compile, as for the one stage
+    simmx(refs[:40], particles[:4], two_cfg, apix=apix, pairs=small_plan(particles[:4], None))
     t0 = time.perf_counter()
     plan = twostage_pairs(refs, two_cfg, apix)
     pairs = plan(particles, None)
