@@ -54,8 +54,8 @@ from cryorefine.align.transform2d import (
 from cryorefine.fourier.fft import WORKERS
 
 FUSED = {"ccc", "dot", "sqeuclidean"}
-#: memory for one chunk of the reference bank (2 xs rotated images per reference,
-#: each with its transform): the number of references per chunk follows from it
+#: memory for one chunk of the reference bank (xs rotated images per reference, each
+#: with its transform and line sums): the number of references per chunk follows from it
 BANK_BYTES = 256 * 2**20
 
 
@@ -163,6 +163,7 @@ def _search_block(
     bank,
     sums,
     edges,
+    phase,
     tgt_re,
     tgt_im,
     tgt,
@@ -238,9 +239,8 @@ def _search_block(
                             si[kx] = -(s_im[ky, kx] - e[1, kx] - col_im)
                         if odd:
                             for kx in range(hx):
-                                ph = 2.0 * np.pi * (ky + kx) / n
-                                pr = np.float32(np.cos(ph))
-                                pi = np.float32(np.sin(ph))
+                                pr = phase[0, ky, kx]
+                                pi = phase[1, ky, kx]
                                 ar = sr[kx]
                                 sr[kx] = ar * pr - si[kx] * pi
                                 si[kx] = ar * pi + si[kx] * pr
@@ -495,6 +495,7 @@ def align_pairs(
             bank.images,
             bank.sums,
             bank.edges,
+            bank.phase,
             tgt_re,
             tgt_im,
             tgt,
@@ -608,7 +609,8 @@ class Bank:
     ``conj(F - R(kx) - C(ky) + a00)`` (even ``n``: row 0 and column 0 have no source
     and drop out; ``R``, ``C`` the 1D transforms of that row and column, rows 0-1 and
     2-3 of ``edges``, ``a00`` at ``[4, 0]``) or ``conj(F) exp(2 pi i (ky + kx) / n)``
-    (odd ``n``: a pixel permutation; ``edges`` is 0).
+    (odd ``n``: a pixel permutation; ``edges`` is 0, ``phase`` ``(2, n, n // 2 + 1)``
+    holds the real and imaginary parts of the factor).
     """
 
     images: np.ndarray
@@ -616,6 +618,7 @@ class Bank:
     im: np.ndarray
     sums: np.ndarray
     edges: np.ndarray
+    phase: np.ndarray
 
 
 class _BankBuffers:
@@ -640,7 +643,17 @@ class _BankBuffers:
             self.im[: nb * n * hx].reshape(nb, n, hx),
             self.sums.view(np.float64)[: 2 * nb * 4 * (n + 1)].reshape(2 * nb, 2, 2, n + 1),
             self.edges[: nb * 5 * n].reshape(nb, 5, n),
+            _turn_phase(n),
         )
+
+
+def _turn_phase(n: int) -> np.ndarray:
+    """``exp(2 pi i (ky + kx) / n)`` on the rfft2 grid as real and imaginary planes:
+    the factor of an odd image's transform under the 180-degree turn."""
+    ky = np.arange(n)[:, None]
+    kx = np.arange(n // 2 + 1)[None, :]
+    ph = np.exp(2j * np.pi * (ky + kx) / n)
+    return np.ascontiguousarray(np.stack([ph.real, ph.imag]), dtype=np.float32)
 
 
 def _bank(refs: np.ndarray, which: np.ndarray, xs: int, buf: _BankBuffers | None = None) -> Bank:
