@@ -53,9 +53,11 @@ def test_rotation_moves_content_as_specified():
 @pytest.mark.parametrize("n", [64, 57])
 def test_quarter_turns_and_turned_sums_match_direct_computation(n):
     """The bank's shortcuts: rotations from 90 degrees on made as quarter turns equal
-    the direct bilinear rotation, and the turned images' line sums derived from the
-    untouched images equal those computed on rotate180 images."""
-    from cryorefine.align.engine import _line_sums, _turned_line_sums
+    the direct bilinear rotation, the turned images' line sums derived from the
+    untouched images equal those computed on rotate180 images, and the bank's
+    transforms (half of them permuted from the others) equal FFTs of its images."""
+    from cryorefine.align.engine import _bank, _line_sums, _turned_line_sums
+    from cryorefine.align.rotational import polar_size
 
     rng = np.random.default_rng(2)
     images = rng.standard_normal((6, n, n)).astype(np.float32)
@@ -66,6 +68,11 @@ def test_quarter_turns_and_turned_sums_match_direct_computation(n):
     turned = _turned_line_sums(images, base, np.empty_like(base))
     expected = _line_sums(t2d.rotate180(images), np.empty_like(base))
     assert np.allclose(turned, expected, atol=1e-9)
+    bank = _bank(images, np.array([4, 1]), polar_size(n)[0])
+    ft = np.fft.rfft2(bank.images.astype(np.float64))
+    scale = np.abs(ft).max()
+    assert np.abs(bank.re - ft.real).max() < 1e-6 * scale
+    assert np.abs(bank.im - ft.imag).max() < 1e-6 * scale
 
 
 def test_polar_sizes_follow_eman2():
@@ -199,18 +206,21 @@ def test_translational_cannot_reach_beyond_maxshift(projections):
 
 
 @pytest.mark.parametrize(
-    "aligncmp,final,box",
+    "aligncmp,final,box,ms",
     [
-        ("ccc", "dot:normalize=1", 64),
-        ("sqeuclidean:normto=1", "sqeuclidean", 64),
-        ("frc:maxres=0", "ccc", 64),
-        ("ccc", "sqeuclidean", 57),
-        ("sqeuclidean:normto=1", "frc:maxres=0", 57),
+        ("ccc", "dot:normalize=1", 64, 5),
+        ("sqeuclidean:normto=1", "sqeuclidean", 64, 5),
+        ("frc:maxres=0", "ccc", 64, 5),
+        ("ccc", "sqeuclidean", 57, 5),
+        ("sqeuclidean:normto=1", "frc:maxres=0", 57, 5),
+        ("sqeuclidean:normto=1", "sqeuclidean", 64, 0),
+        ("ccc", "ccc", 57, 0),
     ],
 )
-def test_engine_reproduces_the_per_pair_aligner(projections, aligncmp, final, box):
+def test_engine_reproduces_the_per_pair_aligner(projections, aligncmp, final, box, ms):
     """Every pair of 12 noisy particles x all projections: the batched engine gives the
-    per-pair definition's transforms and scores (even and odd boxes)."""
+    per-pair definition's transforms and scores (even and odd boxes; ``maxshift=0``,
+    where the engine works in real space, as stage 1 of ``--twostage`` uses it)."""
     rng = np.random.default_rng(7)
     lo = (64 - box) // 2
     refs = np.ascontiguousarray(projections[:, lo : lo + box, lo : lo + box])
@@ -219,15 +229,15 @@ def test_engine_reproduces_the_per_pair_aligner(projections, aligncmp, final, bo
     x = t2d.apply_transform(
         refs[truth],
         rng.uniform(0, 360, k),
-        rng.integers(-3, 4, k),
-        rng.integers(-3, 4, k),
+        rng.integers(-min(ms, 3), min(ms, 3) + 1, k),
+        rng.integers(-min(ms, 3), min(ms, 3) + 1, k),
         rng.integers(0, 2, k),
     )
     x += (rng.standard_normal(x.shape) * x.std()).astype(np.float32)
     a, f = COMPARATORS.parse(aligncmp), COMPARATORS.parse(final)
-    batched = align_all(refs, x, cmp=a, final=f, maxshift=5, ctx={"apix": 3.0})
+    batched = align_all(refs, x, cmp=a, final=f, maxshift=ms, ctx={"apix": 3.0})
     p_i, c_i = np.repeat(np.arange(k), nc), np.tile(np.arange(nc), k)
-    pair = rotate_translate_flip(refs[c_i], x[p_i], maxshift=5, cmp=a, apix=3.0)
+    pair = rotate_translate_flip(refs[c_i], x[p_i], maxshift=ms, cmp=a, apix=3.0)
     same = (
         np.isclose(pair.alpha, batched.alpha.ravel())
         & (pair.tx == batched.tx.ravel())

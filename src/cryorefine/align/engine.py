@@ -120,7 +120,8 @@ def _pixel(img, y, x, h, c2):
 def _fit_sums(img, t_img, sx, sy, h, c2, out):
     """Count and sums (a, b, a^2, ab) over the pixels where the candidate ``a`` (bank
     image, turned if ``h``, shifted by ``(sx, sy)`` with zero fill) is ``>= FLT_MIN``,
-    ``b`` the target: the least-squares fit of ``sqeuclidean:normto=1``."""
+    ``b`` the target: the least-squares fit of ``sqeuclidean:normto=1``; ``out[5]``:
+    the sum of ab over all pixels."""
     n = img.shape[-1]
     y_lo, y_hi = max(0, sy), min(n, n + sy)
     x_lo, x_hi = max(0, sx), min(n, n + sx)
@@ -129,6 +130,7 @@ def _fit_sums(img, t_img, sx, sy, h, c2, out):
     f_b = 0.0
     f_aa = 0.0
     f_ab = 0.0
+    s_ab = 0.0
     if h == 1:  # the turned image's row and column 0 have no source
         y_lo = max(y_lo, c2 + sy - n + 1)
         x_lo = max(x_lo, c2 + sx - n + 1)
@@ -149,11 +151,13 @@ def _fit_sums(img, t_img, sx, sy, h, c2, out):
             f_b += tb
             f_aa += a * a * w
             f_ab += a * tb
+            s_ab += a * np.float64(t_row[x])
     out[0] = f_n
     out[1] = f_a
     out[2] = f_b
     out[3] = f_aa
     out[4] = f_ab
+    out[5] = s_ab
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -215,6 +219,7 @@ def _search_block(
         sr = np.empty(hx, dtype=np.float32)
         si = np.empty(hx, dtype=np.float32)
         win = np.empty((nw, nw))
+        fsum = np.empty(6)
         for m in range(nm):
             t_re = tgt_re[m, p]
             t_im = tgt_im[m, p]
@@ -224,50 +229,57 @@ def _search_block(
             s_im = bank_im[b]
             e = edges[b]
             for h in range(2):
-                rr[:, :] = 0.0
-                ri[:, :] = 0.0
-                for ky in range(n):
-                    if h == 0:
-                        for kx in range(hx):
-                            sr[kx] = s_re[ky, kx]
-                            si[kx] = s_im[ky, kx]
-                    else:  # conj(F - R(kx) - C(ky) + a00), times a phase for odd n
-                        col_re = e[2, ky] - e[4, 0]
-                        col_im = e[3, ky]
-                        for kx in range(hx):
-                            sr[kx] = s_re[ky, kx] - e[0, kx] - col_re
-                            si[kx] = -(s_im[ky, kx] - e[1, kx] - col_im)
-                        if odd:
+                if nw == 1:  # no shift searched: the product in real space
+                    _fit_sums(bank[b], t_img, 0, 0, h, c2, fsum)
+                    best = fsum[5] * (n * n)
+                    bx = 0
+                    by = 0
+                    win[0, 0] = best
+                else:
+                    rr[:, :] = 0.0
+                    ri[:, :] = 0.0
+                    for ky in range(n):
+                        if h == 0:
                             for kx in range(hx):
-                                pr = phase[0, ky, kx]
-                                pi = phase[1, ky, kx]
-                                ar = sr[kx]
-                                sr[kx] = ar * pr - si[kx] * pi
-                                si[kx] = ar * pi + si[kx] * pr
-                    for kx in range(hx):  # g = S conj(T)
-                        ar, ai = sr[kx], si[kx]
-                        br, bi = t_re[ky, kx], t_im[ky, kx]
-                        gr[kx] = ar * br + ai * bi
-                        gi[kx] = ai * br - ar * bi
-                    for w in range(nw):
-                        er = ey_re[w, ky]
-                        ei = ey_im[w, ky]
-                        for kx in range(hx):
-                            rr[w, kx] += er * gr[kx] - ei * gi[kx]
-                            ri[w, kx] += er * gi[kx] + ei * gr[kx]
-                best = -np.inf
-                bx = 0
-                by = 0
-                for wy in range(nw):
-                    for wx in range(nw):
-                        v = 0.0
-                        for kx in range(hx):
-                            v += rr[wy, kx] * ex_re[wx, kx] - ri[wy, kx] * ex_im[wx, kx]
-                        win[wy, wx] = v
-                        if v > best:
-                            best = v
-                            bx = wx - ms
-                            by = wy - ms
+                                sr[kx] = s_re[ky, kx]
+                                si[kx] = s_im[ky, kx]
+                        else:  # conj(F - R(kx) - C(ky) + a00), times a phase for odd n
+                            col_re = e[2, ky] - e[4, 0]
+                            col_im = e[3, ky]
+                            for kx in range(hx):
+                                sr[kx] = s_re[ky, kx] - e[0, kx] - col_re
+                                si[kx] = -(s_im[ky, kx] - e[1, kx] - col_im)
+                            if odd:
+                                for kx in range(hx):
+                                    pr = phase[0, ky, kx]
+                                    pi = phase[1, ky, kx]
+                                    ar = sr[kx]
+                                    sr[kx] = ar * pr - si[kx] * pi
+                                    si[kx] = ar * pi + si[kx] * pr
+                        for kx in range(hx):  # g = S conj(T)
+                            ar, ai = sr[kx], si[kx]
+                            br, bi = t_re[ky, kx], t_im[ky, kx]
+                            gr[kx] = ar * br + ai * bi
+                            gi[kx] = ai * br - ar * bi
+                        for w in range(nw):
+                            er = ey_re[w, ky]
+                            ei = ey_im[w, ky]
+                            for kx in range(hx):
+                                rr[w, kx] += er * gr[kx] - ei * gi[kx]
+                                ri[w, kx] += er * gi[kx] + ei * gr[kx]
+                    best = -np.inf
+                    bx = 0
+                    by = 0
+                    for wy in range(nw):
+                        for wx in range(nw):
+                            v = 0.0
+                            for kx in range(hx):
+                                v += rr[wy, kx] * ex_re[wx, kx] - ri[wy, kx] * ex_im[wx, kx]
+                            win[wy, wx] = v
+                            if v > best:
+                                best = v
+                                bx = wx - ms
+                                by = wy - ms
                 q = 2 * m + h
                 px_out[i, q] = bx
                 py_out[i, q] = by
@@ -308,7 +320,9 @@ def _search_block(
                             wrapped += _pixel(img, wy, zx + bx - n, h, c2) * t_img[zy, zx]
                 s_ab = best / (n * n) - wrapped
                 if fit:
-                    _fit_sums(img, t_img, sx, sy, h, c2, stats[i, q, 7:12])
+                    if nw > 1:
+                        _fit_sums(img, t_img, sx, sy, h, c2, fsum)
+                    stats[i, q, 7:12] = fsum[:5]
                 else:
                     stats[i, q, 7:12] = 0.0
                 c0 = 0.0
@@ -443,6 +457,7 @@ def align_pairs(
     t_sum, t_sq = t64.sum(-1), np.einsum("mij,mij->mi", t64, t64)  # (nm, Np)
     del t64
     ey, ex = window_dft(n, ms)
+    fourier = ms > 0  # without a shift search the kernel works in real space only
     planes = [
         np.ascontiguousarray(a, dtype=np.float32) for a in (ey.real, ey.imag, ex.real, ex.imag)
     ]
@@ -475,16 +490,17 @@ def align_pairs(
             continue
         sel = order[lo:hi]
         ps, cl = p_idx[sel], c_idx[sel] - c0
-        if bank_cache is not None and c0 in bank_cache:
-            used, bank = bank_cache[c0]
+        key = (c0, fourier)
+        if bank_cache is not None and key in bank_cache:
+            used, bank = bank_cache[key]
         else:
             used = np.arange(c1 - c0) if bank_cache is not None else np.unique(cl)
             if bank_buf is None:  # kept in bank_cache: its first bank may use the pool
                 lent = getattr(bank_cache, "lease", False) and not bank_cache
                 buf = _BankBuffers(c1 - c0, xs, n, lent)
-            bank = _bank(refs, used + c0, xs, bank_buf or buf)
+            bank = _bank(refs, used + c0, xs, bank_buf or buf, fourier=fourier)
             if bank_cache is not None:
-                bank_cache[c0] = used, bank
+                bank_cache[key] = used, bank
         slot = np.searchsorted(used, cl)  # position of each pair's reference in the bank
         ang = np.ascontiguousarray(j_pairs[:, sel])
         k = len(sel)
@@ -656,9 +672,16 @@ def _turn_phase(n: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack([ph.real, ph.imag]), dtype=np.float32)
 
 
-def _bank(refs: np.ndarray, which: np.ndarray, xs: int, buf: _BankBuffers | None = None) -> Bank:
-    """References ``which`` at the ``xs`` footprint angles (bilinear), their
-    transforms, line sums and turned-image edges (:class:`Bank`)."""
+def _bank(
+    refs: np.ndarray,
+    which: np.ndarray,
+    xs: int,
+    buf: _BankBuffers | None = None,
+    *,
+    fourier: bool = True,
+) -> Bank:
+    """References ``which`` at the ``xs`` footprint angles (bilinear), their line sums
+    and (``fourier``) transforms and turned-image edges (:class:`Bank`)."""
     n = refs.shape[-1]
     nb = len(which) * xs
     bank = (buf or _BankBuffers(len(which), xs, n)).bank(nb, n)
@@ -674,31 +697,84 @@ def _bank(refs: np.ndarray, which: np.ndarray, xs: int, buf: _BankBuffers | None
         0.0,
         False,
         source=np.repeat(which, half),
-        out=bank.images[: len(which) * half],
+        out=bank.images,
+        dest=(np.arange(len(which))[:, None] * xs + np.arange(half)[None, :]).ravel(),
     )
-    # the first halves are computed packed; spread them to their places (last first)
-    packed = bank.images[: len(which) * half].reshape(len(which), half, n, n)
-    for r in range(len(which) - 1, 0, -1):
-        per_ref[r, :half] = packed[r]
     rotate_quarter(per_ref[:, :half], out=per_ref[:, half:])
     turned = (np.arange(len(which))[:, None] * xs + np.arange(half, xs)[None, :]).ravel()
     fix_row0(refs, np.tile(angles[half:], len(which)), np.repeat(which, half), bank.images, turned)
+    _line_sums(bank.images, bank.sums[:nb])
+    _turned_line_sums(bank.images, bank.sums[:nb], bank.sums[nb:])
+    if not fourier:
+        return bank
     hx = n // 2 + 1
+    # transforms: FFTs of the bilinear half, the quarter-turned half by permutation
+    re4, im4 = (a.reshape(len(which), xs, n, hx) for a in (bank.re, bank.im))
+    step = max(1, 512 // half)  # batches small enough to reuse heap memory
+    for r0 in range(0, len(which), step):
+        sl = slice(r0, r0 + step)
+        ft = scipy.fft.rfft2(per_ref[sl, :half], workers=WORKERS)
+        re4[sl, :half], im4[sl, :half] = ft.real, ft.imag
+    if n % 2 == 0:  # row 0 of the turned image (resampled) replaces the permuted one
+        d = scipy.fft.rfft(per_ref[:, half:, 0, :] - per_ref[:, :half, :, 0], workers=WORKERS)
+        ph = np.ones(n, np.complex64)
+    else:
+        d = np.zeros((len(which), half, hx), np.complex64)
+        ph = np.exp(2j * np.pi * np.arange(n) / n)
+    _quarter_turn_transforms(
+        re4,
+        im4,
+        *(np.ascontiguousarray(a, dtype=np.float32) for a in (d.real, d.imag, ph.real, ph.imag)),
+    )
     bank.edges[:] = 0.0
-    for s0 in range(0, nb, 512):  # batches small enough to reuse heap memory
-        sl = slice(s0, s0 + 512)
-        ft = scipy.fft.rfft2(bank.images[sl], workers=WORKERS)
-        bank.re[sl], bank.im[sl] = ft.real, ft.imag
-        if n % 2 == 0:
+    if n % 2 == 0:
+        for s0 in range(0, nb, 512):
+            sl = slice(s0, s0 + 512)
             row = scipy.fft.rfft(bank.images[sl, 0, :], axis=-1, workers=WORKERS)
             col = scipy.fft.fft(bank.images[sl, :, 0], axis=-1, workers=WORKERS)
             e = bank.edges[sl]
             e[:, 0, :hx], e[:, 1, :hx] = row.real, row.imag
             e[:, 2], e[:, 3] = col.real, col.imag
             e[:, 4, 0] = bank.images[sl, 0, 0]
-    _line_sums(bank.images, bank.sums[:nb])
-    _turned_line_sums(bank.images, bank.sums[:nb], bank.sums[nb:])
     return bank
+
+
+@njit(cache=True, parallel=True)
+def _quarter_turn_transforms(re, im, d_re, d_im, ph_re, ph_im):
+    """Fill the transforms of images ``half ..`` of each reference's angles
+    (``re``, ``im`` ``(refs, xs, n, n // 2 + 1)``) from those of images ``0 .. half``,
+    which they are quarter turns of: with ``J[y, x] = I[x, 2 (n // 2) - y]``,
+    ``FJ(ky, kx) = FI(kx, -ky) exp(-2 pi i ky 2 (n // 2) / n)`` (``ph`` holds the
+    factor per ky; conjugate symmetry supplies ``-ky`` beyond the stored half), plus
+    ``d`` ``(refs, half, n // 2 + 1)``: the transform of the change to row 0."""
+    nr, xs, n, hx = re.shape
+    half = xs // 2
+    for t in prange(nr * half):
+        r = t // half
+        j = t % half
+        s_re = re[r, j]
+        s_im = im[r, j]
+        o_re = re[r, half + j]
+        o_im = im[r, half + j]
+        for ky in range(n):
+            b = (n - ky) % n
+            if b < hx:  # FI(kx, b) is stored
+                for kx in range(hx):
+                    o_re[ky, kx] = s_re[kx, b]
+                    o_im[ky, kx] = s_im[kx, b]
+            else:  # FI(kx, b) = conj(FI(-kx, ky))
+                o_re[ky, 0] = s_re[0, ky]
+                o_im[ky, 0] = -s_im[0, ky]
+                for kx in range(1, hx):
+                    o_re[ky, kx] = s_re[n - kx, ky]
+                    o_im[ky, kx] = -s_im[n - kx, ky]
+            pr = ph_re[ky]
+            pi = ph_im[ky]
+            for kx in range(hx):
+                vr = o_re[ky, kx]
+                vi = o_im[ky, kx]
+                o_re[ky, kx] = vr * pr - vi * pi + d_re[r, j, kx]
+                o_im[ky, kx] = vr * pi + vi * pr + d_im[r, j, kx]
 
 
 @njit(cache=True, parallel=True, fastmath=True)

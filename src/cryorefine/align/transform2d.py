@@ -34,6 +34,19 @@ def as_matrices(alpha, tx, ty, mirror) -> np.ndarray:
     return out
 
 
+def inverse_matrices(alpha, tx, ty, mirror) -> np.ndarray:
+    """``(k, 3, 3)`` inverses of :func:`as_matrices` in closed form:
+    ``T^-1(p) = R^T (M^m p - t)``."""
+    m = as_matrices(alpha, tx, ty, mirror)
+    out = np.zeros_like(m)
+    rt = np.swapaxes(m[..., :2, :2], -1, -2)  # (M^m R)^T = R^T M^m
+    out[..., :2, :2] = rt
+    # T^-1 p = R^T M^m p - R^T t, and R^T t = rt . (M^m t) since M^m M^m = 1
+    out[..., :2, 2] = -np.einsum("...ij,...j->...i", rt, m[..., :2, 2])
+    out[..., 2, 2] = 1.0
+    return out
+
+
 def from_matrices(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(alpha in [0, 360), tx, ty, mirror)`` of homogeneous matrices ``(..., 3, 3)``."""
     m = np.array(m, dtype=np.float64)
@@ -46,7 +59,7 @@ def from_matrices(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
 
 def inverse(alpha, tx, ty, mirror) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The inverse transforms (a mirrored transform keeps its angle)."""
-    return from_matrices(np.linalg.inv(as_matrices(alpha, tx, ty, mirror)))
+    return from_matrices(inverse_matrices(alpha, tx, ty, mirror))
 
 
 def compose(first, second) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -55,14 +68,16 @@ def compose(first, second) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _apply(images, src, inv, out, rows):
-    """Bilinear resampling of output rows ``0 .. rows - 1``."""
-    k = out.shape[0]
+def _apply(images, src, inv, out, dst, rows):
+    """Bilinear resampling of output rows ``0 .. rows - 1``: ``out[dst[i]]`` is image
+    ``src[i]`` under inverse matrix ``inv[i]``."""
+    k = src.shape[0]
     n = images.shape[-1]
     c = n // 2
     for i in prange(k):
         a = inv[i]
         img = images[src[i]]
+        o = out[dst[i]]
         for y in range(rows):
             py = y - c
             for x in range(n):
@@ -70,26 +85,35 @@ def _apply(images, src, inv, out, rows):
                 sx = a[0, 0] * px + a[0, 1] * py + a[0, 2] + c
                 sy = a[1, 0] * px + a[1, 1] * py + a[1, 2] + c
                 if sx < 0.0 or sy < 0.0 or sx > n - 1 or sy > n - 1:
-                    out[i, y, x] = 0.0
+                    o[y, x] = 0.0
                     continue
                 x0 = min(int(sx), n - 2)
                 y0 = min(int(sy), n - 2)
                 fx = sx - x0
                 fy = sy - y0
-                out[i, y, x] = (1.0 - fy) * (
-                    (1.0 - fx) * img[y0, x0] + fx * img[y0, x0 + 1]
-                ) + fy * ((1.0 - fx) * img[y0 + 1, x0] + fx * img[y0 + 1, x0 + 1])
+                o[y, x] = (1.0 - fy) * ((1.0 - fx) * img[y0, x0] + fx * img[y0, x0 + 1]) + fy * (
+                    (1.0 - fx) * img[y0 + 1, x0] + fx * img[y0 + 1, x0 + 1]
+                )
 
 
 def apply_transform(
-    images: np.ndarray, alpha, tx, ty, mirror, *, source=None, out: np.ndarray | None = None
+    images: np.ndarray,
+    alpha,
+    tx,
+    ty,
+    mirror,
+    *,
+    source=None,
+    out: np.ndarray | None = None,
+    dest=None,
 ) -> np.ndarray:
     """Transform each image ``(k, n, n)`` by its own ``(alpha, tx, ty, mirror)``.
 
     Bilinear; pixels whose source falls outside the box are 0. Returns float32.
     ``source`` (optional, ``(m,)`` indices into ``images``): output ``i`` is image
     ``source[i]`` transformed by transform ``i`` (no copies of repeated images).
-    ``out``: a float32 C-contiguous array to fill instead of a new one.
+    ``out``: a float32 C-contiguous array to fill instead of a new one; ``dest``
+    (with ``out``, ``(m,)`` indices into it): where output ``i`` goes.
     """
     images = np.ascontiguousarray(images, dtype=np.float32)
     if images.ndim == 2:
@@ -98,11 +122,12 @@ def apply_transform(
         raise CryorefineError(f"images must be square, got {images.shape[-2:]}")
     src = np.arange(len(images)) if source is None else np.asarray(source, np.int64)
     k = len(src)
-    inv = np.linalg.inv(as_matrices(alpha, tx, ty, mirror))
+    inv = inverse_matrices(alpha, tx, ty, mirror)
     inv = np.ascontiguousarray(np.broadcast_to(inv, (k, 3, 3)))
     if out is None:
         out = np.empty((k,) + images.shape[1:], np.float32)
-    _apply(images, src, inv, out, images.shape[-1])
+    dst = np.arange(k) if dest is None else np.asarray(dest, np.int64)
+    _apply(images, src, inv, out, dst, images.shape[-1])
     return out
 
 
@@ -133,13 +158,27 @@ def rotate180(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 def rotate_quarter(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Rotate by +90 degrees about ``(n // 2, n // 2)``: an exact pixel permutation,
-    ``out[y, x] = in[x, 2 (n // 2) - y]``; for even ``n`` row 0 has no source and is 0."""
-    n = images.shape[-1]
+    ``out[y, x] = in[x, 2 (n // 2) - y]``; for even ``n`` row 0 has no source and is 0.
+    ``images`` ``(..., n, n)`` (up to two leading axes, any strides)."""
     out = np.empty_like(images) if out is None else out
-    lo = 2 * (n // 2) - (n - 1)  # 1 for even n, 0 for odd
-    out[..., lo:, :] = np.swapaxes(images, -1, -2)[..., ::-1, :][..., : n - lo, :]
-    out[..., :lo, :] = 0.0
+    lead = (1,) * (4 - images.ndim)
+    _rotate_quarter(images.reshape(lead + images.shape), out.reshape(lead + out.shape))
     return out
+
+
+@njit(cache=True, parallel=True)
+def _rotate_quarter(images, out):
+    a, b, n, _ = images.shape
+    c2 = 2 * (n // 2)
+    for t in prange(a * b):
+        src = images[t // b, t % b]
+        dst = out[t // b, t % b]
+        for y in range(n):
+            if c2 - y >= n:
+                dst[y, :] = 0.0
+                continue
+            for x in range(n):
+                dst[y, x] = src[x, c2 - y]
 
 
 def rotate_with_quarter_turns(
@@ -169,9 +208,9 @@ def fix_row0(images, alpha, src, out, idx) -> None:
     n = images.shape[-1]
     if n % 2 or len(idx) == 0:
         return
-    inv = np.ascontiguousarray(np.linalg.inv(as_matrices(alpha, 0.0, 0.0, False)))
+    inv = np.ascontiguousarray(inverse_matrices(alpha, 0.0, 0.0, False))
     row = np.empty((len(idx), 1, n), np.float32)
-    _apply(images, np.asarray(src, np.int64), inv, row, 1)
+    _apply(images, np.asarray(src, np.int64), inv, row, np.arange(len(idx)), 1)
     out[idx, 0, :] = row[:, 0, :]
 
 
