@@ -1,6 +1,6 @@
 """Benchmark: simmx of N particles against the eman:delta=5 (c1) projections at 64 px.
 
-usage: python bench/simmx.py [--n 1000] [--maxshift 3] [--pairs 300]
+usage: python bench/simmx.py [--n 1000] [--maxshift 3] [--pairs 300] [--cmp ccc]
 
 Simulates N particles from rnapol2_64.mrc (SNR 0.1, CTF, shifts up to 3 px), then
 times in one run on this machine:
@@ -11,8 +11,12 @@ times in one run on this machine:
 and reports the assignment accuracy of both simmx runs (classified to the best
 projection: within 2 delta of the true orientation and within 1 px of the true shift).
 
-FLOP rates count the arithmetic of the dominant steps (stated below) divided by the
-measured time; the same counting rules are used for both implementations.
+The aligner's comparator is ccc (e2refine's --simaligncmp default); the final score
+is ``--cmp``: ccc (default, scored from sums inside the engine) or e.g. e2refine's
+--simcmp default ``frc:zeromask=1:snrweight=1`` (the particles' CTF gives the SNR).
+FLOP rates count the arithmetic of the dominant steps (stated below, alignment only)
+divided by the measured time; the same counting rules are used for both
+implementations.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +39,7 @@ from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.maps import read_map
 from cryorefine.registry import COMPARATORS
 from cryorefine.stages.classify import classify
-from cryorefine.stages.simmx import SimmxConfig, simmx
+from cryorefine.stages.simmx import SimmxConfig, ctf_snr, signal_power, simmx
 from cryorefine.testing import simulate_particles
 
 DEFAULT_MAP = Path(__file__).resolve().parents[2] / "shared" / "data" / "rnapol2_64.mrc"
@@ -86,6 +91,7 @@ def main() -> None:
     parser.add_argument("--maxshift", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=300, help="pairs timed per pair")
     parser.add_argument("--map", type=Path, default=DEFAULT_MAP)
+    parser.add_argument("--cmp", default="ccc", help="final comparator (e2simmx --cmp)")
     args = parser.parse_args()
     truth = read_map(args.map)
     n, apix, delta = truth.box, truth.apix, 5.0
@@ -95,13 +101,17 @@ def main() -> None:
     particles, meta = stack.read(), stack.meta
     rots = orientations(f"eman:delta={delta:g}", "c1", rng=np.random.default_rng(3))
     refs = project(truth.data, rots)
+    snr = ctf_snr(stack, np.arange(args.n), n, apix, signal_power(refs))
     npairs = len(particles) * len(refs)
-    print(f"{args.n} particles x {len(refs)} projections of {n} px, {os.cpu_count()} cores")
+    print(
+        f"{args.n} particles x {len(refs)} projections of {n} px, {os.cpu_count()} cores, "
+        f"--aligncmp ccc --cmp {args.cmp}"
+    )
     align = f"rotate_translate_flip:maxshift={args.maxshift}:subpixel=1"
-    cfg = SimmxConfig(align=align, aligncmp="ccc", cmp="ccc")
-    simmx(refs[:8], particles[:4], cfg, apix=apix)  # compile
+    cfg = SimmxConfig(align=align, aligncmp="ccc", cmp=args.cmp)
+    simmx(refs[:8], particles[:4], cfg, apix=apix, snr=snr[:4])  # compile
     t0 = time.perf_counter()
-    one = simmx(refs, particles, cfg, apix=apix)
+    one = simmx(refs, particles, cfg, apix=apix, snr=snr)
     t_one = time.perf_counter() - t0
     flops = engine_flops_per_pair(n, args.maxshift) * npairs
     print(
@@ -112,32 +122,33 @@ def main() -> None:
     rng = np.random.default_rng(0)
     p_i = rng.integers(0, len(particles), args.pairs)
     c_i = rng.integers(0, len(refs), args.pairs)
-    ccc = COMPARATORS.parse("ccc")
+    ccc, final = COMPARATORS.parse("ccc"), COMPARATORS.parse(args.cmp)
     rotate_translate_flip(refs[:1], particles[:1], maxshift=args.maxshift, cmp=ccc)
     t0 = time.perf_counter()
     for p, c in zip(p_i, c_i, strict=True):
         res = rotate_translate_flip(
             refs[c : c + 1], particles[p : p + 1], maxshift=args.maxshift, cmp=ccc
         )
-        ccc(particles[p : p + 1], res.images)
+        final(particles[p : p + 1], res.images, apix=apix, snr=snr[p : p + 1])
     t_pair = (time.perf_counter() - t0) / args.pairs
     print(
         f"per pair  : {1 / t_pair:9.0f} pairs/s, "
         f"{per_pair_flops(n) / t_pair / 1e9:5.1f} GFLOP/s counted, "
         f"whole matrix {t_pair * npairs:.0f} s (extrapolated from {args.pairs} pairs)"
     )
-    two_cfg = SimmxConfig(align=align, aligncmp="ccc", cmp="ccc", twostage=2)
+    two_cfg = replace(cfg, twostage=2)
     from cryorefine.stages.simmx import fill_uncomputed
     from cryorefine.stages.twostage import twostage_pairs
 
     small_plan = twostage_pairs(refs[:40], two_cfg, apix)  # compile, as for the one stage
-    simmx(refs[:40], particles[:4], two_cfg, apix=apix, pairs=small_plan(particles[:4], None))
+    pairs = small_plan(particles[:4], snr[:4])
+    simmx(refs[:40], particles[:4], two_cfg, apix=apix, snr=snr[:4], pairs=pairs)
     t0 = time.perf_counter()
     plan = twostage_pairs(refs, two_cfg, apix)
     t1 = time.perf_counter()
-    pairs = plan(particles, None)
+    pairs = plan(particles, snr)
     t2 = time.perf_counter()
-    two = simmx(refs, particles, two_cfg, apix=apix, pairs=pairs)
+    two = simmx(refs, particles, two_cfg, apix=apix, snr=snr, pairs=pairs)
     fill_uncomputed(two)
     t_two = time.perf_counter() - t0
     print(

@@ -75,6 +75,25 @@ def test_quarter_turns_and_turned_sums_match_direct_computation(n):
     assert np.abs(bank.im - ft.imag).max() < 1e-6 * scale
 
 
+@pytest.mark.parametrize("n", [16, 15])
+def test_materialised_candidates_match_the_transforms(n):
+    """The engine's one-pass candidate images equal rotate180, shift_integer and
+    mirror_x applied in turn (every combination of turn, shift and mirror)."""
+    from cryorefine.align.engine import _materialised
+
+    rng = np.random.default_rng(5)
+    bank = rng.standard_normal((3, n, n)).astype(np.float32)
+    k = 40
+    idx, turned, mirror = rng.integers(0, 3, k), rng.integers(0, 2, k), rng.integers(0, 2, k)
+    dx, dy = rng.integers(-4, 5, k), rng.integers(-4, 5, k)
+    got = _materialised(bank, idx, turned, dx, dy, mirror).copy()
+    want = bank[idx]
+    want[turned == 1] = t2d.rotate180(want[turned == 1])
+    want = t2d.shift_integer(want, dx, dy)
+    want[mirror == 1] = t2d.mirror_x(want[mirror == 1])
+    assert np.array_equal(got, want)
+
+
 def test_polar_sizes_follow_eman2():
     assert polar_size(64)[0] == 64 and polar_size(128)[0] == 140 and polar_size(256)[0] == 270
     assert polar_size(64)[1:] == (4, 30)

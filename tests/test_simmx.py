@@ -182,9 +182,12 @@ def test_two_stage_layout(refs):
     assert np.allclose(sim.score[~computed], np.repeat(row_max + 1e-4, (~computed).sum(1)))
 
 
-def test_orientation_assignment_of_simulated_particles(rnapol2_64, in_tmp, run_cli):
+@pytest.mark.parametrize("cmp", ["ccc", "frc:zeromask=1:snrweight=1"])
+def test_orientation_assignment_of_simulated_particles(rnapol2_64, in_tmp, run_cli, cmp):
     """150 particles (SNR 0.1, CTF, shifts up to 3 px) against eman:delta=5 projections:
-    >= 90% assigned within 2 delta of the truth with a shift error <= 1 px."""
+    >= 90% assigned within 2 delta of the truth with a shift error <= 1 px, scored by
+    ccc or by e2refine's default --simcmp (its SNR weights from the particles' CTF and
+    the projections' power spectrum)."""
     from cryorefine.geometry.euler import particle_from_alignment
     from cryorefine.geometry.symmetry import symmetry_group
     from cryorefine.io.stacks import ParticleStack
@@ -223,7 +226,7 @@ def test_orientation_assignment_of_simulated_particles(rnapol2_64, in_tmp, run_c
         "--aligncmp",
         "ccc",
         "--cmp",
-        "ccc",
+        cmp,
     )
     assert code == 0, err
     assert run_cli("classify", "simmx.h5", "classmx.h5")[0] == 0

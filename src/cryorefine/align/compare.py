@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import scipy.fft
+from numba import njit, prange
 
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import WORKERS, ring_sum
+from cryorefine.fourier.fft import WORKERS
 from cryorefine.registry import COMPARATORS, Param
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -163,8 +164,63 @@ def sqeuclidean(a, b, *, mask=None, zeromask: bool = False, normto: bool = False
 
 
 def _zeromask(a, b):
-    both = (a != 0) & (b != 0)
-    return np.where(both, a, 0).astype(np.float32), np.where(both, b, 0).astype(np.float32)
+    """Both images zeroed wherever either is 0 (float32 copies)."""
+    out_a = np.empty(a.shape, np.float32)
+    out_b = np.empty(b.shape, np.float32)
+    _zeromask_kernel(
+        a.reshape(len(a), -1),
+        b.reshape(len(b), -1),
+        out_a.reshape(len(a), -1),
+        out_b.reshape(len(b), -1),
+    )
+    return out_a, out_b
+
+
+@njit(cache=True, parallel=True)
+def _zeromask_kernel(a, b, out_a, out_b):
+    for i in prange(a.shape[0]):
+        for j in range(a.shape[1]):
+            x = a[i, j]
+            y = b[i, j]
+            keep = (x != 0) & (y != 0)
+            out_a[i, j] = x if keep else 0.0
+            out_b[i, j] = y if keep else 0.0
+
+
+def _frc_rings(n: int) -> np.ndarray:
+    """Ring of each ``rfft2`` coefficient for :func:`frc`: ``round(|k|)`` on the
+    non-redundant half-plane (kx > 0, and ky >= 0 on the column kx = 0) up to ring
+    ``n // 2``; -1 elsewhere."""
+    rings = _ring_index(n)
+    ky = scipy.fft.fftfreq(n, 1.0 / n)
+    keep = np.ones(rings.shape, bool)
+    keep[:, 0] = ky >= 0
+    keep &= rings <= n // 2
+    return np.where(keep, rings, -1)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _frc_sums(fa, fb, rings, amp, out):
+    """Per pair and ring: sums of Re(fa conj(fb)), |fa|^2, |fb|^2 and (``amp``) |fa|
+    into ``out`` ``(k, 4, nring)`` float64."""
+    k, ny, hx = fa.shape
+    for i in prange(k):
+        o = out[i]
+        o[:, :] = 0.0
+        for y in range(ny):
+            for x in range(hx):
+                r = rings[y, x]
+                if r < 0:
+                    continue
+                ar = np.float64(fa[i, y, x].real)
+                ai = np.float64(fa[i, y, x].imag)
+                br = np.float64(fb[i, y, x].real)
+                bi = np.float64(fb[i, y, x].imag)
+                o[0, r] += ar * br + ai * bi
+                o[1, r] += ar * ar + ai * ai
+                o[2, r] += br * br + bi * bi
+                if amp:
+                    o[3, r] += np.sqrt(ar * ar + ai * ai)
 
 
 def _ring_index(n: int) -> np.ndarray:
@@ -238,21 +294,16 @@ def frc(
     k, n = a.shape[0], a.shape[-1]
     if zeromask:
         a, b = _zeromask(a, b)
-    fa = scipy.fft.rfft2(a, workers=WORKERS).reshape(k, -1)
-    fb = scipy.fft.rfft2(b, workers=WORKERS).reshape(k, -1)
-    rings = _ring_index(n)
-    # the non-redundant half-plane: kx > 0, and ky >= 0 on the column kx = 0
-    ky = scipy.fft.fftfreq(n, 1.0 / n)
-    keep = np.ones(rings.shape, bool)
-    keep[:, 0] = ky >= 0
-    keep &= rings <= n // 2
-    idx = np.flatnonzero(keep.ravel())
-    r = rings.ravel()[idx]
+    dtype = np.float32 if a.dtype == b.dtype == np.float32 else np.float64
+    fa = scipy.fft.rfft2(np.asarray(a, dtype), workers=WORKERS)
+    fb = scipy.fft.rfft2(np.asarray(b, dtype), workers=WORKERS)
+    rings = _frc_rings(n)
     nring = n // 2
-    fa, fb = fa[:, idx], fb[:, idx]
-    cross = ring_sum(np.real(fa * np.conj(fb)), r, nring + 1)
-    pa = ring_sum(np.abs(fa) ** 2, r, nring + 1)
-    pb = ring_sum(np.abs(fb) ** 2, r, nring + 1)
+    sums = np.empty((k, 4, nring + 1))
+    _frc_sums(fa, fb, rings, bool(ampweight), sums)
+    del fa, fb
+    cross, pa, pb = sums[:, 0], sums[:, 1], sums[:, 2]
+    r = rings[rings >= 0]
     with np.errstate(invalid="ignore", divide="ignore"):
         ring_frc = (cross / np.sqrt(pa * pb))[:, :nring]
     ring_frc = np.where(np.isfinite(ring_frc), ring_frc, 0.0)
@@ -262,7 +313,7 @@ def frc(
         w = w * 2 * np.bincount(r, minlength=nring + 1)[:nring]
     if ampweight:
         cnt = np.maximum(np.bincount(r, minlength=nring + 1), 1)
-        w = w * (ring_sum(np.abs(fa), r, nring + 1) / cnt)[:, :nring]
+        w = w * (sums[:, 3] / cnt)[:, :nring]
     if snrweight:
         w = w * _snr_weights(snr, k, nring, "frc")
     w = _resolution_edges(w, i, n, apix, minres, maxres, "frc")

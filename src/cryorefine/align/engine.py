@@ -47,9 +47,7 @@ from cryorefine.align.transform2d import (
     apply_transform,
     fix_row0,
     mirror_x,
-    rotate180,
     rotate_quarter,
-    shift_integer,
 )
 from cryorefine.fourier.fft import WORKERS
 
@@ -57,6 +55,8 @@ FUSED = {"ccc", "dot", "sqeuclidean"}
 #: memory for one chunk of the reference bank (xs rotated images per reference, each
 #: with its transform and line sums): the number of references per chunk follows from it
 BANK_BYTES = 256 * 2**20
+#: pairs per batch where candidate images are materialised (any other comparator)
+IMAGE_BATCH = 256
 
 
 @dataclass
@@ -409,7 +409,7 @@ def align_pairs(
     subpixel: bool = False,
     ctx: dict | None = None,
     ref_chunk: int = 64,
-    batch: int = 4096,
+    batch: int = IMAGE_BATCH,
     ref_spectra: np.ndarray | None = None,
     bank_cache: dict | None = None,
 ) -> PairAlignment:
@@ -845,11 +845,42 @@ def _turned_line_sums(images: np.ndarray, base: np.ndarray, out: np.ndarray) -> 
     return out
 
 
-def _candidates(images: np.ndarray, idx: np.ndarray, turned: np.ndarray) -> np.ndarray:
-    """Bank images ``idx``, those with ``turned`` rotated by a further 180 degrees."""
-    out = images[idx]
-    if turned.any():
-        out[turned] = rotate180(out[turned])
+@njit(cache=True, parallel=True)
+def _aligned_images(bank, idx, turned, dx, dy, mirror, out):
+    """``out[i]``: bank image ``idx[i]``, turned by 180 degrees about the centre if
+    ``turned[i]`` (as :func:`rotate180`), shifted by whole pixels ``(dx, dy)`` with zero
+    fill (as :func:`shift_integer`), then mirrored in x if ``mirror[i]`` (as
+    :func:`mirror_x`): the candidate images, materialised in one pass."""
+    n = bank.shape[-1]
+    c2 = 2 * (n // 2)
+    for i in prange(idx.shape[0]):
+        img = bank[idx[i]]
+        o = out[i]
+        mi = mirror[i] != 0
+        tu = turned[i] != 0
+        ddx = dx[i]
+        ddy = dy[i]
+        for y in range(n):
+            sy = y - ddy
+            ty = c2 - sy if tu else sy
+            if sy < 0 or sy >= n or ty >= n:
+                o[y, :] = 0.0
+                continue
+            src = img[ty]
+            for x in range(n):  # branch-free: the source column is linear in x
+                xm = c2 - x if mi else x
+                sx = xm - ddx
+                tx = c2 - sx if tu else sx
+                ok = (xm < n) & (sx >= 0) & (sx < n) & (tx < n)
+                o[y, x] = src[tx if ok else 0] if ok else 0.0
+
+
+def _materialised(bank, idx, turned, dx, dy, mirror) -> np.ndarray:
+    k = len(idx)
+    n = bank.shape[-1]
+    out = _scratch("aligned", k * n * n).reshape(k, n, n)
+    args = (np.asarray(a, np.int64) for a in (idx, turned, dx, dy, mirror))
+    _aligned_images(bank, *args, out)
     return out
 
 
@@ -858,10 +889,7 @@ def _generic_final(bank, bank_idx, h, bx, by, mirror, particles, p_i, final, ctx
     res = np.empty(len(p_i))
     for s0 in range(0, len(p_i), batch):
         sl = slice(s0, s0 + batch)
-        img = shift_integer(_candidates(bank, bank_idx[sl], h[sl] == 1), -bx[sl], -by[sl])
-        flipped = mirror[sl]
-        if flipped.any():
-            img[flipped] = mirror_x(img[flipped])
+        img = _materialised(bank, bank_idx[sl], h[sl], -bx[sl], -by[sl], mirror[sl])
         sub = pair_context(ctx, p_i[sl])
         res[sl] = np.asarray(final(particles[p_i[sl]], img, **sub), np.float64)
     return res
@@ -877,8 +905,8 @@ def _generic_scores(bank, tgt, ang, p_i, slot, xs, px, py, cmp, ctx, batch):
     pp = p_i[i_i]
     for s0 in range(0, len(i_i), batch):
         sl = slice(s0, s0 + batch)
-        cand = _candidates(bank, b_i[sl], h_i[sl] == 1)
-        cand = shift_integer(cand, -px.ravel()[sl], -py.ravel()[sl])
+        no = np.zeros(len(b_i[sl]), np.int64)
+        cand = _materialised(bank, b_i[sl], h_i[sl], -px.ravel()[sl], -py.ravel()[sl], no)
         sub = pair_context(ctx, pp[sl])
         score.reshape(-1)[sl] = np.asarray(cmp(cand, tgt[m_i[sl], pp[sl]], **sub), np.float64)
     return score

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import scipy.fft
 
 from cryorefine.align import transform2d
 from cryorefine.align.compare import load_mask, pair_context
 from cryorefine.align.engine import align_pairs
 from cryorefine.align.rotational import footprints, spectra
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import rfft_shell_index, ring_sum
+from cryorefine.fourier.fft import WORKERS, rfft_shell_index, ring_sum
 from cryorefine.fourier.filters import match_power_spectrum
 from cryorefine.io.atomic import atomic_output
 from cryorefine.io.stacks import ParticleStack
@@ -65,19 +66,45 @@ class Simmx:
         return cls(z(), z(), z(), z(), z(), np.ones((n_p, nc), np.float32))
 
 
-def ctf_snr(stack: ParticleStack, idx: np.ndarray, box: int, apix: float) -> np.ndarray | None:
-    """Per-particle SNR per Fourier ring for ``snrweight``: the ring mean of CTF^2.
+def _ring_mean(power: np.ndarray, box: int) -> np.ndarray:
+    """Ring means ``(k, box // 2)`` of per-coefficient values ``(k, box, box // 2 + 1)``."""
+    rings = np.minimum(rfft_shell_index((box, box)).ravel(), box // 2)
+    counts = np.maximum(np.bincount(rings, minlength=box // 2 + 1), 1)
+    k = len(power)
+    return (ring_sum(power.reshape(k, -1), rings, box // 2 + 1) / counts)[:, : box // 2]
+
+
+def signal_power(refs: np.ndarray) -> np.ndarray:
+    """The references' mean power per Fourier ring ``(n // 2,)``, scaled to a maximum of
+    1 over rings 1 and up: the shape of the signal's spectrum for :func:`ctf_snr`."""
+    box = refs.shape[-1]
+    total = np.zeros(box // 2)
+    for s0 in range(0, len(refs), 256):
+        ft = scipy.fft.rfft2(refs[s0 : s0 + 256].astype(np.float32), workers=WORKERS)
+        total += _ring_mean((ft.real**2 + ft.imag**2).astype(np.float64), box).sum(axis=0)
+    peak = total[1:].max() if box >= 4 else 0.0
+    return total / peak if peak > 0 else np.ones(box // 2)
+
+
+def ctf_snr(
+    stack: ParticleStack, idx: np.ndarray, box: int, apix: float, signal: np.ndarray | None = None
+) -> np.ndarray | None:
+    """Per-particle SNR per Fourier ring for ``snrweight``, up to a constant factor:
+    the ring mean of CTF^2 times the signal's power (``signal``, from
+    :func:`signal_power` of the references; 1 if not given).
 
     Choice: RELION-style particles carry CTF parameters but no measured SNR curve
-    (EMAN2's ``ctf.snr``); the CTF^2 ring average has the same zeros and envelope.
+    (EMAN2's ``ctf.snr``, fitted by e2ctf). With white noise, the SNR of ring ``s`` is
+    proportional to ``CTF^2(s) P(s)``, ``P`` the power spectrum of the noise-free
+    particle, which the projections of the current map provide; ``frc`` and ``phase``
+    use the curve as relative weights, so the unknown factor drops out.
     """
     ctf = stack.meta.ctf.take(idx)
     if not ctf.known.all():
         return None
     c2 = ctf.evaluate(box, apix).astype(np.float64) ** 2
-    rings = np.minimum(rfft_shell_index((box, box)).ravel(), box // 2)
-    counts = np.maximum(np.bincount(rings, minlength=box // 2 + 1), 1)
-    return (ring_sum(c2.reshape(len(idx), -1), rings, box // 2 + 1) / counts)[:, : box // 2]
+    snr = _ring_mean(c2, box)
+    return snr if signal is None else snr * signal[None, : box // 2]
 
 
 def _masked(cmp, mask: np.ndarray):
@@ -250,8 +277,12 @@ def run_simmx(
             skip[_read_exclude(exclude, len(ptcl))] = True
         n_p, nc = len(ptcl), len(refs)
         result = Simmx.empty(n_p, nc)
-        needs_snr = "snrweight=1" in (cfg.cmp or "").replace("true", "1")
+        needs_snr = any(
+            c is not None and c.params.get("snrweight")
+            for c in (COMPARATORS.parse(t) for t in (cfg.cmp, cfg.aligncmp, cfg.raligncmp))
+        )
         ref_spec = spectra(footprints(refs)) if box >= 16 else None
+        signal = signal_power(refs) if needs_snr else None
         pair_plan = twostage_pairs(refs, cfg, apix * shrink) if cfg.twostage else None
         if chunk is None:
             cells = nc
@@ -269,7 +300,7 @@ def run_simmx(
             images = ptcl.read(idx)
             if cfg.shrink is not None:
                 images = transform2d.meanshrink(images, shrink)
-            snr = ctf_snr(ptcl, idx, box, apix * shrink) if needs_snr else None
+            snr = ctf_snr(ptcl, idx, box, apix * shrink, signal) if needs_snr else None
             pairs = None if pair_plan is None else pair_plan(images, snr)
             part = simmx(
                 refs, images, cfg, apix=apix * shrink, snr=snr, pairs=pairs, ref_spectra=ref_spec
