@@ -341,6 +341,24 @@ def _search_block(
                 stats[i, q, 4] = c00
 
 
+@njit(cache=True, parallel=True)
+def _image_sums(images):
+    """Float64 sums of the values and of their squares of each row of ``images``."""
+    k = images.shape[0]
+    total = np.empty(k)
+    sq = np.empty(k)
+    for i in prange(k):
+        a = 0.0
+        b = 0.0
+        for j in range(images.shape[1]):
+            v = np.float64(images[i, j])
+            a += v
+            b += v * v
+        total[i] = a
+        sq[i] = b
+    return total, sq
+
+
 def window_dft(n: int, maxshift: int) -> tuple[np.ndarray, np.ndarray]:
     """Factors of the inverse DFT restricted to shifts ``-ms..ms``: rows ``(2ms+1, n)``
     over ky (FFT order) and columns ``(2ms+1, n//2+1)`` over kx with the half-plane
@@ -453,9 +471,8 @@ def align_pairs(
     tgt_re = np.ascontiguousarray(tgt_ft.real, dtype=np.float32)
     tgt_im = np.ascontiguousarray(tgt_ft.imag, dtype=np.float32)
     del tgt_ft
-    t64 = tgt.reshape(nm, n_p, -1).astype(np.float64)
-    t_sum, t_sq = t64.sum(-1), np.einsum("mij,mij->mi", t64, t64)  # (nm, Np)
-    del t64
+    t_sum, t_sq = _image_sums(tgt.reshape(nm * n_p, -1))
+    t_sum, t_sq = t_sum.reshape(nm, n_p), t_sq.reshape(nm, n_p)
     ey, ex = window_dft(n, ms)
     fourier = ms > 0  # without a shift search the kernel works in real space only
     planes = [
