@@ -241,6 +241,37 @@ def test_orientation_assignment_of_simulated_particles(rnapol2_64, in_tmp, run_c
     assert np.mean((ang <= 10) & (err_px <= 1)) >= 0.9
 
 
+def test_snr_curves_for_snrweight(refs, rng):
+    """A particle's measured EMAN2 SNR curve is read at each ring's frequency (linear,
+    last value beyond its end); without one, the curve follows CTF^2 times the
+    projections' power. A constant curve makes frc:snrweight=1 the plain frc."""
+    from cryorefine.align.compare import frc
+    from cryorefine.fourier.ctf import CTFParams
+    from cryorefine.io.metadata import ParticleMetadata
+    from cryorefine.io.stacks import ParticleStack
+    from cryorefine.stages.simmx import ctf_snr, signal_power
+
+    n, apix, k = refs.shape[-1], 3.0, 3
+    meta = ParticleMetadata.empty(k, apix=apix)
+    meta.ctf = CTFParams(np.full(k, 2e4), np.full(k, 2e4), 0.0, 300, 2.7, 0.1, 0, 0, 1)
+    meta.ctf_curves = np.full(k, None, dtype=object)
+    meta.ctf_curves[0], meta.ctf_curves[2] = (0.01, [], [4.0, 2.0, 1.0]), (0.5, [], [0.7])
+    stack = ParticleStack.from_arrays(refs[:k], apix=apix, meta=meta)
+    signal = signal_power(refs)
+    snr = ctf_snr(stack, np.arange(k), n, apix, signal)
+    s = np.arange(n // 2) / (apix * n)
+    assert np.allclose(snr[0], np.interp(s, [0, 0.01, 0.02], [4, 2, 1]))
+    assert snr[0][-1] == 1.0 and np.allclose(snr[2], 0.7)
+    model = ctf_snr(
+        ParticleStack.from_arrays(refs[:1], apix=apix, meta=meta.take([1])), [0], n, apix
+    )
+    assert np.allclose(snr[1], model[0] * signal)
+    assert signal[1:].max() == 1.0 and signal[1] > 100 * signal[n // 3]  # falls with s
+    noisy = refs[:k] + rng.standard_normal(refs[:k].shape).astype(np.float32)
+    plain = frc(refs[:k], noisy, apix=apix)
+    assert np.allclose(frc(refs[:k], noisy, apix=apix, snrweight=True, snr=snr)[2], plain[2])
+
+
 def test_prefilt_matches_the_particle_power_spectrum(refs, rng):
     from cryorefine.fourier.filters import match_power_spectrum
 

@@ -146,3 +146,24 @@ def test_nan_and_non_square_images_are_refused(in_tmp, rng):
         ParticleStack.from_path("rect.mrcs")
     with pytest.raises(CryorefineError, match="unknown stack type"):
         ParticleStack.from_path("x.tif")
+
+
+def test_measured_ctf_curves_survive_eman2_files(in_tmp, rng):
+    """EMAN2's fitted background and SNR curves (e2ctf) ride along through HDF and .lst
+    files; a RELION STAR file has no place for them."""
+    stack = rich_stack(rng, k=3)
+    curves = np.full(3, None, dtype=object)
+    curves[0] = (0.01, [1.0, 0.5], [0.0, 2.5, 1.25, 0.5])
+    curves[2] = (0.02, [], [3.0, 1.0])
+    stack.meta.ctf_curves = curves
+    write_stack(stack, "a.hdf")
+    write_stack(ParticleStack.from_path("a.hdf"), "b.lst")
+    for name in ("a.hdf", "b.lst"):
+        back = ParticleStack.from_path(name).meta.ctf_curves
+        assert back[1] is None
+        for i in (0, 2):
+            dsbg, background, snr = back[i]
+            assert dsbg == pytest.approx(curves[i][0])
+            assert np.allclose(background, curves[i][1]) and np.allclose(snr, curves[i][2])
+    write_stack(ParticleStack.from_path("a.hdf"), "c.star")
+    assert ParticleStack.from_path("c.star").meta.ctf_curves is None

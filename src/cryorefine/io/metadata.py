@@ -9,6 +9,9 @@ Conventions (format quirks are converted at the edge, in ``star.py`` and ``eman2
 * ``class_number`` 0-based (-1: none); ``half_set`` 1 or 2 (0: none).
 * ``extra`` and ``optics_extra``: columns of a STAR file that cryorefine does not use,
   carried through unchanged (keyed by RELION label without the underscore).
+* ``ctf_curves``: EMAN2's measured curves of a fitted CTF (e2ctf), per particle
+  ``(dsbg in 1/Å, background, snr)`` or None; ``None`` for the whole table when no
+  particle has them. ``snr`` feeds the comparators' ``snrweight``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class ParticleMetadata:
     score: np.ndarray
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     optics_extra: dict[str, np.ndarray] = field(default_factory=dict)
+    ctf_curves: np.ndarray | None = None
 
     @classmethod
     def empty(
@@ -76,7 +80,9 @@ class ParticleMetadata:
         kw = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, dict):
+            if value is None:
+                kw[f.name] = None
+            elif isinstance(value, dict):
                 kw[f.name] = {k: v[idx] for k, v in value.items()}
             elif isinstance(value, CTFParams):
                 kw[f.name] = value.take(idx)

@@ -313,6 +313,7 @@ def meta_from_eman_headers(
     meta = ParticleMetadata.empty(n, source_index=indices)
     meta.source_path = np.asarray(paths, dtype=object)
     ctf_rows: dict[str, list[float]] = {}
+    curves = np.full(n, None, dtype=object)
     for i, h in enumerate(headers):
         c = h.get("ctf")
         apix = float(h.get("apix_x", 0.0) or 0.0)
@@ -320,6 +321,8 @@ def meta_from_eman_headers(
             apix = c.apix if c.apix > 0 else apix
             for k, v in eman2.relion_ctf_from_eman(c).items():
                 ctf_rows.setdefault(k, [np.nan] * n)[i] = v
+            if c.snr and c.dsbg > 0:
+                curves[i] = (float(c.dsbg), list(c.background), list(c.snr))
         meta.apix[i] = apix
         xf = h.get("xform.projection")
         if isinstance(xf, eman2.Transform):
@@ -336,6 +339,8 @@ def meta_from_eman_headers(
             meta.weight[i] = float(h["weight"])
     if ctf_rows:
         meta.ctf = CTFParams(**{k: np.asarray(v) for k, v in ctf_rows.items()}, scale=np.ones(n))
+    if any(c is not None for c in curves):
+        meta.ctf_curves = curves
     return meta
 
 
@@ -358,6 +363,9 @@ def eman_header(meta: ParticleMetadata, i: int, *, with_apix: bool = True) -> di
             c.bfactor[i],
             apix,
         )
+        if meta.ctf_curves is not None and meta.ctf_curves[i] is not None:
+            dsbg, background, snr = meta.ctf_curves[i]
+            h["ctf"].dsbg, h["ctf"].background, h["ctf"].snr = dsbg, list(background), list(snr)
     if meta.has_orientation[i]:
         h["xform.projection"] = eman2.projection_transform(
             meta.rotations[i], meta.shift_a[i] / apix

@@ -89,22 +89,35 @@ def signal_power(refs: np.ndarray) -> np.ndarray:
 def ctf_snr(
     stack: ParticleStack, idx: np.ndarray, box: int, apix: float, signal: np.ndarray | None = None
 ) -> np.ndarray | None:
-    """Per-particle SNR per Fourier ring for ``snrweight``, up to a constant factor:
-    the ring mean of CTF^2 times the signal's power (``signal``, from
-    :func:`signal_power` of the references; 1 if not given).
+    """Per-particle SNR per Fourier ring ``(len(idx), box // 2)`` for ``snrweight``;
+    None when a particle has no CTF. ``apix``: the pixel size of the (possibly shrunk)
+    images of ``box`` px.
 
-    Choice: RELION-style particles carry CTF parameters but no measured SNR curve
-    (EMAN2's ``ctf.snr``, fitted by e2ctf). With white noise, the SNR of ring ``s`` is
-    proportional to ``CTF^2(s) P(s)``, ``P`` the power spectrum of the noise-free
-    particle, which the projections of the current map provide; ``frc`` and ``phase``
-    use the curve as relative weights, so the unknown factor drops out.
+    A particle with EMAN2's measured curve (``ctf.snr`` from e2ctf, sampled every
+    ``dsbg`` 1/Å) gets it linearly interpolated at ring ``i``'s frequency
+    ``i / (apix box)``, its last value beyond its end. Choice, for the others
+    (RELION-style particles carry CTF parameters but no SNR curve): with white noise
+    the SNR of ring ``s`` is proportional to ``CTF^2(s) P(s)``, ``P`` the power spectrum
+    of the noise-free particle, which the projections of the current map provide
+    (``signal``, from :func:`signal_power`; 1 if not given). ``frc`` and ``phase`` use
+    the curve as relative weights, so the unknown factor drops out.
     """
     ctf = stack.meta.ctf.take(idx)
     if not ctf.known.all():
         return None
     c2 = ctf.evaluate(box, apix).astype(np.float64) ** 2
     snr = _ring_mean(c2, box)
-    return snr if signal is None else snr * signal[None, : box // 2]
+    if signal is not None:
+        snr *= signal[None, : box // 2]
+    curves = stack.meta.ctf_curves
+    if curves is not None:
+        s = np.arange(box // 2) / (apix * box)  # 1/Å
+        for row, j in enumerate(np.asarray(idx)):
+            if curves[j] is not None:
+                dsbg, _, measured = curves[j]
+                grid = dsbg * np.arange(len(measured))
+                snr[row] = np.interp(s, grid, np.asarray(measured, np.float64))
+    return snr
 
 
 def _masked(cmp, mask: np.ndarray):
