@@ -725,73 +725,86 @@ def _bank(
     if not fourier:
         return bank
     hx = n // 2 + 1
-    # transforms: FFTs of the bilinear half, the quarter-turned half by permutation
+    # transforms: FFTs of the bilinear half; the quarter-turned half, the edges and the
+    # copy into planes in one compiled pass
     re4, im4 = (a.reshape(len(which), xs, n, hx) for a in (bank.re, bank.im))
+    edges = bank.edges.reshape(len(which), xs, 5, n)
+    ph = np.exp(2j * np.pi * np.arange(n) / n) if n % 2 else np.ones(n)  # see the kernel
+    ph = np.ascontiguousarray(np.stack([ph.real, ph.imag]), dtype=np.float32)
     step = max(1, 512 // half)  # batches small enough to reuse heap memory
     for r0 in range(0, len(which), step):
         sl = slice(r0, r0 + step)
         ft = scipy.fft.rfft2(per_ref[sl, :half], workers=WORKERS)
-        re4[sl, :half], im4[sl, :half] = ft.real, ft.imag
-    if n % 2 == 0:  # row 0 of the turned image (resampled) replaces the permuted one
-        d = scipy.fft.rfft(per_ref[:, half:, 0, :] - per_ref[:, :half, :, 0], workers=WORKERS)
-        ph = np.ones(n, np.complex64)
-    else:
-        d = np.zeros((len(which), half, hx), np.complex64)
-        ph = np.exp(2j * np.pi * np.arange(n) / n)
-    _quarter_turn_transforms(
-        re4,
-        im4,
-        *(np.ascontiguousarray(a, dtype=np.float32) for a in (d.real, d.imag, ph.real, ph.imag)),
-    )
-    bank.edges[:] = 0.0
-    if n % 2 == 0:
-        for s0 in range(0, nb, 512):
-            sl = slice(s0, s0 + 512)
-            row = scipy.fft.rfft(bank.images[sl, 0, :], axis=-1, workers=WORKERS)
-            col = scipy.fft.fft(bank.images[sl, :, 0], axis=-1, workers=WORKERS)
-            e = bank.edges[sl]
-            e[:, 0, :hx], e[:, 1, :hx] = row.real, row.imag
-            e[:, 2], e[:, 3] = col.real, col.imag
-            e[:, 4, 0] = bank.images[sl, 0, 0]
+        row = scipy.fft.rfft(per_ref[sl, :, 0, :], workers=WORKERS)
+        col = scipy.fft.fft(per_ref[sl, :, :, 0], workers=WORKERS)
+        _bank_transforms(per_ref[sl], ft, row, col, re4[sl], im4[sl], edges[sl], ph)
     return bank
 
 
-@njit(cache=True, parallel=True)
-def _quarter_turn_transforms(re, im, d_re, d_im, ph_re, ph_im):
-    """Fill the transforms of images ``half ..`` of each reference's angles
-    (``re``, ``im`` ``(refs, xs, n, n // 2 + 1)``) from those of images ``0 .. half``,
-    which they are quarter turns of: with ``J[y, x] = I[x, 2 (n // 2) - y]``,
-    ``FJ(ky, kx) = FI(kx, -ky) exp(-2 pi i ky 2 (n // 2) / n)`` (``ph`` holds the
-    factor per ky; conjugate symmetry supplies ``-ky`` beyond the stored half), plus
-    ``d`` ``(refs, half, n // 2 + 1)``: the transform of the change to row 0."""
-    nr, xs, n, hx = re.shape
+@njit(cache=True, parallel=True, fastmath=True)
+def _bank_transforms(images, ft, row, col, re, im, edges, ph):
+    """The bank's transforms and edges for references ``images`` ``(refs, xs, n, n)``
+    from ``ft``, the ``rfft2`` of their first ``half = xs // 2`` angles, and ``row``,
+    ``col``, the transforms of row 0 (``rfft``) and column 0 (``fft``) of all angles.
+
+    ``re``, ``im`` ``(refs, xs, n, n // 2 + 1)``: angles below ``half`` copied from
+    ``ft``; angle ``half + j`` is the quarter turn of angle ``j``
+    (``J[y, x] = I[x, 2 (n // 2) - y]``): ``FJ(ky, kx) = FI(kx, -ky)`` times ``ph[ky]``
+    (``exp(2 pi i ky / n)`` for odd ``n``; conjugate symmetry supplies ``-ky`` beyond
+    the stored half), plus, for even ``n``, the transform of the change to row 0 (the
+    turn would bring column 0 of ``I`` there; the bank resamples it), ``row(J) -
+    col(I)``. ``edges`` ``(refs, xs, 5, n)``: for even ``n`` ``row``, ``col`` and pixel
+    ``(0, 0)`` of every image (:class:`Bank`), else 0.
+    """
+    nr, xs, n, _ = images.shape
+    hx = n // 2 + 1
     half = xs // 2
+    even = n % 2 == 0
     for t in prange(nr * half):
         r = t // half
         j = t % half
-        s_re = re[r, j]
-        s_im = im[r, j]
-        o_re = re[r, half + j]
-        o_im = im[r, half + j]
+        f = ft[r, j]
+        o_re = re[r, j]
+        o_im = im[r, j]
+        for ky in range(n):
+            for kx in range(hx):
+                o_re[ky, kx] = f[ky, kx].real
+                o_im[ky, kx] = f[ky, kx].imag
+        t_re = re[r, half + j]
+        t_im = im[r, half + j]
+        rj = row[r, half + j]
+        ci = col[r, j]
         for ky in range(n):
             b = (n - ky) % n
-            if b < hx:  # FI(kx, b) is stored
-                for kx in range(hx):
-                    o_re[ky, kx] = s_re[kx, b]
-                    o_im[ky, kx] = s_im[kx, b]
-            else:  # FI(kx, b) = conj(FI(-kx, ky))
-                o_re[ky, 0] = s_re[0, ky]
-                o_im[ky, 0] = -s_im[0, ky]
-                for kx in range(1, hx):
-                    o_re[ky, kx] = s_re[n - kx, ky]
-                    o_im[ky, kx] = -s_im[n - kx, ky]
-            pr = ph_re[ky]
-            pi = ph_im[ky]
+            pr = ph[0, ky]
+            pi = ph[1, ky]
             for kx in range(hx):
-                vr = o_re[ky, kx]
-                vi = o_im[ky, kx]
-                o_re[ky, kx] = vr * pr - vi * pi + d_re[r, j, kx]
-                o_im[ky, kx] = vr * pi + vi * pr + d_im[r, j, kx]
+                if b < hx:  # FI(kx, b) is stored
+                    vr = f[kx, b].real
+                    vi = f[kx, b].imag
+                else:  # FI(kx, b) = conj(FI(-kx, ky))
+                    a = (n - kx) % n
+                    vr = f[a, ky].real
+                    vi = -f[a, ky].imag
+                wr = vr * pr - vi * pi
+                wi = vr * pi + vi * pr
+                if even:
+                    wr += rj[kx].real - ci[kx].real
+                    wi += rj[kx].imag - ci[kx].imag
+                t_re[ky, kx] = wr
+                t_im[ky, kx] = wi
+        for q in range(2):
+            i = j + q * half
+            e = edges[r, i]
+            e[:, :] = 0.0
+            if even:
+                for k in range(hx):
+                    e[0, k] = row[r, i, k].real
+                    e[1, k] = row[r, i, k].imag
+                for k in range(n):
+                    e[2, k] = col[r, i, k].real
+                    e[3, k] = col[r, i, k].imag
+                e[4, 0] = images[r, i, 0, 0]
 
 
 @njit(cache=True, parallel=True, fastmath=True)
