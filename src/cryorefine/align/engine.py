@@ -160,6 +160,83 @@ def _fit_sums(img, t_img, sx, sy, h, c2, out):
     out[5] = s_ab
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _window_peak(
+    s_re,
+    s_im,
+    e,
+    phase,
+    t_re,
+    t_im,
+    h,
+    odd,
+    ey_re,
+    ey_im,
+    ex_re,
+    ex_im,
+    rr,
+    ri,
+    gr,
+    gi,
+    sr,
+    si,
+    win,
+):
+    """The circular CCF of a bank image (turned by 180 degrees if ``h``; see
+    :class:`Bank`) with a target over the shift window (filled into ``win``) by a
+    partial inverse DFT of ``S conj(T)``, rows first; returns its first maximum in scan
+    order and the shift ``(bx, by)`` there. ``rr`` ... ``si`` are scratch rows."""
+    n = s_re.shape[0]
+    hx = s_re.shape[1]
+    nw = ey_re.shape[0]
+    ms = nw // 2
+    rr[:, :] = 0.0
+    ri[:, :] = 0.0
+    for ky in range(n):
+        if h == 0:
+            for kx in range(hx):
+                sr[kx] = s_re[ky, kx]
+                si[kx] = s_im[ky, kx]
+        else:  # conj(F - R(kx) - C(ky) + a00), times a phase for odd n
+            col_re = e[2, ky] - e[4, 0]
+            col_im = e[3, ky]
+            for kx in range(hx):
+                sr[kx] = s_re[ky, kx] - e[0, kx] - col_re
+                si[kx] = -(s_im[ky, kx] - e[1, kx] - col_im)
+            if odd:
+                for kx in range(hx):
+                    pr = phase[0, ky, kx]
+                    pi = phase[1, ky, kx]
+                    ar = sr[kx]
+                    sr[kx] = ar * pr - si[kx] * pi
+                    si[kx] = ar * pi + si[kx] * pr
+        for kx in range(hx):  # g = S conj(T)
+            ar, ai = sr[kx], si[kx]
+            br, bi = t_re[ky, kx], t_im[ky, kx]
+            gr[kx] = ar * br + ai * bi
+            gi[kx] = ai * br - ar * bi
+        for w in range(nw):
+            er = ey_re[w, ky]
+            ei = ey_im[w, ky]
+            for kx in range(hx):
+                rr[w, kx] += er * gr[kx] - ei * gi[kx]
+                ri[w, kx] += er * gi[kx] + ei * gr[kx]
+    best = -np.inf
+    bx = 0
+    by = 0
+    for wy in range(nw):
+        for wx in range(nw):
+            v = 0.0
+            for kx in range(hx):
+                v += rr[wy, kx] * ex_re[wx, kx] - ri[wy, kx] * ex_im[wx, kx]
+            win[wy, wx] = v
+            if v > best:
+                best = v
+                bx = wx - ms
+                by = wy - ms
+    return best, bx, by
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def _search_block(
     bank_re,
@@ -236,50 +313,27 @@ def _search_block(
                     by = 0
                     win[0, 0] = best
                 else:
-                    rr[:, :] = 0.0
-                    ri[:, :] = 0.0
-                    for ky in range(n):
-                        if h == 0:
-                            for kx in range(hx):
-                                sr[kx] = s_re[ky, kx]
-                                si[kx] = s_im[ky, kx]
-                        else:  # conj(F - R(kx) - C(ky) + a00), times a phase for odd n
-                            col_re = e[2, ky] - e[4, 0]
-                            col_im = e[3, ky]
-                            for kx in range(hx):
-                                sr[kx] = s_re[ky, kx] - e[0, kx] - col_re
-                                si[kx] = -(s_im[ky, kx] - e[1, kx] - col_im)
-                            if odd:
-                                for kx in range(hx):
-                                    pr = phase[0, ky, kx]
-                                    pi = phase[1, ky, kx]
-                                    ar = sr[kx]
-                                    sr[kx] = ar * pr - si[kx] * pi
-                                    si[kx] = ar * pi + si[kx] * pr
-                        for kx in range(hx):  # g = S conj(T)
-                            ar, ai = sr[kx], si[kx]
-                            br, bi = t_re[ky, kx], t_im[ky, kx]
-                            gr[kx] = ar * br + ai * bi
-                            gi[kx] = ai * br - ar * bi
-                        for w in range(nw):
-                            er = ey_re[w, ky]
-                            ei = ey_im[w, ky]
-                            for kx in range(hx):
-                                rr[w, kx] += er * gr[kx] - ei * gi[kx]
-                                ri[w, kx] += er * gi[kx] + ei * gr[kx]
-                    best = -np.inf
-                    bx = 0
-                    by = 0
-                    for wy in range(nw):
-                        for wx in range(nw):
-                            v = 0.0
-                            for kx in range(hx):
-                                v += rr[wy, kx] * ex_re[wx, kx] - ri[wy, kx] * ex_im[wx, kx]
-                            win[wy, wx] = v
-                            if v > best:
-                                best = v
-                                bx = wx - ms
-                                by = wy - ms
+                    best, bx, by = _window_peak(
+                        s_re,
+                        s_im,
+                        e,
+                        phase,
+                        t_re,
+                        t_im,
+                        h,
+                        odd,
+                        ey_re,
+                        ey_im,
+                        ex_re,
+                        ex_im,
+                        rr,
+                        ri,
+                        gr,
+                        gi,
+                        sr,
+                        si,
+                        win,
+                    )
                 q = 2 * m + h
                 px_out[i, q] = bx
                 py_out[i, q] = by
