@@ -125,8 +125,12 @@ def apply_transform(
     inv = inverse_matrices(alpha, tx, ty, mirror)
     inv = np.ascontiguousarray(np.broadcast_to(inv, (k, 3, 3)))
     if out is None:
+        if dest is not None:
+            raise ValueError("apply_transform: dest needs out")
         out = np.empty((k,) + images.shape[1:], np.float32)
     dst = np.arange(k) if dest is None else np.asarray(dest, np.int64)
+    if dst.shape != (k,) or (k and not 0 <= dst.min() <= dst.max() < len(out)):
+        raise ValueError("apply_transform: dest must index out, one entry per output")
     _apply(images, src, inv, out, dst, images.shape[-1])
     return out
 
