@@ -12,6 +12,7 @@ ring, for ``snrweight``), ``ptcl_repr`` (particles behind ``b``, for ``nweight``
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -187,16 +188,19 @@ def _zeromask_kernel(a, b, out_a, out_b):
             out_b[i, j] = y if keep else 0.0
 
 
+@lru_cache(maxsize=8)
 def _frc_rings(n: int) -> np.ndarray:
     """Ring of each ``rfft2`` coefficient for :func:`frc`: ``round(|k|)`` on the
     non-redundant half-plane (kx > 0, and ky >= 0 on the column kx = 0) up to ring
-    ``n // 2``; -1 elsewhere."""
+    ``n // 2``; -1 elsewhere (read-only, shared between calls)."""
     rings = _ring_index(n)
     ky = scipy.fft.fftfreq(n, 1.0 / n)
     keep = np.ones(rings.shape, bool)
     keep[:, 0] = ky >= 0
     keep &= rings <= n // 2
-    return np.where(keep, rings, -1)
+    out = np.where(keep, rings, -1)
+    out.setflags(write=False)
+    return out
 
 
 @njit(cache=True, parallel=True, fastmath=True)
