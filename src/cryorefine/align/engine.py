@@ -47,6 +47,7 @@ from cryorefine.align.transform2d import (
     apply_transform,
     fix_row0,
     mirror_x,
+    rotate180,
     rotate_quarter,
 )
 from cryorefine.fourier.fft import WORKERS
@@ -160,6 +161,50 @@ def _fit_sums(img, t_img, sx, sy, h, c2, out):
     out[5] = s_ab
 
 
+@njit(cache=True, fastmath=True)
+def _products(img, t_img, t_turned, fit, out):
+    """Products of a bank image ``a``, unshifted, and of it turned by 180 degrees
+    (``h = 1``) with the target ``b``: ``out[h, 2]`` the sum of ab; with ``fit`` also
+    ``out[h, 0]``, ``out[h, 1]``: the sums of b and ab over the pixels where
+    ``a >= FLT_MIN`` (the candidate's own sums there are the bank's ``masked``). The
+    turned image's products are those of ``a`` with the turned target ``t_turned``
+    (:func:`rotate180`, which zeroes what has no source), in the same pass."""
+    n = img.shape[-1]
+    b0 = 0.0
+    b1 = 0.0
+    ab0 = 0.0
+    ab1 = 0.0
+    s0 = 0.0
+    s1 = 0.0
+    for y in range(n):
+        row = img[y]
+        t0 = t_img[y]
+        t1 = t_turned[y]
+        if fit:
+            for x in range(n):  # branch-free
+                a = np.float64(row[x])
+                u = np.float64(t0[x])
+                v = np.float64(t1[x])
+                w = 1.0 if a >= FLT_MIN else 0.0
+                b0 += u * w
+                b1 += v * w
+                ab0 += a * u * w
+                ab1 += a * v * w
+                s0 += a * u
+                s1 += a * v
+        else:
+            for x in range(n):
+                a = np.float64(row[x])
+                s0 += a * np.float64(t0[x])
+                s1 += a * np.float64(t1[x])
+    out[0, 0] = b0
+    out[0, 1] = ab0
+    out[0, 2] = s0
+    out[1, 0] = b1
+    out[1, 1] = ab1
+    out[1, 2] = s1
+
+
 @njit(cache=True, fastmath=True, inline="always")
 def _window_peak(
     s_re,
@@ -245,9 +290,11 @@ def _search_block(
     sums,
     edges,
     phase,
+    masked,
     tgt_re,
     tgt_im,
     tgt,
+    tgt_turned,
     ang,
     p_list,
     c_list,
@@ -297,6 +344,7 @@ def _search_block(
         si = np.empty(hx, dtype=np.float32)
         win = np.empty((nw, nw))
         fsum = np.empty(6)
+        prod = np.empty((2, 3))
         for m in range(nm):
             t_re = tgt_re[m, p]
             t_im = tgt_im[m, p]
@@ -305,9 +353,17 @@ def _search_block(
             s_re = bank_re[b]
             s_im = bank_im[b]
             e = edges[b]
+            if nw == 1:  # no shift searched: the products in real space
+                _products(bank[b], t_img, tgt_turned[m, p], fit, prod)
             for h in range(2):
-                if nw == 1:  # no shift searched: the product in real space
-                    _fit_sums(bank[b], t_img, 0, 0, h, c2, fsum)
+                if nw == 1:
+                    fsum[2] = prod[h, 0]
+                    fsum[4] = prod[h, 1]
+                    fsum[5] = prod[h, 2]
+                    if fit:  # the sums of the candidate alone are the bank's
+                        fsum[0] = masked[b, h, 0]
+                        fsum[1] = masked[b, h, 1]
+                        fsum[3] = masked[b, h, 2]
                     best = fsum[5] * (n * n)
                     bx = 0
                     by = 0
@@ -529,6 +585,7 @@ def align_pairs(
     t_sum, t_sq = t_sum.reshape(nm, n_p), t_sq.reshape(nm, n_p)
     ey, ex = window_dft(n, ms)
     fourier = ms > 0  # without a shift search the kernel works in real space only
+    tgt_turned = np.zeros((1, 1, 1, 1), np.float32) if fourier else rotate180(tgt)
     planes = [
         np.ascontiguousarray(a, dtype=np.float32) for a in (ey.real, ey.imag, ex.real, ex.imag)
     ]
@@ -583,9 +640,11 @@ def align_pairs(
             bank.sums,
             bank.edges,
             bank.phase,
+            bank.masked,
             tgt_re,
             tgt_im,
             tgt,
+            tgt_turned,
             ang,
             ps,
             slot,
@@ -697,7 +756,9 @@ class Bank:
     and drop out; ``R``, ``C`` the 1D transforms of that row and column, rows 0-1 and
     2-3 of ``edges``, ``a00`` at ``[4, 0]``) or ``conj(F) exp(2 pi i (ky + kx) / n)``
     (odd ``n``: a pixel permutation; ``edges`` is 0, ``phase`` ``(2, n, n // 2 + 1)``
-    holds the real and imaginary parts of the factor).
+    holds the real and imaginary parts of the factor). ``masked`` ``(nb, 2, 3)``
+    (filled only for a search without shifts, else ``(1, 2, 3)`` zeros): the count,
+    sum and sum of squares of the pixels ``>= FLT_MIN`` of each image and of it turned.
     """
 
     images: np.ndarray
@@ -706,6 +767,7 @@ class Bank:
     sums: np.ndarray
     edges: np.ndarray
     phase: np.ndarray
+    masked: np.ndarray
 
 
 class _BankBuffers:
@@ -731,6 +793,7 @@ class _BankBuffers:
             self.sums.view(np.float64)[: 2 * nb * 4 * (n + 1)].reshape(2 * nb, 2, 2, n + 1),
             self.edges[: nb * 5 * n].reshape(nb, 5, n),
             _turn_phase(n),
+            np.zeros((1, 2, 3)),
         )
 
 
@@ -777,6 +840,7 @@ def _bank(
     _line_sums(bank.images, bank.sums[:nb])
     _turned_line_sums(bank.images, bank.sums[:nb], bank.sums[nb:])
     if not fourier:
+        bank.masked = _masked_sums(bank.images)
         return bank
     hx = n // 2 + 1
     # transforms: FFTs of the bilinear half; the quarter-turned half, the edges and the
@@ -891,6 +955,29 @@ def _line_sums(images: np.ndarray, out: np.ndarray) -> np.ndarray:
         out[i, 1, 0, n] = ts
         out[i, 0, 1, n] = tq
         out[i, 1, 1, n] = tq
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _masked_sums(images):
+    """``(k, 2, 3)``: count, sum and sum of squares of the pixels ``>= FLT_MIN`` of each
+    image and of it turned by 180 degrees (for even ``n`` without the source's row and
+    column 0, which the turn leaves without a place)."""
+    k, n = images.shape[0], images.shape[-1]
+    out = np.zeros((k, 2, 3))
+    edge = 1 if n % 2 == 0 else 0
+    for i in prange(k):
+        for y in range(n):
+            for x in range(n):
+                a = np.float64(images[i, y, x])
+                if a >= FLT_MIN:
+                    out[i, 0, 0] += 1.0
+                    out[i, 0, 1] += a
+                    out[i, 0, 2] += a * a
+                    if y >= edge and x >= edge:
+                        out[i, 1, 0] += 1.0
+                        out[i, 1, 1] += a
+                        out[i, 1, 2] += a * a
     return out
 
 
