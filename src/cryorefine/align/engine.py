@@ -39,6 +39,7 @@ from cryorefine.align.compare import FLT_MIN, pair_context
 from cryorefine.align.rotational import (
     best_rotations,
     footprints,
+    pair_layout,
     pair_rotations,
     polar_size,
     spectra,
@@ -540,6 +541,7 @@ def align_pairs(
     batch: int = IMAGE_BATCH,
     ref_spectra: np.ndarray | None = None,
     bank_cache: dict | None = None,
+    targets: dict | None = None,
 ) -> PairAlignment:
     """``rotate_translate[_flip]`` of reference ``c_idx[i]`` onto particle ``p_idx[i]``.
 
@@ -551,8 +553,9 @@ def align_pairs(
     parabola-interpolated CCF peak (candidates are still chosen and scored at the
     integer peak). ``bank_cache`` (a dict or an open :class:`BankCache`, kept by the
     caller across calls with the same ``refs`` and ``ref_chunk``) keeps the rotated
-    references. Returns one value
-    per pair.
+    references; ``targets`` (a dict kept by the caller across calls with the same
+    ``particles``, ``flip`` and ``maxshift``) keeps what is computed from the particles.
+    Returns one value per pair.
     """
     refs = np.ascontiguousarray(refs, np.float32)
     particles = np.ascontiguousarray(particles, np.float32)
@@ -566,26 +569,24 @@ def align_pairs(
     ctx = ctx or {}
     if ref_spectra is None:
         ref_spectra = spectra(footprints(refs))
-    tgt = np.stack([particles, mirror_x(particles)] if flip else [particles])
-    nm = len(tgt)
-    tgt_spectra = [spectra(footprints(t)) for t in tgt]
+    fourier = ms > 0  # without a shift search the kernel works in real space only
+    tg = {} if targets is None else targets
+    if not tg:
+        tg.update(_prepare_targets(particles, flip, fourier))
+    tgt, nm = tg["images"], len(tg["images"])
     if npair * 4 < n_p * nc:  # few pairs: footprint angles of those pairs only
+        if "laid_out" not in tg:
+            tg["laid_out"] = [pair_layout(ts) for ts in tg["spectra"]]
+        mv = pair_layout(ref_spectra)
         j_pairs = np.stack(
-            [pair_rotations(ref_spectra, ts, c_idx, p_idx, xs) for ts in tgt_spectra]
+            [pair_rotations(mv, ts, c_idx, p_idx, xs, laid_out=True) for ts in tg["laid_out"]]
         )
     else:
-        j0 = np.stack([best_rotations(ref_spectra, ts, xs) for ts in tgt_spectra])
+        j0 = np.stack([best_rotations(ref_spectra, ts, xs) for ts in tg["spectra"]])
         j_pairs = j0[:, p_idx, c_idx]
-    del tgt_spectra
-    tgt_ft = scipy.fft.rfft2(tgt, workers=WORKERS)
-    tgt_re = np.ascontiguousarray(tgt_ft.real, dtype=np.float32)
-    tgt_im = np.ascontiguousarray(tgt_ft.imag, dtype=np.float32)
-    del tgt_ft
-    t_sum, t_sq = _image_sums(tgt.reshape(nm * n_p, -1))
-    t_sum, t_sq = t_sum.reshape(nm, n_p), t_sq.reshape(nm, n_p)
+    tgt_re, tgt_im, tgt_turned = tg["re"], tg["im"], tg["turned"]
+    t_sum, t_sq = tg["sum"], tg["sq"]
     ey, ex = window_dft(n, ms)
-    fourier = ms > 0  # without a shift search the kernel works in real space only
-    tgt_turned = np.zeros((1, 1, 1, 1), np.float32) if fourier else rotate180(tgt)
     planes = [
         np.ascontiguousarray(a, dtype=np.float32) for a in (ey.real, ey.imag, ex.real, ex.imag)
     ]
@@ -703,6 +704,33 @@ def align_pairs(
                 bank.images, bank_idx, h, bx, by, mirror, particles, ps, final, ctx, batch
             )
     return out
+
+
+def _prepare_targets(particles: np.ndarray, flip: bool, fourier: bool) -> dict:
+    """The particles (and their mirrors): images, footprint spectra, transforms (real
+    and imaginary planes; placeholders without a shift search), sums of values and of
+    squares, and (without a shift search) the images turned by 180 degrees."""
+    tgt = np.stack([particles, mirror_x(particles)] if flip else [particles])
+    nm, n_p = tgt.shape[:2]
+    if fourier:
+        ft = scipy.fft.rfft2(tgt, workers=WORKERS)
+        t_re = np.ascontiguousarray(ft.real, dtype=np.float32)
+        t_im = np.ascontiguousarray(ft.imag, dtype=np.float32)
+        del ft
+        turned = np.zeros((1, 1, 1, 1), np.float32)
+    else:
+        t_re = t_im = np.zeros((nm, n_p, 1, 1), np.float32)
+        turned = rotate180(tgt)
+    t_sum, t_sq = _image_sums(tgt.reshape(nm * n_p, -1))
+    return {
+        "images": tgt,
+        "spectra": [spectra(footprints(t)) for t in tgt],
+        "re": t_re,
+        "im": t_im,
+        "turned": turned,
+        "sum": t_sum.reshape(nm, n_p),
+        "sq": t_sq.reshape(nm, n_p),
+    }
 
 
 _SCRATCH = threading.local()

@@ -137,13 +137,25 @@ def _pair_spectra(moving, target, c_idx, p_idx, out):
             out[i, m] = acc
 
 
+def pair_layout(spectra: np.ndarray) -> np.ndarray:
+    """:func:`spectra` laid out per image ``(k, xs // 2 + 1, R)`` for :func:`pair_rotations`."""
+    return np.ascontiguousarray(np.transpose(spectra, (2, 0, 1)))
+
+
 def pair_rotations(
-    moving: np.ndarray, target: np.ndarray, c_idx: np.ndarray, p_idx: np.ndarray, xs: int
+    moving: np.ndarray,
+    target: np.ndarray,
+    c_idx: np.ndarray,
+    p_idx: np.ndarray,
+    xs: int,
+    *,
+    laid_out: bool = False,
 ) -> np.ndarray:
     """As :func:`best_rotations`, for the listed pairs only ``(moving c_idx[i], target
-    p_idx[i])`` (when they are few compared with all pairs)."""
-    mv = np.ascontiguousarray(np.transpose(moving, (2, 0, 1)))  # (Nc, M, R)
-    tg = np.ascontiguousarray(np.transpose(target, (2, 0, 1)))
+    p_idx[i])`` (when they are few compared with all pairs). ``laid_out``: the spectra
+    come as :func:`pair_layout` gives them."""
+    mv = moving if laid_out else pair_layout(moving)  # (Nc, M, R)
+    tg = target if laid_out else pair_layout(target)
     c_idx = np.asarray(c_idx, np.int64)
     p_idx = np.asarray(p_idx, np.int64)
     out = np.empty(len(c_idx), np.int64)

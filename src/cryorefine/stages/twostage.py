@@ -117,15 +117,16 @@ def twostage_pairs(refs: np.ndarray, cfg, apix: float) -> Callable:
     )
 
     def rows(ks: np.ndarray) -> np.ndarray:
-        p_idx = np.repeat(np.arange(len(ks)), nc)
-        pa = align_pairs(small, small[ks], p_idx, np.tile(np.arange(nc), len(ks)), **kw)
+        p_idx = np.repeat(ks, nc)  # every projection is a target: prepared once
+        pa = align_pairs(small, small, p_idx, np.tile(np.arange(nc), len(ks)), **kw, targets=tgt)
         return pa.final.reshape(len(ks), nc)
 
     def align_onto(j: np.ndarray, m0: np.ndarray):
-        pa = align_pairs(small, small, j, m0, **kw)
+        pa = align_pairs(small, small, j, m0, **kw, targets=tgt)
         alpha, tx, ty, mirror = transform2d.inverse(pa.alpha, pa.tx, pa.ty, pa.mirror)
         return alpha, tx, ty, mirror
 
+    tgt: dict = {}
     with BankCache() as kw["bank_cache"]:
         centres, members = centres_and_members(rows, nc)
         averages = class_averages(small, members, align_onto)
