@@ -351,9 +351,6 @@ def _search_block(
             t_im = tgt_im[m, p]
             t_img = tgt[m, p]
             b = c * xs + ang[m, i]
-            s_re = bank_re[b]
-            s_im = bank_im[b]
-            e = edges[b]
             if nw == 1:  # no shift searched: the products in real space
                 _products(bank[b], t_img, tgt_turned[m, p], fit, prod)
             for h in range(2):
@@ -371,9 +368,9 @@ def _search_block(
                     win[0, 0] = best
                 else:
                     best, bx, by = _window_peak(
-                        s_re,
-                        s_im,
-                        e,
+                        bank_re[b],
+                        bank_im[b],
+                        edges[b],
                         phase,
                         t_re,
                         t_im,
@@ -609,7 +606,8 @@ def align_pairs(
     py_buf = np.empty((kmax, 2 * nm), np.int64)
     st_buf = np.empty((kmax, 2 * nm, 12))
     if bank_cache is None:
-        bank_buf = _BankBuffers(min(ref_chunk, nc), xs, n, not _pool().get("busy", False))
+        pooled = not _pool().get("busy", False)
+        bank_buf = _BankBuffers(min(ref_chunk, nc), xs, n, pooled, fourier)
     else:
         bank_buf = None
     for c0 in range(0, nc, ref_chunk):
@@ -626,7 +624,7 @@ def align_pairs(
             used = np.arange(c1 - c0) if bank_cache is not None else np.unique(cl)
             if bank_buf is None:  # kept in bank_cache: its first bank may use the pool
                 lent = getattr(bank_cache, "lease", False) and not bank_cache
-                buf = _BankBuffers(c1 - c0, xs, n, lent)
+                buf = _BankBuffers(c1 - c0, xs, n, lent, fourier)
             bank = _bank(refs, used + c0, xs, bank_buf or buf, fourier=fourier)
             if bank_cache is not None:
                 bank_cache[key] = used, bank
@@ -800,26 +798,32 @@ class Bank:
 
 class _BankBuffers:
     """Memory for the bank of up to ``m`` references, reused from chunk to chunk and
-    (``pooled``) from call to call in the same thread."""
+    (``pooled``) from call to call in the same thread; without ``fourier`` (a search
+    without shifts) the transforms and edges are one placeholder image."""
 
-    def __init__(self, m: int, xs: int, n: int, pooled: bool = False) -> None:
+    def __init__(self, m: int, xs: int, n: int, pooled: bool = False, fourier: bool = True) -> None:
         size = m * xs * n
         get = _scratch if pooled else (lambda _name, k: np.empty(k, np.float32))
         self.images = get("bank", size * n)
-        self.re = get("bank_re", size * (n // 2 + 1))
-        self.im = get("bank_im", size * (n // 2 + 1))
         self.sums = get("bank_sums", 2 * (2 * m * xs * 4 * (n + 1)))  # float64, viewed
-        self.edges = get("bank_edges", 5 * size)
+        if fourier:
+            self.re = get("bank_re", size * (n // 2 + 1))
+            self.im = get("bank_im", size * (n // 2 + 1))
+            self.edges = get("bank_edges", 5 * size)
+        else:
+            self.re = self.im = np.zeros(n * (n // 2 + 1), np.float32)
+            self.edges = np.zeros(5 * n, np.float32)
 
     def bank(self, nb: int, n: int) -> Bank:
         """Views for a bank of ``nb`` images."""
         hx = n // 2 + 1
+        nf = min(nb, len(self.re) // (n * hx))  # 1 for the placeholder
         return Bank(
             self.images[: nb * n * n].reshape(nb, n, n),
-            self.re[: nb * n * hx].reshape(nb, n, hx),
-            self.im[: nb * n * hx].reshape(nb, n, hx),
+            self.re[: nf * n * hx].reshape(nf, n, hx),
+            self.im[: nf * n * hx].reshape(nf, n, hx),
             self.sums.view(np.float64)[: 2 * nb * 4 * (n + 1)].reshape(2 * nb, 2, 2, n + 1),
-            self.edges[: nb * 5 * n].reshape(nb, 5, n),
+            self.edges[: nf * 5 * n].reshape(nf, 5, n),
             _turn_phase(n),
             np.zeros((1, 2, 3)),
         )
@@ -846,7 +850,7 @@ def _bank(
     and (``fourier``) transforms and turned-image edges (:class:`Bank`)."""
     n = refs.shape[-1]
     nb = len(which) * xs
-    bank = (buf or _BankBuffers(len(which), xs, n)).bank(nb, n)
+    bank = (buf or _BankBuffers(len(which), xs, n, fourier=fourier)).bank(nb, n)
     # angles j 180 / xs: bilinear below 90 degrees, exact quarter turns of those above
     # (xs is even), as the per-pair aligner (rotate_with_quarter_turns)
     half = xs // 2
