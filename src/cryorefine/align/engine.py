@@ -10,13 +10,16 @@ loop over pairs:
 2. The footprint angle is quantised to ``180 / xs`` degrees, so each reference is
    rotated once to each of the ``xs`` angles (bilinear, as the per-pair path): a
    "bank" of ``xs`` images per reference, each Fourier-transformed once instead of a
-   rotation per pair. The further 180-degree turn is exact (a pixel permutation): its
-   transform is formed from the first's inside the kernel, never stored.
+   rotation per pair (angles from 90 degrees on are quarter turns of those below,
+   their transforms permutations of theirs). The further 180-degree turn is exact (a
+   pixel permutation): its transform is formed from the first's inside the kernel,
+   never stored.
 3. Each pair has four candidates (``alpha0``, ``alpha0 + 180``, each against the
    particle and its mirror). Their circular cross-correlation is needed only inside
    the ``maxshift`` window, so a compiled kernel evaluates ``bank * conj(particle)``
    by a partial inverse DFT on that window (rows, then columns) and takes the first
-   maximum in EMAN2's scan order.
+   maximum in EMAN2's scan order. Without a shift search (``maxshift=0``) the kernel
+   works in real space only.
 4. The candidates are scored by the aligner's comparator on the actually shifted
    images (zero fill): ``ccc``, ``dot`` and ``sqeuclidean`` (also ``normto=1``) from
    pixel sums the same kernel forms; any other comparator on materialised images.
