@@ -262,10 +262,12 @@ def test_snr_curves_for_snrweight(refs, rng):
     s = np.arange(n // 2) / (apix * n)
     assert np.allclose(snr[0], np.interp(s, [0, 0.01, 0.02], [4, 2, 1]))
     assert snr[0][-1] == 1.0 and np.allclose(snr[2], 0.7)
-    model = ctf_snr(
-        ParticleStack.from_arrays(refs[:1], apix=apix, meta=meta.take([1])), [0], n, apix
-    )
-    assert np.allclose(snr[1], model[0] * signal)
+    alone = ParticleStack.from_arrays(refs[:1], apix=apix, meta=meta.take([1]))
+    assert np.allclose(snr[1], ctf_snr(alone, [0], n, apix)[0] * signal)
+    cut = signal.copy()
+    cut[n // 3 :] = 0.0  # a hard low-pass: no signal there, weights just above 0
+    low = ctf_snr(alone, [0], n, apix, cut)[0]
+    assert np.all(low[n // 3 :] > 0) and low[n // 3 :].max() < 1e-9 < low[1]
     assert signal[1:].max() == 1.0 and signal[1] > 100 * signal[n // 3]  # falls with s
     noisy = refs[:k] + rng.standard_normal(refs[:k].shape).astype(np.float32)
     plain = frc(refs[:k], noisy, apix=apix)

@@ -109,6 +109,9 @@ def ctf_snr(
     snr = _ring_mean(c2, box)
     if signal is not None:
         snr *= signal[None, : box // 2]
+    # rings without signal (a hard low-pass of the map) stay just above 0: the
+    # comparators raise values <= 0 to 0.001, more than the weakest rings with signal
+    snr = np.maximum(snr, 1e-12)
     curves = stack.meta.ctf_curves
     if curves is not None:
         s = np.arange(box // 2) / (apix * box)  # 1/Å
