@@ -210,31 +210,15 @@ def _products(img, t_img, t_turned, fit, out):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _window_peak(
-    s_re,
-    s_im,
-    e,
-    phase,
-    t_re,
-    t_im,
-    h,
-    odd,
-    ey_re,
-    ey_im,
-    ex_re,
-    ex_im,
-    rr,
-    ri,
-    gr,
-    gi,
-    sr,
-    si,
-    win,
-):
+def _window_peak(s_re, s_im, e, phase, t_re, t_im, h, odd, dft, scratch):
     """The circular CCF of a bank image (turned by 180 degrees if ``h``; see
     :class:`Bank`) with a target over the shift window (filled into ``win``) by a
     partial inverse DFT of ``S conj(T)``, rows first; returns its first maximum in scan
-    order and the shift ``(bx, by)`` there. ``rr`` ... ``si`` are scratch rows."""
+    order and the shift ``(bx, by)`` there. ``dft``: the window's DFT factors
+    ``(ey_re, ey_im, ex_re, ex_im)`` (:func:`window_dft`); ``scratch``: the arrays
+    ``(rr, ri, gr, gi, sr, si, win)`` it works in."""
+    ey_re, ey_im, ex_re, ex_im = dft
+    rr, ri, gr, gi, sr, si, win = scratch
     n = s_re.shape[0]
     hx = s_re.shape[1]
     nw = ey_re.shape[0]
@@ -337,6 +321,7 @@ def _search_block(
     hx = bank_re.shape[-1]
     nw = ey_re.shape[0]
     ms = nw // 2
+    dft = (ey_re, ey_im, ex_re, ex_im)
     for i in prange(p_list.shape[0]):
         p = p_list[i]
         c = c_list[i]
@@ -347,6 +332,7 @@ def _search_block(
         sr = np.empty(hx, dtype=np.float32)
         si = np.empty(hx, dtype=np.float32)
         win = np.empty((nw, nw))
+        scratch = (rr, ri, gr, gi, sr, si, win)
         fsum = np.empty(6)
         prod = np.empty((2, 3))
         for m in range(nm):
@@ -371,25 +357,7 @@ def _search_block(
                     win[0, 0] = best
                 else:
                     best, bx, by = _window_peak(
-                        bank_re[b],
-                        bank_im[b],
-                        edges[b],
-                        phase,
-                        t_re,
-                        t_im,
-                        h,
-                        odd,
-                        ey_re,
-                        ey_im,
-                        ex_re,
-                        ex_im,
-                        rr,
-                        ri,
-                        gr,
-                        gi,
-                        sr,
-                        si,
-                        win,
+                        bank_re[b], bank_im[b], edges[b], phase, t_re, t_im, h, odd, dft, scratch
                     )
                 q = 2 * m + h
                 px_out[i, q] = bx
