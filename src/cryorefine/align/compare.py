@@ -20,7 +20,7 @@ import scipy.fft
 from numba import njit, prange
 
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import WORKERS
+from cryorefine.fourier.fft import WORKERS, rfft_shell_index
 from cryorefine.registry import COMPARATORS, Param
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -193,7 +193,7 @@ def _frc_rings(n: int) -> np.ndarray:
     """Ring of each ``rfft2`` coefficient for :func:`frc`: ``round(|k|)`` on the
     non-redundant half-plane (kx > 0, and ky >= 0 on the column kx = 0) up to ring
     ``n // 2``; -1 elsewhere (read-only, shared between calls)."""
-    rings = _ring_index(n)
+    rings = rfft_shell_index((n, n))
     ky = scipy.fft.fftfreq(n, 1.0 / n)
     keep = np.ones(rings.shape, bool)
     keep[:, 0] = ky >= 0
@@ -225,13 +225,6 @@ def _frc_sums(fa, fb, rings, amp, out):
                 o[2, r] += br * br + bi * bi
                 if amp:
                     o[3, r] += np.sqrt(ar * ar + ai * ai)
-
-
-def _ring_index(n: int) -> np.ndarray:
-    """Integer ring ``round(|k|)`` of each ``rfft2`` coefficient of an ``n x n`` image."""
-    ky = scipy.fft.fftfreq(n, 1.0 / n)
-    kx = np.arange(n // 2 + 1)
-    return np.rint(np.hypot(ky[:, None], kx[None, :])).astype(np.int64)
 
 
 def _resolution_edges(w, rings, n, apix, minres, maxres, where):
@@ -365,7 +358,7 @@ def phase(
     # double precision: arccos is ill-conditioned next to 0 and pi
     fa = scipy.fft.rfft2(a.astype(np.float64), workers=WORKERS).reshape(k, -1)
     fb = scipy.fft.rfft2(b.astype(np.float64), workers=WORKERS).reshape(k, -1)
-    rings = _ring_index(n).ravel()
+    rings = rfft_shell_index((n, n)).ravel()
     nring = n // 2
     idx = np.flatnonzero(rings < nring)
     r = rings[idx]

@@ -125,8 +125,7 @@ def _pixel(img, y, x, h, c2):
 def _fit_sums(img, t_img, sx, sy, h, c2, out):
     """Count and sums (a, b, a^2, ab) over the pixels where the candidate ``a`` (bank
     image, turned if ``h``, shifted by ``(sx, sy)`` with zero fill) is ``>= FLT_MIN``,
-    ``b`` the target: the least-squares fit of ``sqeuclidean:normto=1``; ``out[5]``:
-    the sum of ab over all pixels."""
+    ``b`` the target: the least-squares fit of ``sqeuclidean:normto=1``."""
     n = img.shape[-1]
     y_lo, y_hi = max(0, sy), min(n, n + sy)
     x_lo, x_hi = max(0, sx), min(n, n + sx)
@@ -135,7 +134,6 @@ def _fit_sums(img, t_img, sx, sy, h, c2, out):
     f_b = 0.0
     f_aa = 0.0
     f_ab = 0.0
-    s_ab = 0.0
     if h == 1:  # the turned image's row and column 0 have no source
         y_lo = max(y_lo, c2 + sy - n + 1)
         x_lo = max(x_lo, c2 + sx - n + 1)
@@ -156,13 +154,11 @@ def _fit_sums(img, t_img, sx, sy, h, c2, out):
             f_b += tb
             f_aa += a * a * w
             f_ab += a * tb
-            s_ab += a * np.float64(t_row[x])
     out[0] = f_n
     out[1] = f_a
     out[2] = f_b
     out[3] = f_aa
     out[4] = f_ab
-    out[5] = s_ab
 
 
 @njit(cache=True, fastmath=True)

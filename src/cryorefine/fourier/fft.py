@@ -85,3 +85,13 @@ def ring_sum(values: np.ndarray, rings: np.ndarray, nring: int) -> np.ndarray:
     onehot = np.zeros((values.shape[1], nring))
     onehot[np.arange(len(rings)), rings] = 1.0
     return values.astype(np.float64) @ onehot
+
+
+def ring_mean(values: np.ndarray) -> np.ndarray:
+    """Means ``(k, n // 2 + 1)`` float64 over the rings ``round(|k|)`` (the last one
+    holding everything from ``n // 2`` out) of per-coefficient values ``(k, n, n // 2 + 1)``
+    on the ``rfft2`` grid of ``n x n`` images."""
+    k, n = values.shape[0], values.shape[1]
+    rings = np.minimum(rfft_shell_index((n, n)).ravel(), n // 2)
+    counts = np.maximum(np.bincount(rings, minlength=n // 2 + 1), 1)
+    return ring_sum(values.reshape(k, -1), rings, n // 2 + 1) / counts

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-from cryorefine.fourier.fft import WORKERS, filter_rfft, rfft_radius, ring_sum
+from cryorefine.fourier.fft import WORKERS, filter_rfft, rfft_radius, ring_mean
 
 
 def lowpass_gauss(data: np.ndarray, cutoff_cpp: float, ndim: int) -> np.ndarray:
@@ -143,15 +143,12 @@ def match_power_spectrum(images: np.ndarray, targets: np.ndarray) -> np.ndarray:
     is interpolated linearly between rings (0 where the image has no power).
     """
     images = np.asarray(images, np.float32)
-    k, n = images.shape[0], images.shape[-1]
+    n = images.shape[-1]
     fi = scipy.fft.rfft2(images, workers=WORKERS)
     ft = scipy.fft.rfft2(np.asarray(targets, np.float32), workers=WORKERS)
     radius = rfft_radius((n, n)) * n  # Fourier pixels
-    rings = np.minimum(np.rint(radius).astype(np.int64), n // 2).ravel()
-    nring = n // 2 + 1
-    counts = np.maximum(np.bincount(rings, minlength=nring), 1)
-    p_img = ring_sum(np.abs(fi.reshape(k, -1)) ** 2, rings, nring) / counts
-    p_tgt = ring_sum(np.abs(ft.reshape(k, -1)) ** 2, rings, nring) / counts
+    p_img = ring_mean(np.abs(fi) ** 2)
+    p_tgt = ring_mean(np.abs(ft) ** 2)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(p_img > 0, np.sqrt(p_tgt / p_img), 0.0)
     r = np.minimum(radius.ravel(), n // 2)

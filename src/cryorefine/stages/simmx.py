@@ -21,7 +21,7 @@ from cryorefine.align.compare import load_mask, pair_context
 from cryorefine.align.engine import align_pairs
 from cryorefine.align.rotational import footprints, spectra
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import WORKERS, rfft_shell_index, ring_sum
+from cryorefine.fourier.fft import WORKERS, ring_mean
 from cryorefine.fourier.filters import match_power_spectrum
 from cryorefine.io.atomic import atomic_output
 from cryorefine.io.stacks import ParticleStack
@@ -66,14 +66,6 @@ class Simmx:
         return cls(z(), z(), z(), z(), z(), np.ones((n_p, nc), np.float32))
 
 
-def _ring_mean(power: np.ndarray, box: int) -> np.ndarray:
-    """Ring means ``(k, box // 2)`` of per-coefficient values ``(k, box, box // 2 + 1)``."""
-    rings = np.minimum(rfft_shell_index((box, box)).ravel(), box // 2)
-    counts = np.maximum(np.bincount(rings, minlength=box // 2 + 1), 1)
-    k = len(power)
-    return (ring_sum(power.reshape(k, -1), rings, box // 2 + 1) / counts)[:, : box // 2]
-
-
 def signal_power(refs: np.ndarray) -> np.ndarray:
     """The references' mean power per Fourier ring ``(n // 2,)``, scaled to a maximum of
     1 over rings 1 and up: the shape of the signal's spectrum for :func:`ctf_snr`."""
@@ -81,7 +73,7 @@ def signal_power(refs: np.ndarray) -> np.ndarray:
     total = np.zeros(box // 2)
     for s0 in range(0, len(refs), 256):
         ft = scipy.fft.rfft2(refs[s0 : s0 + 256].astype(np.float32), workers=WORKERS)
-        total += _ring_mean((ft.real**2 + ft.imag**2).astype(np.float64), box).sum(axis=0)
+        total += ring_mean(ft.real**2 + ft.imag**2)[:, : box // 2].sum(axis=0)
     peak = total[1:].max() if box >= 4 else 0.0
     return total / peak if peak > 0 else np.ones(box // 2)
 
@@ -106,7 +98,7 @@ def ctf_snr(
     if not ctf.known.all():
         return None
     c2 = ctf.evaluate(box, apix).astype(np.float64) ** 2
-    snr = _ring_mean(c2, box)
+    snr = ring_mean(c2)[:, : box // 2]
     if signal is not None:
         snr *= signal[None, : box // 2]
     # rings without signal (a hard low-pass of the map) stay just above 0: the
