@@ -78,20 +78,29 @@ def test_quarter_turns_and_turned_sums_match_direct_computation(n):
 @pytest.mark.parametrize("n", [16, 15])
 def test_materialised_candidates_match_the_transforms(n):
     """The engine's one-pass candidate images equal rotate180, shift_integer and
-    mirror_x applied in turn (every combination of turn, shift and mirror)."""
+    mirror_x applied in turn (every combination of turn, shift and mirror), beside the
+    images they are compared with; with zeromask both are zeroed wherever either is 0."""
+    from cryorefine.align.compare import _zeromask
     from cryorefine.align.engine import _materialised
 
     rng = np.random.default_rng(5)
     bank = rng.standard_normal((3, n, n)).astype(np.float32)
+    others = rng.standard_normal((4, n, n)).astype(np.float32)
+    others[0, :, 5:8] = 0.0
     k = 40
     idx, turned, mirror = rng.integers(0, 3, k), rng.integers(0, 2, k), rng.integers(0, 2, k)
     dx, dy = rng.integers(-4, 5, k), rng.integers(-4, 5, k)
-    got = _materialised(bank, idx, turned, dx, dy, mirror).copy()
+    o_i = rng.integers(0, 4, k)
+    got, other = (a.copy() for a in _materialised(bank, idx, turned, dx, dy, mirror, others, o_i))
     want = bank[idx]
     want[turned == 1] = t2d.rotate180(want[turned == 1])
     want = t2d.shift_integer(want, dx, dy)
     want[mirror == 1] = t2d.mirror_x(want[mirror == 1])
-    assert np.array_equal(got, want)
+    assert np.array_equal(got, want) and np.array_equal(other, others[o_i])
+    masked = _materialised(bank, idx, turned, dx, dy, mirror, others, o_i, zeromask=True)
+    expected = _zeromask(want, others[o_i])
+    assert all(np.array_equal(g, e) for g, e in zip(masked, expected, strict=True))
+    assert (masked[0] == 0).sum() > (want == 0).sum()  # the zero columns of others[0] count
 
 
 def test_polar_sizes_follow_eman2():

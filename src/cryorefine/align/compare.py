@@ -21,7 +21,7 @@ from numba import njit, prange
 
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fft import WORKERS, rfft_shell_index
-from cryorefine.registry import COMPARATORS, Param
+from cryorefine.registry import COMPARATORS, Modifier, Param
 
 FLT_MAX = float(np.finfo(np.float32).max)
 FLT_MIN = float(np.finfo(np.float32).tiny)
@@ -175,6 +175,16 @@ def _zeromask(a, b):
         out_b.reshape(len(b), -1),
     )
     return out_a, out_b
+
+
+def premasked(cmp):
+    """``(zeromask, comparator)``: for a comparator whose ``zeromask`` zeroes both images
+    wherever either is 0 and then compares them as they are (``frc``, ``phase``),
+    ``(True, the same comparator without it)``, so that a caller can apply the mask
+    while it builds the images; otherwise ``(False, cmp)``."""
+    if cmp.name in ("frc", "phase") and cmp.params.get("zeromask"):
+        return True, Modifier(cmp.entry, {**cmp.params, "zeromask": False})
+    return False, cmp
 
 
 @njit(cache=True, parallel=True)

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
-from numba import njit, prange
+from numba import njit, prange, uint64
 
 from cryorefine.align.align2d import default_maxshift
-from cryorefine.align.compare import FLT_MIN, pair_context
+from cryorefine.align.compare import FLT_MIN, pair_context, premasked
 from cryorefine.align.rotational import (
     best_rotations,
     footprints,
@@ -1016,67 +1016,115 @@ def _turned_line_sums(images: np.ndarray, base: np.ndarray, out: np.ndarray) -> 
 
 
 @njit(cache=True, parallel=True)
-def _aligned_images(bank, idx, turned, dx, dy, mirror, out):
+def _aligned_pairs(bank, idx, turned, dx, dy, mirror, others, o_i, zeromask, out, out_other):
     """``out[i]``: bank image ``idx[i]``, turned by 180 degrees about the centre if
     ``turned[i]`` (as :func:`rotate180`), shifted by whole pixels ``(dx, dy)`` with zero
     fill (as :func:`shift_integer`), then mirrored in x if ``mirror[i]`` (as
-    :func:`mirror_x`): the candidate images, materialised in one pass."""
+    :func:`mirror_x`): the candidate images, materialised in one pass, each beside the
+    image it is compared with, ``out_other[i] = others[o_i[i]]``. ``zeromask``: both
+    zeroed wherever either is 0."""
     n = bank.shape[-1]
     c2 = 2 * (n // 2)
     for i in prange(idx.shape[0]):
         img = bank[idx[i]]
+        other = others[o_i[i]]
         o = out[i]
+        g = out_other[i]
         mi = mirror[i] != 0
         tu = turned[i] != 0
         ddx = dx[i]
         ddy = dy[i]
-        for y in range(n):
+        # columns with a source: xm (x after the mirror) in [lo, hi); the source
+        # column is base + step * x
+        lo = max(0, ddx + (c2 - n + 1 if tu else 0))
+        hi = min(n, n + ddx)
+        if mi:
+            lo = max(lo, c2 - n + 1)
+            x0, x1 = c2 - hi + 1, c2 - lo + 1
+        else:
+            x0, x1 = lo, hi
+        x1 = max(x0, x1)
+        step = -1 if mi != tu else 1
+        base = (c2 if mi != tu else 0) + (ddx if tu else -ddx)
+        for y in range(n):  # 2D indexing: views of rows would cost more than the copy
             sy = y - ddy
             ty = c2 - sy if tu else sy
-            if sy < 0 or sy >= n or ty >= n:
-                o[y, :] = 0.0
-                continue
-            src = img[ty]
-            for x in range(n):  # branch-free: the source column is linear in x
-                xm = c2 - x if mi else x
-                sx = xm - ddx
-                tx = c2 - sx if tu else sx
-                ok = (xm < n) & (sx >= 0) & (sx < n) & (tx < n)
-                o[y, x] = src[tx if ok else 0] if ok else 0.0
+            a, b = (x0, x1) if 0 <= sy < n and ty < n else (n, n)
+            for x in range(a):
+                o[y, x] = 0.0
+            # a constant step and unsigned source indices (no negative-index
+            # wrap-around to handle), so that the copies vectorise
+            if step == 1:
+                for x in range(a, b):
+                    o[y, x] = img[ty, uint64(base + x)]
+            else:
+                for x in range(a, b):
+                    o[y, x] = img[ty, uint64(base - x)]
+            for x in range(b, n):
+                o[y, x] = 0.0
+            if zeromask:
+                for x in range(n):
+                    v = o[y, x]
+                    u = other[y, x]
+                    keep = (v != 0) & (u != 0)
+                    o[y, x] = v if keep else 0.0
+                    g[y, x] = u if keep else 0.0
+            else:
+                for x in range(n):
+                    g[y, x] = other[y, x]
 
 
-def _materialised(bank, idx, turned, dx, dy, mirror) -> np.ndarray:
+def _materialised(bank, idx, turned, dx, dy, mirror, others, o_i, zeromask=False):
+    """The candidate images of :func:`_aligned_pairs` and the images they are compared
+    with, ``others[o_i]`` (float32 scratch memory, valid until the next call)."""
     k = len(idx)
     n = bank.shape[-1]
     out = _scratch("aligned", k * n * n).reshape(k, n, n)
+    out_other = _scratch("other", k * n * n).reshape(k, n, n)
     args = (np.asarray(a, np.int64) for a in (idx, turned, dx, dy, mirror))
-    _aligned_images(bank, *args, out)
-    return out
+    others = np.ascontiguousarray(others, np.float32)
+    _aligned_pairs(bank, *args, others, np.asarray(o_i, np.int64), zeromask, out, out_other)
+    return out, out_other
 
 
 def _generic_final(bank, bank_idx, h, bx, by, mirror, particles, p_i, final, ctx, batch):
     """``final(particle, aligned reference)`` on materialised images."""
     res = np.empty(len(p_i))
+    zeromask, final = premasked(final)
     for s0 in range(0, len(p_i), batch):
         sl = slice(s0, s0 + batch)
-        img = _materialised(bank, bank_idx[sl], h[sl], -bx[sl], -by[sl], mirror[sl])
+        img, ptcl = _materialised(
+            bank, bank_idx[sl], h[sl], -bx[sl], -by[sl], mirror[sl], particles, p_i[sl], zeromask
+        )
         sub = pair_context(ctx, p_i[sl])
-        res[sl] = np.asarray(final(particles[p_i[sl]], img, **sub), np.float64)
+        res[sl] = np.asarray(final(ptcl, img, **sub), np.float64)
     return res
 
 
 def _generic_scores(bank, tgt, ang, p_i, slot, xs, px, py, cmp, ctx, batch):
     """Candidate scores with any comparator, on materialised candidate images."""
-    k, ncand = px.shape
     score = np.empty(px.shape)
     i_i, q_i = (a.ravel() for a in np.indices(px.shape))
     m_i, h_i = q_i // 2, q_i % 2
     b_i = slot[i_i] * xs + ang[m_i, i_i]
     pp = p_i[i_i]
+    t_i = m_i * tgt.shape[1] + pp  # target m of particle pp
+    targets = tgt.reshape(-1, *tgt.shape[2:])
+    zeromask, cmp = premasked(cmp)
+    no = np.zeros(len(i_i), np.int64)
     for s0 in range(0, len(i_i), batch):
         sl = slice(s0, s0 + batch)
-        no = np.zeros(len(b_i[sl]), np.int64)
-        cand = _materialised(bank, b_i[sl], h_i[sl], -px.ravel()[sl], -py.ravel()[sl], no)
+        cand, t = _materialised(
+            bank,
+            b_i[sl],
+            h_i[sl],
+            -px.ravel()[sl],
+            -py.ravel()[sl],
+            no[sl],
+            targets,
+            t_i[sl],
+            zeromask,
+        )
         sub = pair_context(ctx, pp[sl])
-        score.reshape(-1)[sl] = np.asarray(cmp(cand, tgt[m_i[sl], pp[sl]], **sub), np.float64)
+        score.reshape(-1)[sl] = np.asarray(cmp(cand, t, **sub), np.float64)
     return score

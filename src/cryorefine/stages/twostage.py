@@ -28,7 +28,7 @@ STAGE1_MAXSHIFT = 0
 
 
 def centres_and_members(
-    rows: Callable[[np.ndarray], np.ndarray], nc: int, *, batch: int = 4
+    rows: Callable[[np.ndarray], np.ndarray], nc: int, *, batch: int = 2
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Farthest-point centres and their member lists.
 
