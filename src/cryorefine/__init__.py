@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from importlib.metadata import PackageNotFoundError, version
 
-# The compiled kernels' OpenMP threads would otherwise spin for a while after each
-# parallel region, taking the cores from scipy.fft's threads that run between the
-# kernels (10-15% of a simmx run). Set before numba starts its threads; a value the
-# user gives wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The compiled kernels' OpenMP (libgomp) threads would otherwise spin for up to
+# ~300,000 rounds after each parallel region, taking the cores from scipy.fft's threads
+# that run between the kernels (10-20% of a simmx run with an FFT comparator); a tenth
+# of that still keeps them awake between the short kernels of a single-pair alignment.
+# Set before numba starts its threads; a setting the user gives wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 from cryorefine.errors import CryorefineError, CryorefineWarning
 
