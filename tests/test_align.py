@@ -50,6 +50,22 @@ def test_rotation_moves_content_as_specified():
     assert np.allclose(back, image, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [16, 15])
+def test_rotate_stack_equals_the_per_image_rotation(n):
+    """The bank's stack rotation gives exactly apply_transform's pixels, all rows or
+    the first rows only (the others untouched)."""
+    rng = np.random.default_rng(4)
+    images = rng.standard_normal((5, n, n)).astype(np.float32)
+    alpha = rng.uniform(0, 360, 3)
+    out = np.full((5, 3, n, n), 7.0, np.float32)
+    t2d.rotate_stack(images, alpha, out)
+    direct = t2d.apply_transform(images, np.tile(alpha, 5), 0, 0, 0, source=np.repeat(range(5), 3))
+    assert np.array_equal(out, direct.reshape(out.shape))
+    part = np.full((5, 3, n, n), 7.0, np.float32)
+    t2d.rotate_stack(images, alpha, part, rows=2)
+    assert np.array_equal(part[:, :, :2], out[:, :, :2]) and (part[:, :, 2:] == 7.0).all()
+
+
 @pytest.mark.parametrize("n", [64, 57])
 def test_quarter_turns_and_turned_sums_match_direct_computation(n):
     """The bank's shortcuts: rotations from 90 degrees on made as quarter turns equal

@@ -47,13 +47,7 @@ from cryorefine.align.rotational import (
     polar_size,
     spectra,
 )
-from cryorefine.align.transform2d import (
-    apply_transform,
-    fix_row0,
-    mirror_x,
-    rotate180,
-    rotate_quarter,
-)
+from cryorefine.align.transform2d import mirror_x, rotate180, rotate_quarter, rotate_stack
 from cryorefine.fourier.fft import WORKERS
 
 FUSED = {"ccc", "dot", "sqeuclidean"}
@@ -823,19 +817,11 @@ def _bank(
     half = xs // 2
     angles = np.arange(xs) * (180.0 / xs)
     per_ref = bank.images.reshape(len(which), xs, n, n)
-    apply_transform(
-        refs,
-        np.tile(angles[:half], len(which)),
-        0.0,
-        0.0,
-        False,
-        source=np.repeat(which, half),
-        out=bank.images,
-        dest=(np.arange(len(which))[:, None] * xs + np.arange(half)[None, :]).ravel(),
-    )
+    chunk = refs[which]
+    rotate_stack(chunk, angles[:half], per_ref[:, :half])
     rotate_quarter(per_ref[:, :half], out=per_ref[:, half:])
-    turned = (np.arange(len(which))[:, None] * xs + np.arange(half, xs)[None, :]).ravel()
-    fix_row0(refs, np.tile(angles[half:], len(which)), np.repeat(which, half), bank.images, turned)
+    if n % 2 == 0:  # row 0 of a quarter turn has no source: resampled
+        rotate_stack(chunk, angles[half:], per_ref[:, half:], rows=1)
     _line_sums(bank.images, bank.sums[:nb])
     _turned_line_sums(bank.images, bank.sums[:nb], bank.sums[nb:])
     if not fourier:

@@ -135,6 +135,56 @@ def apply_transform(
     return out
 
 
+def rotate_stack(images: np.ndarray, alpha, out: np.ndarray, rows: int | None = None) -> None:
+    """``out[r, j] = apply_transform(images[r], alpha[j], 0, 0, 0)`` for every image
+    ``r`` and angle ``j`` (rows ``0 .. rows - 1`` only; all by default), as one pass
+    that computes each angle's source positions once for the whole stack and runs the
+    compiled loop along the stack. ``out`` ``(k, len(alpha), n, n)`` float32 (any
+    strides)."""
+    k, n = len(images), images.shape[-1]
+    if out.shape != (k, len(np.atleast_1d(alpha)), n, n) or out.dtype != np.float32:
+        raise ValueError(f"rotate_stack: out must be float32 {(k, len(alpha), n, n)}")
+    by_pixel = np.ascontiguousarray(np.asarray(images, np.float32).reshape(k, n * n).T)
+    inv = np.ascontiguousarray(inverse_matrices(alpha, 0.0, 0.0, False))
+    _rotate_stack(by_pixel, inv, out, n if rows is None else rows)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _rotate_stack(by_pixel, inv, out, rows):
+    """:func:`_apply`'s resampling with the stack on the inner axis: ``by_pixel``
+    ``(n * n, k)`` (pixel-major images), one task per output angle and row."""
+    k = by_pixel.shape[1]
+    n = out.shape[-1]
+    c = n // 2
+    for t in prange(inv.shape[0] * rows):
+        j = t // rows
+        y = t % rows
+        a = inv[j]
+        py = y - c
+        tile = np.empty((n, k), np.float32)
+        for x in range(n):
+            px = x - c
+            sx = a[0, 0] * px + a[0, 1] * py + a[0, 2] + c
+            sy = a[1, 0] * px + a[1, 1] * py + a[1, 2] + c
+            if sx < 0.0 or sy < 0.0 or sx > n - 1 or sy > n - 1:
+                tile[x, :] = 0.0
+                continue
+            x0 = min(int(sx), n - 2)
+            y0 = min(int(sy), n - 2)
+            fx = sx - x0
+            fy = sy - y0
+            i = y0 * n + x0
+            v00, v01 = by_pixel[i], by_pixel[i + 1]
+            v10, v11 = by_pixel[i + n], by_pixel[i + n + 1]
+            for r in range(k):
+                tile[x, r] = (1.0 - fy) * ((1.0 - fx) * v00[r] + fx * v01[r]) + fy * (
+                    (1.0 - fx) * v10[r] + fx * v11[r]
+                )
+        for r in range(k):
+            for x in range(n):
+                out[r, j, y, x] = tile[x, r]
+
+
 def mirror_x(images: np.ndarray) -> np.ndarray:
     """Mirror x about the centre column ``n // 2``; for even ``n`` column 0 has no
     partner and becomes 0 (as EMAN2)."""
