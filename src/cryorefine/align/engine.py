@@ -54,8 +54,11 @@ FUSED = {"ccc", "dot", "sqeuclidean"}
 #: memory for one chunk of the reference bank (xs rotated images per reference, each
 #: with its transform and line sums): the number of references per chunk follows from it
 BANK_BYTES = 256 * 2**20
-#: pairs per batch where candidate images are materialised (any other comparator)
-IMAGE_BATCH = 256
+#: memory for one batch of candidate images materialised for a comparator scored on
+#: images (and as much again for the images they are compared with): 1,024 pairs of
+#: 64-px images. Large enough that the threads' hand-over between the compiled
+#: kernels and the FFTs costs little, small enough to stay in cache.
+IMAGE_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -496,7 +499,7 @@ def align_pairs(
     subpixel: bool = False,
     ctx: dict | None = None,
     ref_chunk: int = 64,
-    batch: int = IMAGE_BATCH,
+    batch: int | None = None,
     ref_spectra: np.ndarray | None = None,
     bank_cache: dict | None = None,
     targets: dict | None = None,
@@ -513,11 +516,13 @@ def align_pairs(
     caller across calls with the same ``refs`` and ``ref_chunk``) keeps the rotated
     references; ``targets`` (a dict kept by the caller across calls with the same
     ``particles``, ``flip`` and ``maxshift``) keeps what is computed from the particles.
-    Returns one value per pair.
+    ``batch``: pairs whose images are materialised at a time for a comparator scored
+    on images (default: :data:`IMAGE_BYTES` of them). Returns one value per pair.
     """
     refs = np.ascontiguousarray(refs, np.float32)
     particles = np.ascontiguousarray(particles, np.float32)
     nc, n = len(refs), refs.shape[-1]
+    batch = batch or max(16, IMAGE_BYTES // (4 * n * n))
     n_p = len(particles)
     p_idx = np.asarray(p_idx, np.int64)
     c_idx = np.asarray(c_idx, np.int64)
