@@ -259,6 +259,7 @@ def test_translational_cannot_reach_beyond_maxshift(projections):
         ("sqeuclidean:normto=1", "frc:maxres=0", 57, 5),
         ("sqeuclidean:normto=1", "sqeuclidean", 64, 0),
         ("ccc", "ccc", 57, 0),
+        ("frc:zeromask=1:maxres=0", "phase:zeromask=1:maxres=0", 64, 3),
     ],
 )
 def test_engine_reproduces_the_per_pair_aligner(projections, aligncmp, final, box, ms):
