@@ -68,8 +68,8 @@ def compose(first, second) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _apply(images, src, inv, out, dst, rows):
-    """Bilinear resampling of output rows ``0 .. rows - 1``: ``out[dst[i]]`` is image
+def _apply(images, src, inv, out, rows):
+    """Bilinear resampling of output rows ``0 .. rows - 1``: ``out[i]`` is image
     ``src[i]`` under inverse matrix ``inv[i]``."""
     k = src.shape[0]
     n = images.shape[-1]
@@ -77,7 +77,7 @@ def _apply(images, src, inv, out, dst, rows):
     for i in prange(k):
         a = inv[i]
         img = images[src[i]]
-        o = out[dst[i]]
+        o = out[i]
         for y in range(rows):
             py = y - c
             for x in range(n):
@@ -105,15 +105,13 @@ def apply_transform(
     *,
     source=None,
     out: np.ndarray | None = None,
-    dest=None,
 ) -> np.ndarray:
     """Transform each image ``(k, n, n)`` by its own ``(alpha, tx, ty, mirror)``.
 
     Bilinear; pixels whose source falls outside the box are 0. Returns float32.
     ``source`` (optional, ``(m,)`` indices into ``images``): output ``i`` is image
     ``source[i]`` transformed by transform ``i`` (no copies of repeated images).
-    ``out``: a float32 C-contiguous array to fill instead of a new one; ``dest``
-    (with ``out``, ``(m,)`` indices into it): where output ``i`` goes.
+    ``out``: a float32 C-contiguous array to fill instead of a new one.
     """
     images = np.ascontiguousarray(images, dtype=np.float32)
     if images.ndim == 2:
@@ -125,13 +123,8 @@ def apply_transform(
     inv = inverse_matrices(alpha, tx, ty, mirror)
     inv = np.ascontiguousarray(np.broadcast_to(inv, (k, 3, 3)))
     if out is None:
-        if dest is not None:
-            raise ValueError("apply_transform: dest needs out")
         out = np.empty((k,) + images.shape[1:], np.float32)
-    dst = np.arange(k) if dest is None else np.asarray(dest, np.int64)
-    if dst.shape != (k,) or (k and not 0 <= dst.min() <= dst.max() < len(out)):
-        raise ValueError("apply_transform: dest must index out, one entry per output")
-    _apply(images, src, inv, out, dst, images.shape[-1])
+    _apply(images, src, inv, out, images.shape[-1])
     return out
 
 
@@ -264,7 +257,7 @@ def fix_row0(images, alpha, src, out, idx) -> None:
         return
     inv = np.ascontiguousarray(inverse_matrices(alpha, 0.0, 0.0, False))
     row = np.empty((len(idx), 1, n), np.float32)
-    _apply(images, np.asarray(src, np.int64), inv, row, np.arange(len(idx)), 1)
+    _apply(images, np.asarray(src, np.int64), inv, row, 1)
     out[idx, 0, :] = row[:, 0, :]
 
 
