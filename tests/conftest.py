@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cryorefine
 from cryorefine.cli import main
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -18,11 +19,22 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
 
-@pytest.fixture
+#: the demo map shipped inside the package (the same file as ../shared/data/rnapol2_64.mrc)
+PACKAGE_MAP = Path(cryorefine.__file__).parent / "data" / "rnapol2_64.mrc"
+
+
+@pytest.fixture(scope="session")
 def rnapol2_64() -> Path:
-    path = SHARED_DATA / "rnapol2_64.mrc"
+    """RNA polymerase II, 64^3 at 3.0 Å/px: the map shipped with the package."""
+    return PACKAGE_MAP
+
+
+@pytest.fixture(scope="session")
+def rnapol2_128() -> Path:
+    """RNA polymerase II, 128^3 at 1.5 Å/px, from ../shared/data (slow tests only)."""
+    path = SHARED_DATA / "rnapol2_128.mrc"
     if not path.is_file():
-        pytest.skip(f"test map {path} not present")
+        pytest.skip(f"test map {path} not present (it lives in ../shared/data beside the clone)")
     return path
 
 
@@ -34,10 +46,7 @@ def projections_d15() -> np.ndarray:
     from cryorefine.fourier.project import project
     from cryorefine.geometry.orientations import orientations
 
-    path = SHARED_DATA / "rnapol2_64.mrc"
-    if not path.is_file():
-        pytest.skip(f"test map {path} not present")
-    return project(mrcfile.read(path), orientations("eman:delta=15:perturb=0", "c1"))
+    return project(mrcfile.read(PACKAGE_MAP), orientations("eman:delta=15:perturb=0", "c1"))
 
 
 def angle_diff(a, b) -> np.ndarray:

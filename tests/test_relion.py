@@ -208,13 +208,9 @@ def assert_no_worse_up_to_0143(ours: np.ndarray, theirs: np.ndarray) -> None:
     assert (ours[shells] >= theirs[shells] - 0.03).all(), np.c_[ours, theirs][shells]
 
 
-def test_reconstruction_matches_relion_reconstruct_at_1_5_angstrom(in_tmp):
-    from .conftest import SHARED_DATA
-
-    model = SHARED_DATA / "rnapol2_128.mrc"
-    if not model.is_file():
-        pytest.skip(f"{model} not present")
-    ours, theirs = compare_with_relion_reconstruct(model, shifts_px=3.0)
+@pytest.mark.slow
+def test_reconstruction_matches_relion_reconstruct_at_1_5_angstrom(in_tmp, rnapol2_128):
+    ours, theirs = compare_with_relion_reconstruct(rnapol2_128, shifts_px=3.0)
     assert_no_worse_up_to_0143(ours, theirs)
     assert ours[1:40].mean() > theirs[1:40].mean()  # and better at low/mid resolution
 
