@@ -32,17 +32,16 @@ import numpy as np
 
 from cryorefine.align.align2d import rotate_translate_flip
 from cryorefine.align.rotational import polar_size
+from cryorefine.cli import set_thread_spin
+from cryorefine.config import SimmxConfig
 from cryorefine.fourier.project import project
-from cryorefine.geometry.euler import particle_from_alignment
 from cryorefine.geometry.orientations import orientations
-from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.maps import read_map
 from cryorefine.registry import COMPARATORS
 from cryorefine.stages.classify import classify
-from cryorefine.stages.simmx import SimmxConfig, ctf_snr, signal_power, simmx
-from cryorefine.testing import simulate_particles
-
-DEFAULT_MAP = Path(__file__).resolve().parents[2] / "shared" / "data" / "rnapol2_64.mrc"
+from cryorefine.stages.simmx import ctf_snr, fill_uncomputed, score_pairs, signal_power
+from cryorefine.stages.twostage import twostage_pairs
+from cryorefine.testing import assignment_errors, demo_map, simulate_particles
 
 
 def fft_flops(npix: int) -> float:
@@ -74,15 +73,9 @@ def per_pair_flops(n: int) -> float:
     )
 
 
-def accuracy(sim, refs_rot, meta, apix, delta) -> float:
-    cm = classify(sim)
-    c = cm.cls[:, 0].astype(int)
-    rot, shift = particle_from_alignment(
-        refs_rot[c], cm.dalpha[:, 0], cm.dx[:, 0], cm.dy[:, 0], cm.flip[:, 0] > 0.5
-    )
-    ang = symmetry_group("c1").angle_between(rot, meta.rotations)
-    err = np.linalg.norm(shift - meta.shift_a / apix, axis=1)
-    return float(np.mean((ang <= 2 * delta) & (err <= 1.0)))
+def accuracy(sim, refs_rot, meta, delta) -> float:
+    angle_deg, shift_px = assignment_errors(classify(sim), refs_rot, meta)
+    return float(np.mean((angle_deg <= 2 * delta) & (shift_px <= 1.0)))
 
 
 def main() -> None:
@@ -90,10 +83,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--maxshift", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=300, help="pairs timed per pair")
-    parser.add_argument("--map", type=Path, default=DEFAULT_MAP)
+    parser.add_argument("--map", type=Path, help="a 3D map (default: the bundled rnapol2_64)")
     parser.add_argument("--cmp", default="ccc", help="final comparator (e2simmx --cmp)")
     args = parser.parse_args()
-    truth = read_map(args.map)
+    set_thread_spin()
+    truth = read_map(args.map) if args.map else demo_map()
     n, apix, delta = truth.box, truth.apix, 5.0
     stack = simulate_particles(
         truth.data, args.n, apix=apix, snr=0.1, rng=np.random.default_rng(2), max_shift_a=3 * apix
@@ -101,7 +95,7 @@ def main() -> None:
     particles, meta = stack.read(), stack.meta
     rots = orientations(f"eman:delta={delta:g}", "c1", rng=np.random.default_rng(3))
     refs = project(truth.data, rots)
-    snr = ctf_snr(stack, np.arange(args.n), n, apix, signal_power(refs))
+    snr = ctf_snr(meta, np.arange(args.n), n, apix, signal_power(refs))
     npairs = len(particles) * len(refs)
     print(
         f"{args.n} particles x {len(refs)} projections of {n} px, {os.cpu_count()} cores, "
@@ -109,15 +103,15 @@ def main() -> None:
     )
     align = f"rotate_translate_flip:maxshift={args.maxshift}:subpixel=1"
     cfg = SimmxConfig(align=align, aligncmp="ccc", cmp=args.cmp)
-    simmx(refs[:8], particles[:4], cfg, apix=apix, snr=snr[:4])  # compile
+    score_pairs(refs[:8], particles[:4], cfg, apix=apix, snr=snr[:4])  # compile
     t0 = time.perf_counter()
-    one = simmx(refs, particles, cfg, apix=apix, snr=snr)
+    one = score_pairs(refs, particles, cfg, apix=apix, snr=snr)
     t_one = time.perf_counter() - t0
     flops = engine_flops_per_pair(n, args.maxshift) * npairs
     print(
         f"one stage : {t_one:6.1f} s, {npairs / t_one:9.0f} pairs/s, "
         f"{flops / t_one / 1e9:5.1f} GFLOP/s counted, "
-        f"assignment {100 * accuracy(one, rots, meta, apix, delta):.1f}%"
+        f"assignment {100 * accuracy(one, rots, meta, delta):.1f}%"
     )
     rng = np.random.default_rng(0)
     p_i = rng.integers(0, len(particles), args.pairs)
@@ -137,24 +131,23 @@ def main() -> None:
         f"whole matrix {t_pair * npairs:.0f} s (extrapolated from {args.pairs} pairs)"
     )
     two_cfg = replace(cfg, twostage=2)
-    from cryorefine.stages.simmx import fill_uncomputed
-    from cryorefine.stages.twostage import twostage_pairs
-
-    small_plan = twostage_pairs(refs[:40], two_cfg, apix)  # compile, as for the one stage
+    small_plan = twostage_pairs(
+        refs[:40], two_cfg, apix, score_pairs
+    )  # compile, as for the one stage
     pairs = small_plan(particles[:4], snr[:4])
-    simmx(refs[:40], particles[:4], two_cfg, apix=apix, snr=snr[:4], pairs=pairs)
+    score_pairs(refs[:40], particles[:4], two_cfg, apix=apix, snr=snr[:4], pairs=pairs)
     t0 = time.perf_counter()
-    plan = twostage_pairs(refs, two_cfg, apix)
+    plan = twostage_pairs(refs, two_cfg, apix, score_pairs)
     t1 = time.perf_counter()
     pairs = plan(particles, snr)
     t2 = time.perf_counter()
-    two = simmx(refs, particles, two_cfg, apix=apix, snr=snr, pairs=pairs)
+    two = score_pairs(refs, particles, two_cfg, apix=apix, snr=snr, pairs=pairs)
     fill_uncomputed(two)
     t_two = time.perf_counter() - t0
     print(
         f"two stage : {t_two:6.1f} s ({t_one / t_two:.1f}x faster, "
         f"{len(pairs[0]) / args.n:.0f} full comparisons per particle), "
-        f"assignment {100 * accuracy(two, rots, meta, apix, delta):.1f}%\n"
+        f"assignment {100 * accuracy(two, rots, meta, delta):.1f}%\n"
         f"            stage 1 (projections only) {t1 - t0:.1f} s, stage 2 {t2 - t1:.1f} s, "
         f"stage 3 {t0 + t_two - t2:.1f} s"
     )

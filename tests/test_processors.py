@@ -7,6 +7,7 @@ from scipy import ndimage
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.filters import radial_power
 from cryorefine.processors import apply_processor
+from cryorefine.processors import apply_processor as processors_apply
 from cryorefine.processors.mask import centred_radius
 from cryorefine.testing import solid_sphere
 
@@ -172,7 +173,12 @@ def test_sharp_and_soft_masks():
 
 
 def test_setsf_imposes_a_map_spectrum(tmp_path, rng):
+    from cryorefine.config import parse_option
     from cryorefine.io.maps import Map, write_map
+    from cryorefine.registry import PROCESSORS
+
+    def apply_processor(text, data, *, ndim, apix):  # the option's file read once, here
+        return parse_option(PROCESSORS, text, option="--process")(data, ndim=ndim, apix=apix)
 
     n, apix = 32, 2.0
     target = ndimage.gaussian_filter(rng.standard_normal((n, n, n)), 1.5).astype(np.float32)
@@ -197,3 +203,6 @@ def test_setsf_imposes_a_map_spectrum(tmp_path, rng):
     (tmp_path / "short.txt").write_text("0 1\n0.001 1\n")
     with pytest.raises(CryorefineError, match="needs >= 3 rows"):
         apply_processor(f"setsf:strucfac={tmp_path / 'short.txt'}", noise, ndim=3, apix=apix)
+    # below io, a file name is refused rather than opened
+    with pytest.raises(CryorefineError, match="is a file name"):
+        processors_apply(f"setsf:strucfac={tmp_path / 'sf.txt'}", noise, ndim=3, apix=apix)

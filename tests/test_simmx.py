@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mrcfile
@@ -10,13 +11,15 @@ import pytest
 
 from cryorefine.align import transform2d as t2d
 from cryorefine.align.rotational import angle_step
+from cryorefine.config import ClassifyConfig, SimmxConfig
+from cryorefine.errors import CryorefineError
 from cryorefine.fourier.project import project
 from cryorefine.geometry.orientations import orientations
 from cryorefine.stages.classify import classify, read_classmx
-from cryorefine.stages.simmx import WORST, Simmx, SimmxConfig, read_simmx, simmx
+from cryorefine.stages.simmx import WORST, Simmx, read_simmx, score_pairs, simmx
 from cryorefine.stages.twostage import N_BEST, twostage_pairs
 
-from .conftest import angle_diff
+from .conftest import PACKAGE_MAP, angle_diff
 
 
 @pytest.fixture(scope="module")
@@ -138,16 +141,19 @@ def test_classify_facts():
     sim = Simmx.empty(2, 4)
     sim.score[:] = score
     sim.dx[:] = np.arange(8).reshape(2, 4)
-    cm = classify(sim, sep=2)
+    cm = classify(sim, ClassifyConfig(sep=2))
     assert cm.cls[0].tolist() == [1, 2] and cm.weight[0].tolist() == [1, 1]
     assert cm.dx[0].tolist() == [1, 2]
     assert cm.cls[1, 0] == 1  # ties: the first minimum
     assert cm.cls.shape == (2, 2) and cm.scale.shape == (2, 2)
     members = cm.members(4)
     assert members[1].tolist() == [0, 1] and members[3].size == 0
-    with pytest.raises(Exception, match="--sep 5"):
-        classify(sim, sep=5)
-    assert classify(sim, simvec=True).cls.shape == (2, 1)
+    with pytest.raises(CryorefineError, match="--sep 5"):
+        classify(sim, ClassifyConfig(sep=5))
+    with pytest.raises(CryorefineError, match="--sep 0"):
+        ClassifyConfig(sep=0)
+    assert cm.cls.dtype == np.int64
+    assert classify(sim, ClassifyConfig(simvec=True)).cls.shape == (2, 1)
 
 
 def test_two_stage_layout(refs):
@@ -155,14 +161,12 @@ def test_two_stage_layout(refs):
     particle's computed cells are the members of its 4 best centres."""
     from cryorefine.align.transform2d import apply_transform
 
-    from .conftest import SHARED_DATA
-
     proj = project(
-        mrcfile.read(SHARED_DATA / "rnapol2_64.mrc"),
+        mrcfile.read(PACKAGE_MAP),
         orientations("eman:delta=5:perturb=0", "c1")[:100],
     )
     cfg = SimmxConfig(aligncmp="ccc", cmp="ccc", twostage=2)
-    plan = twostage_pairs(proj, cfg, 3.0)
+    plan = twostage_pairs(proj, cfg, 3.0, score_pairs)
     assert len(plan.centres) == 30 and len(set(plan.centres.tolist())) == 30
     counts = np.bincount(np.concatenate(plan.members), minlength=100)
     assert (counts == 2).all()
@@ -174,7 +178,7 @@ def test_two_stage_layout(refs):
         assert 1 <= len(cells) <= 2 * 100 // 30 * N_BEST + 20
     from cryorefine.stages.simmx import fill_uncomputed
 
-    sim = simmx(proj, x, cfg, apix=3.0, pairs=(p_idx, c_idx))
+    sim = score_pairs(proj, x, cfg, apix=3.0, pairs=(p_idx, c_idx))
     computed = np.zeros(sim.score.shape, bool)
     computed[p_idx, c_idx] = True
     fill_uncomputed(sim)
@@ -258,15 +262,15 @@ def test_snr_curves_for_snrweight(refs, rng):
     meta.ctf_curves[0], meta.ctf_curves[2] = (0.01, [], [4.0, 2.0, 1.0]), (0.5, [], [0.7])
     stack = ParticleStack.from_arrays(refs[:k], apix=apix, meta=meta)
     signal = signal_power(refs)
-    snr = ctf_snr(stack, np.arange(k), n, apix, signal)
+    snr = ctf_snr(stack.meta, np.arange(k), n, apix, signal)
     s = np.arange(n // 2) / (apix * n)
     assert np.allclose(snr[0], np.interp(s, [0, 0.01, 0.02], [4, 2, 1]))
     assert snr[0][-1] == 1.0 and np.allclose(snr[2], 0.7)
     alone = ParticleStack.from_arrays(refs[:1], apix=apix, meta=meta.take([1]))
-    assert np.allclose(snr[1], ctf_snr(alone, [0], n, apix)[0] * signal)
+    assert np.allclose(snr[1], ctf_snr(alone.meta, [0], n, apix)[0] * signal)
     cut = signal.copy()
     cut[n // 3 :] = 0.0  # a hard low-pass: no signal there, weights just above 0
-    low = ctf_snr(alone, [0], n, apix, cut)[0]
+    low = ctf_snr(alone.meta, [0], n, apix, cut)[0]
     assert np.all(low[n // 3 :] > 0) and low[n // 3 :].max() < 1e-9 < low[1]
     assert signal[1:].max() == 1.0 and signal[1] > 100 * signal[n // 3]  # falls with s
     noisy = refs[:k] + rng.standard_normal(refs[:k].shape).astype(np.float32)
@@ -294,3 +298,46 @@ def test_prefilt_matches_the_particle_power_spectrum(refs, rng):
     x = t2d.apply_transform(refs[[1, 5, 9]], 40.0, 2, -1, False)
     sim = simmx(refs[:12], x, SimmxConfig(aligncmp="ccc", cmp="ccc", prefilt=True), apix=3.0)
     assert np.argmin(sim.score, axis=1).tolist() == [1, 5, 9]
+
+
+@pytest.mark.parametrize("opts", [{"twostage": 2}, {"twostage": 2, "shrink": 2}, {"shrink": 2}])
+def test_array_simmx_gives_what_the_command_writes(refs, in_tmp, run_cli, opts):
+    """simmx(refs, particles, cfg) does the whole job of `cryorefine simmx`: the same
+    matrix, cell for cell, with --twostage and --shrink (and the SNR weights of
+    e2refine's default score, which need the particles' CTF)."""
+    from cryorefine.io.stacks import ParticleStack, write_stack
+    from cryorefine.testing import simulate_particles
+
+    rng = np.random.default_rng(8)
+    volume = mrcfile.read(PACKAGE_MAP)
+    sim = simulate_particles(volume, 12, apix=3.0, snr=0.5, rng=rng, max_shift_a=6.0)
+    write_stack(ParticleStack.from_arrays(refs, apix=3.0), "proj.mrcs")
+    write_stack(sim, "ptcl.star")
+    cfg = SimmxConfig(aligncmp="ccc", cmp="frc:zeromask=1:snrweight=1", **opts)
+    args = [f"--{k}={v}" for k, v in opts.items()]
+    code, _, err = run_cli(
+        "simmx", "proj.mrcs", "ptcl.star", "cli.h5", "--aligncmp", "ccc", "--cmp", cfg.cmp, *args
+    )
+    assert code == 0, err
+    written = read_simmx(in_tmp / "cli.h5")
+    ours = simmx(refs, sim.read(), cfg, apix=3.0, meta=sim.meta)
+    for name in ("score", "dx", "dy", "dalpha", "flip"):
+        assert np.array_equal(getattr(ours, name), getattr(written, name)), name
+    # and the two-stage search did restrict the search: most cells were filled in
+    if opts.get("twostage"):
+        assert np.mean(ours.score == ours.score.max(axis=1, keepdims=True)) > 0.3
+
+
+def test_config_refuses_what_the_command_line_refuses():
+    for kwargs, text in (
+        ({"shrink": 1}, "--shrink 1"),
+        ({"twostage": -1}, "--twostage -1"),
+        ({"chunk": 0}, "--chunk 0"),
+        ({"align": "nosuch"}, "unknown aligner 'nosuch'"),
+        ({"cmp": "frc:nokey=1"}, "unknown parameter 'nokey'"),
+        ({"cmp": "none"}, "--cmp: a comparator is required"),
+        ({"mask": "no_such_mask.mrc"}, "--mask"),
+    ):
+        with pytest.raises(CryorefineError, match=re.escape(text)):
+            SimmxConfig(**kwargs)
+    assert SimmxConfig(shrink=0).shrink is None  # 0 is e2refine's "off"

@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from importlib.metadata import PackageNotFoundError, version
-
-# The compiled kernels' OpenMP (libgomp) threads would otherwise spin for up to
-# ~300,000 rounds after each parallel region, taking the cores from scipy.fft's threads
-# that run between the kernels (10-20% of a simmx run with an FFT comparator); a tenth
-# of that still keeps them awake between the short kernels of a single-pair alignment.
-# Set before numba starts its threads; a setting the user gives wins.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 from cryorefine.errors import CryorefineError, CryorefineWarning
 

@@ -1,16 +1,48 @@
 """Run configurations: frozen dataclasses whose fields mirror the command-line options.
 
-Each validates itself in ``__post_init__`` so that bad options fail before any data
-is read.
+One config per stage (:class:`Project3dConfig`, :class:`SimmxConfig`,
+:class:`ClassifyConfig`, :class:`ClassaverageConfig`, :class:`Make3dConfig`) and
+:class:`RefineConfig`, which composes them. Each validates itself in
+``__post_init__``: every option string is parsed there, once, and files named inside
+option strings (masks, structure factors) are read there, once; the parsed objects are
+kept on the config (fields ending in ``_mod``/``_mods``, not compared or printed). The
+library therefore refuses exactly what the command line refuses, before any data is
+read, and no stage parses a string or opens an option's file per chunk.
+
+This module also imports every module that registers EMAN2 objects, so that code
+above it sees complete registries.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
+
+# modules that fill the registries when imported (config sits above all of them)
+from cryorefine import processors  # noqa: F401
+from cryorefine.align import align2d, compare  # noqa: F401
 from cryorefine.errors import CryorefineError
+from cryorefine.fourier import project, reconstruct  # noqa: F401
+from cryorefine.geometry import orientations  # noqa: F401
 from cryorefine.geometry.symmetry import symmetry_group
-from cryorefine.registry import PROCESSORS, RECONSTRUCTORS
+from cryorefine.io.modifiers import read_image, read_modifier_files
+from cryorefine.registry import (
+    ALIGNERS,
+    COMPARATORS,
+    ORIENTGENS,
+    PROCESSORS,
+    PROJECTORS,
+    RECONSTRUCTORS,
+    Modifier,
+    Registry,
+)
+
+
+def parse_option(registry: Registry, text: str | None, *, option: str) -> Modifier | None:
+    """Parse one modifier option and read the files it names; ``None`` for none/empty."""
+    return read_modifier_files(registry.parse(text, option=option), option=option)
 
 
 def automask_processor(values: str) -> str:
@@ -25,6 +57,187 @@ def automask_processor(values: str) -> str:
     return "mask.auto3d:" + ":".join(f"{k}={v}" for k, v in zip(keys, parts, strict=True))
 
 
+def _parsed() -> Any:
+    """A field filled in ``__post_init__`` with parsed options (not compared or shown)."""
+    return field(init=False, repr=False, compare=False, default=None)
+
+
+def _set(cfg: Any, name: str, value: Any) -> None:
+    object.__setattr__(cfg, name, value)
+
+
+def _processors(texts: tuple[str, ...], option: str) -> tuple[Modifier, ...]:
+    mods = (parse_option(PROCESSORS, t, option=option) for t in texts)
+    return tuple(m for m in mods if m is not None)
+
+
+@dataclass(frozen=True)
+class Project3dConfig:
+    """Options of ``project3d`` (EMAN2 e2project3d).
+
+    ``orientgen``: orientation generator over the asymmetric unit of ``sym``;
+    ``projector``: ``fourier`` or ``standard``; ``postprocess``: processors applied to
+    each projection; ``seed``: for ``perturb``/random generators.
+    """
+
+    orientgen: str = "eman:delta=5.0:inc_mirror=0:perturb=1"
+    sym: str = "c1"
+    projector: str = "fourier"
+    postprocess: tuple[str, ...] = ()
+    seed: int | None = None
+
+    orientgen_mod: Modifier = _parsed()
+    projector_mod: Modifier = _parsed()
+    postprocess_mods: tuple[Modifier, ...] = _parsed()
+
+    def __post_init__(self) -> None:
+        symmetry_group(self.sym)
+        gen = ORIENTGENS.parse(self.orientgen, option="--orientgen")
+        if gen is None:
+            raise CryorefineError("--orientgen: an orientation generator is required")
+        proj = PROJECTORS.parse(self.projector, option="--projector")
+        if proj is None:
+            raise CryorefineError("--projector: a projector is required")
+        _set(self, "orientgen_mod", gen)
+        _set(self, "projector_mod", proj)
+        _set(self, "postprocess_mods", _processors(self.postprocess, "--postprocess"))
+
+
+@dataclass(frozen=True)
+class SimmxConfig:
+    """Options of ``simmx`` (EMAN2 e2simmx / e2simmx2stage), as EMAN2 modifier strings.
+
+    ``mask``: a 2D image file multiplied into both images before the final score
+    (read once, here); ``shrink``: block-average both stacks by this factor first
+    (``None`` or 0: off; at least 2); ``twostage``: the stage-1 shrink factor of
+    e2simmx2stage (0: one stage); ``chunk``: particles per chunk (``None``: as many as
+    about :data:`CHUNK_BYTES` of working memory holds).
+    """
+
+    align: str | None = "rotate_translate_flip"
+    aligncmp: str = "dot"
+    ralign: str | None = None
+    raligncmp: str = "dot"
+    cmp: str = "dot:normalize=1"
+    mask: str | None = None
+    shrink: int | None = None
+    prefilt: bool = False
+    twostage: int = 0
+    chunk: int | None = None
+
+    align_mod: Modifier | None = _parsed()
+    aligncmp_mod: Modifier | None = _parsed()
+    ralign_mod: Modifier | None = _parsed()
+    raligncmp_mod: Modifier | None = _parsed()
+    cmp_mod: Modifier = _parsed()
+    mask_image: np.ndarray | None = _parsed()
+
+    def __post_init__(self) -> None:
+        if self.shrink == 0:
+            _set(self, "shrink", None)
+        if self.shrink is not None and self.shrink < 2:
+            raise CryorefineError(f"--shrink {self.shrink}: must be at least 2 (or 0: off)")
+        if self.twostage < 0:
+            raise CryorefineError(f"--twostage {self.twostage}: must be 0 (off) or a shrink factor")
+        if self.chunk is not None and self.chunk < 1:
+            raise CryorefineError(f"--chunk {self.chunk}: at least one particle per chunk")
+        _set(self, "align_mod", parse_option(ALIGNERS, self.align, option="--align"))
+        _set(self, "aligncmp_mod", parse_option(COMPARATORS, self.aligncmp, option="--aligncmp"))
+        _set(self, "ralign_mod", parse_option(ALIGNERS, self.ralign, option="--ralign"))
+        _set(self, "raligncmp_mod", parse_option(COMPARATORS, self.raligncmp, option="--raligncmp"))
+        cmp = parse_option(COMPARATORS, self.cmp, option="--cmp")
+        if cmp is None:
+            raise CryorefineError("--cmp: a comparator is required")
+        _set(self, "cmp_mod", cmp)
+        if self.mask is not None:
+            try:
+                _set(self, "mask_image", read_image(self.mask))
+            except CryorefineError as exc:
+                raise CryorefineError(f"--mask: {exc}") from None
+
+    @property
+    def needs_snr(self) -> bool:
+        """Whether a comparator weights rings by the particles' SNR (``snrweight``)."""
+        mods = (self.cmp_mod, self.aligncmp_mod, self.raligncmp_mod)
+        return any(m is not None and m.params.get("snrweight") for m in mods)
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    """Options of ``classify`` (EMAN2 e2classify): ``sep`` classes per particle;
+    ``simvec``: classify by the pattern of similarities."""
+
+    sep: int = 1
+    simvec: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sep < 1:
+            raise CryorefineError(f"--sep {self.sep}: must be at least 1")
+
+
+@dataclass(frozen=True)
+class ClassaverageConfig:
+    """Options of ``classaverage`` (EMAN2 e2classaverage), with its defaults.
+
+    ``iterations``: align-average passes; ``keep`` (fraction, or a sigma multiple with
+    ``keepsig``): members kept; ``align``/``aligncmp``/``ralign``/``raligncmp``: the
+    aligners that bring members onto the average; ``cmp``: the score used to reject;
+    ``averager``; ``normproc``: processor applied to each member first; ``setsfref``:
+    impose the reference's structure factor; ``automask``.
+    """
+
+    iterations: int = 1
+    keep: float = 1.0
+    keepsig: bool = False
+    align: str | None = None
+    aligncmp: str = "ccc"
+    ralign: str | None = None
+    raligncmp: str = "ccc"
+    cmp: str = "ccc"
+    averager: str = "mean"
+    normproc: str | None = "normalize.edgemean"
+    setsfref: bool = False
+    automask: bool = False
+
+    align_mod: Modifier | None = _parsed()
+    aligncmp_mod: Modifier | None = _parsed()
+    ralign_mod: Modifier | None = _parsed()
+    raligncmp_mod: Modifier | None = _parsed()
+    cmp_mod: Modifier = _parsed()
+    normproc_mod: Modifier | None = _parsed()
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise CryorefineError(f"--classiter {self.iterations}: must be at least 0")
+        if self.iterations > 0 and self.align is None:
+            raise CryorefineError(
+                f"--classiter {self.iterations}: re-alignment rounds need --classalign"
+            )
+        if not self.keepsig and not 0 < self.keep <= 1:
+            raise CryorefineError(
+                f"--classkeep {self.keep}: a fraction must be in (0, 1] (or use --classkeepsig)"
+            )
+        _set(self, "align_mod", parse_option(ALIGNERS, self.align, option="--classalign"))
+        _set(
+            self,
+            "aligncmp_mod",
+            parse_option(COMPARATORS, self.aligncmp, option="--classaligncmp"),
+        )
+        _set(self, "ralign_mod", parse_option(ALIGNERS, self.ralign, option="--classralign"))
+        _set(
+            self,
+            "raligncmp_mod",
+            parse_option(COMPARATORS, self.raligncmp, option="--classraligncmp"),
+        )
+        cmp = parse_option(COMPARATORS, self.cmp, option="--classcmp")
+        if cmp is None:
+            raise CryorefineError("--classcmp: a comparator is required")
+        _set(self, "cmp_mod", cmp)
+        _set(
+            self, "normproc_mod", parse_option(PROCESSORS, self.normproc, option="--classnormproc")
+        )
+
+
 @dataclass(frozen=True)
 class Make3dConfig:
     """Options of ``make3d`` (EMAN2 e2make3d).
@@ -32,12 +245,14 @@ class Make3dConfig:
     ``pad_px``: padded image size in pixels (default twice the box); ``iterations``,
     ``keep``, ``keepsig``, ``keepabs``: EMAN2's slice rating and exclusion passes;
     ``use_ctf``/``use_weights``: use the metadata's CTF and weights; ``mask_sphere``:
-    damp the corners outside the inscribed sphere; ``wiener``: when the particles carry
-    two half sets, reconstruct them apart and regularise the whole map with the
-    spectral SNR from their FSC (RELION's tau^2 term); ``automask3d``: EMAN2's five
-    comma-separated ``mask.auto3d`` values, applied last; ``oversample_2d``: pad each
-    image as the volume before its 2D transform (accurate; off: insert the unpadded
-    transform at scaled positions, 4x less work, as RELION).
+    damp the corners outside the inscribed sphere; ``wiener``: regularise the division
+    by the summed CTF^2 with the spectral SNR (from the FSC of the two half sets when the
+    particles carry them, else estimated from the data; see
+    ``fourier.reconstruct``); ``automask3d``: EMAN2's five comma-separated
+    ``mask.auto3d`` values, applied last; ``setsf``: impose a structure factor (file
+    read here, once); ``oversample_2d``: pad each image as the volume before its 2D
+    transform (accurate; off: insert the unpadded transform at scaled positions, 4x
+    less work, as RELION).
     """
 
     sym: str = "c1"
@@ -57,20 +272,66 @@ class Make3dConfig:
     keepsig: bool = False
     keepabs: bool = False
 
+    recon_mod: Modifier = _parsed()
+    preprocess_mods: tuple[Modifier, ...] = _parsed()
+    #: setsf, the post-processors and the automask, in the order they are applied
+    postprocess_mods: tuple[Modifier, ...] = _parsed()
+
     def __post_init__(self) -> None:
         symmetry_group(self.sym)
-        RECONSTRUCTORS.parse(self.recon, option="--recon")
-        for p in self.preprocess:
-            PROCESSORS.parse(p, option="--preprocess")
-        for p in self.postprocess:
-            PROCESSORS.parse(p, option="--postprocess")
+        recon = RECONSTRUCTORS.parse(self.recon, option="--recon")
+        if recon is None:
+            raise CryorefineError("--recon: a reconstructor is required")
+        _set(self, "recon_mod", recon)
         if self.iterations < 1:
             raise CryorefineError(f"--iter must be at least 1, got {self.iterations}")
         if not self.keepsig and not 0 < self.keep <= 1:
             raise CryorefineError(
                 f"--keep {self.keep}: a fraction must be in (0, 1] (or use --keepsig)"
             )
-        if self.automask3d is not None:
-            PROCESSORS.parse(automask_processor(self.automask3d), option="--automask3d")
         if self.pad_px is not None and self.pad_px < 1:
             raise CryorefineError(f"--pad must be a positive size in pixels, got {self.pad_px}")
+        _set(self, "preprocess_mods", _processors(self.preprocess, "--preprocess"))
+        post = list(_processors(self.postprocess, "--postprocess"))
+        if self.setsf:
+            setsf = f"filter.setstrucfac:strucfac={self.setsf}"
+            post.insert(0, parse_option(PROCESSORS, setsf, option="--setsf"))
+        if self.automask3d is not None:
+            auto = automask_processor(self.automask3d)
+            post.append(parse_option(PROCESSORS, auto, option="--automask3d"))
+        _set(self, "postprocess_mods", tuple(post))
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """A refinement: the iteration count and symmetry, and one config per stage.
+
+    The stage configs carry the options e2refine passes on (``--sim*`` to ``simmx``,
+    ``--class*`` to ``classaverage``, ``--m3d*`` to ``make3d``); ``sym`` must agree
+    with the projection and reconstruction configs.
+    """
+
+    iterations: int = 5
+    sym: str = "c1"
+    sep: int = 1
+    project3d: Project3dConfig = field(default_factory=Project3dConfig)
+    simmx: SimmxConfig = field(default_factory=SimmxConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    classaverage: ClassaverageConfig = field(
+        default_factory=lambda: ClassaverageConfig(iterations=0)
+    )
+    make3d: Make3dConfig = field(default_factory=Make3dConfig)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise CryorefineError(f"--iter {self.iterations}: must be at least 1")
+        symmetry_group(self.sym)
+        for name, cfg in (("projection", self.project3d), ("reconstruction", self.make3d)):
+            if cfg.sym.lower() != self.sym.lower():
+                raise CryorefineError(
+                    f"--sym {self.sym}: the {name} stage was configured with {cfg.sym}"
+                )
+        if self.classify.sep != self.sep:
+            raise CryorefineError(
+                f"--sep {self.sep}: classify was configured with {self.classify.sep}"
+            )

@@ -5,6 +5,10 @@ orientation generators are all chosen by such a string. Each kind has one
 :class:`Registry`; an implementation registers itself with its parameters, so the
 same table validates user input, fills defaults and prints ``cryorefine help KIND``.
 
+A registry holds what the modules that define the implementations registered when they
+were imported; it imports nothing itself (it sits below them). ``cryorefine.config``
+imports every such module, so code above it sees complete registries.
+
 Parsing follows EMAN2's ``parsemodopt``: the first ``:``-field is the name, every
 further field is ``key=value``; a value is typed as int, then float, else string
 (double quotes removed). ``true``/``false`` are accepted for ``1``/``0``. The string
@@ -13,14 +17,11 @@ further field is ``key=value``; a value is typed as int, then float, else string
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryorefine.errors import CryorefineError
-
-_REQUIRED = object()
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Param:
     help: str
     default: Any = None
     required: bool = False
+    #: the value names a file that ``cryorefine.config`` reads once, when the option is
+    #: parsed: ``"image"`` (a 2D image, e.g. a mask) or ``"strucfac"`` (a 1D power spectrum)
+    file: str | None = None
 
     def coerce(self, value: Any, where: str) -> Any:
         """Convert a parsed value to this parameter's type, or raise a clear error."""
@@ -86,7 +90,7 @@ class Modifier:
         return self.entry.func(*args, **merged)
 
     def __str__(self) -> str:
-        given = [f"{k}={v}" for k, v in self.params.items() if v is not None]
+        given = [f"{k}={v}" for k, v in self.params.items() if isinstance(v, str | int | float)]
         return ":".join([self.name, *given])
 
 
@@ -136,15 +140,10 @@ def parse_modopt(text: str | None, *, option: str = "option") -> tuple[str, dict
 class Registry:
     """All objects of one kind (e.g. processors), looked up by EMAN2 name."""
 
-    def __init__(self, kind: str, singular: str, modules: tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, singular: str) -> None:
         self.kind = kind
         self.singular = singular
-        self._modules = modules
         self._entries: dict[str, Entry] = {}
-
-    def _load(self) -> None:
-        for mod in self._modules:
-            importlib.import_module(mod)
 
     def register(
         self,
@@ -169,7 +168,6 @@ class Registry:
 
     def entries(self) -> list[Entry]:
         """Every registered entry, sorted by name, each once."""
-        self._load()
         unique = {e.name: e for e in self._entries.values()}
         return [unique[k] for k in sorted(unique)]
 
@@ -178,7 +176,6 @@ class Registry:
 
     def get(self, name: str, *, option: str = "option") -> Entry:
         """Look ``name`` up exactly, then lower-cased; raise listing valid names."""
-        self._load()
         entry = self._entries.get(name) or self._entries.get(name.lower())
         if entry is None:
             valid = ", ".join(self.names()) or "none available"
@@ -214,14 +211,16 @@ class Registry:
         return Modifier(entry, params)
 
 
-#: The registries, one per kind of EMAN2 object, with the modules that fill them.
-PROCESSORS = Registry("processors", "processor", ("cryorefine.processors",))
-COMPARATORS = Registry("comparators", "comparator", ("cryorefine.align.compare",))
-ALIGNERS = Registry("aligners", "aligner", ("cryorefine.align.align2d",))
+#: The registries, one per kind of EMAN2 object (filled by the modules that define them:
+#: processors, align.compare, align.align2d, fourier.reconstruct, fourier.project,
+#: geometry.orientations).
+PROCESSORS = Registry("processors", "processor")
+COMPARATORS = Registry("comparators", "comparator")
+ALIGNERS = Registry("aligners", "aligner")
 AVERAGERS = Registry("averagers", "averager")
-RECONSTRUCTORS = Registry("reconstructors", "reconstructor", ("cryorefine.stages.make3d",))
-PROJECTORS = Registry("projectors", "projector", ("cryorefine.fourier.project",))
-ORIENTGENS = Registry("orientgens", "orientation generator", ("cryorefine.geometry.orientations",))
+RECONSTRUCTORS = Registry("reconstructors", "reconstructor")
+PROJECTORS = Registry("projectors", "projector")
+ORIENTGENS = Registry("orientgens", "orientation generator")
 
 REGISTRIES: dict[str, Registry] = {
     r.kind: r

@@ -26,21 +26,21 @@ from cryorefine.registry import COMPARATORS, Modifier, Param
 FLT_MAX = float(np.finfo(np.float32).max)
 FLT_MIN = float(np.finfo(np.float32).tiny)
 
-_MASK = Param("mask", str, "mask image file; pixels > 0.5 are compared")
+_MASK = Param("mask", str, "mask image file; pixels > 0.5 are compared", file="image")
 
 
-def load_mask(mask: str | np.ndarray | None, n: int, where: str) -> np.ndarray | None:
-    """A comparator mask as a boolean ``(n, n)``: given as an array or an image file."""
+def load_mask(mask: np.ndarray | None, n: int, where: str) -> np.ndarray | None:
+    """A comparator mask as a boolean ``(n, n)`` (pixels > 0.5).
+
+    The option parser (``cryorefine.config.parse_option``) reads a mask file once and
+    hands the image here; nothing at this level opens files."""
     if mask is None:
         return None
     if isinstance(mask, str | Path):
-        from cryorefine.io.stacks import ParticleStack
-
-        stack = ParticleStack.from_path(Path(mask))
-        try:
-            mask = stack.read(np.arange(1))[0]
-        finally:
-            stack.close()
+        raise CryorefineError(
+            f"{where}: mask={mask} is a file name; parse the option with "
+            "cryorefine.config.parse_option, which reads it once"
+        )
     mask = np.asarray(mask)
     if mask.shape != (n, n):
         raise CryorefineError(f"{where}: mask is {mask.shape}, the images are {(n, n)}")

@@ -9,6 +9,7 @@ under ``--verbose``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 import warnings
@@ -79,8 +80,24 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"cryorefine: warning: {message}", file=sys.stderr)
 
 
+def set_thread_spin() -> None:
+    """Let OpenMP threads spin a tenth of libgomp's default before they sleep.
+
+    The compiled kernels' OpenMP (libgomp) threads would otherwise spin for up to
+    ~300,000 rounds after each parallel region, taking the cores from scipy.fft's
+    threads that run between the kernels (10-20% of a simmx run with an FFT
+    comparator); a tenth of that still keeps them awake between the short kernels of a
+    single-pair alignment. Set by the command line (and the benchmarks) before numba
+    starts its threads, never on import, so a host program's threads are its own; a
+    setting the user gives wins.
+    """
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 2 bad input or options)."""
+    set_thread_spin()
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = warnings.showwarning

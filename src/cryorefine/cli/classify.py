@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cryorefine.stages.classify import classify, write_classmx
-from cryorefine.stages.simmx import read_simmx
+import numpy as np
+
+from cryorefine.config import ClassifyConfig
+from cryorefine.stages.classify import run_classify
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -29,13 +31,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cryorefine.io.atomic import check_output
-
-    check_output(args.output, overwrite=args.overwrite)
-    sim = read_simmx(args.simmx)
-    cm = classify(sim, sep=args.sep, simvec=args.simvec)
-    nc = sim.score.shape[1]
-    write_classmx(args.output, cm, nc, overwrite=args.overwrite)
-    used = len({int(c) for c in cm.cls[:, 0]})
-    print(f"wrote {args.output}: {cm.cls.shape[0]} particles into {used} of {nc} classes")
+    cfg = ClassifyConfig(sep=args.sep, simvec=args.simvec)
+    cm = run_classify(args.simmx, args.output, cfg, overwrite=args.overwrite)
+    used = len(np.unique(cm.cls[:, 0]))
+    print(f"wrote {args.output}: {cm.cls.shape[0]} particles into {used} classes")
     return 0

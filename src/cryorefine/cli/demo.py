@@ -24,14 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
+from cryorefine.config import Project3dConfig, RefineConfig, SimmxConfig
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fsc import fsc, plot_fsc, resolution_at, write_fsc_text
+from cryorefine.fourier.filters import lowpass_gauss
+from cryorefine.fourier.fsc import fsc, resolution_at
 from cryorefine.io.atomic import check_output
+from cryorefine.io.fsc_files import plot_fsc, write_fsc_text
 from cryorefine.io.maps import Map, write_map
 from cryorefine.io.stacks import ParticleStack, write_stack
 from cryorefine.processors import apply_processor
+from cryorefine.refine import iterate
 from cryorefine.stages.make3d import make3d
-from cryorefine.testing import demo_map, simulate_particles
+from cryorefine.testing import assignment_errors, demo_map, simulate_particles
 
 RNAPOL2_KDA = 514.0
 OUTPUTS = (
@@ -147,35 +151,23 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _assign_and_reconstruct(out: Path, truth, apix: float, overwrite: bool, seed: int):
-    """One orientation-assignment pass from a low-pass model; returns (fraction within
-    2 delta, resolution at FSC 0.5 against the truth, number of projections)."""
-    from cryorefine.fourier.filters import lowpass_gauss
-    from cryorefine.fourier.project import project
-    from cryorefine.geometry.euler import particle_from_alignment
-    from cryorefine.geometry.orientations import orientations
-    from cryorefine.geometry.symmetry import symmetry_group
-    from cryorefine.stages.classify import classify
-    from cryorefine.stages.simmx import SimmxConfig, simmx
-
+    """One refinement iteration from a 20 Å low-pass of the truth; returns (fraction
+    within 2 delta, resolution at FSC 0.5 against the truth, number of projections)."""
     model = lowpass_gauss(truth.data, apix / 20.0, 3).astype(np.float32)
-    ref_rot = orientations(f"eman:delta={DELTA:g}", "c1", rng=np.random.default_rng(seed))
-    refs = project(model, ref_rot)
+    cfg = RefineConfig(
+        iterations=1,
+        project3d=Project3dConfig(orientgen=f"eman:delta={DELTA:g}", seed=seed),
+        simmx=SimmxConfig(
+            align="rotate_translate_flip:maxshift=4:subpixel=1", aligncmp="ccc", cmp="ccc"
+        ),
+    )
     stack = ParticleStack.from_path(out / "particles.star")
     try:
-        particles, meta = stack.read(), stack.meta
+        it = iterate(model, stack, cfg)
+        angle_deg, _ = assignment_errors(it.classmx, it.ref_rotations, stack.meta)
     finally:
         stack.close()
-    cfg = SimmxConfig(
-        align="rotate_translate_flip:maxshift=4:subpixel=1", aligncmp="ccc", cmp="ccc"
-    )
-    cm = classify(simmx(refs, particles, cfg, apix=apix))
-    c = cm.cls[:, 0].astype(int)
-    rot, shift = particle_from_alignment(
-        ref_rot[c], cm.dalpha[:, 0], cm.dx[:, 0], cm.dy[:, 0], cm.flip[:, 0] > 0.5
-    )
-    frac = float(np.mean(symmetry_group("c1").angle_between(rot, meta.rotations) <= 2 * DELTA))
-    assigned = meta.take(np.arange(len(meta)))
-    assigned.rotations, assigned.shift_a = rot, shift * apix
-    vol, _ = make3d(ParticleStack.from_arrays(particles, apix=apix, meta=assigned))
-    write_map(out / "threed_assigned.mrc", Map(vol, apix), overwrite=overwrite)
-    return frac, resolution_at(fsc(vol, truth.data), threshold=0.5, apix=apix), len(refs)
+    frac = float(np.mean(angle_deg <= 2 * DELTA))
+    write_map(out / "threed_assigned.mrc", Map(it.volume, apix), overwrite=overwrite)
+    res = resolution_at(fsc(it.volume, truth.data), threshold=0.5, apix=apix)
+    return frac, res, len(it.projections)

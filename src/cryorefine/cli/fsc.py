@@ -16,8 +16,9 @@ import argparse
 from pathlib import Path
 
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fsc import fsc, plot_fsc, resolution_at, write_fsc_star, write_fsc_text
+from cryorefine.fourier.fsc import fsc, resolution_at
 from cryorefine.io.atomic import check_output
+from cryorefine.io.fsc_files import plot_fsc, write_fsc_star, write_fsc_text
 from cryorefine.io.maps import read_map
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from cryorefine import config  # noqa: F401  (fills the registries)
 from cryorefine.registry import REGISTRIES
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cryorefine.cli._common import write_processed
+from cryorefine.config import parse_option
 from cryorefine.errors import CryorefineError
 from cryorefine.io.maps import is_map_file, read_map, write_map
 from cryorefine.io.stacks import ParticleStack
@@ -41,7 +42,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    mods = [PROCESSORS.parse(text, option="--process") for text in args.process]
+    mods = [parse_option(PROCESSORS, text, option="--process") for text in args.process]
     mods = [m for m in mods if m is not None]
     if not mods:
         raise CryorefineError("--process: give at least one processor")

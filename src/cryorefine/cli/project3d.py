@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryorefine.config import Project3dConfig
 from cryorefine.stages.project3d import run_project3d
 
 
@@ -47,16 +48,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    written = run_project3d(
-        args.model,
-        args.out,
+    cfg = Project3dConfig(
         orientgen=args.orientgen,
         sym=args.sym,
         projector=args.projector,
         postprocess=tuple(args.postprocess),
-        apix=args.apix,
         seed=args.seed,
-        overwrite=args.overwrite,
     )
+    written = run_project3d(args.model, args.out, cfg, apix=args.apix, overwrite=args.overwrite)
     print(f"wrote {', '.join(map(str, written))}")
     return 0

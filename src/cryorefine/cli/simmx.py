@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cryorefine.stages.simmx import SimmxConfig, run_simmx
+from cryorefine.config import SimmxConfig
+from cryorefine.stages.simmx import run_simmx
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -77,12 +78,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cryorefine.errors import CryorefineError
-
-    if args.shrink is not None and args.shrink < 2:
-        raise CryorefineError(f"--shrink {args.shrink}: must be at least 2")
-    if args.twostage < 0:
-        raise CryorefineError(f"--twostage {args.twostage}: must be 0 (off) or a shrink factor")
     cfg = SimmxConfig(
         prefilt=args.prefilt,
         align=args.align,
@@ -93,6 +88,7 @@ def main(args: argparse.Namespace) -> int:
         mask=args.mask,
         shrink=args.shrink,
         twostage=args.twostage,
+        chunk=args.chunk,
     )
     result = run_simmx(
         args.projections,
@@ -101,7 +97,6 @@ def main(args: argparse.Namespace) -> int:
         cfg,
         exclude=args.exclude,
         usefilt=args.usefilt,
-        chunk=args.chunk,
         overwrite=args.overwrite,
     )
     n_p, nc = result.score.shape

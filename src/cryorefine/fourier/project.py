@@ -25,7 +25,7 @@ from scipy import ndimage
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.ctf import CTFParams, apply_ctf
 from cryorefine.fourier.fft import WORKERS, cpu_count, shift_images
-from cryorefine.registry import PROJECTORS, Param
+from cryorefine.registry import PROJECTORS, Modifier, Param
 
 
 @dataclass
@@ -166,7 +166,7 @@ def project(
     volume: np.ndarray,
     rotations: np.ndarray,
     *,
-    projector: str = "fourier",
+    projector: str | Modifier = "fourier",
     shifts_px: np.ndarray | None = None,
     ctf: CTFParams | None = None,
     apix: float | None = None,
@@ -183,7 +183,8 @@ def project(
     ctf, apix
         Per-projection CTF (RELION convention) and the pixel size in Å.
     """
-    mod = PROJECTORS.parse(projector, option="--projector")
+    mod = projector if isinstance(projector, Modifier) else None
+    mod = mod or PROJECTORS.parse(projector, option="--projector")
     images = mod(np.asarray(volume, dtype=np.float32), rotations)
     if shifts_px is not None:
         images = shift_images(images, shifts_px)

@@ -28,6 +28,7 @@ from cryorefine.errors import CryorefineError
 from cryorefine.fourier import _kernels
 from cryorefine.fourier.ctf import CTFParams
 from cryorefine.fourier.fft import WORKERS
+from cryorefine.registry import RECONSTRUCTORS, Param
 
 KERNELS = ("trilinear", "gauss_2", "nearest_neighbor")
 
@@ -326,3 +327,40 @@ def wiener_regularisation(volume: FourierVolume, half_fsc: np.ndarray) -> np.nda
     mean_w = np.bincount(shell.ravel(), w.ravel(), size // 2 + 1) / np.maximum(counts, 1)
     to_n = np.minimum(np.rint(np.arange(size // 2 + 1) * n / size).astype(int), n // 2)
     return mean_w / ssnr[to_n]
+
+
+def _check_mode(params: dict, where: str) -> None:
+    if params["mode"] not in KERNELS:
+        raise CryorefineError(
+            f"{where}: mode '{params['mode']}' is not one of {', '.join(KERNELS)}"
+        )
+
+
+_MODE = (
+    Param(
+        "mode", str, "interpolation: trilinear, gauss_2 or nearest_neighbor", default="trilinear"
+    ),
+)
+
+
+def _fourier_volume(size: int, n: int, *, mode: str = "trilinear") -> FourierVolume:
+    return FourierVolume(size, n, mode)
+
+
+RECONSTRUCTORS.register(
+    "fourier",
+    "Direct Fourier inversion: slices inserted into a padded 3D transform and divided "
+    "by the summed weights (CTF^2 with CTF); trilinear with sinc^2 gridding correction "
+    "by default, or EMAN2's gauss_2 kernel. Wiener-regularised when the particles carry "
+    "two half sets (unless --no-wiener).",
+    _MODE,
+    check=_check_mode,
+)(_fourier_volume)
+RECONSTRUCTORS.register(
+    "wiener_fourier",
+    "As fourier, always Wiener-regularised: the two half sets (rlnRandomSubset, or "
+    "alternate particles when the stack has none) are reconstructed apart and the map "
+    "is divided by Wsum + mean(Wsum) / SSNR per shell, SSNR from their FSC.",
+    _MODE,
+    check=_check_mode,
+)(_fourier_volume)

@@ -296,6 +296,14 @@ class ParticleStack:
             self.meta.take(idx), self.box, images=images, label=self.label, sources=self._sources
         )
 
+    def with_meta(self, meta: ParticleMetadata) -> ParticleStack:
+        """The same images with other metadata (e.g. assigned poses; sharing open files)."""
+        if len(meta) != len(self):
+            raise ValueError(f"metadata for {len(meta)} particles, the stack has {len(self)}")
+        return ParticleStack(
+            meta, self.box, images=self._images, label=self.label, sources=self._sources
+        )
+
     def close(self) -> None:
         for src in self._sources.values():
             src.close()

@@ -91,51 +91,40 @@ def lowpass_tanh(
     )
 
 
-def read_structure_factor(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """A 1D power spectrum ``(freq_a, power)`` from a text file or a map.
-
-    Text: two whitespace-separated columns, spatial frequency in 1/Å and power
-    (EMAN2's ``strucfac.txt`` layout; ``#`` comments allowed). A map (``.mrc``,
-    ``.hdf``): its radial power spectrum (:func:`fourier.filters.radial_power`).
-    """
-    from cryorefine.io.maps import read_map  # local: io imports processors for --process
-
-    path = Path(path)
-    if not path.is_file():
-        raise CryorefineError(f"{path}: no such file (structure factor)")
-    if path.suffix.lower() in (".mrc", ".map", ".hdf", ".h5"):
-        m = read_map(path)
-        if m.apix <= 0:
-            raise CryorefineError(f"{path}: the map has no pixel size")
-        power = filters.radial_power(m.data, m.data.ndim)
-        return np.arange(len(power)) / (m.data.shape[0] * m.apix), power
-    try:
-        table = np.loadtxt(path, comments="#", ndmin=2)
-    except ValueError as exc:
-        raise CryorefineError(f"{path}: not a two-column structure-factor file ({exc})") from exc
-    if table.shape[1] < 2 or len(table) < 3:
-        raise CryorefineError(f"{path}: a structure-factor file needs >= 3 rows of 2 columns")
-    freq, power = table[:, 0], table[:, 1]
-    if np.any(np.diff(freq) <= 0) or not np.all(np.isfinite(table[:, :2])):
-        raise CryorefineError(f"{path}: frequencies must increase and values be finite")
-    return freq, power
-
-
 @PROCESSORS.register(
     "filter.setstrucfac",
     "Impose a 1D radial power spectrum (structure factor) from a text file "
     "(1/Å, power) or from another map.",
     (
-        Param("strucfac", str, "text file of (1/Å, power) or a map file", required=True),
+        Param(
+            "strucfac",
+            str,
+            "text file of (1/Å, power) or a map file",
+            required=True,
+            file="strucfac",
+        ),
         Param("apix", float, "Å/pixel of the data (default: the data's)"),
     ),
     aliases=("setsf",),
 )
-def setstrucfac(data: np.ndarray, *, ndim: int, apix: float | None, strucfac: str) -> np.ndarray:
+def setstrucfac(
+    data: np.ndarray,
+    *,
+    ndim: int,
+    apix: float | None,
+    strucfac: tuple[np.ndarray, np.ndarray] | str,
+) -> np.ndarray:
+    """``strucfac``: the ``(freq_a, power)`` table, which the option parser
+    (``cryorefine.config.parse_option``) reads from the named file once."""
     if not apix or apix <= 0:
         raise CryorefineError("filter.setstrucfac: the data have no pixel size; give apix=")
-    freq, power = read_structure_factor(strucfac)
+    if isinstance(strucfac, str | Path):
+        raise CryorefineError(
+            f"filter.setstrucfac: strucfac={strucfac} is a file name; parse the option "
+            "with cryorefine.config.parse_option, which reads it once"
+        )
+    freq, power = strucfac
     try:
         return filters.set_structure_factor(data, freq, power, apix, ndim)
     except ValueError as exc:
-        raise CryorefineError(f"filter.setstrucfac: {strucfac}: {exc}") from exc
+        raise CryorefineError(f"filter.setstrucfac: {exc}") from exc

@@ -13,16 +13,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from cryorefine.align.compare import sqeuclidean
+from cryorefine.config import ClassifyConfig
 from cryorefine.errors import CryorefineError
-from cryorefine.io.atomic import atomic_output
-from cryorefine.stages.simmx import Simmx
+from cryorefine.geometry.euler import particle_from_alignment
+from cryorefine.io.atomic import atomic_output, check_output
+from cryorefine.stages.simmx import Simmx, read_simmx
 
 CLASSMX_FIELDS = ("cls", "weight", "dx", "dy", "dalpha", "flip", "scale")
 
 
 @dataclass
 class ClassMx:
-    """``(Np, sep)`` arrays; ``cls`` holds projection indices."""
+    """``(Np, sep)`` arrays, best choice first; ``cls`` holds projection indices (int64)."""
 
     cls: np.ndarray
     weight: np.ndarray
@@ -42,8 +45,6 @@ class ClassMx:
 
 def simvec_scores(score: np.ndarray) -> np.ndarray:
     """EMAN2 ``--simvec``: rows compared with the mean standardised row of each class."""
-    from cryorefine.align.compare import sqeuclidean
-
     n_p, nc = score.shape
     best = np.argmin(score, axis=1)
     s = score.astype(np.float64)
@@ -62,8 +63,11 @@ def simvec_scores(score: np.ndarray) -> np.ndarray:
     return out
 
 
-def classify(sim: Simmx, *, sep: int = 1, simvec: bool = False) -> ClassMx:
-    """Assign each particle to its ``sep`` lowest-scoring projections (first minimum wins)."""
+def classify(sim: Simmx, cfg: ClassifyConfig | None = None) -> ClassMx:
+    """Assign each particle to its ``cfg.sep`` lowest-scoring projections (first minimum
+    wins); with ``cfg.simvec`` by the pattern of similarities (EMAN2 ``--simvec``)."""
+    cfg = cfg or ClassifyConfig()
+    sep, simvec = cfg.sep, cfg.simvec
     n_p, nc = sim.score.shape
     if not 1 <= sep <= nc:
         raise CryorefineError(f"--sep {sep}: must be between 1 and the {nc} projections")
@@ -72,13 +76,33 @@ def classify(sim: Simmx, *, sep: int = 1, simvec: bool = False) -> ClassMx:
     cls = np.argsort(row, axis=1, kind="stable")[:, :sep]
     take = lambda a: np.take_along_axis(a, cls, axis=1).astype(np.float32)  # noqa: E731
     return ClassMx(
-        cls.astype(np.float32),
+        cls.astype(np.int64),
         np.ones((n_p, sep), np.float32),
         take(sim.dx),
         take(sim.dy),
         take(sim.dalpha),
         take(sim.flip),
         take(sim.scale),
+    )
+
+
+def assigned_poses(
+    cm: ClassMx, ref_rotations: np.ndarray, *, choice: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each particle's orientation and shift from its ``choice``-th class.
+
+    ``ref_rotations`` ``(Nc, 3, 3)``: the projections' orientations. Returns
+    ``(Np, 3, 3)`` rotations and ``(Np, 2)`` shifts in pixels (x, y: where the map's
+    centre lands in the particle, RELION origin = ``-shift``), composing the
+    projection's orientation with the stored 2D alignment (spec ch02 §5).
+    """
+    c = cm.cls[:, choice]
+    return particle_from_alignment(
+        ref_rotations[c],
+        cm.dalpha[:, choice],
+        cm.dx[:, choice],
+        cm.dy[:, choice],
+        cm.flip[:, choice] > 0.5,
     )
 
 
@@ -99,10 +123,27 @@ def write_classmx(path: Path, cm: ClassMx, n_classes: int, *, overwrite: bool = 
 
 
 def read_classmx(path: Path) -> ClassMx:
+    """Read a classification matrix written by :func:`write_classmx`."""
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != "cryorefine classmx 1":
                 raise CryorefineError(f"{path}: not a cryorefine classmx")
-            return ClassMx(**{name: f[name][()] for name in CLASSMX_FIELDS})
+            missing = [name for name in CLASSMX_FIELDS if name not in f]
+            if missing:
+                raise CryorefineError(f"{path}: no dataset '{missing[0]}'")
+            data = {name: f[name][()] for name in CLASSMX_FIELDS}
     except OSError as err:
         raise CryorefineError(f"{path}: cannot read ({err})") from None
+    data["cls"] = data["cls"].astype(np.int64)
+    return ClassMx(**data)
+
+
+def run_classify(
+    simmx_path: Path, output: Path, cfg: ClassifyConfig, *, overwrite: bool = False
+) -> ClassMx:
+    """Read a similarity matrix, classify (:func:`classify`), write the classmx."""
+    check_output(output, overwrite=overwrite)
+    sim = read_simmx(simmx_path)
+    cm = classify(sim, cfg)
+    write_classmx(output, cm, sim.score.shape[1], overwrite=overwrite)
+    return cm

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cryorefine.config import Make3dConfig, automask_processor
+from cryorefine.config import Make3dConfig
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fsc import fsc
 from cryorefine.fourier.reconstruct import (
-    KERNELS,
     FourierVolume,
     image_slices,
     sphere_mask,
@@ -20,44 +19,6 @@ from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.atomic import check_output
 from cryorefine.io.maps import Map, write_map
 from cryorefine.io.stacks import ParticleStack
-from cryorefine.registry import PROCESSORS, RECONSTRUCTORS, Param
-
-
-def _check_mode(params: dict, where: str) -> None:
-    if params["mode"] not in KERNELS:
-        raise CryorefineError(
-            f"{where}: mode '{params['mode']}' is not one of {', '.join(KERNELS)}"
-        )
-
-
-_MODE = (
-    Param(
-        "mode", str, "interpolation: trilinear, gauss_2 or nearest_neighbor", default="trilinear"
-    ),
-)
-
-
-def _fourier_volume(size: int, n: int, *, mode: str = "trilinear") -> FourierVolume:
-    return FourierVolume(size, n, mode)
-
-
-RECONSTRUCTORS.register(
-    "fourier",
-    "Direct Fourier inversion: slices inserted into a padded 3D transform and divided "
-    "by the summed weights (CTF^2 with CTF); trilinear with sinc^2 gridding correction "
-    "by default, or EMAN2's gauss_2 kernel. Wiener-regularised when the particles carry "
-    "two half sets (unless --no-wiener).",
-    _MODE,
-    check=_check_mode,
-)(_fourier_volume)
-RECONSTRUCTORS.register(
-    "wiener_fourier",
-    "As fourier, always Wiener-regularised: the two half sets (rlnRandomSubset, or "
-    "alternate particles when the stack has none) are reconstructed apart and the map "
-    "is divided by Wsum + mean(Wsum) / SSNR per shell, SSNR from their FSC.",
-    _MODE,
-    check=_check_mode,
-)(_fourier_volume)
 
 
 def slice_qualities(
@@ -107,14 +68,15 @@ def make3d(
     ``keepabs``; see :func:`slice_qualities`) are left out of the next pass. Slices
     are taken out in small blocks (about 1/64 of the stack) for the comparison.
 
-    Returns the map and a dict: ``inserted`` and ``excluded`` image indices of the
+    The map is then post-processed as ``cfg`` says (structure factor, processors,
+    automask). Returns the map and a dict: ``inserted`` and ``excluded`` image indices of the
     last pass, ``skipped`` (no orientation or weight 0), ``quality`` (absolute, per
     image, NaN where not compared), ``ptcl_repr`` (summed weight inserted), ``ctf``.
     """
     cfg = cfg or Make3dConfig()
     group = symmetry_group(cfg.sym)
-    mod = RECONSTRUCTORS.parse(cfg.recon, option="--recon")
-    mods = [m for m in (PROCESSORS.parse(p, option="--preprocess") for p in cfg.preprocess) if m]
+    mod = cfg.recon_mod
+    mods = cfg.preprocess_mods
     meta = stack.meta
     n = stack.box
     usable = meta.has_orientation & (np.abs(meta.weight) > 0 if cfg.use_weights else True)
@@ -212,6 +174,8 @@ def make3d(
     else:
         volume = vols[0].finish()
     volume *= mask
+    for m in cfg.postprocess_mods:  # setsf, post-processors, automask
+        volume = m(volume, ndim=3, apix=apix)
     inserted = idx_all[~excluded[idx_all]]
     info = {
         "inserted": inserted,
@@ -233,22 +197,13 @@ def run_make3d(
     apix: float | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Read the stack, reconstruct, apply setsf and post-processors, write the map."""
+    """Read the stack, reconstruct (:func:`make3d`), write the map."""
     check_output(output, overwrite=overwrite)
-    post = [m for m in (PROCESSORS.parse(p, option="--postprocess") for p in cfg.postprocess) if m]
-    if cfg.automask3d:
-        post.append(PROCESSORS.parse(automask_processor(cfg.automask3d), option="--automask3d"))
-    if cfg.setsf:
-        post.insert(
-            0, PROCESSORS.parse(f"filter.setstrucfac:strucfac={cfg.setsf}", option="--setsf")
-        )
     stack = ParticleStack.from_path(input_path, apix=apix)
     try:
         volume, info = make3d(stack, cfg)
         a = stack.apix
     finally:
         stack.close()
-    for m in post:
-        volume = m(volume, ndim=3, apix=a)
     write_map(output, Map(np.asarray(volume, np.float32), a), overwrite=overwrite)
     return info

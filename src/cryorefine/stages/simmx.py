@@ -9,6 +9,7 @@ projection (the inverse of the aligner's projection -> particle transform):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,31 +21,27 @@ from cryorefine.align import transform2d
 from cryorefine.align.compare import load_mask, pair_context
 from cryorefine.align.engine import align_pairs
 from cryorefine.align.rotational import footprints, spectra
+from cryorefine.config import SimmxConfig
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fft import WORKERS, ring_mean
 from cryorefine.fourier.filters import match_power_spectrum
-from cryorefine.io.atomic import atomic_output
+from cryorefine.io.atomic import atomic_output, check_output
+from cryorefine.io.metadata import ParticleMetadata
 from cryorefine.io.stacks import ParticleStack
-from cryorefine.registry import ALIGNERS, COMPARATORS
+from cryorefine.stages.twostage import N_BEST, twostage_pairs
 
+#: the score of a cell that was not computed (or of a blank projection)
 WORST = 1e24
+#: aligners that run on the batched engine
 ENGINE = {"rotate_translate_flip", "rotate_translate"}
 FIELDS = ("score", "dx", "dy", "dalpha", "flip", "scale")
-
-
-@dataclass(frozen=True)
-class SimmxConfig:
-    """e2simmx's options (EMAN2 modifier strings)."""
-
-    align: str | None = "rotate_translate_flip"
-    aligncmp: str = "dot"
-    ralign: str | None = None
-    raligncmp: str = "dot"
-    cmp: str = "dot:normalize=1"
-    mask: str | None = None
-    shrink: int | None = None
-    prefilt: bool = False
-    twostage: int = 0
+#: pairs scored per call when there is no aligner, and per batch of a per-pair aligner
+PAIR_BATCH = 4096
+PAIRWISE_BATCH = 2048
+#: working memory for one chunk of particles in :func:`simmx`
+CHUNK_BYTES = 2**30
+#: smallest box for which the rotational footprints of the references are precomputed
+MIN_FOOTPRINT_BOX = 16
 
 
 @dataclass
@@ -79,7 +76,11 @@ def signal_power(refs: np.ndarray) -> np.ndarray:
 
 
 def ctf_snr(
-    stack: ParticleStack, idx: np.ndarray, box: int, apix: float, signal: np.ndarray | None = None
+    meta: ParticleMetadata,
+    idx: np.ndarray,
+    box: int,
+    apix: float,
+    signal: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """Per-particle SNR per Fourier ring ``(len(idx), box // 2)`` for ``snrweight``;
     None when a particle has no CTF. ``apix``: the pixel size of the (possibly shrunk)
@@ -94,7 +95,7 @@ def ctf_snr(
     (``signal``, from :func:`signal_power`; 1 if not given). ``frc`` and ``phase`` use
     the curve as relative weights, so the unknown factor drops out.
     """
-    ctf = stack.meta.ctf.take(idx)
+    ctf = meta.ctf.take(idx)
     if not ctf.known.all():
         return None
     c2 = ctf.evaluate(box, apix).astype(np.float64) ** 2
@@ -104,7 +105,7 @@ def ctf_snr(
     # rings without signal (a hard low-pass of the map) stay just above 0: the
     # comparators raise values <= 0 to 0.001, more than the weakest rings with signal
     snr = np.maximum(snr, 1e-12)
-    curves = stack.meta.ctf_curves
+    curves = meta.ctf_curves
     if curves is not None:
         s = np.arange(box // 2) / (apix * box)  # 1/Å
         for row, j in enumerate(np.asarray(idx)):
@@ -122,7 +123,7 @@ def _masked(cmp, mask: np.ndarray):
     return masked_cmp
 
 
-def simmx(
+def score_pairs(
     refs: np.ndarray,
     particles: np.ndarray,
     cfg: SimmxConfig,
@@ -132,23 +133,18 @@ def simmx(
     pairs: tuple[np.ndarray, np.ndarray] | None = None,
     ref_spectra: np.ndarray | None = None,
 ) -> Simmx:
-    """Similarity matrix of ``particles`` ``(Np, n, n)`` against ``refs`` ``(Nc, n, n)``.
+    """Similarity of one chunk: ``particles`` ``(Np, n, n)`` against ``refs`` ``(Nc, n, n)``.
 
     Images are already shrunk if asked (``apix`` is then the shrunken pixel size);
     shifts are returned in the pixels given. ``pairs`` = ``(p_idx, c_idx)`` restricts
     the computation to those cells (the others get ``WORST``). ``snr`` ``(Np, n//2)``
-    feeds ``snrweight``.
+    feeds ``snrweight``. :func:`simmx` does the whole job (shrink, two stages, chunks).
     """
-    align = ALIGNERS.parse(cfg.align, option="--align")
-    aligncmp = COMPARATORS.parse(cfg.aligncmp, option="--aligncmp")
-    ralign = ALIGNERS.parse(cfg.ralign, option="--ralign")
-    raligncmp = COMPARATORS.parse(cfg.raligncmp, option="--raligncmp")
-    cmp = COMPARATORS.parse(cfg.cmp, option="--cmp")
-    if cmp is None:
-        raise CryorefineError("--cmp: a comparator is required")
+    align, aligncmp = cfg.align_mod, cfg.aligncmp_mod
+    ralign, raligncmp = cfg.ralign_mod, cfg.raligncmp_mod
     n_p, nc, n = len(particles), len(refs), refs.shape[-1]
-    mask = load_mask(cfg.mask, n, "--mask") if isinstance(cfg.mask, str) else cfg.mask
-    final = cmp if mask is None else _masked(cmp, mask.astype(np.float32))
+    mask = load_mask(cfg.mask_image, n, "--mask")
+    final = cfg.cmp_mod if mask is None else _masked(cfg.cmp_mod, mask.astype(np.float32))
     ctx = {"apix": apix, "snr": snr}
     if pairs is None:
         p_idx, c_idx = (a.ravel() for a in np.indices((n_p, nc)))
@@ -159,8 +155,8 @@ def simmx(
     blank = refs.reshape(nc, -1).std(axis=1) == 0
     if align is None:
         score = np.empty(len(p_idx))
-        for s0 in range(0, len(p_idx), 4096):
-            sl = slice(s0, s0 + 4096)
+        for s0 in range(0, len(p_idx), PAIR_BATCH):
+            sl = slice(s0, s0 + PAIR_BATCH)
             sub = pair_context(ctx, p_idx[sl])
             score[sl] = final(particles[p_idx[sl]], refs[c_idx[sl]], **sub)
         out.score[p_idx, c_idx] = score
@@ -208,6 +204,87 @@ def simmx(
     return _finite(out)
 
 
+def simmx(
+    refs: np.ndarray,
+    particles: np.ndarray | ParticleStack,
+    cfg: SimmxConfig,
+    *,
+    apix: float | None = None,
+    meta: ParticleMetadata | None = None,
+    exclude: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Simmx:
+    """The similarity matrix of every particle against every projection (e2simmx).
+
+    ``refs`` ``(Nc, n, n)`` projections; ``particles`` ``(Np, n, n)`` images (with
+    ``apix`` in Å/px and, for ``snrweight``, ``meta`` holding their CTF) or a
+    :class:`ParticleStack`, read chunk by chunk so that memory stays bounded
+    (``cfg.chunk`` particles, default :func:`particle_chunk`). ``cfg.shrink``
+    block-averages both; ``cfg.twostage`` runs e2simmx2stage's coarse search and fills
+    the uncomputed cells of each row with ``max(row) + 1e-4``. ``exclude``: particle
+    rows to skip (their cells get ``WORST``). ``progress(k)`` is called after each
+    chunk of ``k`` particles.
+
+    Returns the full-size result: shifts in the particles' pixels, as
+    ``cryorefine simmx`` writes it.
+    """
+    if isinstance(particles, ParticleStack):
+        stack = particles
+    else:
+        if apix is None:
+            raise CryorefineError("simmx: give the particles' pixel size (apix)")
+        stack = ParticleStack.from_arrays(particles, apix=apix, meta=meta)
+    refs = np.asarray(refs, np.float32)
+    if refs.shape[-1] != stack.box:
+        raise CryorefineError(
+            f"{stack.label}: box {stack.box} px differs from the projections ({refs.shape[-1]} px)"
+        )
+    apix = stack.apix
+    shrink = cfg.shrink or 1
+    if shrink > 1:
+        refs = transform2d.meanshrink(refs, shrink)
+    box = refs.shape[-1]
+    n_p, nc = len(stack), len(refs)
+    skip = np.zeros(n_p, bool)
+    if exclude is not None:
+        skip[np.asarray(exclude, np.int64)] = True
+    result = Simmx.empty(n_p, nc)
+    ref_spec = spectra(footprints(refs)) if box >= MIN_FOOTPRINT_BOX else None
+    signal = signal_power(refs) if cfg.needs_snr else None
+    plan = twostage_pairs(refs, cfg, apix * shrink, score_pairs) if cfg.twostage else None
+    chunk = cfg.chunk
+    if chunk is None:
+        cells = nc
+        if plan is not None:  # at most the members of the N_BEST largest centres
+            sizes = sorted((len(m) for m in plan.members), reverse=True)
+            cells = min(nc, sum(sizes[:N_BEST]))
+        chunk = particle_chunk(box, cells)
+    for start in range(0, n_p, chunk):
+        idx = np.arange(start, min(start + chunk, n_p))
+        idx = idx[~skip[idx]]
+        if idx.size == 0:
+            continue
+        images = stack.read(idx)
+        if shrink > 1:
+            images = transform2d.meanshrink(images, shrink)
+        snr = ctf_snr(stack.meta, idx, box, apix * shrink, signal) if cfg.needs_snr else None
+        pairs = None if plan is None else plan(images, snr)
+        part = score_pairs(
+            refs, images, cfg, apix=apix * shrink, snr=snr, pairs=pairs, ref_spectra=ref_spec
+        )
+        for name in FIELDS:
+            getattr(result, name)[idx] = getattr(part, name)
+        if progress:
+            progress(len(idx))
+    result.dx *= shrink
+    result.dy *= shrink
+    result.score[skip] = WORST
+    if plan is not None:
+        fill_uncomputed(result)
+    result.attrs = {"apix": apix, "options": repr(cfg)}
+    return result
+
+
 def _finite(out: Simmx) -> Simmx:
     out.score[~np.isfinite(out.score)] = WORST
     return out
@@ -222,8 +299,8 @@ def _pairwise(
     (``filter.matchto``, one filter per pair, so not on the batched engine)."""
     fwd = [np.zeros(len(p_idx)) for _ in range(3)] + [np.zeros(len(p_idx), bool)]
     score = np.empty(len(p_idx))
-    for s0 in range(0, len(p_idx), 2048):
-        sl = slice(s0, s0 + 2048)
+    for s0 in range(0, len(p_idx), PAIRWISE_BATCH):
+        sl = slice(s0, s0 + PAIRWISE_BATCH)
         kw = {k: v for k, v in aligner.params.items() if v is not None}
         sub = pair_context(ctx, p_idx[sl])
         if start is not None:
@@ -246,26 +323,13 @@ def run_simmx(
     *,
     exclude: Path | None = None,
     usefilt: Path | None = None,
-    chunk: int | None = None,
     overwrite: bool = False,
-    progress=None,
+    progress: Callable[[int], None] | None = None,
 ) -> Simmx:
-    """Read both stacks, compute the similarity matrix in particle chunks, write it.
+    """Read both stacks, compute the similarity matrix (:func:`simmx`), write it.
 
-    ``chunk``: particles per chunk (default :func:`particle_chunk`); the references'
-    bank is rebuilt for every chunk, so larger chunks are faster."""
-    from cryorefine.stages.twostage import N_BEST, twostage_pairs
-
-    for text, reg, opt in (
-        (cfg.align, ALIGNERS, "--align"),
-        (cfg.ralign, ALIGNERS, "--ralign"),
-        (cfg.aligncmp, COMPARATORS, "--aligncmp"),
-        (cfg.raligncmp, COMPARATORS, "--raligncmp"),
-        (cfg.cmp, COMPARATORS, "--cmp"),
-    ):
-        reg.parse(text, option=opt)
-    from cryorefine.io.atomic import check_output
-
+    ``usefilt``: align and score this stack instead (the same particles, e.g. filtered);
+    ``exclude``: a text file of particle rows to skip."""
     check_output(output, overwrite=overwrite)
     proj = ParticleStack.from_path(projections)
     ptcl = ParticleStack.from_path(usefilt or particles)
@@ -274,69 +338,14 @@ def run_simmx(
             raise CryorefineError(
                 f"{ptcl.label}: box {ptcl.box} px differs from {proj.label} ({proj.box} px)"
             )
-        refs = proj.read()
-        apix = ptcl.apix
-        shrink = cfg.shrink or 1
-        if cfg.shrink is not None:
-            refs = transform2d.meanshrink(refs, shrink)
-        box = refs.shape[-1]
-        skip = np.zeros(len(ptcl), bool)
-        if exclude is not None:
-            skip[_read_exclude(exclude, len(ptcl))] = True
-        n_p, nc = len(ptcl), len(refs)
-        result = Simmx.empty(n_p, nc)
-        needs_snr = any(
-            c is not None and c.params.get("snrweight")
-            for c in (COMPARATORS.parse(t) for t in (cfg.cmp, cfg.aligncmp, cfg.raligncmp))
-        )
-        ref_spec = spectra(footprints(refs)) if box >= 16 else None
-        signal = signal_power(refs) if needs_snr else None
-        pair_plan = twostage_pairs(refs, cfg, apix * shrink) if cfg.twostage else None
-        if chunk is None:
-            cells = nc
-            if pair_plan is not None:  # at most the members of the N_BEST largest centres
-                sizes = sorted((len(m) for m in pair_plan.members), reverse=True)
-                cells = min(nc, sum(sizes[:N_BEST]))
-            chunk = particle_chunk(box, cells)
-        if chunk < 1:
-            raise CryorefineError(f"--chunk {chunk}: at least one particle per chunk")
-        for start in range(0, n_p, chunk):
-            idx = np.arange(start, min(start + chunk, n_p))
-            idx = idx[~skip[idx]]
-            if idx.size == 0:
-                continue
-            images = ptcl.read(idx)
-            if cfg.shrink is not None:
-                images = transform2d.meanshrink(images, shrink)
-            snr = ctf_snr(ptcl, idx, box, apix * shrink, signal) if needs_snr else None
-            pairs = None if pair_plan is None else pair_plan(images, snr)
-            part = simmx(
-                refs, images, cfg, apix=apix * shrink, snr=snr, pairs=pairs, ref_spectra=ref_spec
-            )
-            for name in FIELDS:
-                getattr(result, name)[idx] = getattr(part, name)
-            if progress:
-                progress(len(idx))
-        result.dx *= shrink
-        result.dy *= shrink
-        result.score[skip] = WORST
-        if pair_plan is not None:
-            fill_uncomputed(result)
-        result.attrs = {
-            "projection_file": str(projections),
-            "particle_file": str(particles),
-            "apix": apix,
-            "options": repr(cfg),
-        }
-        write_simmx(output, result, overwrite=overwrite)
-        return result
+        skip = None if exclude is None else _read_exclude(exclude, len(ptcl))
+        result = simmx(proj.read(), ptcl, cfg, exclude=skip, progress=progress)
     finally:
         proj.close()
         ptcl.close()
-
-
-#: working memory for one chunk of particles in run_simmx
-CHUNK_BYTES = 2**30
+    result.attrs.update({"projection_file": str(projections), "particle_file": str(particles)})
+    write_simmx(output, result, overwrite=overwrite)
+    return result
 
 
 def particle_chunk(box: int, cells: int) -> int:

@@ -18,7 +18,12 @@ from dataclasses import replace
 
 import numpy as np
 
+from cryorefine.align import transform2d
+from cryorefine.align.engine import BankCache, align_pairs
+from cryorefine.align.rotational import footprints, spectra
 from cryorefine.align.transform2d import apply_transform, meanshrink
+from cryorefine.config import SimmxConfig
+from cryorefine.registry import COMPARATORS
 
 N_BEST = 4
 N_OWNERS = 2
@@ -95,14 +100,12 @@ def class_averages(refs: np.ndarray, members: list[np.ndarray], align_onto) -> n
     return out
 
 
-def twostage_pairs(refs: np.ndarray, cfg, apix: float) -> Callable:
-    """Stage 1 on the references; returns ``plan(particles, snr) -> (p_idx, c_idx)``."""
-    from cryorefine.align import transform2d
-    from cryorefine.align.engine import BankCache, align_pairs
-    from cryorefine.align.rotational import footprints, spectra
-    from cryorefine.registry import COMPARATORS
-    from cryorefine.stages.simmx import simmx
+def twostage_pairs(refs: np.ndarray, cfg: SimmxConfig, apix: float, score: Callable) -> Callable:
+    """Stage 1 on the references; returns ``plan(particles, snr) -> (p_idx, c_idx)``.
 
+    ``score(averages, images, cfg, apix=..., snr=...)`` is the one-stage scorer of a
+    chunk (``stages.simmx.score_pairs``), passed in so that this module does not
+    import the one that calls it."""
     factor = max(1, int(cfg.twostage) // max(1, cfg.shrink or 1))
     small = meanshrink(refs, factor) if factor > 1 else refs
     nc = len(small)
@@ -134,7 +137,7 @@ def twostage_pairs(refs: np.ndarray, cfg, apix: float) -> Callable:
 
     def plan(particles: np.ndarray, snr: np.ndarray | None):
         images = meanshrink(particles, factor) if factor > 1 else particles
-        coarse = simmx(averages, images, coarse_cfg, apix=apix * factor, snr=_resample(snr, factor))
+        coarse = score(averages, images, coarse_cfg, apix=apix * factor, snr=_resample(snr, factor))
         best = np.argsort(coarse.score, axis=1, kind="stable")[:, :N_BEST]
         # the members of a particle's best centres: rows of the membership table, or-ed
         return np.nonzero(membership[best].any(axis=1))
