@@ -3,7 +3,7 @@
 Scatter-adding millions of slice samples into a 3D grid has no efficient NumPy
 form; these loops are compiled with numba and run one block of slices per thread,
 each thread into its own accumulator. ``acc`` has the layout ``(P, P, P // 2 + 1, 3)``
-float64 holding (Re Fsum, Im Fsum, Wsum) side by side, so a voxel is one cache line.
+float32 holding (Re Fsum, Im Fsum, Wsum) side by side, so a voxel is one cache line.
 Modes: 0 trilinear, 1 EMAN2 gauss_2, 2 nearest neighbour.
 """
 
@@ -90,7 +90,7 @@ def _insert_block(
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def insert_slices(accs, nrep, slices, ctf, weights, flat, mult, rots, qx, qy, size, mode):
+def insert_slices(accs, nrep, slices, ctf, weights, flat, mult, rots, qx, qy, size, mode, bounds):
     """Scatter 2D transforms into the per-thread accumulators ``accs``.
 
     ``slices`` ``(k, M)`` complex: flattened ``rfft2`` of each image; ``ctf`` ``(k, M)``
@@ -99,11 +99,10 @@ def insert_slices(accs, nrep, slices, ctf, weights, flat, mult, rots, qx, qy, si
     inserted with value ``w mult C X`` and weight ``w mult C^2``. ``rots[s]``
     ``(k * nrep, 3, 3)`` maps a point of slice ``s // nrep`` (one rotation per symmetry
     operator) to the volume, ``v = rots[s] @ (qx, qy, 0)``. ``accs``
-    ``(T, P, P, P // 2 + 1, 3)``: one accumulator per thread block.
+    ``(T, P, P, P // 2 + 1, 3)``: one accumulator per thread block; block ``b`` inserts
+    the rows ``bounds[b]:bounds[b + 1]`` of ``rots``.
     """
-    k = rots.shape[0]
     blocks = accs.shape[0]
-    step = (k + blocks - 1) // blocks
     for b in prange(blocks):
         _insert_block(
             accs[b],
@@ -118,8 +117,8 @@ def insert_slices(accs, nrep, slices, ctf, weights, flat, mult, rots, qx, qy, si
             qy,
             size,
             mode,
-            b * step,
-            min(k, (b + 1) * step),
+            bounds[b],
+            bounds[b + 1],
         )
 
 

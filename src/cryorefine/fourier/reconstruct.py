@@ -31,6 +31,8 @@ from cryorefine.fourier.fft import WORKERS
 from cryorefine.registry import RECONSTRUCTORS, Param
 
 KERNELS = ("trilinear", "gauss_2", "nearest_neighbor")
+#: the most memory the per-thread insertion accumulators of one volume may take
+ACCUMULATOR_BYTES = 2e9
 
 
 def padded_size(n: int, pad_factor: float) -> int:
@@ -50,17 +52,21 @@ def image_slices(images: np.ndarray, size: int, shifts_px: np.ndarray | None = N
     ``(k, size, size // 2 + 1)`` with the origin at index 0.
     """
     k, n = images.shape[0], images.shape[-1]
+    # zero-pad with the image centre at index 0 (ifftshift of the centred padded image)
     padded = np.zeros((k, size, size), dtype=np.float32)
-    o = size // 2 - n // 2
-    padded[:, o : o + n, o : o + n] = images
-    ft = scipy.fft.rfft2(scipy.fft.ifftshift(padded, axes=(-2, -1)), workers=WORKERS)
+    c = n // 2
+    rows = (np.arange(n) - c) % size
+    padded[:, rows[:, None], rows[None, :]] = images
+    ft = scipy.fft.rfft2(padded, workers=WORKERS, overwrite_x=True)
+    del padded
     if shifts_px is not None:
         d = np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2)
         # separable phase ramp exp(2 pi i (fx dx + fy dy)): two 1D factors per image
         ex = np.exp(2j * np.pi * scipy.fft.rfftfreq(size)[None, :] * d[:, :1]).astype(np.complex64)
         ey = np.exp(2j * np.pi * scipy.fft.fftfreq(size)[None, :] * d[:, 1:]).astype(np.complex64)
-        ft *= ey[:, :, None] * ex[:, None, :]
-    return ft.astype(np.complex64)
+        ft *= ey[:, :, None]
+        ft *= ex[:, None, :]
+    return ft.astype(np.complex64, copy=False)
 
 
 def half_plane(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -84,7 +90,10 @@ class FourierVolume:
 
     Half-space layout ``(P, P, P // 2 + 1)``, axes (z, y, x); z and y in FFT order, so
     index ``i`` is frequency ``i`` (``i - P`` above ``P // 2``). Kept as float32 in one
-    accumulator per thread (``threads``), summed when read.
+    accumulator per thread (``threads``), summed when read. With ``groups`` > 1 (the two
+    half sets of a gold-standard reconstruction) the accumulators are shared out among
+    the groups, each thread inserting one group's slices, so that the groups cost no
+    more memory than the threads alone; read one group with ``group=g``.
     """
 
     size: int
@@ -92,6 +101,7 @@ class FourierVolume:
     kernel: str = "trilinear"
     threads: int = 0
     slice_size: int = 0
+    groups: int = 1
     accs: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,18 +111,35 @@ class FourierVolume:
             )
         hx = self.size // 2 + 1
         per_thread = self.size * self.size * hx * 3 * 4
-        if self.threads <= 0:  # all cores, within ~2 GB of accumulators
-            self.threads = max(1, min(numba.get_num_threads(), int(2e9 // per_thread)))
+        if self.threads <= 0:  # all cores, within ACCUMULATOR_BYTES
+            budget = max(1, int(ACCUMULATOR_BYTES // per_thread))
+            self.threads = max(1, min(numba.get_num_threads(), budget))
+        # a whole number of accumulators per group, at least one each
+        self.threads = max(self.groups, self.threads - self.threads % self.groups)
         self.accs = np.zeros((self.threads, self.size, self.size, hx, 3), np.float32)
         # 2D transforms of slice_size (default: the padded size) land at q * size / slice_size
         self.slice_size = self.slice_size or self.size
         self._flat, self._qxy, self._mult = half_plane(self.slice_size)
         self._qxy = self._qxy * (self.size / self.slice_size)
 
-    def sums(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(Fsum, Wsum)``: complex64 and float32 ``(P, P, P // 2 + 1)``."""
-        acc = self.accs[0] if self.threads == 1 else self.accs.sum(axis=0)
-        return acc[..., 0] + 1j * acc[..., 1], acc[..., 2].copy()
+    def _blocks(self, group: int | None) -> np.ndarray:
+        if group is None:
+            return self.accs
+        per = self.threads // self.groups
+        return self.accs[group * per : (group + 1) * per]
+
+    def sums(self, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(Fsum, Wsum)``: complex64 and float32 ``(P, P, P // 2 + 1)``, of every group
+        or of ``group``."""
+        blocks = self._blocks(group)
+        f = np.empty(blocks.shape[1:-1], np.complex64)
+        w = np.empty(blocks.shape[1:-1], np.float32)
+        f.real, f.imag, w[:] = blocks[0][..., 0], blocks[0][..., 1], blocks[0][..., 2]
+        for b in blocks[1:]:
+            f.real += b[..., 0]
+            f.imag += b[..., 1]
+            w += b[..., 2]
+        return f, w
 
     def insert(
         self,
@@ -122,28 +149,51 @@ class FourierVolume:
         ops: np.ndarray,
         weights: np.ndarray,
         ctf: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
     ) -> None:
         """Insert ``slices`` ``(k, P, P // 2 + 1)`` at ``rotations`` ``(k, 3, 3)``.
 
         ``ops`` ``(K, 3, 3)`` symmetry operators; ``weights`` ``(k,)`` per slice (a
         negative weight removes a slice); ``ctf`` ``(k, P, P // 2 + 1)``: then values
-        ``w C X`` and weights ``w C^2`` are accumulated.
+        ``w C X`` and weights ``w C^2`` are accumulated; ``groups`` ``(k,)``: each
+        slice's group ``0 .. groups - 1`` (all 0 by default).
         """
         k = len(slices)
         rots = np.asarray(rotations, np.float64).reshape(-1, 3, 3)
-        # v = (R S)^T q for every slice and operator (slice s // len(ops))
-        mats = np.swapaxes(np.einsum("kij,sjl->ksil", rots, ops), -1, -2).reshape(-1, 3, 3)
+        group = np.zeros(k, np.int64) if groups is None else np.asarray(groups, np.int64)
+        if group.size and not (0 <= group.min() and group.max() < self.groups):
+            raise ValueError(f"slice groups must be in 0..{self.groups - 1}")
+        order = np.argsort(group, kind="stable")
+        ordered = bool((order == np.arange(k)).all())
+        nrep = len(ops)
+        # v = (R S)^T q for every slice and operator (row s of slice s // nrep)
+        mats = np.swapaxes(np.einsum("kij,sjl->ksil", rots[order], ops), -1, -2).reshape(-1, 3, 3)
         c = (
             np.zeros((0, 1), np.float32)
             if ctf is None
-            else np.ascontiguousarray(ctf.reshape(k, -1), dtype=np.float32)
+            else np.ascontiguousarray(
+                ctf.reshape(k, -1) if ordered else ctf.reshape(k, -1)[order], dtype=np.float32
+            )
+        )
+        # each group's rows of `mats`, shared out evenly among its accumulators
+        per = self.threads // self.groups
+        ends = np.cumsum(np.bincount(group, minlength=self.groups)) * nrep
+        starts = np.r_[0, ends[:-1]]
+        bounds = np.concatenate(
+            [
+                np.linspace(a, b, per + 1).round().astype(np.int64)[:-1]
+                for a, b in zip(starts, ends, strict=True)
+            ]
+            + [np.array([k * nrep], np.int64)]
         )
         _kernels.insert_slices(
             self.accs,
-            len(ops),
-            np.ascontiguousarray(slices.reshape(k, -1), np.complex64),
+            nrep,
+            np.ascontiguousarray(
+                slices.reshape(k, -1) if ordered else slices.reshape(k, -1)[order], np.complex64
+            ),
             c,
-            np.asarray(weights, np.float64),
+            np.asarray(weights, np.float64)[order],
             self._flat,
             self._mult,
             np.ascontiguousarray(mats),
@@ -151,6 +201,7 @@ class FourierVolume:
             self._qxy[:, 1].copy(),
             self.size,
             _MODES[self.kernel],
+            bounds,
         )
 
     def compare(
@@ -197,9 +248,9 @@ class FourierVolume:
         return qual, scale
 
     # --- finishing -------------------------------------------------------------------
-    def symmetrised(self) -> tuple[np.ndarray, np.ndarray]:
+    def symmetrised(self, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``fsum, wsum`` with the Hermitian planes ``x = 0`` and ``x = P/2`` completed."""
-        f, w = self.sums()
+        f, w = self.sums(group)
         for x in (0, self.size // 2):
             plane_f, plane_w = f[:, :, x].copy(), w[:, :, x].copy()
             mate_f = np.conj(np.roll(plane_f[::-1, ::-1], 1, axis=(0, 1)))
@@ -207,21 +258,26 @@ class FourierVolume:
             f[:, :, x], w[:, :, x] = plane_f + mate_f, plane_w + mate_w
         return f, w
 
-    def finish(self, regularisation: np.ndarray | float = 0.0) -> np.ndarray:
+    def finish(
+        self, regularisation: np.ndarray | float = 0.0, *, group: int | None = None
+    ) -> np.ndarray:
         """The map ``(n, n, n)`` float32: ``Fsum / (Wsum + lambda)``, inverse FFT, crop.
 
         ``regularisation`` is a constant or a per-shell array (index = shell radius in
-        voxels of the ``P^3`` grid).
+        voxels of the ``P^3`` grid); ``group``: of one group's slices only.
         """
-        f, w = self.symmetrised()
+        f, w = self.symmetrised(group)
+        floor = np.float32(1e-12 * max(float(w.max()), 1e-30))
         if np.ndim(regularisation):
             shell = np.minimum(_shell_index(self.size), len(regularisation) - 1)
-            lam = np.asarray(regularisation)[shell]
+            w += np.asarray(regularisation, np.float32)[shell]
         else:
-            lam = float(regularisation)
-        den = w + np.float32(lam) if np.ndim(lam) == 0 else w + lam.astype(np.float32)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            f = np.where(den > 1e-12 * max(float(w.max()), 1e-30), f / den, 0).astype(np.complex64)
+            w += np.float32(regularisation)
+        small = w <= floor
+        w[small] = 1.0
+        f /= w  # in place: complex64 by float32
+        f[small] = 0
+        del w, small
         vol = scipy.fft.irfftn(f, s=(self.size,) * 3, workers=WORKERS)
         # centred crop of the fftshifted map, taken directly from the unshifted one
         c = np.arange(self.n) - self.n // 2
@@ -343,24 +399,28 @@ _MODE = (
 )
 
 
-def _fourier_volume(size: int, n: int, *, mode: str = "trilinear") -> FourierVolume:
-    return FourierVolume(size, n, mode)
+def _fourier_volume(
+    size: int, n: int, *, mode: str = "trilinear", slice_size: int = 0, groups: int = 1
+) -> FourierVolume:
+    return FourierVolume(size, n, mode, slice_size=slice_size, groups=groups)
 
 
 RECONSTRUCTORS.register(
     "fourier",
     "Direct Fourier inversion: slices inserted into a padded 3D transform and divided "
     "by the summed weights (CTF^2 with CTF); trilinear with sinc^2 gridding correction "
-    "by default, or EMAN2's gauss_2 kernel. Wiener-regularised when the particles carry "
-    "two half sets (unless --no-wiener).",
+    "by default, or EMAN2's gauss_2 kernel. Wiener-regularised (unless --no-wiener): the "
+    "two half sets (rlnRandomSubset, else alternate particles) are reconstructed apart and "
+    "their FSC gives the spectral SNR.",
     _MODE,
     check=_check_mode,
 )(_fourier_volume)
 RECONSTRUCTORS.register(
     "wiener_fourier",
-    "As fourier, always Wiener-regularised: the two half sets (rlnRandomSubset, or "
-    "alternate particles when the stack has none) are reconstructed apart and the map "
-    "is divided by Wsum + mean(Wsum) / SSNR per shell, SSNR from their FSC.",
+    "As fourier, Wiener-regularised even with --no-wiener: the two half sets "
+    "(rlnRandomSubset, or alternate particles when the stack has none) are reconstructed "
+    "apart and the map is divided by Wsum + mean(Wsum) / SSNR per shell, SSNR from their "
+    "FSC.",
     _MODE,
     check=_check_mode,
 )(_fourier_volume)

@@ -20,6 +20,12 @@ from cryorefine.io.atomic import check_output
 from cryorefine.io.maps import Map, write_map
 from cryorefine.io.stacks import ParticleStack
 
+#: fewer images than this are not split into halves for the Wiener term (their FSC
+#: would measure the halves' different coverage of Fourier space, not the noise)
+MIN_WIENER_IMAGES = 50
+#: working memory of one chunk of images in make3d
+CHUNK_BYTES = 32 * 2**20
+
 
 def slice_qualities(
     absqual: np.ndarray, weights: np.ndarray, *, keep: float, keepsig: bool, keepabs: bool
@@ -52,7 +58,7 @@ def slice_qualities(
 
 
 def make3d(
-    stack: ParticleStack, cfg: Make3dConfig | None = None, *, chunk: int = 256
+    stack: ParticleStack, cfg: Make3dConfig | None = None, *, chunk: int | None = None
 ) -> tuple[np.ndarray, dict]:
     """Reconstruct a map ``(n, n, n)`` float32 from a stack with orientations.
 
@@ -95,12 +101,11 @@ def make3d(
     ops = group.operators
 
     slice_size = size if cfg.oversample_2d else n
+    if chunk is None:  # padded image, its transform, CTF and copies: ~40 bytes a pixel
+        chunk = max(8, int(CHUNK_BYTES // (40 * slice_size * slice_size)))
 
-    def new_volume() -> FourierVolume:
-        vol = mod(size, n)
-        if slice_size != vol.slice_size:
-            vol = FourierVolume(size, n, vol.kernel, slice_size=slice_size)
-        return vol
+    def new_volume(groups: int = 1) -> FourierVolume:
+        return mod(size, n, slice_size=slice_size, groups=groups)
 
     def prepare(idx: np.ndarray):
         images = stack.read(idx)
@@ -108,10 +113,12 @@ def make3d(
             images = m(images, ndim=2, apix=apix)
         sub = meta.take(idx)
         slices = image_slices(images, slice_size, sub.shift_a / apix)
+        if (norm[idx] != 1).any():
+            slices *= norm[idx, None, None].astype(np.float32)
         ctf = sub.ctf.evaluate(slice_size, apix) if with_ctf else None
-        return slices * norm[idx, None, None].astype(np.float32), ctf, sub.rotations
+        return slices, ctf, sub.rotations
 
-    def insert(vol, slices, ctf, rots, w, sel) -> None:
+    def insert(vol, slices, ctf, rots, w, sel, groups=None) -> None:
         if sel.any():
             vol.insert(
                 slices[sel],
@@ -119,34 +126,32 @@ def make3d(
                 ops=ops,
                 weights=w[sel],
                 ctf=None if ctf is None else ctf[sel],
+                groups=None if groups is None else groups[sel],
             )
 
     idx_all = np.flatnonzero(usable)
     halves = meta.half_set
     has_halves = set(np.unique(halves[idx_all]).tolist()) == {1, 2}
-    always = mod.name == "wiener_fourier"
-    if always and not has_halves:  # alternate particles make the two halves
+    split = (mod.name == "wiener_fourier" or cfg.wiener) and len(idx_all) >= MIN_WIENER_IMAGES
+    if split and not has_halves:  # alternate particles make the two halves
         halves = np.zeros(len(meta), dtype=np.int64)
         halves[idx_all] = 1 + np.arange(len(idx_all)) % 2
-    split = always or (cfg.wiener and has_halves)
     norm = np.ones(len(meta))
     excluded = np.zeros(len(meta), dtype=bool)
     absqual = np.full(len(meta), np.nan)
     for it in range(cfg.iterations):
         final = it == cfg.iterations - 1
-        vols = [new_volume() for _ in range(2 if final and split else 1)]
+        # gold standard: the two half sets in groups 0 and 1 of one volume
+        halved = final and split
+        vol = new_volume(2 if halved else 1)
         active = idx_all[~excluded[idx_all]]
         for start in range(0, len(active), chunk):
             idx = active[start : start + chunk]
             slices, ctf, rots = prepare(idx)
-            if len(vols) == 1:
-                insert(vols[0], slices, ctf, rots, weights[idx], np.ones(len(idx), bool))
-            else:  # gold standard: the two half sets in separate volumes
-                for h, vol in zip((1, 2), vols, strict=True):
-                    insert(vol, slices, ctf, rots, weights[idx], halves[idx] == h)
+            groups = halves[idx] - 1 if halved else None
+            insert(vol, slices, ctf, rots, weights[idx], np.ones(len(idx), bool), groups)
         if final:
             break
-        vol = vols[0]
         scale = np.ones(len(meta))
         block = max(1, -(-len(idx_all) // 64))
         for start in range(0, len(idx_all), block):
@@ -167,12 +172,11 @@ def make3d(
         excluded[idx_all] = qual < cutoff
     mask = sphere_mask(n) if cfg.mask_sphere else np.ones((n, n, n), np.float32)
     half_fsc = None
-    if len(vols) == 2:
-        half_fsc = fsc(vols[0].finish() * mask, vols[1].finish() * mask)
-        vols[0].accs += vols[1].accs
-        volume = vols[0].finish(wiener_regularisation(vols[0], half_fsc))
+    if vol.groups == 2:
+        half_fsc = fsc(vol.finish(group=0) * mask, vol.finish(group=1) * mask)
+        volume = vol.finish(wiener_regularisation(vol, half_fsc))
     else:
-        volume = vols[0].finish()
+        volume = vol.finish()
     volume *= mask
     for m in cfg.postprocess_mods:  # setsf, post-processors, automask
         volume = m(volume, ndim=3, apix=apix)
