@@ -88,6 +88,16 @@ def map_figures(volume: np.ndarray, truth: np.ndarray, apix: float) -> dict[str,
 
 
 def run_case(truth_data: np.ndarray, apix: float, n: int, label: str) -> list[dict]:
+    case = Path(f"case_{truth_data.shape[0]}")
+    case.mkdir()
+    os.chdir(case)
+    try:
+        return _run_case(truth_data, apix, n, label)
+    finally:
+        os.chdir("..")
+
+
+def _run_case(truth_data: np.ndarray, apix: float, n: int, label: str) -> list[dict]:
     t0 = time.perf_counter()
     stack = simulate_particles(
         truth_data,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import cryorefine.config  # noqa: F401  (fills the registries)
 from cryorefine.align import transform2d as t2d
 from cryorefine.align.align2d import refine, rotate_translate_flip, translational
 from cryorefine.align.engine import align_all
@@ -196,6 +197,7 @@ def test_alignment_errors_reach_the_cramer_rao_bound(projections):
     assert (ratio <= 1.25).all(), ratio
 
 
+@pytest.mark.slow
 def test_exhaustive_search_and_refine_reach_the_noise_limit(projections):
     """500 trials at SNR 0.1: rtf_exhaustive then refine. Where the answer is not
     within 2 degrees / 0.5 px / right mirror, the solution found scores better than

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import cryorefine.config  # noqa: F401  (fills the registries)
 from cryorefine.errors import CryorefineError
 from cryorefine.registry import COMPARATORS
 
@@ -90,11 +91,23 @@ def test_phase_residual(image):
 @pytest.mark.parametrize(
     "text", ["ccc", "dot", "dot:normalize=1", "sqeuclidean", "frc", "phase", "sqeuclidean:normto=1"]
 )
-def test_identical_beats_different(image, rng, text):
+def test_scores_order_identical_similar_different(image, rng, text):
+    """Identical scores better than similar (half the variance noise), similar better
+    than unrelated, each by a clear margin: a constant or reversed score fails."""
     other = rng.standard_normal(image.shape).astype(np.float32)
+    similar = image + 0.7 * rng.standard_normal(image.shape).astype(np.float32)
+    positive = text == "sqeuclidean:normto=1"  # normto fits over pixels of a > 0
+    a = np.abs(image) + 0.1 if positive else image
+    b, d = (np.abs(similar) + 0.1, np.abs(other) + 0.1) if positive else (similar, other)
     c = cmp(text)
-    same, diff = c(image, image, apix=2.0)[0], c(image, other, apix=2.0)[0]
-    assert same <= diff
+    same, near, far = (c(a, x, apix=2.0)[0] for x in (a, b, d))
+    spread = abs(far - same)
+    assert spread > 0
+    assert near < far - 0.05 * spread, (same, near, far)
+    if text != "dot":  # the plain dot product of a with a + noise is that of a with a
+        assert same < near - 0.05 * spread, (same, near, far)
+    else:
+        assert same < far - 0.5 * spread
 
 
 def test_many_pairs_in_one_call(image, rng):

@@ -2,6 +2,7 @@
 
 import pytest
 
+import cryorefine.config  # noqa: F401  (fills the registries)
 from cryorefine.errors import CryorefineError
 from cryorefine.registry import PROCESSORS, REGISTRIES, parse_modopt
 

@@ -186,15 +186,15 @@ def test_two_stage_layout(refs):
     assert np.allclose(sim.score[~computed], np.repeat(row_max + 1e-4, (~computed).sum(1)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmp", ["ccc", "frc:zeromask=1:snrweight=1"])
 def test_orientation_assignment_of_simulated_particles(rnapol2_64, in_tmp, run_cli, cmp):
     """150 particles (SNR 0.1, CTF, shifts up to 3 px) against eman:delta=5 projections:
     >= 90% assigned within 2 delta of the truth with a shift error <= 1 px, scored by
     ccc or by e2refine's default --simcmp (its SNR weights from the particles' CTF and
     the projections' power spectrum)."""
-    from cryorefine.geometry.euler import particle_from_alignment
-    from cryorefine.geometry.symmetry import symmetry_group
     from cryorefine.io.stacks import ParticleStack
+    from cryorefine.testing import assignment_errors
 
     assert (
         run_cli(
@@ -236,12 +236,7 @@ def test_orientation_assignment_of_simulated_particles(rnapol2_64, in_tmp, run_c
     assert run_cli("classify", "simmx.h5", "classmx.h5")[0] == 0
     cm = read_classmx(in_tmp / "classmx.h5")
     proj, ptcl = ParticleStack.from_path("proj.hdf"), ParticleStack.from_path("ptcl.star")
-    c = cm.cls[:, 0].astype(int)
-    rot, shift = particle_from_alignment(
-        proj.meta.rotations[c], cm.dalpha[:, 0], cm.dx[:, 0], cm.dy[:, 0], cm.flip[:, 0] > 0.5
-    )
-    ang = symmetry_group("c1").angle_between(rot, ptcl.meta.rotations)
-    err_px = np.linalg.norm(shift - ptcl.meta.shift_a / ptcl.apix, axis=1)
+    ang, err_px = assignment_errors(cm, proj.meta.rotations, ptcl.meta)
     assert np.mean((ang <= 10) & (err_px <= 1)) >= 0.9
 
 

@@ -178,7 +178,7 @@ class Registry:
         """Look ``name`` up exactly, then lower-cased; raise listing valid names."""
         entry = self._entries.get(name) or self._entries.get(name.lower())
         if entry is None:
-            valid = ", ".join(self.names()) or "none available"
+            valid = ", ".join(self.names()) or "none registered (import cryorefine.config)"
             raise CryorefineError(f"{option}: unknown {self.singular} '{name}'; valid: {valid}")
         return entry
 

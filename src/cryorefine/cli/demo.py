@@ -8,8 +8,8 @@ and the FSC against the true map (0.5); mass-normalise and automask the result.
 Then assign orientations as one refinement iteration does: project a 20 Å low-pass
 of the map (eman:delta=10), align and score every particle against every projection
 (simmx), classify each to its best projection, and reconstruct from the assigned
-orientations (threed_assigned.mrc), reporting how many landed within 2 delta of the
-truth and the map's resolution.
+orientations (threed_assigned.mrc; the poses in particles_assigned.star), reporting how
+many landed within 2 delta of the truth and the map's resolution.
 
 examples:
   cryorefine demo --out demo
@@ -32,6 +32,7 @@ from cryorefine.io.atomic import check_output
 from cryorefine.io.fsc_files import plot_fsc, write_fsc_text
 from cryorefine.io.maps import Map, write_map
 from cryorefine.io.stacks import ParticleStack, write_stack
+from cryorefine.io.star import write_particle_star
 from cryorefine.processors import apply_processor
 from cryorefine.refine import iterate
 from cryorefine.stages.make3d import make3d
@@ -51,6 +52,7 @@ OUTPUTS = (
     "fsc_halves.txt",
     "fsc_halves.png",
     "threed_assigned.mrc",
+    "particles_assigned.star",
 )
 DELTA = 10.0
 
@@ -165,8 +167,14 @@ def _assign_and_reconstruct(out: Path, truth, apix: float, overwrite: bool, seed
     try:
         it = iterate(model, stack, cfg)
         angle_deg, _ = assignment_errors(it.classmx, it.ref_rotations, stack.meta)
+        assigned = stack.meta.take(np.arange(len(stack)))
     finally:
         stack.close()
+    assigned.rotations, assigned.shift_a = it.rotations, it.shifts_a
+    names = [f"{i + 1:06d}@particles.mrcs" for i in range(len(assigned))]
+    write_particle_star(
+        out / "particles_assigned.star", assigned, names, truth.box, overwrite=overwrite
+    )
     frac = float(np.mean(angle_deg <= 2 * DELTA))
     write_map(out / "threed_assigned.mrc", Map(it.volume, apix), overwrite=overwrite)
     res = resolution_at(fsc(it.volume, truth.data), threshold=0.5, apix=apix)

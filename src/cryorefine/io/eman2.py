@@ -53,10 +53,16 @@ class Transform:
 
     @classmethod
     def from_json(cls, obj: dict) -> Transform:
+        """Raises ValueError for a missing, malformed or non-finite matrix."""
+        if "matrix" not in obj:
+            raise ValueError("Transform without a matrix")
         m = obj["matrix"]
         if isinstance(m, str):
             m = [float(v) for v in m.strip("[] ").split(",")]
-        return cls(np.array(m, dtype=np.float64))
+        m = np.array(m, dtype=np.float64)
+        if m.size != 12 or not np.isfinite(m).all():
+            raise ValueError(f"Transform matrix needs 12 finite numbers, got {m.size}")
+        return cls(m)
 
 
 def projection_transform(rotation: np.ndarray, shift_px: np.ndarray) -> Transform:
@@ -115,6 +121,8 @@ class EmanCtf:
             raise ValueError(f"not an EMAN2Ctf string: {text[:20]!r}")
         parts = text[1:].split(" ")
         nums = [float(v) for v in parts[:9]]
+        if len(nums) < 9 or not np.isfinite(nums).all():
+            raise ValueError(f"EMAN2Ctf string needs 9 finite numbers: {text[:40]!r}")
         curves = []
         for part in parts[9:11]:
             count, *vals = part.split(",")
@@ -132,8 +140,22 @@ class EmanCtf:
 
     @classmethod
     def from_json(cls, obj: dict) -> EmanCtf:
+        """Raises ValueError for a missing defocus or a value of the wrong type."""
         keys = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in obj.items() if k in keys})
+        if "defocus" not in obj:
+            raise ValueError("EMAN2Ctf without a defocus")
+        values = {k: v for k, v in obj.items() if k in keys}
+        for k, v in values.items():
+            curve = k in ("background", "snr")
+            ok = (
+                isinstance(v, list) and all(isinstance(x, int | float) for x in v)
+                if curve
+                else isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+            )
+            if not ok:
+                want = "a list of numbers" if curve else "a finite number"
+                raise ValueError(f"EMAN2Ctf {k}={v!r} is not {want}")
+        return cls(**values)
 
 
 def _g10(v: float) -> str:
@@ -241,7 +263,9 @@ def decode_attr(key: str, value: Any) -> Any:
     """An HDF attribute as an EMAN2 header value (EMAN2 ``read_attr`` rules)."""
     if isinstance(value, bytes | np.bytes_):
         text = bytes(value).rstrip(b"\0").decode("ascii", errors="replace")
-        if key == "ctf" or (len(text) > 1 and text[0] in "EO" and text[1].isdigit()):
+        if key == "ctf":
+            return EmanCtf.from_string(text)  # ValueError names what is wrong
+        if len(text) > 1 and text[0] in "EO" and text[1].isdigit():
             try:
                 return EmanCtf.from_string(text)
             except (ValueError, IndexError):
@@ -267,6 +291,10 @@ def decode_attr(key: str, value: Any) -> Any:
 # --- reading --------------------------------------------------------------------------
 
 
+#: what h5py raises on damaged files (its C library reports corruption as RuntimeError)
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError)
+
+
 class HdfImages:
     """An open EMAN2 HDF file, read lazily image by image."""
 
@@ -285,7 +313,7 @@ class HdfImages:
             raise CryorefineError(
                 f"{self.path}: not an EMAN2 image file (no /MDF/images imageid_max)"
             ) from exc
-        except OSError as exc:
+        except _H5_ERRORS as exc:
             raise CryorefineError(
                 f"{self.path}: unreadable or truncated HDF5 file ({exc})"
             ) from exc
@@ -299,9 +327,19 @@ class HdfImages:
             return self._group[str(i)]
         except KeyError as exc:
             raise CryorefineError(f"{self.path}: image {i} is missing") from exc
+        except _H5_ERRORS as exc:
+            raise CryorefineError(f"{self.path}: image {i} cannot be read ({exc})") from None
 
     def shape(self, i: int = 0) -> tuple[int, ...]:
-        return tuple(self._entry(i)["image"].shape)
+        try:
+            shape = tuple(self._entry(i)["image"].shape)
+        except CryorefineError:
+            raise
+        except _H5_ERRORS as exc:
+            raise CryorefineError(f"{self.path}: image {i} cannot be read ({exc})") from None
+        if not 1 <= len(shape) <= 3 or min(shape) < 1:
+            raise CryorefineError(f"{self.path}: image {i} has shape {shape}")
+        return shape
 
     def header(self, i: int, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
         """Header of image ``i`` with the ``EMAN.`` prefix stripped.
@@ -310,14 +348,20 @@ class HdfImages:
         HDF5, so a stack's metadata is read much faster this way).
         """
         attrs = self._entry(i).attrs
-        if keys is None:
-            names = list(attrs)
-        else:
-            names = [n for n in (f"EMAN.{k}" for k in keys) if n in attrs]
+        try:
+            if keys is None:
+                names = list(attrs)
+            else:
+                names = [n for n in (f"EMAN.{k}" for k in keys) if n in attrs]
+        except _H5_ERRORS as exc:
+            raise CryorefineError(f"{self.path}: image {i}: unreadable header ({exc})") from None
         out = {}
         for name in names:
             key = name[5:] if name.startswith("EMAN.") else name
-            out[key] = decode_attr(key, attrs[name])
+            try:
+                out[key] = decode_attr(key, attrs[name])
+            except _H5_ERRORS as exc:
+                raise CryorefineError(f"{self.path}: image {i}: {key}: {exc}") from None
         return out
 
     def image(self, i: int) -> np.ndarray:
@@ -325,15 +369,17 @@ class HdfImages:
         entry = self._entry(i)
         try:
             raw = entry["image"][()]
-        except (OSError, KeyError) as exc:
-            raise CryorefineError(f"{self.path}: image {i} cannot be read ({exc})") from exc
-        data = np.asarray(raw, dtype=np.float32)
-        bits = entry.attrs.get("EMAN.stored_renderbits")
-        if bits is not None and int(np.ravel(bits)[0]) > 0:
-            b = int(np.ravel(bits)[0])
-            lo = float(np.ravel(entry.attrs["EMAN.stored_rendermin"])[0])
-            hi = float(np.ravel(entry.attrs["EMAN.stored_rendermax"])[0])
-            data = data / (2**b - 1) * (hi - lo) + lo
+            data = np.asarray(raw, dtype=np.float32)
+            bits = entry.attrs.get("EMAN.stored_renderbits")
+            if bits is not None and int(np.ravel(bits)[0]) > 0:
+                b = int(np.ravel(bits)[0])
+                lo = float(np.ravel(entry.attrs["EMAN.stored_rendermin"])[0])
+                hi = float(np.ravel(entry.attrs["EMAN.stored_rendermax"])[0])
+                if not (0 < b <= 32 and np.isfinite(lo) and np.isfinite(hi)):
+                    raise ValueError(f"stored_renderbits {b} over [{lo}, {hi}]")
+                data = data / (2**b - 1) * (hi - lo) + lo
+        except _H5_ERRORS as exc:
+            raise CryorefineError(f"{self.path}: image {i} cannot be read ({exc})") from None
         if data.ndim == 1:
             data = data[None]
         return data

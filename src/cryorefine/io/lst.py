@@ -83,13 +83,16 @@ def _decode_fields(parts: list[str], where: str) -> LstRecord:
         raise CryorefineError(f"{where}: image index {parts[0]!r} is not an integer") from exc
     if len(parts) < 2 or not parts[1]:
         raise CryorefineError(f"{where}: record has no file name")
+    if n < 0:
+        raise CryorefineError(f"{where}: image index {n} is negative")
     params: dict[str, Any] = {}
     if len(parts) > 2 and parts[2].strip().startswith("{"):
         try:
             value = json.loads(parts[2].strip(), object_hook=_json_hook)
-        except json.JSONDecodeError:
-            value = {}  # 2013-style free text: an opaque comment
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise CryorefineError(f"{where}: header overrides are not valid JSON ({exc})") from None
         params = value if isinstance(value, dict) else {"__default__": value}
+    # a third field that is not JSON is 2013-style free text: an opaque comment
     return LstRecord(n, parts[1], params)
 
 

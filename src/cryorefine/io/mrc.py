@@ -71,8 +71,10 @@ def _open_permissive(path: Path) -> mrcfile.mrcfile.MrcFile:
 
 def header_apix(mrc: mrcfile.mrcfile.MrcFile) -> float:
     """Pixel size in Å from an open file's header (x axis); 0.0 when absent."""
-    apix = float(mrc.voxel_size.x)
-    return apix if np.isfinite(apix) and apix > 0 else 0.0
+    mx, cella_x = int(mrc.header.mx), float(mrc.header.cella.x)
+    if mx <= 0 or not np.isfinite(cella_x) or cella_x <= 0:
+        return 0.0
+    return cella_x / mx
 
 
 def header_origin_a(mrc: mrcfile.mrcfile.MrcFile) -> tuple[float, float, float]:
@@ -112,7 +114,9 @@ def write_mrc(
     arr = np.ascontiguousarray(data, dtype=np.float32)
     with atomic_output(path, overwrite=overwrite) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(arr)
+            with np.errstate(all="ignore"):  # float32 statistics of extreme values
+                mrc.set_data(arr)
+            set_header_stats(mrc.header, arr)
             if arr.ndim == 3:
                 if stack:
                     mrc.set_image_stack()
@@ -121,6 +125,29 @@ def write_mrc(
             mrc.voxel_size = apix
             mrc.header.origin = origin_a
     return Path(path)
+
+
+def set_header_stats(header, data: np.ndarray, *, chunk: int = 256) -> None:
+    """dmin, dmax, dmean and rms of ``data`` in the header, summed in float64 a chunk of
+    images at a time (mrcfile's float32 sums overflow on extreme values; the header
+    fields are float32, so such values are stored clipped to its range)."""
+    arr = data.reshape((-1,) + data.shape[-2:]) if data.ndim >= 2 else data.reshape(1, 1, -1)
+    total, total2, count = 0.0, 0.0, 0
+    lo, hi = np.inf, -np.inf
+    for s in range(0, len(arr), chunk):
+        block = np.asarray(arr[s : s + chunk], dtype=np.float64)
+        lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+        total += float(block.sum())
+        total2 += float(np.square(block).sum())
+        count += block.size
+    if count == 0:
+        return
+    mean = total / count
+    rms = np.sqrt(max(total2 / count - mean * mean, 0.0))
+    big = float(np.finfo(np.float32).max)
+    header.dmin, header.dmax, header.dmean, header.rms = (
+        float(np.clip(v, -big, big)) for v in (lo, hi, mean, rms)
+    )
 
 
 class MrcStackWriter:
@@ -152,6 +179,6 @@ class MrcStackWriter:
 
     def __exit__(self, *exc) -> None:
         if exc[0] is None:
-            self._mrc.update_header_stats()
+            set_header_stats(self._mrc.header, self._mrc.data)
         self._mrc.close()
         self._ctx.__exit__(*exc)

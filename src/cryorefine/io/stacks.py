@@ -172,6 +172,10 @@ class ParticleStack:
             meta = meta_from_eman_headers(headers, [src.path] * src.count, np.arange(src.count))
         else:
             meta, sources = _read_lst(path, root_p)
+        if len(meta) == 0:
+            for src in sources.values():
+                src.close()
+            raise CryorefineError(f"{path}: holds no images")
         stack = cls(meta, 0, label=str(path), sources=sources)
         stack._check_sources()
         stack._settle_apix(apix)
@@ -313,18 +317,47 @@ class ParticleStack:
 # --- EMAN2 headers <-> metadata ---------------------------------------------------------
 
 
+def _header_number(h: dict[str, Any], key: str, where: str, *, integer: bool = False):
+    """``h[key]`` as a finite number (or ``None`` when absent); an error names the field."""
+    if key not in h:
+        return None
+    v = h[key]
+    ok = isinstance(v, int) if integer else isinstance(v, int | float) and np.isfinite(v)
+    if isinstance(v, bool) or not ok:
+        kind = "an integer" if integer else "a finite number"
+        raise CryorefineError(f"{where}: {key} {v!r} is not {kind}")
+    return v
+
+
 def meta_from_eman_headers(
-    headers: list[dict[str, Any]], paths: list[str], indices: np.ndarray
+    headers: list[dict[str, Any]],
+    paths: list[str],
+    indices: np.ndarray,
+    labels: list[str] | None = None,
 ) -> ParticleMetadata:
-    """Metadata from EMAN2 image headers (after any ``.lst`` overrides)."""
+    """Metadata from EMAN2 image headers (after any ``.lst`` overrides).
+
+    ``labels``: where each header comes from, for errors (default ``path image i``).
+
+    Raises
+    ------
+    CryorefineError
+        A known key with a value of the wrong type (``ctf``, ``xform.projection``,
+        ``apix_x``, ``class``, ``class_id``, ``score``, ``weight``), naming the image.
+    """
     n = len(headers)
     meta = ParticleMetadata.empty(n, source_index=indices)
     meta.source_path = np.asarray(paths, dtype=object)
     ctf_rows: dict[str, list[float]] = {}
     curves = np.full(n, None, dtype=object)
     for i, h in enumerate(headers):
+        where = labels[i] if labels is not None else f"{paths[i]} image {indices[i]}"
         c = h.get("ctf")
-        apix = float(h.get("apix_x", 0.0) or 0.0)
+        apix = _header_number(h, "apix_x", where) or 0.0
+        if apix < 0:
+            raise CryorefineError(f"{where}: apix_x {apix} is negative")
+        if c is not None and not isinstance(c, eman2.EmanCtf):
+            raise CryorefineError(f"{where}: ctf {c!r} is not an EMAN2Ctf")
         if isinstance(c, eman2.EmanCtf):
             apix = c.apix if c.apix > 0 else apix
             for k, v in eman2.relion_ctf_from_eman(c).items():
@@ -333,18 +366,22 @@ def meta_from_eman_headers(
                 curves[i] = (float(c.dsbg), list(c.background), list(c.snr))
         meta.apix[i] = apix
         xf = h.get("xform.projection")
-        if isinstance(xf, eman2.Transform):
+        if xf is not None:
+            if not isinstance(xf, eman2.Transform) or not np.isfinite(xf.matrix).all():
+                raise CryorefineError(f"{where}: xform.projection {xf!r} is not a Transform")
             rot, shift = eman2.split_projection_transform(xf)
             meta.rotations[i] = rot
             meta.shift_a[i] = shift * apix
-        if isinstance(h.get("class"), int) and h["class"] >= 0:
-            meta.half_set[i] = h["class"] + 1
-        if isinstance(h.get("class_id"), int):
-            meta.class_number[i] = h["class_id"]
-        if isinstance(h.get("score"), float | int):
-            meta.score[i] = float(h["score"])
-        if isinstance(h.get("weight"), float | int):
-            meta.weight[i] = float(h["weight"])
+        cls = _header_number(h, "class", where, integer=True)
+        if cls is not None and cls >= 0:
+            meta.half_set[i] = cls + 1
+        class_id = _header_number(h, "class_id", where, integer=True)
+        if class_id is not None:
+            meta.class_number[i] = class_id
+        for key, target in (("score", meta.score), ("weight", meta.weight)):
+            v = _header_number(h, key, where)
+            if v is not None:
+                target[i] = float(v)
     if ctf_rows:
         meta.ctf = CTFParams(**{k: np.asarray(v) for k, v in ctf_rows.items()}, scale=np.ones(n))
     if any(c is not None for c in curves):
@@ -408,7 +445,9 @@ def _read_lst(path: Path, root: Path) -> tuple[ParticleMetadata, dict[str, Any]]
         base = src.header(rec.n) if isinstance(src, _HdfSource) else {"apix_x": src.apix}
         headers.append({**base, **rec.params})
         paths.append(full)
-    meta = meta_from_eman_headers(headers, paths, np.array([r.n for r in records], dtype=np.int64))
+    labels = [f"{path}: record {i}" for i in range(len(records))]
+    indices = np.array([r.n for r in records], dtype=np.int64)
+    meta = meta_from_eman_headers(headers, paths, indices, labels)
     return meta, sources
 
 

@@ -86,10 +86,29 @@ def _particle_block(blocks: dict[str, pd.DataFrame], path: Path) -> pd.DataFrame
     )
 
 
-def _column(df: pd.DataFrame, name: str, default: float) -> np.ndarray:
-    if name in df.columns:
-        return pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=np.float64)
-    return np.full(len(df), default, dtype=np.float64)
+def _column(
+    df: pd.DataFrame, name: str, default: float, path: Path, *, integer: bool = False
+) -> np.ndarray:
+    """A numeric column as float64, ``default`` where the file has no such column.
+
+    Raises
+    ------
+    CryorefineError
+        Naming the file, the particle (1-based row) and the column, for a value that is
+        not a finite number (or, with ``integer``, not a whole number).
+    """
+    if name not in df.columns:
+        return np.full(len(df), default, dtype=np.float64)
+    raw = df[name]
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if integer:
+        bad |= np.where(bad, False, values != np.round(values))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        kind = "a whole number" if integer else "a finite number"
+        raise CryorefineError(f"{path}: particle {i + 1}: {name} {raw.iloc[i]!r} is not {kind}")
+    return values
 
 
 def _resolve(names: np.ndarray, star_dir: Path, root: Path, path: Path) -> np.ndarray:
@@ -146,6 +165,8 @@ def read_particle_star(
     blocks = read_star_blocks(path)
     parts = _particle_block(blocks, path).reset_index(drop=True)
     n = len(parts)
+    if n == 0:
+        raise CryorefineError(f"{path}: the particle table has no particles (no rows)")
     optics = blocks.get("optics")
     per = parts.copy()
     optics_extra: dict[str, np.ndarray] = {}
@@ -154,8 +175,11 @@ def read_particle_star(
             raise CryorefineError(
                 f"{path}: data_optics is present but particles have no rlnOpticsGroup column"
             )
-        groups = optics.set_index(pd.to_numeric(optics["rlnOpticsGroup"]).astype(int))
-        gid = pd.to_numeric(parts["rlnOpticsGroup"]).astype(int).to_numpy()
+        optics_ids = _column(optics, "rlnOpticsGroup", 0, path, integer=True).astype(int)
+        groups = optics.set_index(optics_ids)
+        if groups.index.has_duplicates:
+            raise CryorefineError(f"{path}: data_optics defines an rlnOpticsGroup twice")
+        gid = _column(parts, "rlnOpticsGroup", 0, path, integer=True).astype(int)
         missing = sorted(set(gid) - set(groups.index))
         if missing:
             raise CryorefineError(
@@ -173,12 +197,12 @@ def read_particle_star(
     meta.source_path = _resolve(files, path.parent, root, path)
     meta.optics_extra = optics_extra
 
-    apix = _column(per, "rlnImagePixelSize", np.nan)
+    apix = _column(per, "rlnImagePixelSize", np.nan, path)
     if np.isnan(apix).any() and {"rlnDetectorPixelSize", "rlnMagnification"} <= set(per.columns):
         alt = (
             1e4
-            * _column(per, "rlnDetectorPixelSize", np.nan)
-            / _column(per, "rlnMagnification", np.nan)
+            * _column(per, "rlnDetectorPixelSize", np.nan, path)
+            / _column(per, "rlnMagnification", np.nan, path)
         )
         apix = np.where(np.isnan(apix), alt, apix)
     meta.apix = np.where(np.isfinite(apix), apix, 0.0)
@@ -189,35 +213,50 @@ def read_particle_star(
             raise CryorefineError(
                 f"{path}: has rlnDefocusU but no {' or '.join(need)}; the CTF needs them"
             )
-        u = _column(per, "rlnDefocusU", np.nan)
+        u = _column(per, "rlnDefocusU", np.nan, path)
         meta.ctf = CTFParams(
             u,
-            _column(per, "rlnDefocusV", np.nan) if "rlnDefocusV" in per.columns else u,
-            _column(per, "rlnDefocusAngle", 0.0),
-            _column(per, "rlnVoltage", np.nan),
-            _column(per, "rlnSphericalAberration", np.nan),
-            _column(per, "rlnAmplitudeContrast", 0.1),
-            _column(per, "rlnPhaseShift", 0.0),
-            _column(per, "rlnCtfBfactor", 0.0),
-            _column(per, "rlnCtfScalefactor", 1.0),
+            _column(per, "rlnDefocusV", np.nan, path) if "rlnDefocusV" in per.columns else u,
+            _column(per, "rlnDefocusAngle", 0.0, path),
+            _column(per, "rlnVoltage", np.nan, path),
+            _column(per, "rlnSphericalAberration", np.nan, path),
+            _column(per, "rlnAmplitudeContrast", 0.1, path),
+            _column(per, "rlnPhaseShift", 0.0, path),
+            _column(per, "rlnCtfBfactor", 0.0, path),
+            _column(per, "rlnCtfScalefactor", 1.0, path),
         )
     angle_cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
     if any(c in per.columns for c in angle_cols):
-        meta.rotations = relion_to_matrices(*(_column(per, c, 0.0) for c in angle_cols))
+        meta.rotations = relion_to_matrices(*(_column(per, c, 0.0, path) for c in angle_cols))
     if "rlnOriginXAngst" in per.columns or "rlnOriginYAngst" in per.columns:
         origin = np.stack(
-            [_column(per, "rlnOriginXAngst", 0.0), _column(per, "rlnOriginYAngst", 0.0)], axis=1
+            [
+                _column(per, "rlnOriginXAngst", 0.0, path),
+                _column(per, "rlnOriginYAngst", 0.0, path),
+            ],
+            axis=1,
         )
     else:
         origin = (
-            np.stack([_column(per, "rlnOriginX", 0.0), _column(per, "rlnOriginY", 0.0)], axis=1)
+            np.stack(
+                [_column(per, "rlnOriginX", 0.0, path), _column(per, "rlnOriginY", 0.0, path)],
+                axis=1,
+            )
             * meta.apix[:, None]
         )
     meta.shift_a = -origin
     if "rlnClassNumber" in per.columns:
-        meta.class_number = _column(per, "rlnClassNumber", 0).astype(np.int64) - 1
+        classes = _column(per, "rlnClassNumber", 0, path, integer=True)
+        meta.class_number = classes.astype(np.int64) - 1
     if "rlnRandomSubset" in per.columns:
-        meta.half_set = _column(per, "rlnRandomSubset", 0).astype(np.int64)
+        halves = _column(per, "rlnRandomSubset", 0, path, integer=True).astype(np.int64)
+        bad = ~np.isin(halves, (0, 1, 2))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise CryorefineError(
+                f"{path}: particle {i + 1}: rlnRandomSubset {halves[i]} is not 1 or 2"
+            )
+        meta.half_set = halves
     meta.extra = {c: parts[c].to_numpy() for c in parts.columns if c not in _USED}
     return meta
 
@@ -351,4 +390,4 @@ def read_orientations_star(path: str | os.PathLike) -> np.ndarray:
         table = next((b for b in blocks.values() if any(c in b.columns for c in cols)), None)
     if table is None:
         raise CryorefineError(f"{path}: no rlnAngleRot/rlnAngleTilt/rlnAnglePsi columns")
-    return relion_to_matrices(*(_column(table, c, 0.0) for c in cols))
+    return relion_to_matrices(*(_column(table, c, 0.0, path) for c in cols))
