@@ -8,7 +8,7 @@ import pytest
 
 import cryorefine.config  # noqa: F401  (fills the registries)
 from cryorefine.align import transform2d as t2d
-from cryorefine.align.align2d import refine, rotate_translate_flip, translational
+from cryorefine.align.align2d import refine_alignment, rotate_translate_flip, translational
 from cryorefine.align.engine import align_all
 from cryorefine.align.rotational import angle_step, polar_size
 from cryorefine.registry import ALIGNERS, COMPARATORS
@@ -73,7 +73,7 @@ def test_quarter_turns_and_turned_sums_match_direct_computation(n):
     the direct bilinear rotation, the turned images' line sums derived from the
     untouched images equal those computed on rotate180 images, and the bank's
     transforms (half of them permuted from the others) equal FFTs of its images."""
-    from cryorefine.align.engine import _bank, _line_sums, _turned_line_sums
+    from cryorefine.align.bank import build_bank, line_sums, turned_line_sums
     from cryorefine.align.rotational import polar_size
 
     rng = np.random.default_rng(2)
@@ -81,11 +81,11 @@ def test_quarter_turns_and_turned_sums_match_direct_computation(n):
     alpha = rng.uniform(0, 180, 6)
     direct = t2d.apply_transform(images, alpha, 0, 0, 0)
     assert np.allclose(t2d.rotate_with_quarter_turns(images, alpha, alpha >= 90), direct, atol=1e-6)
-    base = _line_sums(images, np.empty((6, 2, 2, n + 1)))
-    turned = _turned_line_sums(images, base, np.empty_like(base))
-    expected = _line_sums(t2d.rotate180(images), np.empty_like(base))
+    base = line_sums(images, np.empty((6, 2, 2, n + 1)))
+    turned = turned_line_sums(images, base, np.empty_like(base))
+    expected = line_sums(t2d.rotate180(images), np.empty_like(base))
     assert np.allclose(turned, expected, atol=1e-9)
-    bank = _bank(images, np.array([4, 1]), polar_size(n)[0])
+    bank = build_bank(images, np.array([4, 1]), polar_size(n)[0])
     ft = np.fft.rfft2(bank.images.astype(np.float64))
     scale = np.abs(ft).max()
     assert np.abs(bank.re - ft.real).max() < 1e-6 * scale
@@ -97,8 +97,8 @@ def test_materialised_candidates_match_the_transforms(n):
     """The engine's one-pass candidate images equal rotate180, shift_integer and
     mirror_x applied in turn (every combination of turn, shift and mirror), beside the
     images they are compared with; with zeromask both are zeroed wherever either is 0."""
+    from cryorefine.align.candidates import materialised
     from cryorefine.align.compare import _zeromask
-    from cryorefine.align.engine import _materialised
 
     rng = np.random.default_rng(5)
     bank = rng.standard_normal((3, n, n)).astype(np.float32)
@@ -108,13 +108,13 @@ def test_materialised_candidates_match_the_transforms(n):
     idx, turned, mirror = rng.integers(0, 3, k), rng.integers(0, 2, k), rng.integers(0, 2, k)
     dx, dy = rng.integers(-4, 5, k), rng.integers(-4, 5, k)
     o_i = rng.integers(0, 4, k)
-    got, other = (a.copy() for a in _materialised(bank, idx, turned, dx, dy, mirror, others, o_i))
+    got, other = (a.copy() for a in materialised(bank, idx, turned, dx, dy, mirror, others, o_i))
     want = bank[idx]
     want[turned == 1] = t2d.rotate180(want[turned == 1])
     want = t2d.shift_integer(want, dx, dy)
     want[mirror == 1] = t2d.mirror_x(want[mirror == 1])
     assert np.array_equal(got, want) and np.array_equal(other, others[o_i])
-    masked = _materialised(bank, idx, turned, dx, dy, mirror, others, o_i, zeromask=True)
+    masked = materialised(bank, idx, turned, dx, dy, mirror, others, o_i, zeromask=True)
     expected = _zeromask(want, others[o_i])
     assert all(np.array_equal(g, e) for g, e in zip(masked, expected, strict=True))
     assert (masked[0] == 0).sum() > (want == 0).sum()  # the zero columns of others[0] count
@@ -177,7 +177,7 @@ def test_rotate_translate_flip_and_refine_at_snr_03(projections):
     ref, particles, truth = _trials(projections, 500, 0.3, 5)
     ccc = COMPARATORS.parse("ccc")
     coarse = rotate_translate_flip(ref, particles, maxshift=5, cmp=ccc)
-    res = refine(ref, particles, start=coarse.params, cmp=ccc)
+    res = refine_alignment(ref, particles, start=coarse.params, cmp=ccc)
     assert _recovered(res, truth).mean() >= 0.95
 
 
@@ -187,7 +187,7 @@ def test_alignment_errors_reach_the_cramer_rao_bound(projections):
     ref, particles, truth = _trials(projections, 200, 1.0, 7, integer_shifts=False)
     ccc = COMPARATORS.parse("ccc")
     coarse = rotate_translate_flip(ref, particles, maxshift=6, cmp=ccc)
-    res = refine(ref, particles, start=coarse.params, cmp=ccc)
+    res = refine_alignment(ref, particles, start=coarse.params, cmp=ccc)
     assert (res.mirror == truth[3]).all()
     err = np.stack(
         [(res.alpha - truth[0] + 180) % 360 - 180, res.tx - truth[1], res.ty - truth[2]], 1
@@ -207,7 +207,7 @@ def test_exhaustive_search_and_refine_reach_the_noise_limit(projections):
     ref, particles, truth = _trials(projections, 500, 0.1, 5)
     ccc = COMPARATORS.parse("ccc")
     coarse = ALIGNERS.parse("rtf_exhaustive:maxshift=5")(ref, particles, cmp=ccc)
-    res = refine(ref, particles, start=coarse.params, cmp=ccc)
+    res = refine_alignment(ref, particles, start=coarse.params, cmp=ccc)
     ok = _recovered(res, truth)
     assert ok.mean() >= 0.7, ok.mean()  # the footprint search alone: about 0.2
     assert (res.mirror == truth[3]).mean() >= 0.99
@@ -233,12 +233,12 @@ def test_refine_polishes_a_perturbed_start(projections):
         ty + rng.choice([-1.0, 1.0], k),
         mirror,
     )
-    res = refine(ref, target, start=start, cmp=COMPARATORS.parse("ccc"))
+    res = refine_alignment(ref, target, start=start, cmp=COMPARATORS.parse("ccc"))
     assert angle_diff(res.alpha, alpha).max() <= 0.5
     assert np.abs(res.tx - tx).max() <= 0.25 and np.abs(res.ty - ty).max() <= 0.25
     assert (res.mirror == mirror).all()
     # a solution beyond maxshift is rejected: the start comes back
-    far = refine(ref[:3], target[:3], start=tuple(v[:3] for v in start), maxshift=0)
+    far = refine_alignment(ref[:3], target[:3], start=tuple(v[:3] for v in start), maxshift=0)
     assert np.allclose(far.tx, start[1][:3]) and np.allclose(far.alpha % 360, start[0][:3] % 360)
 
 

@@ -200,3 +200,4 @@ def test_half_set_groups_share_the_thread_accumulators():
     whole = FourierVolume(2 * n, n, threads=1)
     whole.insert(slices, rots, ops=np.eye(3)[None], weights=np.ones(k))
     np.testing.assert_allclose(both.finish(), whole.finish(), atol=1e-5)
+    np.testing.assert_array_equal(both.symmetrised_weights(), both.symmetrised()[1])

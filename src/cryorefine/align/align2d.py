@@ -270,11 +270,11 @@ def rotate_translate_flip(moving, target, *, maxshift=None, cmp=None, **ctx) -> 
         Param(
             "mode", int, "0: the comparator (mode 2, a built-in dot, is not supported)", default=0
         ),
-        Param("mask", str, "mask image file multiplied into the moved image"),
+        Param("mask", str, "mask image file multiplied into the moved image", file="image"),
     ),
     check=lambda p, w: _check_refine(p, w),
 )
-def refine(
+def refine_alignment(
     moving,
     target,
     *,

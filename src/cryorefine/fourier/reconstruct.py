@@ -248,6 +248,17 @@ class FourierVolume:
         return qual, scale
 
     # --- finishing -------------------------------------------------------------------
+    def symmetrised_weights(self, group: int | None = None) -> np.ndarray:
+        """``wsum`` alone, with the Hermitian planes completed (as :meth:`symmetrised`)."""
+        blocks = self._blocks(group)
+        w = np.ascontiguousarray(blocks[0][..., 2])
+        for b in blocks[1:]:
+            w += b[..., 2]
+        for x in (0, self.size // 2):
+            plane = w[:, :, x].copy()
+            w[:, :, x] = plane + np.roll(plane[::-1, ::-1], 1, axis=(0, 1))
+        return w
+
     def symmetrised(self, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``fsum, wsum`` with the Hermitian planes ``x = 0`` and ``x = P/2`` completed."""
         f, w = self.sums(group)
@@ -297,11 +308,15 @@ _MODES = {
 
 
 def _shell_index(size: int) -> np.ndarray:
-    """Radius (rounded, in voxels) of each element of the half-space ``(P, P, P/2+1)`` grid."""
-    f = scipy.fft.fftfreq(size, 1.0 / size)
-    fx = np.arange(size // 2 + 1)
-    r = np.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + fx[None, None, :] ** 2)
-    return np.rint(r).astype(np.int64)
+    """Radius (rounded, in voxels) of each element of the half-space ``(P, P, P/2+1)``
+    grid, int16 (the radius stays below ``P``), built a plane at a time."""
+    f = scipy.fft.fftfreq(size, 1.0 / size).astype(np.float32)
+    fx = np.arange(size // 2 + 1, dtype=np.float32)
+    plane = f[:, None] ** 2 + fx[None, :] ** 2
+    out = np.empty((size, size, size // 2 + 1), np.int16)
+    for z in range(size):
+        out[z] = np.rint(np.sqrt(plane + f[z] ** 2))
+    return out
 
 
 def backproject(
@@ -377,7 +392,7 @@ def wiener_regularisation(volume: FourierVolume, half_fsc: np.ndarray) -> np.nda
     h = np.r_[h[:2], np.convolve(padded, np.ones(5) / 5, mode="valid")[2:]]
     full = np.clip(2 * h / (1 + h), 0.02, 0.999)
     ssnr = full / (1 - full)
-    _, w = volume.symmetrised()
+    w = volume.symmetrised_weights()
     shell = np.minimum(_shell_index(size), size // 2)
     counts = np.bincount(shell.ravel(), minlength=size // 2 + 1)
     mean_w = np.bincount(shell.ravel(), w.ravel(), size // 2 + 1) / np.maximum(counts, 1)
