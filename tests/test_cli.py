@@ -383,8 +383,12 @@ def test_make3d_and_fsc_commands(in_tmp, run_cli, rnapol2_64):
     assert code == 0 and "400 images inserted" in out and "CTF on" in out, err
     code, out, err = run_cli("fsc", "m.mrc", rnapol2_64, "--out", "cmp")
     assert code == 0, err
-    res143 = float(out.split("FSC 0.143:")[1].split()[0])
+    import starfile
+
+    general = starfile.read(in_tmp / "cmp.star", always_dict=True)["general"]
+    res143 = float(general["rlnFinalResolution"])
     assert 6.0 <= res143 < 12.0
+    assert f"{res143:.2f}" in out  # the printed figure is the file's
     lines = (in_tmp / "cmp.txt").read_text().splitlines()
     assert len(lines) == 32 and lines[0].split("\t")[0] == f"{1 / (64 * 3.0):g}"
     assert (in_tmp / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -45,6 +45,15 @@ def parse_option(registry: Registry, text: str | None, *, option: str) -> Modifi
     return read_modifier_files(registry.parse(text, option=option), option=option)
 
 
+def _required(registry: Registry, text: str | None, *, option: str) -> Modifier:
+    """:func:`parse_option` for an option that cannot be ``none``."""
+    mod = parse_option(registry, text, option=option)
+    if mod is None:
+        article = "an" if registry.singular[0] in "aeiou" else "a"
+        raise CryorefineError(f"{option}: {article} {registry.singular} is required")
+    return mod
+
+
 def automask_processor(values: str) -> str:
     """EMAN2's ``--automask3d thr,radius,nshells,nshellsgauss,nmaxseed`` as a processor."""
     parts = [v.strip() for v in values.split(",")]
@@ -92,14 +101,8 @@ class Project3dConfig:
 
     def __post_init__(self) -> None:
         symmetry_group(self.sym)
-        gen = ORIENTGENS.parse(self.orientgen, option="--orientgen")
-        if gen is None:
-            raise CryorefineError("--orientgen: an orientation generator is required")
-        proj = PROJECTORS.parse(self.projector, option="--projector")
-        if proj is None:
-            raise CryorefineError("--projector: a projector is required")
-        _set(self, "orientgen_mod", gen)
-        _set(self, "projector_mod", proj)
+        _set(self, "orientgen_mod", _required(ORIENTGENS, self.orientgen, option="--orientgen"))
+        _set(self, "projector_mod", _required(PROJECTORS, self.projector, option="--projector"))
         _set(self, "postprocess_mods", _processors(self.postprocess, "--postprocess"))
 
 
@@ -145,10 +148,7 @@ class SimmxConfig:
         _set(self, "aligncmp_mod", parse_option(COMPARATORS, self.aligncmp, option="--aligncmp"))
         _set(self, "ralign_mod", parse_option(ALIGNERS, self.ralign, option="--ralign"))
         _set(self, "raligncmp_mod", parse_option(COMPARATORS, self.raligncmp, option="--raligncmp"))
-        cmp = parse_option(COMPARATORS, self.cmp, option="--cmp")
-        if cmp is None:
-            raise CryorefineError("--cmp: a comparator is required")
-        _set(self, "cmp_mod", cmp)
+        _set(self, "cmp_mod", _required(COMPARATORS, self.cmp, option="--cmp"))
         if self.mask is not None:
             try:
                 _set(self, "mask_image", read_image(self.mask))
@@ -177,23 +177,25 @@ class ClassifyConfig:
 
 @dataclass(frozen=True)
 class ClassaverageConfig:
-    """Options of ``classaverage`` (EMAN2 e2classaverage), with its defaults.
+    """Options of ``classaverage`` (EMAN2 e2classaverage), with the defaults e2refine
+    passes to it (``--classiter``, ``--classkeep``, ``--classalign`` ...).
 
     ``iterations``: align-average passes; ``keep`` (fraction, or a sigma multiple with
     ``keepsig``): members kept; ``align``/``aligncmp``/``ralign``/``raligncmp``: the
     aligners that bring members onto the average; ``cmp``: the score used to reject;
     ``averager``; ``normproc``: processor applied to each member first; ``setsfref``:
-    impose the reference's structure factor; ``automask``.
+    impose the reference's structure factor; ``automask``. The averager is checked
+    against the averagers' registry once class averaging registers them.
     """
 
     iterations: int = 1
-    keep: float = 1.0
+    keep: float = 0.8
     keepsig: bool = False
-    align: str | None = None
+    align: str | None = "rotate_translate_flip"
     aligncmp: str = "ccc"
     ralign: str | None = None
     raligncmp: str = "ccc"
-    cmp: str = "ccc"
+    cmp: str = "frc:snrweight=1"
     averager: str = "mean"
     normproc: str | None = "normalize.edgemean"
     setsfref: bool = False
@@ -229,10 +231,7 @@ class ClassaverageConfig:
             "raligncmp_mod",
             parse_option(COMPARATORS, self.raligncmp, option="--classraligncmp"),
         )
-        cmp = parse_option(COMPARATORS, self.cmp, option="--classcmp")
-        if cmp is None:
-            raise CryorefineError("--classcmp: a comparator is required")
-        _set(self, "cmp_mod", cmp)
+        _set(self, "cmp_mod", _required(COMPARATORS, self.cmp, option="--classcmp"))
         _set(
             self, "normproc_mod", parse_option(PROCESSORS, self.normproc, option="--classnormproc")
         )
@@ -279,10 +278,7 @@ class Make3dConfig:
 
     def __post_init__(self) -> None:
         symmetry_group(self.sym)
-        recon = RECONSTRUCTORS.parse(self.recon, option="--recon")
-        if recon is None:
-            raise CryorefineError("--recon: a reconstructor is required")
-        _set(self, "recon_mod", recon)
+        _set(self, "recon_mod", _required(RECONSTRUCTORS, self.recon, option="--recon"))
         if self.iterations < 1:
             raise CryorefineError(f"--iter must be at least 1, got {self.iterations}")
         if not self.keepsig and not 0 < self.keep <= 1:
@@ -317,9 +313,7 @@ class RefineConfig:
     project3d: Project3dConfig = field(default_factory=Project3dConfig)
     simmx: SimmxConfig = field(default_factory=SimmxConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
-    classaverage: ClassaverageConfig = field(
-        default_factory=lambda: ClassaverageConfig(iterations=0)
-    )
+    classaverage: ClassaverageConfig = field(default_factory=ClassaverageConfig)
     make3d: Make3dConfig = field(default_factory=Make3dConfig)
 
     def __post_init__(self) -> None:

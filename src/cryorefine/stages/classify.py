@@ -20,6 +20,8 @@ from cryorefine.geometry.euler import particle_from_alignment
 from cryorefine.io.atomic import atomic_output, check_output
 from cryorefine.stages.simmx import Simmx, read_simmx
 
+#: the --simvec score of a class that no particle chose first (EMAN2's value)
+SIMVEC_UNUSED = 100000.0
 CLASSMX_FIELDS = ("cls", "weight", "dx", "dy", "dalpha", "flip", "scale")
 
 
@@ -55,7 +57,7 @@ def simvec_scores(score: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(acc, axis=1, keepdims=True)
     used = norm[:, 0] > 0
     acc = np.where(norm > 0, acc / np.where(norm > 0, norm, 1), 0)
-    out = np.full((n_p, nc), 100000.0)
+    out = np.full((n_p, nc), SIMVEC_UNUSED)
     for i in np.flatnonzero(used):  # one comparison per used class, vectorised over particles
         out[:, i] = sqeuclidean(
             s[:, None, :].astype(np.float32), np.broadcast_to(acc[i], (n_p, 1, nc)), normto=True

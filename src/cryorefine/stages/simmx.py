@@ -32,6 +32,9 @@ from cryorefine.stages.twostage import N_BEST, twostage_pairs
 
 #: the score of a cell that was not computed (or of a blank projection)
 WORST = 1e24
+#: an uncomputed cell of a two-stage row scores this much worse than the row's worst
+#: computed one (e2simmx2stage)
+UNCOMPUTED_MARGIN = 1e-4
 #: aligners that run on the batched engine
 ENGINE = {"rotate_translate_flip", "rotate_translate"}
 FIELDS = ("score", "dx", "dy", "dalpha", "flip", "scale")
@@ -361,7 +364,7 @@ def fill_uncomputed(result: Simmx) -> None:
     computed = s < WORST
     row_max = np.where(computed, s, -np.inf).max(axis=1, keepdims=True)
     row_max = np.where(np.isfinite(row_max), row_max, WORST)
-    result.score[:] = np.where(computed, s, row_max + 1e-4)
+    result.score[:] = np.where(computed, s, row_max + UNCOMPUTED_MARGIN)
 
 
 def _read_exclude(path: Path, n: int) -> np.ndarray:
