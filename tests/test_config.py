@@ -53,18 +53,21 @@ def test_configs_are_frozen_and_compare_by_their_options():
 
 
 def test_the_stages_never_parse_an_option_while_they_run(monkeypatch, projections_d15):
-    """simmx over 6 particles in chunks of 2, and make3d: no registry lookup at all once
-    the configurations exist (every chunk reuses the parsed modifiers)."""
+    """simmx (two stages) over 6 particles in chunks of 2, and make3d: no registry
+    lookup once the configurations exist (every chunk reuses the parsed modifiers)."""
     from cryorefine.stages.make3d import make3d
     from cryorefine.stages.simmx import simmx
     from cryorefine.testing import simulate_particles, solid_sphere
 
     refs = projections_d15[:20]
-    sim_cfg = SimmxConfig(aligncmp="ccc", cmp="frc:zeromask=1:snrweight=1", chunk=2)
+    sim_cfg = SimmxConfig(aligncmp="ccc", cmp="frc:zeromask=1:snrweight=1", chunk=2, twostage=2)
     m3d_cfg = Make3dConfig(preprocess=("normalize.edgemean",), postprocess=("normalize",))
     stack = simulate_particles(
         solid_sphere(64, 10.0), 6, apix=3.0, snr=1.0, rng=np.random.default_rng(0)
     )
+    from cryorefine.stages.twostage import _stage1_comparators
+
+    _stage1_comparators()  # e2simmx2stage's fixed comparators: parsed once per process
     calls = []
     original = Registry.parse
 

@@ -15,6 +15,7 @@ above it sees complete registries.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +155,16 @@ class SimmxConfig:
                 _set(self, "mask_image", read_image(self.mask))
             except CryorefineError as exc:
                 raise CryorefineError(f"--mask: {exc}") from None
+
+    def coarse(self) -> SimmxConfig:
+        """This configuration for stage 2 of e2simmx2stage (the particles against the
+        averaged projections): one stage, no shrink (the caller shrinks), no refining
+        aligner. The parsed options are shared, not parsed again."""
+        out = copy.copy(self)
+        for name, value in (("twostage", 0), ("shrink", None), ("ralign", None)):
+            _set(out, name, value)
+        _set(out, "ralign_mod", None)
+        return out
 
     @property
     def needs_snr(self) -> bool:

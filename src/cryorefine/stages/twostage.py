@@ -13,8 +13,8 @@ for the members of each particle's 4 best averages; the other cells of its row b
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import replace
 
 import numpy as np
 
@@ -100,6 +100,13 @@ def class_averages(refs: np.ndarray, members: list[np.ndarray], align_onto) -> n
     return out
 
 
+@functools.cache
+def _stage1_comparators():
+    """e2simmx2stage's stage-1 comparators (inside the aligner, and the score), parsed
+    once per process."""
+    return COMPARATORS.parse("sqeuclidean:normto=1"), COMPARATORS.parse("sqeuclidean")
+
+
 def twostage_pairs(refs: np.ndarray, cfg: SimmxConfig, apix: float, score: Callable) -> Callable:
     """Stage 1 on the references; returns ``plan(particles, snr) -> (p_idx, c_idx)``.
 
@@ -112,8 +119,8 @@ def twostage_pairs(refs: np.ndarray, cfg: SimmxConfig, apix: float, score: Calla
     # e2simmx2stage's self-comparison, one centre row at a time: the projections
     # share one origin, so only small residual shifts are searched
     kw = dict(
-        cmp=COMPARATORS.parse("sqeuclidean:normto=1"),
-        final=COMPARATORS.parse("sqeuclidean"),
+        cmp=_stage1_comparators()[0],
+        final=_stage1_comparators()[1],
         maxshift=STAGE1_MAXSHIFT,
         ref_spectra=spectra(footprints(small)),
         ref_chunk=nc,  # one bank (small images), kept across the sequential rows
@@ -133,7 +140,7 @@ def twostage_pairs(refs: np.ndarray, cfg: SimmxConfig, apix: float, score: Calla
     with BankCache() as kw["bank_cache"]:
         centres, members = centres_and_members(rows, nc)
         averages = class_averages(small, members, align_onto)
-    coarse_cfg = replace(cfg, twostage=0, shrink=None, ralign=None)
+    coarse_cfg = cfg.coarse()
 
     def plan(particles: np.ndarray, snr: np.ndarray | None):
         images = meanshrink(particles, factor) if factor > 1 else particles
