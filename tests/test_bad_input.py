@@ -172,6 +172,7 @@ def test_damaged_files_give_the_projects_error(valid, kind):
     text = kind in ("star", "lst")
     data = valid[kind].read_bytes()
     run_cli = _runner()
+    seen: set[bytes] = set()
 
     @settings(
         max_examples=EXAMPLES,
@@ -181,9 +182,11 @@ def test_damaged_files_give_the_projects_error(valid, kind):
     )
     @given(damaged(data, text))
     def check(mutated: bytes) -> None:
+        seen.add(mutated)
         _check(kind, valid, lambda _: mutated, run_cli)
 
     check()
+    assert len(seen) >= EXAMPLES * 0.9, len(seen)  # distinct damaged files tried
 
 
 @pytest.mark.parametrize(

@@ -46,3 +46,12 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an existing file; ``False`` (not an exception) for a name
+    no file can have (too long, a NUL byte), as a damaged metadata file may hold."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from cryorefine.errors import CryorefineError
-from cryorefine.io.atomic import atomic_output
+from cryorefine.io.atomic import atomic_output, is_file
 
 HDF_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 TRANSFORM_DTYPE = np.dtype([(f"{r}{c}", "<f4") for r in range(3) for c in range(4)])
@@ -300,7 +300,7 @@ class HdfImages:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
+        if not is_file(self.path):
             raise CryorefineError(f"{self.path}: no such file")
         with open(self.path, "rb") as fh:
             if fh.read(8) != HDF_SIGNATURE:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cryorefine.errors import CryorefineError
-from cryorefine.io.atomic import atomic_output
+from cryorefine.io.atomic import atomic_output, is_file
 from cryorefine.io.eman2 import EmanCtf, Transform
 
 LSX_COMMENT = (
@@ -99,7 +99,7 @@ def _decode_fields(parts: list[str], where: str) -> LstRecord:
 def read_lst(path: str | os.PathLike) -> list[LstRecord]:
     """Read a ``#LSX`` (or legacy ``#LST``) file into records."""
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path):
         raise CryorefineError(f"{path}: no such file")
     raw = path.read_bytes()
     if b"\r" in raw:

@@ -14,6 +14,7 @@ import numpy as np
 
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier import filters
+from cryorefine.io.atomic import is_file
 from cryorefine.io.maps import read_map
 from cryorefine.registry import Modifier
 
@@ -58,7 +59,7 @@ def read_structure_factor(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     ``.hdf``): its radial power spectrum (:func:`fourier.filters.radial_power`).
     """
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path):
         raise CryorefineError(f"{path}: no such file (structure factor)")
     if path.suffix.lower() in (".mrc", ".map", ".hdf", ".h5"):
         m = read_map(path)

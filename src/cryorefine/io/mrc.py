@@ -15,7 +15,7 @@ import mrcfile
 import numpy as np
 
 from cryorefine.errors import CryorefineError
-from cryorefine.io.atomic import atomic_output
+from cryorefine.io.atomic import atomic_output, is_file
 
 #: MRC modes we read (converted to float32); we write mode 2 only.
 READABLE_MODES = {0, 1, 2, 6, 12}
@@ -33,7 +33,7 @@ def open_mrc(path: str | os.PathLike) -> mrcfile.mrcfile.MrcFile:
         If the file is missing, truncated, not an MRC file, or of an unsupported mode.
     """
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path):
         raise CryorefineError(f"{path}: no such file")
     try:
         mrc = mrcfile.mmap(path, mode="r", permissive=False)

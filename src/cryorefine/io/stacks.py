@@ -24,7 +24,7 @@ import numpy as np
 from cryorefine.errors import CryorefineError, CryorefineWarning
 from cryorefine.fourier.ctf import CTFParams
 from cryorefine.io import eman2, lst, star
-from cryorefine.io.atomic import check_output
+from cryorefine.io.atomic import check_output, is_file
 from cryorefine.io.metadata import ParticleMetadata
 from cryorefine.io.mrc import MrcStackWriter, header_apix, open_mrc
 
@@ -81,7 +81,7 @@ def _open_source(path: str) -> _MrcSource | _HdfSource:
 def _resolve(name: str, first: Path, root: Path, where: Path) -> str:
     p = Path(name)
     candidates = [p] if p.is_absolute() else [first / p, root / p]
-    found = next((c for c in candidates if c.is_file()), None)
+    found = next((c for c in candidates if is_file(c)), None)
     if found is None:
         raise CryorefineError(f"{where}: image file {name} not found")
     return str(found.resolve())
@@ -156,7 +156,7 @@ class ParticleStack:
             raise CryorefineError(
                 f"{path}: unknown stack type; use one of {', '.join(STACK_SUFFIXES)}"
             )
-        if not path.is_file():
+        if not is_file(path):
             raise CryorefineError(f"{path}: no such file")
         sources: dict[str, Any] = {}
         if suffix in MRC_SUFFIXES:

@@ -19,7 +19,7 @@ import starfile
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.ctf import CTFParams
 from cryorefine.geometry.euler import matrices_to_relion, relion_to_matrices
-from cryorefine.io.atomic import atomic_output
+from cryorefine.io.atomic import atomic_output, is_file
 from cryorefine.io.metadata import ParticleMetadata
 
 _OPTICS = (
@@ -59,7 +59,7 @@ _USED = {
 def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
     """All blocks of a STAR file as DataFrames (a clear error for unreadable files)."""
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path):
         raise CryorefineError(f"{path}: no such file")
     try:
         with warnings.catch_warnings():
@@ -120,7 +120,7 @@ def _resolve(names: np.ndarray, star_dir: Path, root: Path, path: Path) -> np.nd
             name = name[:-5]
         p = Path(name)
         candidates = [p] if p.is_absolute() else [star_dir / p, root / p]
-        found = next((c for c in candidates if c.is_file()), None)
+        found = next((c for c in candidates if is_file(c)), None)
         if found is None:
             raise CryorefineError(
                 f"{path}: image file {name} not found (looked in "
