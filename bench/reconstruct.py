@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,43 +35,14 @@ import numpy as np
 from cryorefine.fourier.fsc import fsc, resolution_at
 from cryorefine.io.maps import read_map
 from cryorefine.io.stacks import write_stack
-from cryorefine.testing import demo_map, simulate_particles
+from cryorefine.testing import (
+    demo_map,
+    make3d_memory_before_data,
+    measure_command,
+    simulate_particles,
+)
 
 MAP_128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "rnapol2_128.mrc"
-
-# peak RSS of a child process, measured by a small Python parent that runs nothing else
-_CHILD_RSS = """
-import resource, subprocess, sys, time
-t0 = time.perf_counter()
-subprocess.run(sys.argv[1:], check=True, capture_output=True)
-wall = time.perf_counter() - t0
-print(wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
-"""
-
-# what a cryorefine make3d process holds before any data: its imports, the STAR file's
-# metadata and the compiled kernels loaded by a reconstruction of 4 images cut to 16 px
-# (measured through run_measured: a process forked from this large one would inherit
-# its peak RSS)
-_BASELINE = """
-import sys
-import numpy as np
-from cryorefine.config import Make3dConfig
-from cryorefine.io.stacks import ParticleStack
-from cryorefine.stages.make3d import make3d
-stack = ParticleStack.from_path(sys.argv[1]).take(np.arange(4))
-c = stack.box // 2
-tiny = stack.read()[:, c - 8 : c + 8, c - 8 : c + 8]
-make3d(ParticleStack.from_arrays(tiny, apix=stack.apix, meta=stack.meta), Make3dConfig())
-"""
-
-
-def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of ``cmd`` run in a fresh process."""
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD_RSS, *cmd], check=True, capture_output=True, text=True
-    )
-    wall, rss = out.stdout.split()
-    return float(wall), float(rss)
 
 
 def map_figures(volume: np.ndarray, truth: np.ndarray, apix: float) -> dict[str, float]:
@@ -117,15 +87,15 @@ def _run_case(truth_data: np.ndarray, apix: float, n: int, label: str) -> list[d
     print(f"\n{label}: simulated {n} particles in {time.perf_counter() - t0:.0f} s")
     rows = []
     ours = [sys.executable, "-m", "cryorefine", "make3d", "--input", "particles.star"]
-    run_measured([*ours, "--output", "warm.mrc"])  # the kernels' on-disk cache is filled
-    wall, rss = run_measured([*ours, "--output", "ours.mrc"])
-    _, base = run_measured([sys.executable, "-c", _BASELINE, "particles.star"])
+    measure_command([*ours, "--output", "warm.mrc"])  # the kernels' on-disk cache is filled
+    wall, rss = measure_command([*ours, "--output", "ours.mrc"])
+    base = make3d_memory_before_data("particles.star")
     fig = map_figures(read_map(Path("ours.mrc")).data, truth_data, apix)
     rows.append({"program": "cryorefine make3d", "wall_s": wall, "rss_mib": rss, **fig})
     rows[-1]["baseline_mib"] = base
     if shutil.which("relion_reconstruct"):
         cmd = ["relion_reconstruct", "--i", "particles.star", "--o", "relion.mrc", "--ctf"]
-        wall, rss = run_measured([*cmd, "--angpix", str(apix)])
+        wall, rss = measure_command([*cmd, "--angpix", str(apix)])
         fig = map_figures(read_map(Path("relion.mrc")).data, truth_data, apix)
         rows.append({"program": "relion_reconstruct --ctf", "wall_s": wall, "rss_mib": rss, **fig})
     else:

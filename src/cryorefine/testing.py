@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -184,3 +187,49 @@ def assignment_errors(
     apix = np.asarray(truth.apix, np.float64).reshape(-1, 1)
     shift_px = np.linalg.norm(shifts_px - truth.shift_a / apix, axis=1)
     return angle_deg, shift_px
+
+
+# --- measuring a command's time and memory (tests and benchmarks) ---------------------
+
+# a small parent process that runs the command and reports the child's peak RSS (a
+# process forked from a large one would inherit that one's peak)
+_CHILD_RSS = """
+import resource, subprocess, sys, time
+t0 = time.perf_counter()
+subprocess.run(sys.argv[1:], check=True, capture_output=True)
+wall = time.perf_counter() - t0
+print(wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+"""
+
+# what a make3d process holds before any data: its imports, a STAR file's metadata and
+# the compiled kernels, loaded by a reconstruction of 4 of its images cut to 16 px
+_BEFORE_DATA = """
+import sys
+import numpy as np
+from cryorefine.config import Make3dConfig
+from cryorefine.io.stacks import ParticleStack
+from cryorefine.stages.make3d import make3d
+stack = ParticleStack.from_path(sys.argv[1]).take(np.arange(4))
+c = stack.box // 2
+tiny = stack.read()[:, c - 8 : c + 8, c - 8 : c + 8]
+make3d(ParticleStack.from_arrays(tiny, apix=stack.apix, meta=stack.meta), Make3dConfig())
+"""
+
+
+def measure_command(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak resident memory (MiB) of ``cmd`` run in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD_RSS, *map(str, cmd)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    wall, rss = out.stdout.split()
+    return float(wall), float(rss)
+
+
+def make3d_memory_before_data(star: str | Path) -> float:
+    """Peak resident memory (MiB) of a process that imports what ``cryorefine make3d``
+    imports, reads ``star``'s metadata and loads the compiled kernels: what it holds
+    before it holds any data."""
+    return measure_command([sys.executable, "-c", _BEFORE_DATA, str(star)])[1]
