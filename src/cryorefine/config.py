@@ -31,6 +31,7 @@ from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.modifiers import read_image, read_modifier_files
 from cryorefine.registry import (
     ALIGNERS,
+    AVERAGERS,
     COMPARATORS,
     ORIENTGENS,
     PROCESSORS,
@@ -195,8 +196,7 @@ class ClassaverageConfig:
     ``keepsig``): members kept; ``align``/``aligncmp``/``ralign``/``raligncmp``: the
     aligners that bring members onto the average; ``cmp``: the score used to reject;
     ``averager``; ``normproc``: processor applied to each member first; ``setsfref``:
-    impose the reference's structure factor; ``automask``. The averager is checked
-    against the averagers' registry once class averaging registers them.
+    impose the reference's structure factor; ``automask``.
     """
 
     iterations: int = 1
@@ -217,6 +217,7 @@ class ClassaverageConfig:
     ralign_mod: Modifier | None = _parsed()
     raligncmp_mod: Modifier | None = _parsed()
     cmp_mod: Modifier = _parsed()
+    averager_mod: Modifier = _parsed()
     normproc_mod: Modifier | None = _parsed()
 
     def __post_init__(self) -> None:
@@ -243,6 +244,7 @@ class ClassaverageConfig:
             parse_option(COMPARATORS, self.raligncmp, option="--classraligncmp"),
         )
         _set(self, "cmp_mod", _required(COMPARATORS, self.cmp, option="--classcmp"))
+        _set(self, "averager_mod", _required(AVERAGERS, self.averager, option="--classaverager"))
         _set(
             self, "normproc_mod", parse_option(PROCESSORS, self.normproc, option="--classnormproc")
         )

@@ -1,0 +1,359 @@
+"""e2classaverage: each class's members aligned, scored, the worst left out, averaged.
+
+For class ``c`` (one per reference projection) the members are the particles the
+classification assigned to ``c`` (in any of their ``sep`` choices). Round 0 brings
+each member onto the projection with the alignment the classification stored
+(Choice, as modern EMAN2; e2refine's 2013 code re-aligned from scratch); rounds 1..
+``iterations`` align every member to the class's current average. After each round
+every member is scored against the average (``cmp``) and the members whose score is
+beyond the class's threshold (``keep``/``keepsig``) are left out of the next average;
+excluded members are still aligned and scored, and may return. The last average is
+aligned to the projection (its power spectrum matched first) and the final average
+is built from the members under "own transform, then that one", unmasked.
+
+No particle is lost: a class of one member gives that member, aligned; every class
+keeps at least its best member; an empty class gives a zero image with
+``ptcl_repr = 0``. Classes are processed in chunks whose members fit a memory budget;
+within a chunk every step runs on all members of all its classes at once.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from cryorefine.align import transform2d
+from cryorefine.align.compare import pair_context
+from cryorefine.align.engine import align_pairs
+from cryorefine.config import ClassaverageConfig
+from cryorefine.errors import CryorefineError
+from cryorefine.fourier.filters import match_power_spectrum
+from cryorefine.io.metadata import ParticleMetadata
+from cryorefine.io.stacks import ParticleStack
+from cryorefine.processors.normalize import normalize_circlemean
+from cryorefine.registry import ALIGNERS, COMPARATORS
+from cryorefine.stages.classify import ClassMx
+from cryorefine.stages.simmx import ENGINE, ctf_snr, signal_power
+
+#: member images (and their aligned copies) held at once
+CHUNK_BYTES = 256 * 2**20
+#: the refining aligner of the fixed recipe that brings each final average onto its
+#: projection (after rotate_translate_flip on the batched engine; e2classaverage)
+FINAL_REFINE = "refine"
+
+
+@dataclass
+class ClassAverages:
+    """Class averages ``(Nc, n, n)`` and how each was made.
+
+    Per class: ``ptcl_repr`` (members in the final average), ``qual`` and
+    ``qual_sigma`` (mean and standard deviation of the members' scores in the last
+    round). Per member ``m`` (one row per particle and class it belongs to, sorted by
+    class then particle): ``particle``, ``cls``, ``used`` (in the final average), the
+    final particle -> average transform ``alpha`` (degrees), ``tx``, ``ty`` (px),
+    ``mirror``, and the last round's ``score``.
+    """
+
+    images: np.ndarray
+    ptcl_repr: np.ndarray
+    qual: np.ndarray
+    qual_sigma: np.ndarray
+    particle: np.ndarray
+    cls: np.ndarray
+    used: np.ndarray
+    alpha: np.ndarray
+    tx: np.ndarray
+    ty: np.ndarray
+    mirror: np.ndarray
+    score: np.ndarray
+
+    def members(self, c: int, *, used: bool | None = True) -> np.ndarray:
+        """Particles of class ``c`` (``used``: only those in the average; ``False``: only
+        the excluded; ``None``: all)."""
+        sel = self.cls == c
+        if used is not None:
+            sel &= self.used == used
+        return self.particle[sel]
+
+
+def class_members(cm: ClassMx, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (particle, class) membership of a classification, sorted by class then
+    particle, with the choice column it comes from: ``(particle, cls, column)``."""
+    n_p, sep = cm.cls.shape
+    particle = np.repeat(np.arange(n_p), sep)
+    column = np.tile(np.arange(sep), n_p)
+    cls = cm.cls.ravel().astype(np.int64)
+    keep = (cls >= 0) & (cls < n_classes)
+    particle, cls, column = particle[keep], cls[keep], column[keep]
+    order = np.lexsort((particle, cls))
+    return particle[order], cls[order], column[order]
+
+
+def keep_members(score: np.ndarray, cls: np.ndarray, *, keep: float, keepsig: bool) -> np.ndarray:
+    """Which members stay, class by class (e2classaverage ``--keep``; scores: smaller is
+    better). Fraction: exactly ``max(1, round(n keep))`` best of a class's ``n``
+    (Choice; EMAN2 keeps ``floor(n keep) + 1``). ``keepsig``: those within
+    ``mean + keep sigma`` of the class's scores. The best member always stays."""
+    order = np.lexsort((score, cls))
+    sc, cl = score[order], cls[order]
+    starts = np.flatnonzero(np.r_[True, cl[1:] != cl[:-1]])
+    counts = np.diff(np.r_[starts, len(cl)])
+    rank = np.arange(len(cl)) - np.repeat(starts, counts)
+    n_c = np.repeat(counts, counts)
+    if keepsig:
+        sums = np.add.reduceat(sc, starts) if len(sc) else np.zeros(0)
+        sq = np.add.reduceat(sc * sc, starts) if len(sc) else np.zeros(0)
+        mu = np.repeat(sums / counts, counts)
+        sigma = np.sqrt(np.maximum(np.repeat(sq / counts, counts) - mu * mu, 0.0))
+        stay = (sc <= mu + keep * sigma) | (rank == 0)
+    else:
+        stay = rank < np.maximum(1, np.round(n_c * keep))
+    out = np.empty(len(score), bool)
+    out[order] = stay
+    return out
+
+
+def _soft_circle(n: int) -> np.ndarray:
+    """e2classaverage's mask between rounds: 1 within ``n//2 - g``, then
+    ``exp(-(r - inner)^2 / (g / 1.3)^2)``, ``g = max(5, n // 12)``."""
+    g = max(5, n // 12)
+    inner, width = n // 2 - g, g / 1.3
+    c = np.arange(n) - n // 2
+    r = np.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
+    return np.where(r > inner, np.exp(-((r - inner) ** 2) / width**2), 1.0).astype(np.float32)
+
+
+def _circlemean(images: np.ndarray) -> np.ndarray:
+    """normalize.circlemean on a stack (zero images stay zero)."""
+    return normalize_circlemean(images, ndim=2, apix=None)
+
+
+def _align(cfg: ClassaverageConfig, moving_idx, moving, targets, target_idx, ctx):
+    """Transforms bringing ``moving[moving_idx]`` onto ``targets[target_idx]`` (particle ->
+    average), by ``cfg``'s aligner then its refining aligner, as ``(alpha, tx, ty,
+    mirror)``."""
+    align, aligncmp = cfg.align_mod, cfg.aligncmp_mod
+    if align.name in ENGINE and not (align.name == "rotate_translate" and align.params["nozero"]):
+        # the engine moves "references" onto "particles": the averages onto the members,
+        # then inverted (as simmx stores particle -> projection)
+        pa = align_pairs(
+            targets,
+            moving,
+            moving_idx,
+            target_idx,
+            cmp=aligncmp,
+            maxshift=align.params.get("maxshift"),
+            subpixel=bool(align.params.get("subpixel")),
+            flip=align.name == "rotate_translate_flip",
+            ctx=ctx,
+        )
+        fwd = transform2d.inverse(pa.alpha, pa.tx, pa.ty, pa.mirror)
+    else:
+        kw = {k: v for k, v in align.params.items() if v is not None}
+        res = align.entry.func(
+            moving[moving_idx],
+            targets[target_idx],
+            cmp=aligncmp,
+            **kw,
+            **pair_context(ctx, moving_idx),
+        )
+        fwd = res.params
+    if cfg.ralign_mod is not None:
+        kw = {k: v for k, v in cfg.ralign_mod.params.items() if v is not None}
+        res = cfg.ralign_mod.entry.func(
+            moving[moving_idx],
+            targets[target_idx],
+            cmp=cfg.raligncmp_mod,
+            start=fwd,
+            **kw,
+            **pair_context(ctx, moving_idx),
+        )
+        fwd = res.params
+    return tuple(np.asarray(v) for v in fwd)
+
+
+def classaverage(
+    particles: np.ndarray | ParticleStack,
+    cm: ClassMx,
+    refs: np.ndarray | None,
+    cfg: ClassaverageConfig,
+    *,
+    apix: float | None = None,
+    meta: ParticleMetadata | None = None,
+    n_classes: int | None = None,
+    usefilt: np.ndarray | ParticleStack | None = None,
+) -> ClassAverages:
+    """Average every class of ``cm`` (see the module docstring).
+
+    ``particles`` ``(Np, n, n)`` with ``apix`` (and ``meta`` for CTF-derived SNR weights
+    of ``snrweight`` comparators), or a :class:`ParticleStack`; ``refs`` ``(Nc, n, n)``:
+    the projections, image ``c`` the reference of class ``c`` (``None``: round 0 starts
+    from the mean of the members under their stored alignment, and the final average is
+    not aligned to anything). ``n_classes`` defaults to the number of projections.
+    ``usefilt``: the same particles (e.g. filtered) used for every alignment and score;
+    the final average takes ``particles``.
+    """
+    stack = _as_stack(particles, apix, meta)
+    align_stack = stack if usefilt is None else _as_stack(usefilt, stack.apix, stack.meta)
+    if len(align_stack) != len(stack) or align_stack.box != stack.box:
+        raise CryorefineError(
+            f"--usefilt {align_stack.label}: {len(align_stack)} images of {align_stack.box} px; "
+            f"the particles are {len(stack)} of {stack.box} px"
+        )
+    if cm.cls.shape[0] != len(stack):
+        raise CryorefineError(
+            f"classification of {cm.cls.shape[0]} particles, the stack holds {len(stack)}"
+        )
+    if cfg.automask:
+        raise CryorefineError("--classautomask: the 2D automask is not available yet")
+    n, apix = stack.box, stack.apix
+    if refs is not None:
+        refs = np.asarray(refs, np.float32)
+        if refs.shape[-1] != n:
+            raise CryorefineError(f"projections of {refs.shape[-1]} px, particles of {n} px")
+    nc = n_classes if n_classes is not None else (len(refs) if refs is not None else 0)
+    if nc == 0:
+        nc = int(cm.cls.max()) + 1 if cm.cls.size else 0
+    particle, cls, column = class_members(cm, nc)
+    m = len(particle)
+    out = ClassAverages(
+        np.zeros((nc, n, n), np.float32),
+        np.zeros(nc, np.int64),
+        np.zeros(nc),
+        np.zeros(nc),
+        particle,
+        cls,
+        np.zeros(m, bool),
+        np.zeros(m),
+        np.zeros(m),
+        np.zeros(m),
+        np.zeros(m, bool),
+        np.zeros(m),
+    )
+    signal = None
+    if _needs_snr(cfg):
+        signal = signal_power(refs) if refs is not None else None
+    per_member = 4 * n * n * (3 if usefilt is not None else 2)
+    budget = max(1, CHUNK_BYTES // per_member)
+    bounds = np.r_[0, np.flatnonzero(np.diff(cls)) + 1, m]  # class boundaries
+    start = 0
+    while start < len(bounds) - 1:
+        stop = start + 1
+        while stop < len(bounds) - 1 and bounds[stop + 1] - bounds[start] <= budget:
+            stop += 1
+        sl = slice(bounds[start], bounds[stop])
+        _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column[sl], signal)
+        start = stop
+    return out
+
+
+def _needs_snr(cfg: ClassaverageConfig) -> bool:
+    mods = (cfg.cmp_mod, cfg.aligncmp_mod, cfg.raligncmp_mod)
+    return any(mod is not None and mod.params.get("snrweight") for mod in mods)
+
+
+def _as_stack(images, apix, meta) -> ParticleStack:
+    if isinstance(images, ParticleStack):
+        return images
+    if apix is None:
+        raise CryorefineError("classaverage: give the particles' pixel size (apix)")
+    return ParticleStack.from_arrays(images, apix=apix, meta=meta)
+
+
+def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -> None:
+    """All classes whose members are ``out.particle[sl]`` (whole classes)."""
+    n, apix = stack.box, stack.apix
+    particle, cls = out.particle[sl], out.cls[sl]
+    uniq, inverse = np.unique(particle, return_inverse=True)
+    classes, slot = np.unique(cls, return_inverse=True)  # chunk-local class slots
+    k = len(classes)
+
+    def read(s: ParticleStack) -> np.ndarray:
+        images = s.read(uniq)
+        if cfg.normproc_mod is not None:
+            images = cfg.normproc_mod(images, ndim=2, apix=apix)
+        return np.ascontiguousarray(images, np.float32)
+
+    p_img = read(align_stack)
+    q_img = p_img if align_stack is stack else read(stack)
+    snr = None
+    if _needs_snr(cfg):
+        snr = ctf_snr(stack.meta, uniq, n, apix, signal)
+        if snr is None:
+            raise CryorefineError(
+                f"--classcmp {cfg.cmp}: snrweight needs the particles' CTF ({stack.label})"
+            )
+    ctx = {"apix": apix, "snr": snr}
+    # round 0: the classification's particle -> projection alignment
+    t = (
+        cm.dalpha[particle, column].astype(np.float64),
+        cm.dx[particle, column].astype(np.float64),
+        cm.dy[particle, column].astype(np.float64),
+        cm.flip[particle, column] > 0.5,
+    )
+    ref = refs[classes] if refs is not None else None
+    if ref is None:
+        aligned = transform2d.apply_transform(p_img, *t, source=inverse)
+        ref = cfg.averager_mod(aligned, slot, k)[0]
+    mask = _soft_circle(n)
+    used = np.ones(len(particle), bool)  # round 0 averages every member
+    for it in range(cfg.iterations + 1):
+        if it > 0:
+            t = _align(cfg, inverse, p_img, ref, slot, ctx)
+        aligned = transform2d.apply_transform(p_img, *t, source=inverse)
+        score = _scores(cfg, aligned, ref[slot], pair_context(ctx, inverse))
+        avg, _ = cfg.averager_mod(aligned[used], slot[used], k)
+        ref = _circlemean(avg) * mask
+        # the members of the next round (and, after the last, of the final average)
+        used = keep_members(score, slot, keep=cfg.keep, keepsig=cfg.keepsig)
+    if refs is not None:  # the last average onto its projection, then composed
+        target = refs[classes]
+        filtered = match_power_spectrum(target, ref)
+        final = _final_alignment(ref, filtered)
+        t = transform2d.compose(t, tuple(np.asarray(v)[slot] for v in final))
+    images = transform2d.apply_transform(q_img, *t, source=inverse)
+    avg, counts = cfg.averager_mod(images[used], slot[used], k)
+    if cfg.setsfref and refs is not None:
+        has = counts > 0
+        avg[has] = match_power_spectrum(avg[has], refs[classes][has])
+    out.images[classes] = avg
+    out.ptcl_repr[classes] = counts
+    sums = np.bincount(slot, score, k)
+    sq = np.bincount(slot, score * score, k)
+    cnt = np.maximum(np.bincount(slot, minlength=k), 1)
+    out.qual[classes] = sums / cnt
+    out.qual_sigma[classes] = np.sqrt(np.maximum(sq / cnt - (sums / cnt) ** 2, 0.0))
+    out.used[sl] = used
+    out.alpha[sl], out.tx[sl], out.ty[sl], out.mirror[sl] = t
+    out.score[sl] = score
+
+
+def _scores(cfg: ClassaverageConfig, aligned: np.ndarray, refs: np.ndarray, ctx: dict):
+    """``cmp(aligned member, its class's average)`` for every member, in batches."""
+    out = np.empty(len(aligned))
+    batch = 1024
+    for s0 in range(0, len(aligned), batch):
+        sl = slice(s0, s0 + batch)
+        sub = {k: (v[sl] if isinstance(v, np.ndarray) and v.ndim else v) for k, v in ctx.items()}
+        out[sl] = cfg.cmp_mod(aligned[sl], refs[sl], **sub)
+    return out
+
+
+@functools.cache
+def _ccc():
+    return COMPARATORS.parse("ccc")
+
+
+def _final_alignment(averages: np.ndarray, targets: np.ndarray):
+    """Each average onto its (spectrum-matched) projection: rotate_translate_flip, then
+    refine, both scored by ccc (e2classaverage's fixed recipe)."""
+    ccc = _ccc()
+    k = len(averages)
+    idx = np.arange(k)
+    pa = align_pairs(targets, averages, idx, idx, cmp=ccc)
+    fwd = transform2d.inverse(pa.alpha, pa.tx, pa.ty, pa.mirror)
+    polish = ALIGNERS.get(FINAL_REFINE).func
+    res = polish(averages, targets, start=fwd, cmp=ccc)
+    return res.params

@@ -1,0 +1,119 @@
+"""Class averaging: members realigned onto their projection, the worst left out, no
+particle lost (singletons kept, empty classes zero with ptcl_repr 0)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cryorefine.align import transform2d as t2d
+from cryorefine.config import ClassaverageConfig
+from cryorefine.errors import CryorefineError
+from cryorefine.stages.classaverage import classaverage, keep_members
+from cryorefine.stages.classify import ClassMx
+
+from .conftest import angle_diff
+
+
+def corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+@pytest.fixture(scope="module")
+def dataset(projections_d15):
+    """Classes 0-9 with 8 members each (class 0 also 2 pure-noise members), class 10 a
+    singleton, the other 82 classes empty. Members are their projection turned, shifted
+    and (half of them) mirrored, plus noise at SNR 1; the classification's stored
+    alignment is the truth perturbed by up to 6 degrees and 1 px."""
+    rng = np.random.default_rng(11)
+    refs = projections_d15
+    n = refs.shape[-1]
+    classes = np.r_[np.repeat(np.arange(10), 8), 10]
+    k = len(classes)
+    alpha = rng.uniform(0, 360, k)
+    tx, ty = rng.uniform(-3, 3, k), rng.uniform(-3, 3, k)
+    mirror = rng.uniform(size=k) < 0.5
+    # particle = projection moved by the inverse of the particle -> projection transform
+    inv = t2d.inverse(alpha, tx, ty, mirror)
+    clean = t2d.apply_transform(refs[classes], *inv)
+    sigma = np.sqrt(clean.var(axis=(1, 2), keepdims=True))
+    particles = clean + sigma * rng.standard_normal(clean.shape).astype(np.float32)
+    junk = (np.median(sigma) * rng.standard_normal((2, n, n))).astype(np.float32)
+    particles = np.concatenate([particles, junk]).astype(np.float32)
+    classes = np.r_[classes, 0, 0]
+    kk = len(classes)
+    noise_a = np.r_[alpha + rng.uniform(-6, 6, k), rng.uniform(0, 360, 2)]
+    cm = ClassMx(
+        classes[:, None].astype(np.int64),
+        np.ones((kk, 1), np.float32),
+        np.r_[tx + rng.uniform(-1, 1, k), 0, 0][:, None].astype(np.float32),
+        np.r_[ty + rng.uniform(-1, 1, k), 0, 0][:, None].astype(np.float32),
+        np.mod(noise_a, 360)[:, None].astype(np.float32),
+        np.r_[mirror, False, False][:, None].astype(np.float32),
+        np.ones((kk, 1), np.float32),
+    )
+    truth = (alpha, tx, ty, mirror)
+    return refs, particles, cm, truth, k
+
+
+def test_classes_average_their_members_onto_the_projection(dataset):
+    refs, particles, cm, truth, k = dataset
+    cfg = ClassaverageConfig(cmp="ccc", keep=0.8, iterations=2)
+    out = classaverage(particles, cm, refs, cfg, apix=3.0)
+    assert out.images.shape == refs.shape and len(out.ptcl_repr) == len(refs)
+    for c in range(10):
+        assert corr(out.images[c], refs[c]) > 0.9, c
+    # the two pure-noise members of class 0 are the ones left out (8 of its 10 kept)
+    assert out.ptcl_repr[0] == 8
+    assert set(out.members(0, used=False).tolist()) == {k, k + 1}
+    assert (out.ptcl_repr[1:10] == round(8 * 0.8)).all()
+    # every real member's final transform is the truth (particle -> projection): each
+    # is aligned to its class's average (SNR about 8), so about 1 degree of noise; the
+    # classification's start was up to 6 degrees and 1 px off
+    alpha, tx, ty, mirror = truth
+    real = out.particle < k
+    p = out.particle[real]
+    assert (out.mirror[real] == mirror[p]).all()
+    err = angle_diff(out.alpha[real], alpha[p])
+    assert np.median(err) < 2.0 and err.max() < 6.0, np.sort(err)
+    assert np.median(np.hypot(out.tx[real] - tx[p], out.ty[real] - ty[p])) < 0.6
+    assert out.qual.shape == (len(refs),) and out.qual[0] < out.qual[20] == 0.0
+
+
+def test_no_particle_is_lost(dataset):
+    """The singleton keeps its member (its average is the aligned particle); empty
+    classes are zero images with ptcl_repr 0; every input particle appears."""
+    refs, particles, cm, truth, k = dataset
+    out = classaverage(particles, cm, refs, ClassaverageConfig(cmp="ccc"), apix=3.0)
+    assert out.ptcl_repr[10] == 1 and out.members(10).tolist() == [k - 1]
+    assert corr(out.images[10], refs[10]) > 0.5
+    assert (out.ptcl_repr[11:] == 0).all() and not out.images[11:].any()
+    assert sorted(set(out.particle.tolist())) == list(range(len(particles)))
+
+
+def test_keep_rules():
+    score = np.array([5.0, 1.0, 3.0, 2.0, 4.0, 9.0, 7.0])
+    cls = np.array([0, 0, 0, 0, 0, 1, 1])
+    kept = keep_members(score, cls, keep=0.6, keepsig=False)
+    assert kept.tolist() == [False, True, True, True, False, False, True]  # 3 of 5, 1 of 2
+    sig = keep_members(score, cls, keep=0.0, keepsig=True)  # within the mean
+    assert sig.tolist() == [False, True, True, True, False, False, True]
+    assert keep_members(score, cls, keep=1.0, keepsig=False).all()
+
+
+def test_snr_weighted_score_needs_a_ctf(dataset):
+    refs, particles, cm, _, _ = dataset
+    with pytest.raises(CryorefineError, match="snrweight needs the particles' CTF"):
+        classaverage(particles, cm, refs, ClassaverageConfig(), apix=3.0)
+
+
+def test_chunks_do_not_change_the_result(dataset, monkeypatch):
+    import cryorefine.stages.classaverage as ca
+
+    refs, particles, cm, _, _ = dataset
+    cfg = ClassaverageConfig(cmp="ccc")
+    whole = classaverage(particles, cm, refs, cfg, apix=3.0)
+    monkeypatch.setattr(ca, "CHUNK_BYTES", 1)  # one class at a time
+    parts = classaverage(particles, cm, refs, cfg, apix=3.0)
+    np.testing.assert_allclose(parts.images, whole.images, atol=1e-5)
+    assert np.array_equal(parts.used, whole.used)
