@@ -311,18 +311,26 @@ class Make3dConfig:
         _set(self, "postprocess_mods", tuple(post))
 
 
+#: what a refinement reconstructs from (``RefineConfig.m3dsource``)
+M3D_SOURCES = ("particles", "classes")
+
+
 @dataclass(frozen=True)
 class RefineConfig:
     """A refinement: the iteration count and symmetry, and one config per stage.
 
     The stage configs carry the options e2refine passes on (``--sim*`` to ``simmx``,
     ``--class*`` to ``classaverage``, ``--m3d*`` to ``make3d``); ``sym`` must agree
-    with the projection and reconstruction configs.
+    with the projection and reconstruction configs. ``m3dsource``: reconstruct from
+    every particle with its assigned orientation, shift and CTF (``particles``, our
+    default), or from the class averages weighted by ``ptcl_repr`` (``classes``, as
+    e2refine).
     """
 
     iterations: int = 5
     sym: str = "c1"
     sep: int = 1
+    m3dsource: str = "particles"
     project3d: Project3dConfig = field(default_factory=Project3dConfig)
     simmx: SimmxConfig = field(default_factory=SimmxConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
@@ -338,6 +346,10 @@ class RefineConfig:
                 raise CryorefineError(
                     f"--sym {self.sym}: the {name} stage was configured with {cfg.sym}"
                 )
+        if self.m3dsource not in M3D_SOURCES:
+            raise CryorefineError(
+                f"--m3dsource {self.m3dsource}: use one of {', '.join(M3D_SOURCES)}"
+            )
         if self.classify.sep != self.sep:
             raise CryorefineError(
                 f"--sep {self.sep}: classify was configured with {self.classify.sep}"

@@ -1,8 +1,10 @@
-"""The refinement iteration: project3d -> simmx -> classify -> make3d, in memory.
+"""The refinement iteration: project3d -> simmx -> classify -> (classaverage) -> make3d.
 
 :func:`iterate` runs one iteration of e2refine's chain on arrays and a particle stack,
-with no files between the stages, and reconstructs from every particle with the
-orientation and shift of its best projection (our default, spec ch04 §4.5).
+in memory, with no files between the stages. It reconstructs from every particle with
+the orientation and shift of its best projection (``m3dsource="particles"``, our
+default, spec ch04 §4.5), or, as e2refine, from the class averages, each at its
+projection's orientation and weighted by the particles it holds (``"classes"``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from cryorefine.config import RefineConfig
+from cryorefine.io.metadata import ParticleMetadata
 from cryorefine.io.stacks import ParticleStack
+from cryorefine.stages.classaverage import ClassAverages, classaverage
 from cryorefine.stages.classify import ClassMx, assigned_poses, classify
 from cryorefine.stages.make3d import make3d
 from cryorefine.stages.project3d import project3d
@@ -26,7 +30,8 @@ class Iteration:
     ``projections`` ``(Nc, n, n)`` and their ``ref_rotations`` ``(Nc, 3, 3)``; the
     similarity and classification matrices; each particle's assigned ``rotations``
     ``(Np, 3, 3)`` and ``shifts_a`` ``(Np, 2)`` (x, y in Å, the particle's centre
-    offset); the new ``volume`` ``(n, n, n)`` and make3d's ``info``.
+    offset); the class averages (``classes``, when reconstructed from them); the new
+    ``volume`` ``(n, n, n)`` and make3d's ``info``.
     """
 
     projections: np.ndarray
@@ -37,6 +42,7 @@ class Iteration:
     shifts_a: np.ndarray
     volume: np.ndarray
     info: dict
+    classes: ClassAverages | None = None
 
 
 def iterate(volume: np.ndarray, particles: ParticleStack, cfg: RefineConfig) -> Iteration:
@@ -52,9 +58,28 @@ def iterate(volume: np.ndarray, particles: ParticleStack, cfg: RefineConfig) -> 
     sim = simmx(projections, particles, cfg.simmx)
     cm = classify(sim, cfg.classify)
     rotations, shifts_px = assigned_poses(cm, ref_rotations)
-    meta = particles.meta.take(np.arange(len(particles)))
-    meta.rotations, meta.shift_a = rotations, shifts_px * apix
-    new_volume, info = make3d(particles.with_meta(meta), cfg.make3d)
+    classes = None
+    if cfg.m3dsource == "classes":
+        classes = classaverage(
+            particles, cm, projections, cfg.classaverage, n_classes=len(projections)
+        )
+        meta = ParticleMetadata.empty(len(projections), apix=apix)
+        meta.rotations = ref_rotations
+        meta.weight = classes.ptcl_repr.astype(np.float64)  # empty classes: skipped
+        source = ParticleStack.from_arrays(classes.images, apix=apix, meta=meta)
+    else:
+        meta = particles.meta.take(np.arange(len(particles)))
+        meta.rotations, meta.shift_a = rotations, shifts_px * apix
+        source = particles.with_meta(meta)
+    new_volume, info = make3d(source, cfg.make3d)
     return Iteration(
-        projections, ref_rotations, sim, cm, rotations, shifts_px * apix, new_volume, info
+        projections,
+        ref_rotations,
+        sim,
+        cm,
+        rotations,
+        shifts_px * apix,
+        new_volume,
+        info,
+        classes,
     )
