@@ -246,6 +246,7 @@ def test_map_is_as_clean_as_relions_from_the_same_poses(in_tmp, rnapol2_64):
     assert amp[0] <= amp[1] and amp[0] <= 1.5 * amp[2], amp
 
 
+@pytest.mark.slow
 def test_working_memory_within_twice_relions_peak(in_tmp, rnapol2_64):
     """2,000 particles of 64 px, each program in a fresh process. Our peak resident
     memory cannot be within 2x relion_reconstruct's: before it holds any data, the
