@@ -117,3 +117,49 @@ def test_chunks_do_not_change_the_result(dataset, monkeypatch):
     parts = classaverage(particles, cm, refs, cfg, apix=3.0)
     np.testing.assert_allclose(parts.images, whole.images, atol=1e-5)
     assert np.array_equal(parts.used, whole.used)
+
+
+def test_full_plane_of_an_even_map_round_trips():
+    from cryorefine.align.average import _full_plane, _half_plane
+    from cryorefine.fourier.ctf import CTFParams
+
+    for n in (16, 15):
+        ctf = CTFParams([2e4], [1.5e4], [30.0], 300, 2.7, 0.1, 0, 0, 1).evaluate(n, 2.0)
+        full = _full_plane(ctf, n)
+        np.testing.assert_array_equal(_half_plane(full), ctf)
+        np.testing.assert_array_equal(full, full[:, ::-1, ::-1] if n % 2 else full)
+
+
+@pytest.mark.parametrize("name", ["ctf.weight", "ctf.auto"])
+def test_ctf_averagers_undo_each_members_ctf(projections_d15, name):
+    """20 members of one projection, each turned, shifted, mirrored and modulated by its
+    own astigmatic CTF (defocus 1-2.5 um, 3 Å/px) in its own frame: the CTF averagers
+    give back the projection; the plain mean does not."""
+    from cryorefine.fourier.ctf import CTFParams, apply_ctf
+    from cryorefine.registry import AVERAGERS
+
+    rng = np.random.default_rng(4)
+    ref = projections_d15[7]
+    n, k = ref.shape[-1], 20
+    truth = (
+        rng.uniform(0, 360, k),
+        rng.uniform(-2, 2, k),
+        rng.uniform(-2, 2, k),
+        rng.uniform(size=k) < 0.5,
+    )
+    moved = t2d.apply_transform(np.broadcast_to(ref, (k, n, n)), *t2d.inverse(*truth))
+    du = rng.uniform(1e4, 2.5e4, k)
+    params = CTFParams(du, du - 800, rng.uniform(-90, 90, k), 300, 2.7, 0.1, 0, 0, 1)
+    ctf = params.evaluate(n, 3.0).astype(np.float32)
+    members = apply_ctf(moved, ctf).astype(np.float32)
+    members += 0.05 * members.std() * rng.standard_normal(members.shape).astype(np.float32)
+    groups = np.zeros(k, np.int64)
+    mean_avg, counts = AVERAGERS.parse("mean")(members, groups, 1, transform=truth)
+    ctf_avg, _ = AVERAGERS.parse(name)(members, groups, 1, transform=truth, ctf=ctf)
+    assert counts.tolist() == [k]
+    inner = np.hypot(*np.meshgrid(np.arange(n) - n // 2, np.arange(n) - n // 2)) < n // 2 - 4
+    c_ctf = corr(ctf_avg[0][inner], ref[inner])
+    c_mean = corr(mean_avg[0][inner], ref[inner])
+    assert c_ctf > 0.9 and c_ctf > c_mean + 0.2, (c_ctf, c_mean)
+    with pytest.raises(CryorefineError, match="no CTF"):
+        AVERAGERS.parse(name)(members, groups, 1, transform=truth)

@@ -23,7 +23,7 @@ import numpy as np
 
 # modules that fill the registries when imported (config sits above all of them)
 from cryorefine import processors  # noqa: F401
-from cryorefine.align import align2d, compare  # noqa: F401
+from cryorefine.align import align2d, average, compare  # noqa: F401
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier import project, reconstruct  # noqa: F401
 from cryorefine.geometry import orientations  # noqa: F401

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cryorefine.processors import average, filter, mask, normalize  # noqa: F401  (register)
+from cryorefine.processors import filter, mask, normalize  # noqa: F401  (register)
 from cryorefine.registry import PROCESSORS
 
 

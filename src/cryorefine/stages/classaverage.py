@@ -293,18 +293,31 @@ def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -
         cm.dy[particle, column].astype(np.float64),
         cm.flip[particle, column] > 0.5,
     )
+    ctf = None
+    if cfg.averager_mod.name.startswith("ctf."):
+        if not stack.meta.ctf.take(uniq).known.all():
+            raise CryorefineError(
+                f"--classaverager {cfg.averager}: the particles have no CTF ({stack.label})"
+            )
+        ctf = stack.meta.ctf.take(uniq).evaluate(n, apix).astype(np.float32)
+
+    def average(images: np.ndarray, transform, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The averager over the members ``sel`` under ``transform``."""
+        moved = tuple(np.asarray(v)[sel] for v in transform)
+        return cfg.averager_mod(images, slot[sel], k, transform=moved, source=inverse[sel], ctf=ctf)
+
+    everyone = np.ones(len(particle), bool)
     ref = refs[classes] if refs is not None else None
     if ref is None:
-        aligned = transform2d.apply_transform(p_img, *t, source=inverse)
-        ref = cfg.averager_mod(aligned, slot, k)[0]
+        ref = average(p_img, t, everyone)[0]
     mask = _soft_circle(n)
-    used = np.ones(len(particle), bool)  # round 0 averages every member
+    used = everyone  # round 0 averages every member
     for it in range(cfg.iterations + 1):
         if it > 0:
             t = _align(cfg, inverse, p_img, ref, slot, ctx)
         aligned = transform2d.apply_transform(p_img, *t, source=inverse)
         score = _scores(cfg, aligned, ref[slot], pair_context(ctx, inverse))
-        avg, _ = cfg.averager_mod(aligned[used], slot[used], k)
+        avg, _ = average(p_img, t, used)
         ref = _circlemean(avg) * mask
         # the members of the next round (and, after the last, of the final average)
         used = keep_members(score, slot, keep=cfg.keep, keepsig=cfg.keepsig)
@@ -313,8 +326,7 @@ def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -
         filtered = match_power_spectrum(target, ref)
         final = _final_alignment(ref, filtered)
         t = transform2d.compose(t, tuple(np.asarray(v)[slot] for v in final))
-    images = transform2d.apply_transform(q_img, *t, source=inverse)
-    avg, counts = cfg.averager_mod(images[used], slot[used], k)
+    avg, counts = average(q_img, t, used)
     if cfg.setsfref and refs is not None:
         has = counts > 0
         avg[has] = match_power_spectrum(avg[has], refs[classes][has])
