@@ -71,6 +71,7 @@ def test_unknown_reconstruction_source_is_refused():
         RefineConfig(m3dsource="both")
 
 
+@pytest.mark.slow
 def test_class_averages_must_undo_the_ctf():
     """With CTF (defocus 1-2.5 um), one iteration from class averages: the plain mean
     blurs each class by its members' CTFs (measured FSC 0.5 at 20 Å), a CTF averager

@@ -227,6 +227,7 @@ def test_reconstruction_matches_relion_reconstruct_at_3_angstrom(in_tmp, rnapol2
     assert_no_worse_up_to_0143(ours, theirs)
 
 
+@pytest.mark.slow
 def test_map_is_as_clean_as_relions_from_the_same_poses(in_tmp, rnapol2_64):
     """Without half sets: real-space correlation with the truth within 0.02 of
     relion_reconstruct's or better, FSC(truth) 0.143 no worse, and no amplified noise
