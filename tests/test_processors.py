@@ -206,3 +206,21 @@ def test_setsf_imposes_a_map_spectrum(tmp_path, rng):
     # below io, a file name is refused rather than opened
     with pytest.raises(CryorefineError, match="is a file name"):
         processors_apply(f"setsf:strucfac={tmp_path / 'sf.txt'}", noise, ndim=3, apix=apix)
+
+
+def test_randomised_phases_keep_amplitudes_and_low_resolution():
+    """Below the cut-off the map is unchanged (FSC 1); beyond it the phases are random
+    (FSC near 0) and the amplitudes kept; two draws are independent there."""
+    from cryorefine.fourier.filters import randomise_phases
+    from cryorefine.fourier.fsc import fsc
+    from cryorefine.testing import demo_map
+
+    vol = demo_map().data
+    cut = 0.15  # cycles/pixel: shell 9.6 of 64
+    a = randomise_phases(vol, cut, 3, np.random.default_rng(1))
+    b = randomise_phases(vol, cut, 3, np.random.default_rng(2))
+    assert a.dtype == np.float32 and a.shape == vol.shape
+    f = fsc(a, vol)
+    assert (f[1:9] > 0.999).all()
+    assert np.abs(f[11:32]).mean() < 0.1 and np.abs(fsc(a, b)[11:32]).mean() < 0.1
+    np.testing.assert_allclose(radial_power(a, 3)[1:32], radial_power(vol, 3)[1:32], rtol=0.02)

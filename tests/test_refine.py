@@ -93,3 +93,25 @@ def test_class_averages_must_undo_the_ctf():
         volume = iterate(start, stack, cfg).volume
         res[averager] = resolution_at(fsc(volume, truth.data), threshold=0.5, apix=truth.apix)
     assert res["ctf.weight"] < 11.0 and res["mean"] > 15.0, res
+
+
+def test_gold_standard_starts_share_nothing_beyond_inires():
+    from cryorefine.io.metadata import ParticleMetadata
+    from cryorefine.refine import gold_standard_starts, half_sets
+
+    truth = demo_map()
+    a, b = gold_standard_starts(
+        truth.data, apix=truth.apix, inires_a=30.0, rng=np.random.default_rng(0)
+    )
+    f_ab, f_at = fsc(a, b), fsc(a, truth.data)
+    shell = 64 * truth.apix / 30.0  # 6.4
+    assert (f_ab[1:6] > 0.99).all() and (f_at[1:6] > 0.99).all()  # the same below 30 Å
+    assert np.abs(f_ab[8:32]).mean() < 0.1  # independent beyond it
+    assert shell < 8
+    with pytest.raises(CryorefineError, match="--inires 5"):
+        gold_standard_starts(truth.data, apix=3.0, inires_a=5.0, rng=np.random.default_rng(0))
+    meta = ParticleMetadata.empty(101, apix=3.0)
+    halves = half_sets(meta, np.random.default_rng(1))
+    assert set(halves.tolist()) == {1, 2} and abs((halves == 1).sum() - 50.5) <= 0.5
+    meta.half_set = np.r_[np.ones(50), 2 * np.ones(51)].astype(np.int64)
+    assert np.array_equal(half_sets(meta, np.random.default_rng(1)), meta.half_set)

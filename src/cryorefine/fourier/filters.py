@@ -160,3 +160,22 @@ def match_power_spectrum(images: np.ndarray, targets: np.ndarray) -> np.ndarray:
         fi * gain.reshape(fi.shape).astype(np.float32), s=(n, n), workers=WORKERS
     )
     return (out * (images != 0)).astype(np.float32)
+
+
+def randomise_phases(data: np.ndarray, beyond_cpp: float, ndim: int, rng) -> np.ndarray:
+    """``data`` with the phase of every Fourier component beyond ``beyond_cpp``
+    (cycles/pixel) replaced by a random one, amplitudes kept (RELION's test of masked
+    FSCs, and the independent starts of gold-standard half maps).
+
+    The random phases are those of white Gaussian noise's transform, so the result stays
+    real (Hermitian symmetry holds by construction). ``rng``: a NumPy ``Generator``.
+    """
+    data = np.asarray(data, np.float32)
+    axes = tuple(range(-ndim, 0))
+    ft = scipy.fft.rfftn(data, axes=axes, workers=WORKERS)
+    noise = scipy.fft.rfftn(rng.standard_normal(data.shape), axes=axes, workers=WORKERS)
+    beyond = rfft_radius(data.shape[-ndim:]) > beyond_cpp
+    phase = np.exp(1j * np.angle(noise))
+    ft = np.where(beyond, np.abs(ft) * phase, ft)
+    out = scipy.fft.irfftn(ft, s=data.shape[-ndim:], axes=axes, workers=WORKERS)
+    return out.astype(np.float32)
