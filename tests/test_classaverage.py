@@ -163,3 +163,15 @@ def test_ctf_averagers_undo_each_members_ctf(projections_d15, name):
     assert c_ctf > 0.9 and c_ctf > c_mean + 0.2, (c_ctf, c_mean)
     with pytest.raises(CryorefineError, match="no CTF"):
         AVERAGERS.parse(name)(members, groups, 1, transform=truth)
+
+
+def test_result_classmx_records_use_and_final_transforms(dataset):
+    refs, particles, cm, truth, k = dataset
+    out = classaverage(particles, cm, refs, ClassaverageConfig(cmp="ccc"), apix=3.0)
+    res = out.result_classmx(cm)
+    assert np.array_equal(res.cls, cm.cls)  # the classes stay; cm itself is untouched
+    assert cm.weight.min() == 1.0
+    assert res.weight[k, 0] == 0.0 and res.weight[0, 0] == 1.0  # noise out, a member in
+    assert res.weight.sum() == out.ptcl_repr.sum()
+    np.testing.assert_allclose(res.dalpha[out.particle, 0], out.alpha, atol=1e-3)
+    np.testing.assert_allclose(res.dx[out.particle, 0], out.tx, atol=1e-5)

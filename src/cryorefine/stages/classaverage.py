@@ -34,7 +34,7 @@ from cryorefine.io.metadata import ParticleMetadata
 from cryorefine.io.stacks import ParticleStack
 from cryorefine.processors.normalize import normalize_circlemean
 from cryorefine.registry import ALIGNERS, COMPARATORS
-from cryorefine.stages.classify import ClassMx
+from cryorefine.stages.classify import CLASSMX_FIELDS, ClassMx
 from cryorefine.stages.simmx import ENGINE, ctf_snr, signal_power
 
 #: member images (and their aligned copies) held at once
@@ -53,7 +53,8 @@ class ClassAverages:
     round). Per member ``m`` (one row per particle and class it belongs to, sorted by
     class then particle): ``particle``, ``cls``, ``used`` (in the final average), the
     final particle -> average transform ``alpha`` (degrees), ``tx``, ``ty`` (px),
-    ``mirror``, and the last round's ``score``.
+    ``mirror``, the last round's ``score`` and the classification's ``column`` (choice)
+    it comes from.
     """
 
     images: np.ndarray
@@ -68,6 +69,18 @@ class ClassAverages:
     ty: np.ndarray
     mirror: np.ndarray
     score: np.ndarray
+    column: np.ndarray
+
+    def result_classmx(self, cm: ClassMx) -> ClassMx:
+        """``cm`` updated as e2classaverage ``--resultmx`` writes it: in the column of
+        each membership, weight 1 (in the final average) or 0 (excluded) and the final
+        particle -> average transform (written for excluded members too)."""
+        out = ClassMx(*(np.array(getattr(cm, f), copy=True) for f in CLASSMX_FIELDS))
+        p, col = self.particle, self.column
+        out.weight[p, col] = self.used.astype(np.float32)
+        out.dx[p, col], out.dy[p, col] = self.tx, self.ty
+        out.dalpha[p, col], out.flip[p, col] = self.alpha, self.mirror.astype(np.float32)
+        return out
 
     def members(self, c: int, *, used: bool | None = True) -> np.ndarray:
         """Particles of class ``c`` (``used``: only those in the average; ``False``: only
@@ -231,6 +244,7 @@ def classaverage(
         np.zeros(m),
         np.zeros(m, bool),
         np.zeros(m),
+        column,
     )
     signal = None
     if _needs_snr(cfg):
