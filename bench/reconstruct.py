@@ -39,6 +39,7 @@ from cryorefine.testing import (
     demo_map,
     make3d_memory_before_data,
     measure_command,
+    outer_shell_amplitude,
     simulate_particles,
 )
 
@@ -47,16 +48,11 @@ MAP_128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "rnapol2_128
 
 def map_figures(volume: np.ndarray, truth: np.ndarray, apix: float) -> dict[str, float]:
     curve = fsc(volume, truth)
-    n = truth.shape[0]
-    f = np.fft.fftfreq(n, 1 / n)
-    r = np.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + np.arange(n // 2 + 1) ** 2)
-    outer = np.rint(r) == n // 2 - 1
-    fv, ft = np.fft.rfftn(volume)[outer], np.fft.rfftn(truth)[outer]
     return {
         "rcc": float(np.corrcoef(volume.ravel(), truth.ravel())[0, 1]),
         "fsc0143": resolution_at(curve, threshold=0.143, apix=apix),
         "fsc05": resolution_at(curve, threshold=0.5, apix=apix),
-        "outer_amp": float(np.sqrt(np.mean(np.abs(fv) ** 2) / np.mean(np.abs(ft) ** 2))),
+        "outer_amp": outer_shell_amplitude(volume) / outer_shell_amplitude(truth),
     }
 
 

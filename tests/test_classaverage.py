@@ -175,3 +175,12 @@ def test_result_classmx_records_use_and_final_transforms(dataset):
     assert res.weight.sum() == out.ptcl_repr.sum()
     np.testing.assert_allclose(res.dalpha[out.particle, 0], out.alpha, atol=1e-3)
     np.testing.assert_allclose(res.dx[out.particle, 0], out.tx, atol=1e-5)
+
+
+def test_refining_aligner_and_per_pair_aligner(dataset):
+    """--classralign refine after the engine, and a per-pair first aligner
+    (rtf_exhaustive), each still average the classes onto their projections."""
+    refs, particles, cm, _, _ = dataset
+    for kw in ({"ralign": "refine"}, {"align": "rtf_exhaustive:maxshift=4"}):
+        out = classaverage(particles, cm, refs, ClassaverageConfig(cmp="ccc", **kw), apix=3.0)
+        assert min(corr(out.images[c], refs[c]) for c in range(10)) > 0.9, kw

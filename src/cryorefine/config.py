@@ -77,6 +77,11 @@ def _set(cfg: Any, name: str, value: Any) -> None:
     object.__setattr__(cfg, name, value)
 
 
+def _weights_by_snr(*comparators: Modifier | None) -> bool:
+    """Whether any of the comparators weights rings by the particles' SNR."""
+    return any(m is not None and m.params.get("snrweight") for m in comparators)
+
+
 def _processors(texts: tuple[str, ...], option: str) -> tuple[Modifier, ...]:
     mods = (parse_option(PROCESSORS, t, option=option) for t in texts)
     return tuple(m for m in mods if m is not None)
@@ -170,8 +175,7 @@ class SimmxConfig:
     @property
     def needs_snr(self) -> bool:
         """Whether a comparator weights rings by the particles' SNR (``snrweight``)."""
-        mods = (self.cmp_mod, self.aligncmp_mod, self.raligncmp_mod)
-        return any(m is not None and m.params.get("snrweight") for m in mods)
+        return _weights_by_snr(self.cmp_mod, self.aligncmp_mod, self.raligncmp_mod)
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,11 @@ class ClassaverageConfig:
         _set(
             self, "normproc_mod", parse_option(PROCESSORS, self.normproc, option="--classnormproc")
         )
+
+    @property
+    def needs_snr(self) -> bool:
+        """Whether a comparator weights rings by the particles' SNR (``snrweight``)."""
+        return _weights_by_snr(self.cmp_mod, self.aligncmp_mod, self.raligncmp_mod)
 
 
 @dataclass(frozen=True)

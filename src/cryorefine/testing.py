@@ -8,9 +8,11 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import scipy.fft
 from scipy.spatial.transform import Rotation
 
 from cryorefine.fourier.ctf import CTFParams, apply_ctf
+from cryorefine.fourier.fft import rfft_shell_index
 from cryorefine.fourier.project import project
 from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.maps import Map, read_map
@@ -187,6 +189,14 @@ def assignment_errors(
     apix = np.asarray(truth.apix, np.float64).reshape(-1, 1)
     shift_px = np.linalg.norm(shifts_px - truth.shift_a / apix, axis=1)
     return angle_deg, shift_px
+
+
+def outer_shell_amplitude(volume: np.ndarray) -> float:
+    """RMS Fourier amplitude of a map's outermost full shell (radius ``n // 2 - 1``
+    voxels): where noise amplified by thin reconstruction weights shows first."""
+    volume = np.asarray(volume, np.float64)
+    outer = rfft_shell_index(volume.shape) == volume.shape[0] // 2 - 1
+    return float(np.sqrt(np.mean(np.abs(scipy.fft.rfftn(volume)[outer]) ** 2)))
 
 
 # --- measuring a command's time and memory (tests and benchmarks) ---------------------

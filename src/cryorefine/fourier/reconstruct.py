@@ -248,26 +248,26 @@ class FourierVolume:
         return qual, scale
 
     # --- finishing -------------------------------------------------------------------
+    def _complete_planes(self, a: np.ndarray) -> np.ndarray:
+        """Add to the planes ``x = 0`` and ``x = P/2`` of ``a`` their Hermitian mates
+        (conjugated for complex ``a``), in place; returns ``a``."""
+        for x in (0, self.size // 2):
+            plane = a[:, :, x].copy()
+            a[:, :, x] = plane + np.conj(np.roll(plane[::-1, ::-1], 1, axis=(0, 1)))
+        return a
+
     def symmetrised_weights(self, group: int | None = None) -> np.ndarray:
         """``wsum`` alone, with the Hermitian planes completed (as :meth:`symmetrised`)."""
         blocks = self._blocks(group)
         w = np.ascontiguousarray(blocks[0][..., 2])
         for b in blocks[1:]:
             w += b[..., 2]
-        for x in (0, self.size // 2):
-            plane = w[:, :, x].copy()
-            w[:, :, x] = plane + np.roll(plane[::-1, ::-1], 1, axis=(0, 1))
-        return w
+        return self._complete_planes(w)
 
     def symmetrised(self, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``fsum, wsum`` with the Hermitian planes ``x = 0`` and ``x = P/2`` completed."""
         f, w = self.sums(group)
-        for x in (0, self.size // 2):
-            plane_f, plane_w = f[:, :, x].copy(), w[:, :, x].copy()
-            mate_f = np.conj(np.roll(plane_f[::-1, ::-1], 1, axis=(0, 1)))
-            mate_w = np.roll(plane_w[::-1, ::-1], 1, axis=(0, 1))
-            f[:, :, x], w[:, :, x] = plane_f + mate_f, plane_w + mate_w
-        return f, w
+        return self._complete_planes(f), self._complete_planes(w)
 
     def finish(
         self, regularisation: np.ndarray | float = 0.0, *, group: int | None = None

@@ -16,6 +16,7 @@ from cryorefine.errors import CryorefineError
 from cryorefine.fourier import filters
 from cryorefine.io.atomic import is_file
 from cryorefine.io.maps import read_map
+from cryorefine.io.stacks import ParticleStack
 from cryorefine.registry import Modifier
 
 
@@ -42,8 +43,6 @@ def read_modifier_files(mod: Modifier | None, *, option: str = "option") -> Modi
 
 def read_image(path: str | Path) -> np.ndarray:
     """The first image of a stack or 2D map file, ``(n, n)`` float32."""
-    from cryorefine.io.stacks import ParticleStack
-
     stack = ParticleStack.from_path(Path(path))
     try:
         return np.asarray(stack.read(np.arange(1))[0], np.float32)

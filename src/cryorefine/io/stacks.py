@@ -132,6 +132,23 @@ class ParticleStack:
         return cls(meta, images.shape[-1], images=images)
 
     @classmethod
+    def from_input(
+        cls,
+        particles: np.ndarray | ParticleStack,
+        *,
+        apix: float | None,
+        meta: ParticleMetadata | None = None,
+        who: str = "particles",
+    ) -> ParticleStack:
+        """``particles`` as a stack: a stack as it is, or ``(k, n, n)`` images with their
+        pixel size ``apix`` (Å, required) and optional metadata."""
+        if isinstance(particles, ParticleStack):
+            return particles
+        if apix is None:
+            raise CryorefineError(f"{who}: give the particles' pixel size (apix)")
+        return cls.from_arrays(particles, apix=apix, meta=meta)
+
+    @classmethod
     def from_path(
         cls,
         path: str | os.PathLike,

@@ -32,10 +32,11 @@ from cryorefine.errors import CryorefineError
 from cryorefine.fourier.filters import match_power_spectrum
 from cryorefine.io.metadata import ParticleMetadata
 from cryorefine.io.stacks import ParticleStack
+from cryorefine.processors.mask import centred_radius, soft_sphere
 from cryorefine.processors.normalize import normalize_circlemean
 from cryorefine.registry import ALIGNERS, COMPARATORS
 from cryorefine.stages.classify import CLASSMX_FIELDS, ClassMx
-from cryorefine.stages.simmx import ENGINE, ctf_snr, signal_power
+from cryorefine.stages.simmx import ctf_snr, runs_on_engine, signal_power
 
 #: member images (and their aligned copies) held at once
 CHUNK_BYTES = 256 * 2**20
@@ -132,10 +133,7 @@ def _soft_circle(n: int) -> np.ndarray:
     """e2classaverage's mask between rounds: 1 within ``n//2 - g``, then
     ``exp(-(r - inner)^2 / (g / 1.3)^2)``, ``g = max(5, n // 12)``."""
     g = max(5, n // 12)
-    inner, width = n // 2 - g, g / 1.3
-    c = np.arange(n) - n // 2
-    r = np.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
-    return np.where(r > inner, np.exp(-((r - inner) ** 2) / width**2), 1.0).astype(np.float32)
+    return soft_sphere(centred_radius(n, 2), n // 2 - g, g / 1.3).astype(np.float32)
 
 
 def _circlemean(images: np.ndarray) -> np.ndarray:
@@ -148,7 +146,7 @@ def _align(cfg: ClassaverageConfig, moving_idx, moving, targets, target_idx, ctx
     average), by ``cfg``'s aligner then its refining aligner, as ``(alpha, tx, ty,
     mirror)``."""
     align, aligncmp = cfg.align_mod, cfg.aligncmp_mod
-    if align.name in ENGINE and not (align.name == "rotate_translate" and align.params["nozero"]):
+    if runs_on_engine(align):
         # the engine moves "references" onto "particles": the averages onto the members,
         # then inverted (as simmx stores particle -> projection)
         pa = align_pairs(
@@ -164,27 +162,24 @@ def _align(cfg: ClassaverageConfig, moving_idx, moving, targets, target_idx, ctx
         )
         fwd = transform2d.inverse(pa.alpha, pa.tx, pa.ty, pa.mirror)
     else:
-        kw = {k: v for k, v in align.params.items() if v is not None}
-        res = align.entry.func(
-            moving[moving_idx],
-            targets[target_idx],
-            cmp=aligncmp,
-            **kw,
-            **pair_context(ctx, moving_idx),
-        )
-        fwd = res.params
+        fwd = _per_pair(align, aligncmp, moving, moving_idx, targets, target_idx, ctx)
     if cfg.ralign_mod is not None:
-        kw = {k: v for k, v in cfg.ralign_mod.params.items() if v is not None}
-        res = cfg.ralign_mod.entry.func(
-            moving[moving_idx],
-            targets[target_idx],
-            cmp=cfg.raligncmp_mod,
-            start=fwd,
-            **kw,
-            **pair_context(ctx, moving_idx),
+        fwd = _per_pair(
+            cfg.ralign_mod, cfg.raligncmp_mod, moving, moving_idx, targets, target_idx, ctx, fwd
         )
-        fwd = res.params
     return tuple(np.asarray(v) for v in fwd)
+
+
+def _per_pair(aligner, cmp, moving, moving_idx, targets, target_idx, ctx, start=None):
+    """A registered aligner on the pairs (``moving[moving_idx]``, ``targets[target_idx]``),
+    seeded with ``start`` when given; its forward transforms."""
+    kw = {k: v for k, v in aligner.params.items() if v is not None}
+    if start is not None:
+        kw["start"] = start
+    res = aligner.entry.func(
+        moving[moving_idx], targets[target_idx], cmp=cmp, **kw, **pair_context(ctx, moving_idx)
+    )
+    return res.params
 
 
 def classaverage(
@@ -208,8 +203,12 @@ def classaverage(
     ``usefilt``: the same particles (e.g. filtered) used for every alignment and score;
     the final average takes ``particles``.
     """
-    stack = _as_stack(particles, apix, meta)
-    align_stack = stack if usefilt is None else _as_stack(usefilt, stack.apix, stack.meta)
+    stack = ParticleStack.from_input(particles, apix=apix, meta=meta, who="classaverage")
+    align_stack = (
+        stack
+        if usefilt is None
+        else ParticleStack.from_input(usefilt, apix=stack.apix, meta=stack.meta, who="--usefilt")
+    )
     if len(align_stack) != len(stack) or align_stack.box != stack.box:
         raise CryorefineError(
             f"--usefilt {align_stack.label}: {len(align_stack)} images of {align_stack.box} px; "
@@ -247,7 +246,7 @@ def classaverage(
         column,
     )
     signal = None
-    if _needs_snr(cfg):
+    if cfg.needs_snr:
         signal = signal_power(refs) if refs is not None else None
     per_member = 4 * n * n * (3 if usefilt is not None else 2)
     budget = max(1, CHUNK_BYTES // per_member)
@@ -261,19 +260,6 @@ def classaverage(
         _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column[sl], signal)
         start = stop
     return out
-
-
-def _needs_snr(cfg: ClassaverageConfig) -> bool:
-    mods = (cfg.cmp_mod, cfg.aligncmp_mod, cfg.raligncmp_mod)
-    return any(mod is not None and mod.params.get("snrweight") for mod in mods)
-
-
-def _as_stack(images, apix, meta) -> ParticleStack:
-    if isinstance(images, ParticleStack):
-        return images
-    if apix is None:
-        raise CryorefineError("classaverage: give the particles' pixel size (apix)")
-    return ParticleStack.from_arrays(images, apix=apix, meta=meta)
 
 
 def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -> None:
@@ -293,7 +279,7 @@ def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -
     p_img = read(align_stack)
     q_img = p_img if align_stack is stack else read(stack)
     snr = None
-    if _needs_snr(cfg):
+    if cfg.needs_snr:
         snr = ctf_snr(stack.meta, uniq, n, apix, signal)
         if snr is None:
             raise CryorefineError(
@@ -361,9 +347,8 @@ def _scores(cfg: ClassaverageConfig, aligned: np.ndarray, refs: np.ndarray, ctx:
     out = np.empty(len(aligned))
     batch = 1024
     for s0 in range(0, len(aligned), batch):
-        sl = slice(s0, s0 + batch)
-        sub = {k: (v[sl] if isinstance(v, np.ndarray) and v.ndim else v) for k, v in ctx.items()}
-        out[sl] = cfg.cmp_mod(aligned[sl], refs[sl], **sub)
+        rows = np.arange(s0, min(s0 + batch, len(aligned)))
+        out[rows] = cfg.cmp_mod(aligned[rows], refs[rows], **pair_context(ctx, rows))
     return out
 
 

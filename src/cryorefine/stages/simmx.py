@@ -119,6 +119,14 @@ def ctf_snr(
     return snr
 
 
+def runs_on_engine(align) -> bool:
+    """Whether an aligner modifier runs on the batched engine (rotate_translate[_flip];
+    not ``rotate_translate:nozero=1``)."""
+    return align.name in ENGINE and not (
+        align.name == "rotate_translate" and align.params["nozero"]
+    )
+
+
 def _masked(cmp, mask: np.ndarray):
     def masked_cmp(a, b, **ctx):
         return cmp(a * mask, b * mask, **ctx)
@@ -165,8 +173,7 @@ def score_pairs(
         out.score[p_idx, c_idx] = score
         out.score[:, blank] = WORST
         return _finite(out)
-    engine = align.name in ENGINE and not cfg.prefilt
-    if engine and not (align.name == "rotate_translate" and align.params["nozero"]):
+    if runs_on_engine(align) and not cfg.prefilt:
         pa = align_pairs(
             refs,
             particles,
@@ -231,12 +238,7 @@ def simmx(
     Returns the full-size result: shifts in the particles' pixels, as
     ``cryorefine simmx`` writes it.
     """
-    if isinstance(particles, ParticleStack):
-        stack = particles
-    else:
-        if apix is None:
-            raise CryorefineError("simmx: give the particles' pixel size (apix)")
-        stack = ParticleStack.from_arrays(particles, apix=apix, meta=meta)
+    stack = ParticleStack.from_input(particles, apix=apix, meta=meta, who="simmx")
     refs = np.asarray(refs, np.float32)
     if refs.shape[-1] != stack.box:
         raise CryorefineError(
