@@ -333,7 +333,12 @@ class RefineConfig:
     with the projection and reconstruction configs. ``m3dsource``: reconstruct from
     every particle with its assigned orientation, shift and CTF (``particles``, our
     default), or from the class averages weighted by ``ptcl_repr`` (``classes``, as
-    e2refine).
+    e2refine). ``goldstandard``: refine two fixed halves of the particles against their
+    own maps, each started from the model low-passed to ``inires_a`` Å with its phases
+    randomised beyond; ``seed``: every random choice of the run; ``mass_kda``,
+    ``automask3d``: e2refine's ``--mass`` normalisation and ``--automask3d`` mask of
+    the filtered map; ``postprocess2``: ``--m3dpostprocess2``; ``earlystop``: stop
+    before ``iterations`` once the resolution and the orientations stop changing.
     """
 
     iterations: int = 5
@@ -345,10 +350,35 @@ class RefineConfig:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     classaverage: ClassaverageConfig = field(default_factory=ClassaverageConfig)
     make3d: Make3dConfig = field(default_factory=Make3dConfig)
+    goldstandard: bool = True
+    inires_a: float = 30.0
+    seed: int = 0
+    mass_kda: float = 0.0
+    automask3d: str | None = None
+    postprocess2: str | None = None
+    earlystop: bool = True
+
+    #: ``mask.auto3d`` of ``--automask3d`` (returning the mask), applied with ``--mass``
+    automask3d_mod: Modifier | None = _parsed()
+    postprocess2_mod: Modifier | None = _parsed()
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
             raise CryorefineError(f"--iter {self.iterations}: must be at least 1")
+        if self.inires_a <= 0:
+            raise CryorefineError(f"--inires {self.inires_a}: must be a resolution in Å (> 0)")
+        if self.mass_kda < 0:
+            raise CryorefineError(f"--mass {self.mass_kda}: must be positive (kDa)")
+        auto = None
+        if self.automask3d:
+            text = automask_processor(self.automask3d) + ":return_mask=1"
+            auto = parse_option(PROCESSORS, text, option="--automask3d")
+        _set(self, "automask3d_mod", auto)
+        _set(
+            self,
+            "postprocess2_mod",
+            parse_option(PROCESSORS, self.postprocess2, option="--m3dpostprocess2"),
+        )
         symmetry_group(self.sym)
         for name, cfg in (("projection", self.project3d), ("reconstruction", self.make3d)):
             if cfg.sym.lower() != self.sym.lower():

@@ -22,6 +22,7 @@ from cryorefine.errors import CryorefineError
 def _subcommands() -> dict[str, ModuleType]:
     from cryorefine.cli import (
         check,
+        classaverage,
         classify,
         convert,
         ctf,
@@ -31,6 +32,7 @@ def _subcommands() -> dict[str, ModuleType]:
         make3d,
         process,
         project3d,
+        refine,
         simmx,
         simulate,
     )
@@ -44,7 +46,9 @@ def _subcommands() -> dict[str, ModuleType]:
         "simulate": simulate,
         "simmx": simmx,
         "classify": classify,
+        "classaverage": classaverage,
         "make3d": make3d,
+        "refine": refine,
         "fsc": fsc,
         "help": help,
         "demo": demo,
@@ -68,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=rest.strip() or None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        p.add_argument(
-            "-v", "--verbose", action="store_true", help="show tracebacks and more detail"
-        )
+        if not getattr(module, "OWN_VERBOSE", False):
+            p.add_argument(
+                "-v", "--verbose", action="store_true", help="show tracebacks and more detail"
+            )
         module.add_args(p)
         p.set_defaults(_main=module.main)
     return parser

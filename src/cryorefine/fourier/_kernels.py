@@ -182,3 +182,44 @@ def compare_slices(fsum, wsum, values, ctf, rots, qx, qy, size, out):
         out[s, 0] = dot
         out[s, 1] = p1
         out[s, 2] = p2
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def ray_sums(vol, rots, out):
+    """``out[j, y, x] = sum_z vol(R_j^T (x, y, z))`` (centred coordinates), trilinear;
+    samples with a coordinate outside ``[0, n - 1]`` are skipped (EMAN2 ``standard``)."""
+    n = vol.shape[0]
+    c = n // 2
+    hi = n - 1 + 1e-9
+    for j in prange(rots.shape[0]):
+        r = rots[j]
+        for y in range(n):
+            for x in range(n):
+                bx = r[0, 0] * (x - c) + r[1, 0] * (y - c) + c
+                by = r[0, 1] * (x - c) + r[1, 1] * (y - c) + c
+                bz = r[0, 2] * (x - c) + r[1, 2] * (y - c) + c
+                total = 0.0
+                for k in range(n):
+                    z = k - c
+                    px = bx + r[2, 0] * z
+                    py = by + r[2, 1] * z
+                    pz = bz + r[2, 2] * z
+                    if px < -1e-9 or py < -1e-9 or pz < -1e-9 or px > hi or py > hi or pz > hi:
+                        continue
+                    px = min(max(px, 0.0), n - 1.0)
+                    py = min(max(py, 0.0), n - 1.0)
+                    pz = min(max(pz, 0.0), n - 1.0)
+                    x0 = min(int(px), n - 2)
+                    y0 = min(int(py), n - 2)
+                    z0 = min(int(pz), n - 2)
+                    fx = px - x0
+                    fy = py - y0
+                    fz = pz - z0
+                    v00 = vol[z0, y0, x0] * (1 - fx) + vol[z0, y0, x0 + 1] * fx
+                    v01 = vol[z0, y0 + 1, x0] * (1 - fx) + vol[z0, y0 + 1, x0 + 1] * fx
+                    v10 = vol[z0 + 1, y0, x0] * (1 - fx) + vol[z0 + 1, y0, x0 + 1] * fx
+                    v11 = vol[z0 + 1, y0 + 1, x0] * (1 - fx) + vol[z0 + 1, y0 + 1, x0 + 1] * fx
+                    total += (v00 * (1 - fy) + v01 * fy) * (1 - fz) + (
+                        v10 * (1 - fy) + v11 * fy
+                    ) * fz
+                out[j, y, x] = total

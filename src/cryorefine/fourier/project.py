@@ -23,6 +23,7 @@ import scipy.fft
 from scipy import ndimage
 
 from cryorefine.errors import CryorefineError
+from cryorefine.fourier import _kernels
 from cryorefine.fourier.ctf import CTFParams, apply_ctf
 from cryorefine.fourier.fft import WORKERS, cpu_count, shift_images
 from cryorefine.registry import PROJECTORS, Modifier, Param
@@ -122,25 +123,13 @@ def project_fourier(
 def project_standard(volume: np.ndarray, rotations: np.ndarray) -> np.ndarray:
     """EMAN2 ``standard`` projections ``(k, n, n)``: trilinear ray sums, one voxel a step.
 
-    A sample with any coordinate outside ``[0, n - 1]`` contributes nothing.
+    A sample with any coordinate outside ``[0, n - 1]`` contributes nothing. Compiled,
+    one orientation per thread.
     """
-    n = volume.shape[0]
-    c = n // 2
-    axis = np.arange(n, dtype=np.float64) - c
-    kz, jy, ix = np.meshgrid(axis, axis, axis, indexing="ij")  # ray samples k, pixels (j, i)
-    pts = np.stack([ix.ravel(), jy.ravel(), kz.ravel()])  # (x, y, z)
-    vol = np.asarray(volume, dtype=np.float32)
-    rots = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
-    out = np.empty((len(rots), n, n), dtype=np.float32)
-
-    def run(j: int) -> None:  # one orientation: n^3 samples of vector work
-        src = rots[j].T @ pts + c  # (x, y, z) positions in the map
-        inside = np.all((src >= -1e-9) & (src <= n - 1 + 1e-9), axis=0)
-        vals = ndimage.map_coordinates(vol, src[::-1], order=1, mode="nearest", prefilter=False)
-        out[j] = np.where(inside, vals, 0.0).reshape(n, n, n).sum(axis=0)
-
-    with ThreadPoolExecutor(max_workers=cpu_count()) as pool:
-        list(pool.map(run, range(len(rots))))
+    vol = np.ascontiguousarray(volume, dtype=np.float32)
+    rots = np.ascontiguousarray(np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3))
+    out = np.empty((len(rots), vol.shape[0], vol.shape[0]), dtype=np.float32)
+    _kernels.ray_sums(vol, rots, out)
     return out
 
 

@@ -377,11 +377,14 @@ def sphere_mask(n: int, *, edge_px: float = 4.0) -> np.ndarray:
     return np.where(r <= inner, 1.0, ramp).astype(np.float32)
 
 
-def wiener_regularisation(volume: FourierVolume, half_fsc: np.ndarray) -> np.ndarray:
+def wiener_regularisation(
+    volume: FourierVolume, half_fsc: np.ndarray, *, group: int | None = None
+) -> np.ndarray:
     """Per-shell ``lambda`` for ``Fsum / (Wsum + lambda)`` from the half-map FSC.
 
     As RELION: the full set's FSC ``2 FSC / (1 + FSC)`` gives the spectral SNR
-    ``FSC / (1 - FSC)``; ``lambda = mean(Wsum in the shell) / SSNR``. Indexed by shell
+    ``FSC / (1 - FSC)``; ``lambda = mean(Wsum in the shell) / SSNR``. With ``group``,
+    for that half alone: its own weights and the half-map FSC itself. Indexed by shell
     radius on the padded grid.
     """
     size, n = volume.size, volume.n
@@ -390,9 +393,9 @@ def wiener_regularisation(volume: FourierVolume, half_fsc: np.ndarray) -> np.nda
     h = np.asarray(half_fsc, dtype=np.float64)
     padded = np.r_[h[:1], h[:1], h, h[-1:], h[-1:]]
     h = np.r_[h[:2], np.convolve(padded, np.ones(5) / 5, mode="valid")[2:]]
-    full = np.clip(2 * h / (1 + h), 0.02, 0.999)
+    full = np.clip(h if group is not None else 2 * h / (1 + h), 0.02, 0.999)
     ssnr = full / (1 - full)
-    w = volume.symmetrised_weights()
+    w = volume.symmetrised_weights(group)
     shell = np.minimum(_shell_index(size), size // 2)
     counts = np.bincount(shell.ravel(), minlength=size // 2 + 1)
     mean_w = np.bincount(shell.ravel(), w.ravel(), size // 2 + 1) / np.maximum(counts, 1)

@@ -20,8 +20,17 @@ def write_fsc_text(path: Path, curve: np.ndarray, *, apix: float, overwrite: boo
         tmp.write_text("".join(f"{f:g}\t{c:g}\n" for f, c in zip(freq[1:], curve[1:], strict=True)))
 
 
-def write_fsc_star(path: Path, curve: np.ndarray, *, apix: float, overwrite: bool = False) -> None:
-    """RELION-style ``data_fsc`` table and ``data_general`` with the 0.143 resolution."""
+def write_fsc_star(
+    path: Path,
+    curve: np.ndarray,
+    *,
+    apix: float,
+    overwrite: bool = False,
+    extra: dict[str, np.ndarray] | None = None,
+) -> None:
+    """RELION-style ``data_fsc`` table and ``data_general`` with the 0.143 resolution of
+    ``curve``; ``extra``: more FSC columns by RELION label (e.g. the masked and
+    unmasked maps' curves)."""
     n = 2 * (len(curve) - 1)
     freq = shell_frequencies_a(n, apix)
     with np.errstate(divide="ignore"):
@@ -32,6 +41,7 @@ def write_fsc_star(path: Path, curve: np.ndarray, *, apix: float, overwrite: boo
             "rlnResolution": freq,
             "rlnAngstromResolution": ang,
             "rlnFourierShellCorrelation": curve,
+            **(extra or {}),
         }
     )
     general = {"rlnFinalResolution": resolution_at(curve, threshold=0.143, apix=apix)}

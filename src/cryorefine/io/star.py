@@ -56,6 +56,10 @@ _USED = {
 }
 
 
+#: our column of a per-image weight (a class average's ``ptcl_repr``), read as the weight
+WEIGHT_COLUMN = "crPtclRepr"
+
+
 def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
     """All blocks of a STAR file as DataFrames (a clear error for unreadable files)."""
     path = Path(path)
@@ -257,6 +261,11 @@ def read_particle_star(
                 f"{path}: particle {i + 1}: rlnRandomSubset {halves[i]} is not 1 or 2"
             )
         meta.half_set = halves
+    if WEIGHT_COLUMN in per.columns:  # class averages: the particles each holds
+        meta.weight = _column(per, WEIGHT_COLUMN, 1.0, path)
+        if (meta.weight < 0).any():
+            i = int(np.flatnonzero(meta.weight < 0)[0])
+            raise CryorefineError(f"{path}: particle {i + 1}: {WEIGHT_COLUMN} is negative")
     meta.extra = {c: parts[c].to_numpy() for c in parts.columns if c not in _USED}
     return meta
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -30,12 +31,14 @@ from cryorefine.align.engine import align_pairs
 from cryorefine.config import ClassaverageConfig
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.filters import match_power_spectrum
+from cryorefine.io.atomic import check_output
+from cryorefine.io.eman2 import HdfStackWriter, projection_transform
 from cryorefine.io.metadata import ParticleMetadata
-from cryorefine.io.stacks import ParticleStack
+from cryorefine.io.stacks import ParticleStack, write_stack
 from cryorefine.processors.mask import centred_radius, soft_sphere
 from cryorefine.processors.normalize import normalize_circlemean
 from cryorefine.registry import ALIGNERS, COMPARATORS
-from cryorefine.stages.classify import CLASSMX_FIELDS, ClassMx
+from cryorefine.stages.classify import CLASSMX_FIELDS, ClassMx, read_classmx, write_classmx
 from cryorefine.stages.simmx import ctf_snr, runs_on_engine, signal_power
 
 #: member images (and their aligned copies) held at once
@@ -368,3 +371,113 @@ def _final_alignment(averages: np.ndarray, targets: np.ndarray):
     polish = ALIGNERS.get(FINAL_REFINE).func
     res = polish(averages, targets, start=fwd, cmp=ccc)
     return res.params
+
+
+def write_classes(
+    path: Path,
+    ca: ClassAverages,
+    ref_rotations: np.ndarray | None,
+    apix: float,
+    *,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write the class averages, one per class number (``--storebad``), with how each was
+    made.
+
+    ``.hdf``: EMAN2 headers (``xform.projection`` of the class's projection,
+    ``ptcl_repr``, ``class_ptcl_idxs``, ``exc_class_ptcl_idxs``, ``class_ptcl_qual``,
+    ``class_ptcl_qual_sigma``, ``projection_image_idx``; 0-based particle numbers).
+    ``.star`` (with ``.mrcs``) or ``.mrcs``: RELION 3.1 with the orientation,
+    ``rlnClassNumber`` (1-based), ``rlnClassDistribution`` and our columns
+    ``crPtclRepr`` (the average's weight in a reconstruction; make3d reads it),
+    ``crClassQuality``, ``crClassPtclIdxs`` and ``crExcClassPtclIdxs`` (1-based member
+    lists, ``-`` for none).
+    """
+    path = Path(path)
+    n_r = len(ca.images)
+    members = [ca.members(c, used=True) for c in range(n_r)]
+    rejected = [ca.members(c, used=False) for c in range(n_r)]
+    if path.suffix.lower() == ".hdf":
+        headers = []
+        for c in range(n_r):
+            h = {
+                "apix_x": apix,
+                "apix_y": apix,
+                "apix_z": apix,
+                "ptcl_repr": int(ca.ptcl_repr[c]),
+                "class_ptcl_qual": float(ca.qual[c]),
+                "class_ptcl_qual_sigma": float(ca.qual_sigma[c]),
+                "class_ptcl_idxs": [int(p) for p in members[c]],
+                "exc_class_ptcl_idxs": [int(p) for p in rejected[c]],
+            }
+            if ref_rotations is not None:
+                h["xform.projection"] = projection_transform(ref_rotations[c], np.zeros(2))
+                h["projection_image_idx"] = c
+            headers.append(h)
+        with HdfStackWriter(path, overwrite=overwrite) as w:
+            w.append(ca.images, headers)
+        return [path]
+    meta = ParticleMetadata.empty(n_r, apix=apix)
+    if ref_rotations is not None:
+        meta.rotations = np.asarray(ref_rotations, np.float64)
+    meta.class_number = np.arange(n_r)
+    meta.weight = ca.ptcl_repr.astype(np.float64)
+
+    def listed(groups: list[np.ndarray]) -> np.ndarray:
+        return np.array([",".join(str(p + 1) for p in g) or "-" for g in groups], dtype=object)
+
+    meta.extra = {
+        "rlnClassDistribution": ca.ptcl_repr / max(int(ca.ptcl_repr.sum()), 1),
+        "crPtclRepr": ca.ptcl_repr,
+        "crClassQuality": ca.qual,
+        "crClassPtclIdxs": listed(members),
+        "crExcClassPtclIdxs": listed(rejected),
+    }
+    stack = ParticleStack.from_arrays(ca.images, apix=apix, meta=meta)
+    return write_stack(stack, path, overwrite=overwrite)
+
+
+def run_classaverage(
+    input_path: Path,
+    classmx_path: Path,
+    output: Path,
+    cfg: ClassaverageConfig,
+    *,
+    ref: Path | None = None,
+    resultmx: Path | None = None,
+    usefilt: Path | None = None,
+    apix: float | None = None,
+    overwrite: bool = False,
+) -> ClassAverages:
+    """Read the particles, classification and projections; average (:func:`classaverage`);
+    write the averages (:func:`write_classes`) and, with ``resultmx``, the updated
+    classification (used flags and final alignments, e2classaverage ``--resultmx``)."""
+    for p in (output, resultmx):
+        if p is not None:
+            check_output(p, overwrite=overwrite)
+    cm = read_classmx(classmx_path)
+    stack = ParticleStack.from_path(input_path, apix=apix)
+    filt = refs = None
+    try:
+        refs_images = rotations = None
+        if ref is not None:
+            refs = ParticleStack.from_path(ref, apix=stack.apix)
+            if refs.box != stack.box:
+                raise CryorefineError(
+                    f"--ref {ref}: {refs.box} px; the particles ({input_path}) are {stack.box} px"
+                )
+            refs_images = refs.read()
+            if refs.meta.has_orientation.all():
+                rotations = refs.meta.rotations
+        if usefilt is not None:
+            filt = ParticleStack.from_path(usefilt, apix=stack.apix)
+        n_classes = len(refs_images) if refs_images is not None else None
+        ca = classaverage(stack, cm, refs_images, cfg, n_classes=n_classes, usefilt=filt)
+        write_classes(output, ca, rotations, stack.apix, overwrite=overwrite)
+        if resultmx is not None:
+            write_classmx(resultmx, ca.result_classmx(cm), len(ca.images), overwrite=overwrite)
+    finally:
+        for s in (stack, filt, refs):
+            if s is not None:
+                s.close()
+    return ca

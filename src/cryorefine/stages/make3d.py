@@ -58,7 +58,11 @@ def slice_qualities(
 
 
 def make3d(
-    stack: ParticleStack, cfg: Make3dConfig | None = None, *, chunk: int | None = None
+    stack: ParticleStack,
+    cfg: Make3dConfig | None = None,
+    *,
+    chunk: int | None = None,
+    keep_halves: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """Reconstruct a map ``(n, n, n)`` float32 from a stack with orientations.
 
@@ -77,7 +81,10 @@ def make3d(
     The map is then post-processed as ``cfg`` says (structure factor, processors,
     automask). Returns the map and a dict: ``inserted`` and ``excluded`` image indices of the
     last pass, ``skipped`` (no orientation or weight 0), ``quality`` (absolute, per
-    image, NaN where not compared), ``ptcl_repr`` (summed weight inserted), ``ctf``.
+    image, NaN where not compared), ``ptcl_repr`` (summed weight inserted), ``ctf``,
+    ``half_fsc`` (of the two half sets, when split) and, with ``keep_halves``,
+    ``half_maps``: each half's own map, Wiener-regularised by its own FSC-derived SNR and
+    masked as the map, not post-processed (``None`` when not split).
     """
     cfg = cfg or Make3dConfig()
     group = symmetry_group(cfg.sym)
@@ -171,10 +178,15 @@ def make3d(
         )
         excluded[idx_all] = qual < cutoff
     mask = sphere_mask(n) if cfg.mask_sphere else np.ones((n, n, n), np.float32)
-    half_fsc = None
+    half_fsc = half_maps = None
     if vol.groups == 2:
         half_fsc = fsc(vol.finish(group=0) * mask, vol.finish(group=1) * mask)
         volume = vol.finish(wiener_regularisation(vol, half_fsc))
+        if keep_halves:
+            half_maps = [
+                vol.finish(wiener_regularisation(vol, half_fsc, group=g), group=g) * mask
+                for g in (0, 1)
+            ]
     else:
         volume = vol.finish()
     volume *= mask
@@ -189,6 +201,7 @@ def make3d(
         "ptcl_repr": float(weights[inserted].sum()),
         "ctf": with_ctf,
         "half_fsc": half_fsc,
+        "half_maps": half_maps,
     }
     return volume, info
 

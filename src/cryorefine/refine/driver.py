@@ -1,0 +1,490 @@
+"""The refinement driver: ``cryorefine refine`` (EMAN2 e2refine, spec ch01).
+
+:func:`prepare` checks every input and option before any work (the same checks
+``--check`` runs) and returns a :class:`Run`; :func:`refine` runs its iterations in an
+output folder: each calls the stages in memory (:func:`cryorefine.refine.step.run_step`),
+writes the iteration's files atomically, records the iteration in
+``0_refine_parms.json``, appends to ``run.log`` (with each stage's EMAN2 command line
+and time) and refreshes ``report.html``.
+
+Resume (``--startiter k``): the options must equal the recorded ones; iteration
+``k - 1`` must be recorded complete; iteration ``k`` starts from its maps and reuses
+the similarity and classification matrices a killed run left complete. Every random
+choice derives from the recorded seed, so a resumed run reaches the same maps as an
+uninterrupted one.
+
+Stopping rule: after at least three iterations, stop when the half-map resolution
+improved by less than 1% over the last iteration and the median orientation change
+is below the angular step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryorefine import __version__
+from cryorefine.config import RefineConfig
+from cryorefine.errors import CryorefineError
+from cryorefine.fourier.fsc import resolution_at
+from cryorefine.geometry.symmetry import symmetry_group
+from cryorefine.io.atomic import atomic_output, is_file
+from cryorefine.io.maps import read_map
+from cryorefine.io.stacks import ParticleStack, ref_path, write_stack
+from cryorefine.io.star import read_orientations_star
+from cryorefine.refine import outputs, report
+from cryorefine.refine.iteration import gold_standard_starts, half_sets
+from cryorefine.refine.options import differences, eman2_commands, parallel_cores, refine_config
+from cryorefine.refine.step import REASONS, STAGES, Step, filtered, run_step
+from cryorefine.stages.classify import read_classmx, write_classmx
+from cryorefine.stages.simmx import read_simmx, write_simmx
+
+PARMS = "0_refine_parms.json"
+#: relative resolution gain below which the map counts as settled
+SETTLED_GAIN = 0.01
+#: iterations run before the stopping rule may stop a run
+MIN_ITERATIONS = 3
+
+
+@dataclass
+class Run:
+    """A checked refinement: options, config, particles, starting map and folder."""
+
+    opts: dict[str, Any]
+    cfg: RefineConfig
+    stack: ParticleStack
+    usefilt: ParticleStack | None
+    model: np.ndarray
+    path: Path | None
+    cores: int | None
+    image_names: np.ndarray | None = None
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def apix(self) -> float:
+        return self.stack.apix
+
+    def close(self) -> None:
+        self.stack.close()
+        if self.usefilt is not None:
+            self.usefilt.close()
+
+
+def prepare(opts: dict[str, Any]) -> Run:
+    """Check every input and option (spec ch01 §6, and every modifier string); open the
+    particles and read the starting map. No file is written."""
+    opts = dict(opts)
+    if not opts.get("input"):
+        raise CryorefineError("--input: give the particle stack")
+    cores = parallel_cores(opts.get("parallel"))
+    cfg = refine_config(opts)
+    model_path = Path(opts["model"])
+    if not is_file(model_path):
+        raise CryorefineError(f"--model {model_path}: not found")
+    apix = opts.get("apix") or None
+    stack = ParticleStack.from_path(opts["input"], apix=apix)
+    usefilt = None
+    try:
+        model = read_map(model_path)
+        n = stack.box
+        if model.data.shape != (n, n, n):
+            raise CryorefineError(
+                f"--model {model_path}: box {model.data.shape[-1]} px; the particles "
+                f"({opts['input']}) are {n} px"
+            )
+        if not np.isclose(model.apix, stack.apix, rtol=0.01):
+            raise CryorefineError(
+                f"--model {model_path}: {model.apix:g} Å/px; the particles ({opts['input']}) "
+                f"are {stack.apix:g} Å/px"
+            )
+        if len(np.unique(np.round(stack.meta.apix, 4))) > 1 and not apix:
+            raise CryorefineError(
+                f"--input {opts['input']}: optics groups of different pixel sizes "
+                f"({', '.join(f'{a:g}' for a in np.unique(stack.meta.apix))} Å)"
+            )
+        if 2 * stack.apix > cfg.inires_a:
+            raise CryorefineError(
+                f"--inires {cfg.inires_a} Å is finer than Nyquist ({2 * stack.apix:g} Å)"
+            )
+        if opts.get("usefilt"):
+            usefilt = ParticleStack.from_path(opts["usefilt"], apix=stack.apix)
+            if len(usefilt) != len(stack) or usefilt.box != n:
+                raise CryorefineError(
+                    f"--usefilt {opts['usefilt']}: {len(usefilt)} images of {usefilt.box} px; "
+                    f"--input holds {len(stack)} of {n} px"
+                )
+            usefilt = usefilt.with_meta(stack.meta)
+        if cfg.goldstandard and len(stack) < 4:
+            raise CryorefineError(f"--input {opts['input']}: too few particles for two halves")
+    except BaseException:
+        stack.close()
+        if usefilt is not None:
+            usefilt.close()
+        raise
+    path = Path(opts["path"]) if opts.get("path") else None
+    if path is not None and not path.is_dir():
+        raise CryorefineError(f"--path {path}: folder does not exist (create it first)")
+    return Run(opts, cfg, stack, usefilt, model.data.astype(np.float32), path, cores)
+
+
+def set_cores(cores: int | None) -> None:
+    """Run on ``cores`` cores (``--parallel thread:N``): the compiled kernels' threads
+    and, through the CPU affinity, the FFTs."""
+    if not cores:
+        return
+    import numba
+
+    numba.set_num_threads(min(cores, numba.config.NUMBA_NUM_THREADS))
+    if hasattr(os, "sched_setaffinity"):
+        allowed = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, allowed[:cores])
+
+
+def next_refine_folder(root: Path = Path(".")) -> Path:
+    """Create and return ``refine_NN``: one more than the largest existing (e2refine_easy)."""
+    while True:
+        taken = [int(p.name[7:]) for p in root.glob("refine_*") if p.name[7:].isdigit()]
+        path = root / f"refine_{max(taken, default=0) + 1:02d}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:  # another run took it first
+            continue
+
+
+class Log:
+    """``run.log``: timestamped plain lines, flushed as written; echoed when asked."""
+
+    def __init__(self, path: Path, verbose: int) -> None:
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self.verbose = verbose
+
+    def __call__(self, text: str, *, echo: bool = False, level: int = 1) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        for line in text.splitlines():
+            self.file.write(f"{stamp} {line}\n")
+        self.file.flush()
+        if echo or self.verbose >= level:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _write_json(path: Path, record: dict) -> None:
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=_plain) + "\n")
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(type(v))
+
+
+def _setup_folder(run: Run) -> tuple[Path, dict, int]:
+    """The output folder, its parameter record and the first iteration to run."""
+    opts, start = run.opts, int(run.opts.get("startiter") or 0)
+    record_opts = {k: v for k, v in opts.items() if k not in ("check", "verbose")}
+    if start > 0:
+        if run.path is None:
+            raise CryorefineError("--startiter: give the --path of the run to resume")
+        parms = run.path / PARMS
+        if not parms.is_file():
+            raise CryorefineError(f"--path {run.path}: no {PARMS}; nothing to resume")
+        record = json.loads(parms.read_text())
+        diff = differences(record["options"], record_opts)
+        if diff:
+            raise CryorefineError(
+                f"--startiter {start}: options differ from {parms}: " + "; ".join(diff)
+            )
+        done = [h["iteration"] for h in record.get("iterations", [])]
+        if start - 1 not in done:
+            raise CryorefineError(
+                f"--startiter {start}: iteration {start - 1} did not finish in {run.path} "
+                f"(finished: {', '.join(map(str, done)) or 'none'})"
+            )
+        record["iterations"] = [h for h in record["iterations"] if h["iteration"] < start]
+        record.setdefault("resumed", []).append(
+            {"at_iteration": start, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        )
+        run.opts["seed"] = record["options"]["seed"]
+        run.cfg = refine_config(run.opts)
+        for p in run.path.iterdir():  # what a killed run was writing
+            if p.name.startswith(".") and p.name.endswith(".partial"):
+                p.unlink()
+        return run.path, record, start
+    if opts.get("seed") is None:
+        opts["seed"] = secrets.randbelow(2**31)
+        record_opts["seed"] = opts["seed"]
+        run.cfg = refine_config(opts)
+    if run.path is None:
+        path = next_refine_folder()
+    else:
+        path = run.path
+        if (path / PARMS).exists() or any(path.glob("threed_*")):
+            raise CryorefineError(
+                f"--path {path}: holds a refinement; resume it with --startiter or choose "
+                "another folder"
+            )
+    record = {
+        "cryorefine_version": __version__,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv),
+        "options": record_opts,
+        "iterations": [],
+    }
+    return path, record, 0
+
+
+def _image_names(run: Run, path: Path, resume: bool) -> np.ndarray:
+    """How ``particles_NN.star`` names each particle's image: the input's MRC stacks, or
+    ``particles.mrcs`` written once into the folder when RELION cannot read them."""
+    stack = run.stack
+    sources = np.asarray(stack.meta.source_path, dtype=str)
+    if all(s.lower().endswith((".mrcs", ".mrc")) for s in np.unique(sources)):
+        uniq, inv = np.unique(sources, return_inverse=True)
+        files = np.array([ref_path(u) for u in uniq], dtype=object)[inv]
+        return np.array(
+            [f"{i + 1:06d}@{f}" for i, f in zip(stack.meta.source_index, files, strict=True)],
+            dtype=object,
+        )
+    copy = path / "particles.mrcs"
+    if not (resume and copy.is_file()):
+        write_stack(stack, copy, overwrite=resume)
+    return np.array([f"{i + 1:06d}@{ref_path(copy)}" for i in range(len(stack))], dtype=object)
+
+
+def angular_step(cfg: RefineConfig) -> float:
+    """The orientation generator's step (degrees; 5 when it has none)."""
+    return float(cfg.project3d.orientgen_mod.params.get("delta", 5.0))
+
+
+def stop_reason(history: list[dict], cfg: RefineConfig) -> str | None:
+    """Why the run may stop after the last iteration of ``history`` (``None``: go on)."""
+    if not cfg.earlystop or len(history) < MIN_ITERATIONS:
+        return None
+    last, before = history[-1], history[-2]
+    res, res0 = last["resolution"], before["resolution"]
+    change = last.get("median_orientation_change")
+    step = angular_step(cfg)
+    if res >= res0 * (1 - SETTLED_GAIN) and change is not None and change < step:
+        return (
+            f"converged: resolution {res:.2f} Å vs {res0:.2f} Å before (gain under "
+            f"{100 * SETTLED_GAIN:g}%), median orientation change {change:.2f}° under the "
+            f"{step:g}° step"
+        )
+    return None
+
+
+def _progress_factory(enabled: bool) -> Callable | None:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    def make(stage: str, half: int, total: int) -> Callable[[int], None]:
+        bar = tqdm(total=total, desc=f"{stage} half {half + 1}", unit="ptcl", leave=False)
+
+        def update(k: int) -> None:
+            bar.update(k)
+            if bar.n >= total:
+                bar.close()
+
+        return update
+
+    return make
+
+
+def refine(run: Run, *, progress: bool | None = None) -> dict:
+    """Run the refinement; returns the parameter record (with every iteration's figures)."""
+    set_cores(run.cores)
+    path, record, start = _setup_folder(run)
+    resume = start > 0
+    cfg, opts, stack, apix = run.cfg, run.opts, run.stack, run.apix
+    log = Log(path / "run.log", int(opts.get("verbose") or 0))
+    gold = cfg.goldstandard
+    try:
+        _write_json(path / PARMS, record)
+        log(
+            f"cryorefine {__version__} refine in {path} "
+            f"({'resuming at iteration ' + str(start) if resume else 'new run'}): "
+            f"{len(stack)} particles of {stack.box} px at {apix:g} Å/px; seed {opts['seed']}",
+            echo=True,
+        )
+        rng = np.random.default_rng([int(opts["seed"]), 0xA1F])
+        labels = half_sets(stack.meta, rng) if gold else np.zeros(len(stack), np.int64)
+        halves = [np.flatnonzero(labels == h) for h in (1, 2)] if gold else [np.arange(len(stack))]
+        starts = gold_standard_starts(run.model, apix=apix, inires_a=cfg.inires_a, rng=rng)
+        if resume:
+            k = f"{start - 1:02d}"
+            maps = [read_map(p).data for p in outputs.map_paths(path, start - 1, gold)]
+            previous_filt = read_map(path / f"threed_filt_{k}.mrc").data
+            mask_file = path / f"threed_mask_{k}.mrc"
+            automask = read_map(mask_file).data if mask_file.is_file() else None
+            maps = _next_maps(maps, previous_filt, automask, cfg, apix, gold)
+            prev_rot = read_orientations_star(path / f"particles_{start - 1:02d}.star")
+        else:
+            maps = list(starts) if gold else [run.model]
+            previous_filt = run.model
+            known = stack.meta.has_orientation
+            prev_rot = stack.meta.rotations if known.all() else None
+        names = _image_names(run, path, resume)
+        history = record["iterations"]
+        bars = _progress_factory(sys.stderr.isatty() if progress is None else progress)
+        group = symmetry_group(cfg.sym)
+        for it in range(start, cfg.iterations):
+            t0 = time.perf_counter()
+            commands = eman2_commands(opts, it, str(path))
+            sim = cm = None
+            if resume and it == start:
+                sim, cm = _completed_matrices(path, it, log)
+
+            def save(stage: str, value, it=it) -> None:
+                if stage == "simmx":
+                    write_simmx(outputs.simmx_path(path, it), value, overwrite=True)
+                else:
+                    write_classmx(
+                        outputs.classify_path(path, it), value, value.cls.max() + 1, overwrite=True
+                    )
+
+            step = run_step(
+                maps,
+                stack,
+                halves,
+                cfg,
+                iteration=it,
+                usefilt=run.usefilt,
+                sim=sim,
+                cm=cm,
+                progress=bars,
+                save=save,
+            )
+            filt, automask = filtered(step.volume, cfg, apix)
+            next_maps = _next_maps(step.maps, filt, automask, cfg, apix, gold)
+            figures = outputs.write_step(
+                path,
+                it,
+                step,
+                stack,
+                names,
+                halves,
+                filt,
+                automask,
+                previous_filt,
+                overwrite=resume,
+            )
+            entry = _summary(it, step, figures, prev_rot, group, apix, t0, gold)
+            history.append(entry)
+            _write_json(path / PARMS, record)
+            for stage in STAGES:
+                log(
+                    f"iteration {it:02d} {stage}: {step.seconds[stage]:.1f} s; as EMAN2: "
+                    f"{commands[stage]}",
+                    level=2,
+                )
+            log(summary_line(entry), echo=True)
+            report.write_report(path, record, step, apix, overwrite=True)
+            maps, previous_filt, prev_rot = next_maps, filt, step.rotations
+            why = stop_reason(history, cfg)
+            if why and it < cfg.iterations - 1:
+                log(f"stopped after iteration {it:02d}: {why}", echo=True)
+                record["stopped"] = why
+                _write_json(path / PARMS, record)
+                break
+        else:
+            record["stopped"] = f"ran the {cfg.iterations} iterations of --iter"
+            _write_json(path / PARMS, record)
+        record["path"] = str(path)
+        final = history[-1]
+        log(
+            f"final map {path}/threed_{final['iteration']:02d}.mrc: half-map FSC 0.143 at "
+            f"{final['resolution']:.2f} Å; report {path}/report.html",
+            echo=True,
+        )
+        return record
+    finally:
+        log.close()
+
+
+def _completed_matrices(path: Path, it: int, log: Log):
+    """The similarity and classification matrices a killed run finished for ``it``."""
+    sim = cm = None
+    if outputs.simmx_path(path, it).is_file():
+        sim = read_simmx(outputs.simmx_path(path, it))
+        log(f"iteration {it:02d}: reusing the complete {outputs.simmx_path(path, it).name}")
+        if outputs.classify_path(path, it).is_file():
+            cm = read_classmx(outputs.classify_path(path, it))
+            log(f"iteration {it:02d}: reusing the complete {outputs.classify_path(path, it).name}")
+    return sim, cm
+
+
+def _next_maps(half_maps, filt, automask, cfg: RefineConfig, apix: float, gold: bool):
+    """The maps the next iteration projects: each half map (mass-normalised and masked
+    by ``automask`` as ``threed_filt`` when ``--mass`` is given), or the single
+    chain's ``threed_filt``."""
+    if not gold:
+        return [filt]
+    if not cfg.mass_kda:
+        return list(half_maps)
+    out = []
+    for m in half_maps:
+        f, _ = filtered(m, cfg, apix, mask=automask)
+        out.append(f)
+    return out
+
+
+def _summary(it, step: Step, figures: dict, prev_rot, group, apix, t0, gold) -> dict:
+    """One iteration's figures for ``0_refine_parms.json``, the log and the report."""
+    curve = step.half_fsc if gold else step.info.get("half_fsc")
+    if gold:
+        res = figures["resolution_masked"]
+        res_unmasked = figures["resolution_unmasked"]
+    else:  # make3d's split of alternate particles: not independent
+        res = (
+            resolution_at(curve, threshold=0.143, apix=apix) if curve is not None else float("nan")
+        )
+        res_unmasked = res
+    change = None
+    if prev_rot is not None:
+        change = float(np.median(group.angle_between(step.rotations, prev_rot)))
+    counts = {r: int(np.sum(step.reason == i)) for i, r in enumerate(REASONS)}
+    return {
+        "iteration": it,
+        "resolution": float(res),
+        "resolution_unmasked": float(res_unmasked),
+        "gold_standard": bool(gold),
+        "median_orientation_change": change,
+        "particles": counts,
+        "projections": int(len(step.ref_rotations)),
+        "seconds": {k: round(v, 3) for k, v in step.seconds.items()},
+        "wall_seconds": round(time.perf_counter() - t0, 3),
+        "successive_fsc_0.5": figures.get("successive_0.5"),
+        "fsc": None if curve is None else [float(x) for x in curve],
+        "fsc_masked": None if step.masked_fsc is None else [float(x) for x in step.masked_fsc],
+    }
+
+
+def summary_line(e: dict) -> str:
+    """The one line printed per iteration."""
+    change = e["median_orientation_change"]
+    kind = "half-map FSC 0.143" if e["gold_standard"] else "FSC 0.143 (alternate particles)"
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in e["seconds"].items())
+    used = e["particles"]["used"]
+    total = sum(e["particles"].values())
+    return (
+        f"iteration {e['iteration']:02d}: {kind} {e['resolution']:.2f} Å "
+        f"(unmasked {e['resolution_unmasked']:.2f} Å); median orientation change "
+        f"{'-' if change is None else f'{change:.2f}°'}; {used} of {total} particles in the "
+        f"map; {e['wall_seconds']:.1f} s ({stages} s)"
+    )

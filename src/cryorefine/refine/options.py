@@ -1,0 +1,346 @@
+"""e2refine's options (spec ch01 §3), under their own names and defaults, plus ours.
+
+:data:`OPTIONS` lists every option once: the command line builds its parser from it,
+:func:`refine_config` turns the values into a :class:`RefineConfig` (parsing every
+modifier string, so that a bad one is refused before any work), and
+:func:`eman2_commands` writes the EMAN2 command line each stage stands for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cryorefine.config import (
+    ClassaverageConfig,
+    ClassifyConfig,
+    Make3dConfig,
+    Project3dConfig,
+    RefineConfig,
+    SimmxConfig,
+)
+from cryorefine.errors import CryorefineError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: ``type`` is ``int``, ``float``, ``str`` or ``bool`` (a flag)."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    group: str = "refine"
+
+
+_E = "e2refine"
+OPTIONS: tuple[Option, ...] = (
+    Option("iter", int, 0, "iterations: index one past the last to run (required)", "driver"),
+    Option("startiter", int, 0, "resume at this iteration of the --path folder", "driver"),
+    Option("input", str, None, "particle stack (.star, .mrcs, .hdf, .lst)", "driver"),
+    Option("model", str, "threed.0a.mrc", "starting map (same box and Å/px)", "driver"),
+    Option("usefilt", str, None, "filtered copy of the particles, used to align", "driver"),
+    Option("path", str, None, "output folder (default: the next refine_NN)", "driver"),
+    Option("mass", float, 0.0, "particle mass in kDa: normalise threed_filt by mass", _E),
+    Option("apix", float, 0.0, "Å/pixel of the particles (default: their header)", _E),
+    Option("automask3d", str, None, "threshold,radius,nshells,nshellsgauss,nmaxseed", _E),
+    Option("automaskalign", bool, False, "mask alignment with the automask's projections", _E),
+    Option("sym", str, "c1", "point-group symmetry (cN, dN, tet, oct, icos)", _E),
+    Option("projector", str, "standard", "projector (standard, fourier)", _E),
+    Option("orientgen", str, "eman:delta=5.0:inc_mirror=0:perturb=1", "orientations", _E),
+    Option("simalign", str, "rotate_translate_flip", "simmx aligner", "simmx"),
+    Option("simaligncmp", str, "ccc", "comparator of --simalign", "simmx"),
+    Option("simralign", str, None, "simmx refining aligner (e.g. refine)", "simmx"),
+    Option("simraligncmp", str, "ccc", "comparator of --simralign", "simmx"),
+    Option("simcmp", str, "frc:zeromask=1:snrweight=1", "simmx score comparator", "simmx"),
+    Option("simmask", str, None, "2D mask image applied before the simmx score", "simmx"),
+    Option("shrink", int, 0, "shrink particles and projections in simmx (>= 2)", "simmx"),
+    Option("twostage", int, 0, "two-stage simmx: the coarse stage's shrink (0: off)", "simmx"),
+    Option("prefilt", bool, False, "filter projections to each particle's spectrum", "simmx"),
+    Option("simvec", bool, False, "classify by similarity-vector pattern", "classify"),
+    Option("sep", int, 1, "classes each particle is assigned to", "classify"),
+    Option("classkeep", float, 0.8, "fraction of each class kept (or sigmas)", "class"),
+    Option("classkeepsig", bool, False, "--classkeep counts standard deviations", "class"),
+    Option("classiter", int, 1, "class-averaging alignment rounds", "class"),
+    Option("classalign", str, "rotate_translate_flip", "class-averaging aligner", "class"),
+    Option("classaligncmp", str, "ccc", "comparator of --classalign", "class"),
+    Option("classralign", str, None, "class-averaging refining aligner", "class"),
+    Option("classraligncmp", str, "ccc", "comparator of --classralign", "class"),
+    Option("classaverager", str, "mean", "averager (mean, ctf.auto, ctf.weight)", "class"),
+    Option("classcmp", str, "frc:snrweight=1", "comparator rating class members", "class"),
+    Option("classnormproc", str, "normalize.edgemean", "normalisation of members", "class"),
+    Option("classrefsf", bool, False, "give the averages the projection's spectrum", "class"),
+    Option("classautomask", bool, False, "2D automask of the running average", "class"),
+    Option("pad", int, 0, "padded size for reconstruction, px (0: twice the box)", "make3d"),
+    Option("recon", str, "fourier", "reconstructor", "make3d"),
+    Option("m3dkeep", float, 0.8, "fraction of class averages kept (classes source)", "make3d"),
+    Option("m3dkeepsig", bool, False, "--m3dkeep counts standard deviations", "make3d"),
+    Option("m3dsetsf", bool, False, "impose strucfac.txt (working folder)", "make3d"),
+    Option("m3dsffile", str, None, "impose this structure factor file", "make3d"),
+    Option("m3diter", int, 2, "reconstruction passes (classes source)", "make3d"),
+    Option(
+        "m3dpreprocess",
+        str,
+        None,
+        "processor for each inserted image (default normalize.edgemean for class averages, "
+        "none for particles)",
+        "make3d",
+    ),
+    Option("m3dpostprocess", str, None, "processor for the map, in make3d", "make3d"),
+    Option("m3dpostprocess2", str, None, "processor for the map, after make3d", "make3d"),
+    Option("lowmem", bool, False, "accepted: memory is always bounded (streamed)", "make3d"),
+    Option("parallel", str, None, "thread:N runs on N cores", "driver"),
+    Option("seed", int, None, "random seed (default: drawn and recorded)", "cryorefine"),
+    Option("goldstandard", int, 1, "1: refine two independent halves; 0: one chain", "cryorefine"),
+    Option(
+        "inires", float, 30.0, "gold standard: halves start at this resolution, Å", "cryorefine"
+    ),
+    Option(
+        "m3dsource",
+        str,
+        "particles",
+        "reconstruct from particles (with CTF) or classes (as e2refine)",
+        "cryorefine",
+    ),
+    Option("earlystop", int, 1, "1: stop once resolution and orientations settle", "cryorefine"),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+#: options that may differ between a run and its resumption
+RESUME_FREE = ("startiter", "parallel", "check", "verbose", "path")
+
+
+def defaults() -> dict[str, Any]:
+    return {o.name: o.default for o in OPTIONS}
+
+
+def _none(text: str | None) -> str | None:
+    """e2refine's ``None``/"none" spelled for a disabled modifier option."""
+    return None if text is None or str(text).strip().lower() in ("", "none") else text
+
+
+#: each stage's option names as e2refine spells them
+_RENAMES = {
+    "simmx": {
+        "--align": "--simalign",
+        "--aligncmp": "--simaligncmp",
+        "--ralign": "--simralign",
+        "--raligncmp": "--simraligncmp",
+        "--cmp": "--simcmp",
+        "--mask": "--simmask",
+    },
+    "class": {
+        "--iter": "--classiter",
+        "--keep": "--classkeep",
+        "--align": "--classalign",
+        "--aligncmp": "--classaligncmp",
+        "--ralign": "--classralign",
+        "--raligncmp": "--classraligncmp",
+        "--cmp": "--classcmp",
+        "--averager": "--classaverager",
+        "--normproc": "--classnormproc",
+    },
+    "make3d": {
+        "--iter": "--m3diter",
+        "--keep": "--m3dkeep",
+        "--preprocess": "--m3dpreprocess",
+        "--postprocess": "--m3dpostprocess",
+        "--setsf": "--m3dsffile",
+    },
+}
+
+
+def _stage(family: str, factory, **kwargs):
+    """Build a stage config; an error names the option as e2refine calls it."""
+    try:
+        return factory(**kwargs)
+    except CryorefineError as err:
+        text = str(err)
+        for old in sorted(_RENAMES[family], key=len, reverse=True):
+            if text.startswith(old) and not text[len(old) : len(old) + 1].isalnum():
+                text = _RENAMES[family][old] + text[len(old) :]
+                break
+        raise CryorefineError(text) from None
+
+
+def refine_config(opts: dict[str, Any]) -> RefineConfig:
+    """The :class:`RefineConfig` of e2refine options ``opts`` (names as :data:`OPTIONS`).
+
+    Every modifier string is parsed (and files named in it read) here.
+    """
+    o = {**defaults(), **opts}
+    if o["iter"] is None or o["iter"] < 1:
+        raise CryorefineError(f"--iter {o['iter']}: give the number of iterations (>= 1)")
+    if o["automaskalign"]:
+        raise CryorefineError(
+            "--automaskalign: masking alignment by projections is not available yet"
+        )
+    if o["mass"] and not o["apix"]:
+        raise CryorefineError("--mass needs --apix (the mass normalisation's pixel size)")
+    if o["apix"] < 0:
+        raise CryorefineError(f"--apix {o['apix']}: must be positive")
+    if o["goldstandard"] not in (0, 1):
+        raise CryorefineError(f"--goldstandard {o['goldstandard']}: use 1 (on) or 0 (off)")
+    if o["earlystop"] not in (0, 1):
+        raise CryorefineError(f"--earlystop {o['earlystop']}: use 1 (on) or 0 (off)")
+    if o["classiter"] < 0:
+        raise CryorefineError(f"--classiter {o['classiter']}: must be 0 or more")
+    classes = o["m3dsource"] == "classes"
+    pre = _none(o["m3dpreprocess"])
+    if o["m3dpreprocess"] is None and classes:
+        pre = "normalize.edgemean"
+    setsf = o["m3dsffile"] or ("strucfac.txt" if o["m3dsetsf"] else None)
+    keep = o["m3dkeep"] if classes and o["m3dkeep"] else 1.0
+    make3d = _stage(
+        "make3d",
+        Make3dConfig,
+        sym=o["sym"],
+        pad_px=o["pad"] or None,
+        recon=o["recon"],
+        preprocess=(pre,) if pre else (),
+        postprocess=(o["m3dpostprocess"],) if _none(o["m3dpostprocess"]) else (),
+        setsf=setsf,
+        iterations=o["m3diter"] if classes else 1,
+        keep=keep,
+        keepsig=bool(o["m3dkeepsig"] and classes and o["m3dkeep"]),
+        keepabs=True,
+    )
+    return RefineConfig(
+        iterations=o["iter"],
+        sym=o["sym"],
+        sep=o["sep"],
+        m3dsource=o["m3dsource"],
+        project3d=Project3dConfig(
+            orientgen=o["orientgen"],
+            sym=o["sym"],
+            projector=o["projector"],
+            postprocess=("normalize.circlemean",),
+        ),
+        simmx=_stage(
+            "simmx",
+            SimmxConfig,
+            align=_none(o["simalign"]),
+            aligncmp=o["simaligncmp"],
+            ralign=_none(o["simralign"]),
+            raligncmp=o["simraligncmp"],
+            cmp=o["simcmp"],
+            mask=o["simmask"],
+            shrink=o["shrink"] or None,
+            prefilt=o["prefilt"],
+            twostage=o["twostage"],
+        ),
+        classify=ClassifyConfig(sep=o["sep"], simvec=o["simvec"]),
+        classaverage=_stage(
+            "class",
+            ClassaverageConfig,
+            iterations=o["classiter"],
+            keep=o["classkeep"] if o["classkeep"] else 1.0,
+            keepsig=o["classkeepsig"],
+            align=_none(o["classalign"]),
+            aligncmp=o["classaligncmp"],
+            ralign=_none(o["classralign"]),
+            raligncmp=o["classraligncmp"],
+            cmp=o["classcmp"],
+            averager=o["classaverager"],
+            normproc=_none(o["classnormproc"]),
+            setsfref=o["classrefsf"],
+            automask=o["classautomask"],
+        ),
+        make3d=make3d,
+        goldstandard=bool(o["goldstandard"]),
+        inires_a=o["inires"],
+        seed=int(o["seed"] or 0),
+        mass_kda=o["mass"],
+        automask3d=o["automask3d"],
+        postprocess2=_none(o["m3dpostprocess2"]),
+        earlystop=bool(o["earlystop"]),
+    )
+
+
+def parallel_cores(spec: str | None) -> int | None:
+    """Cores of ``--parallel thread:N`` (``None`` when not given)."""
+    if spec is None:
+        return None
+    parts = spec.split(":")
+    if parts[0] == "thread" and len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) > 0:
+        return int(parts[1])
+    if parts[0] in ("mpi", "dc"):
+        raise CryorefineError(f"--parallel {spec}: {parts[0]} parallelism is not available yet")
+    raise CryorefineError(f"--parallel {spec}: use thread:N (N cores)")
+
+
+def differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The options that differ between a recorded run and now (``name: old -> new``)."""
+    out = []
+    for name in BY_NAME:
+        if name in RESUME_FREE or name == "seed" and now.get(name) is None:
+            continue
+        if recorded.get(name) != now.get(name):
+            out.append(f"--{name}: {recorded.get(name)!r} -> {now.get(name)!r}")
+    return out
+
+
+def eman2_commands(o: dict[str, Any], iteration: int, path: str) -> dict[str, str]:
+    """The EMAN2 command line of each stage of one iteration (spec ch01 §2.2)."""
+    k = f"{iteration:02d}"
+    prev = "" if iteration == 0 else f"{path}/threed_filt_{iteration - 1:02d}.hdf"
+    model = o["model"] if iteration == 0 else prev
+    ptcl = o["usefilt"] or o["input"]
+    v = f" --verbose={o['verbose'] - 1}" if o.get("verbose", 0) > 0 else ""
+    par = f" --parallel={o['parallel']}" if o.get("parallel") else ""
+    proj = (
+        f"e2project3d.py {model} -f --sym={o['sym']} --projector={o['projector']} "
+        f"--outfile={path}/projections_{k}.hdf --orientgen={o['orientgen']} "
+        f"--postprocess=normalize.circlemean{par}{v}"
+    )
+    tail = f" --cmp={o['simcmp']} --align={o['simalign']} --aligncmp={o['simaligncmp']}"
+    tail += " --prefilt" if o["prefilt"] else ""
+    tail += f" --mask={o['simmask']}" if o["simmask"] else ""
+    if o["simralign"]:
+        tail += f" --ralign={o['simralign']} --raligncmp={o['simraligncmp']}"
+    tail += f"{v}{par}" + (f" --shrink={o['shrink']}" if o["shrink"] else "")
+    if o["twostage"]:
+        sim = (
+            f"e2simmx2stage.py {path}/projections_{k}.hdf {ptcl} {path}/simmx_{k}.hdf "
+            f"{path}/proj_simmx_{k}.hdf {path}/proj_stg1_{k}.hdf {path}/simmx_stg1_{k}.hdf "
+            f"-f --saveali --shrinks1={o['twostage']}" + tail
+        )
+    else:
+        sim = (
+            f"e2simmx.py {path}/projections_{k}.hdf {ptcl} {path}/simmx_{k}.hdf -f --saveali" + tail
+        )
+    cls = f"e2classify.py {path}/simmx_{k}.hdf {path}/classify_{k}.hdf --sep={o['sep']} -f"
+    cls += (" --simvec" if o["simvec"] else "") + v
+    ca = (
+        f"e2classaverage.py --input={o['input']} --classmx={path}/classify_{k}.hdf --storebad "
+        f"--output={path}/classes_{k}.hdf --ref={path}/projections_{k}.hdf "
+        f"--iter={o['classiter']} -f --resultmx={path}/cls_result_{k}.hdf "
+        f"--normproc={o['classnormproc']} --averager={o['classaverager']}"
+        + (" --setsfref" if o["classrefsf"] else "")
+        + (" --automask" if o["classautomask"] else "")
+        + (f" --keep={o['classkeep']:.6f}" if o["classkeep"] else "")
+        + (" --keepsig" if o["classkeepsig"] else "")
+        + f" --cmp={o['classcmp']} --align={o['classalign']} --aligncmp={o['classaligncmp']}"
+        + (
+            f" --ralign={o['classralign']} --raligncmp={o['classraligncmp']}"
+            if o["classralign"]
+            else ""
+        )
+        + (f" --usefilt={o['usefilt']}" if o["usefilt"] else "")
+        + v
+        + (" --prefilt" if o["prefilt"] else "")
+        + par
+    )
+    m3d = (
+        f"e2make3d.py --input={path}/classes_{k}.hdf --iter={o['m3diter']} -f --keepabs "
+        f"--sym={o['sym']} --recon={o['recon']} --output={path}/threed_{k}.hdf"
+        + (f" --preprocess={o['m3dpreprocess']}" if _none(o["m3dpreprocess"]) else "")
+        + (f" --postprocess={o['m3dpostprocess']}" if _none(o["m3dpostprocess"]) else "")
+        + (f" --keep={o['m3dkeep']:.6f}" if o["m3dkeep"] else "")
+        + (" --keepsig" if o["m3dkeepsig"] and o["m3dkeep"] else "")
+        + (f" --setsf={o['m3dsffile']}" if o["m3dsffile"] else "")
+        + (" --setsf=auto" if o["m3dsetsf"] and not o["m3dsffile"] else "")
+        + (" --lowmem" if o["lowmem"] else "")
+        + (f" --pad={o['pad']}" if o["pad"] else "")
+        + v
+    )
+    return {"project3d": proj, "simmx": sim, "classify": cls, "classaverage": ca, "make3d": m3d}

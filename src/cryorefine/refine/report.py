@@ -1,0 +1,196 @@
+"""``report.html``: one self-contained page (PNG plots embedded), refreshed every iteration.
+
+It shows the resolution per iteration, the half-map FSC curves, central slices and
+projections of the map, the particles' orientations over the asymmetric unit, the
+particles kept and rejected per stage, and the time per stage.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+
+from cryorefine.fourier.fsc import shell_frequencies_a
+from cryorefine.geometry.euler import matrices_to_relion
+from cryorefine.io.atomic import atomic_output
+from cryorefine.refine.step import REASONS, STAGES, Step
+
+
+def _figure(width: float = 6.0, height: float = 3.6, ncols: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), dpi=90, squeeze=False)
+    return plt, fig, axes[0]
+
+
+def _png(plt, fig) -> str:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _resolution_plot(history: list[dict]) -> str:
+    plt, fig, (ax,) = _figure()
+    its = [h["iteration"] for h in history]
+    ax.plot(its, [h["resolution"] for h in history], "o-", color="k", label="masked")
+    ax.plot(its, [h["resolution_unmasked"] for h in history], "s--", color="grey", label="unmasked")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("FSC 0.143 resolution (Å)")
+    ax.legend(fontsize=8)
+    return _png(plt, fig)
+
+
+def _fsc_plot(history: list[dict], apix: float) -> str:
+    plt, fig, (ax,) = _figure()
+    for h in history:
+        curve = h.get("fsc_masked") or h.get("fsc")
+        if curve is None:
+            continue
+        n = 2 * (len(curve) - 1)
+        last = h is history[-1]
+        ax.plot(
+            shell_frequencies_a(n, apix)[1:],
+            curve[1:],
+            color="k" if last else "0.7",
+            lw=1.5 if last else 0.8,
+            label=f"iteration {h['iteration']:02d}" if last else None,
+        )
+        if last and h.get("fsc"):
+            ax.plot(shell_frequencies_a(n, apix)[1:], h["fsc"][1:], "k:", lw=1, label="unmasked")
+    for t in (0.143, 0.5):
+        ax.axhline(t, color="grey", ls="--", lw=0.7)
+    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_ylabel("half-map FSC")
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=8)
+    return _png(plt, fig)
+
+
+def _map_views(volume: np.ndarray) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = volume.shape[-1]
+    fig, grid = plt.subplots(2, 3, figsize=(9, 6.2), dpi=90)
+    for k, name in enumerate("zyx"):
+        grid[0, k].imshow(np.take(volume, n // 2, axis=k), cmap="gray", origin="lower")
+        grid[0, k].set_title(f"central slice ⊥ {name}", fontsize=9)
+        grid[1, k].imshow(volume.sum(axis=k), cmap="gray", origin="lower")
+        grid[1, k].set_title(f"projection along {name}", fontsize=9)
+    for ax in grid.ravel():
+        ax.set_axis_off()
+    return _png(plt, fig)
+
+
+def _angles_plot(step: Step) -> str:
+    plt, fig, (ax,) = _figure(6, 3.6)
+    rot, tilt, _ = matrices_to_relion(step.rotations)
+    used = step.reason == 0
+    hb = ax.hexbin(rot[used], tilt[used], gridsize=36, cmap="viridis", mincnt=1)
+    fig.colorbar(hb, ax=ax, label="particles")
+    ax.set_xlabel("rot (°)")
+    ax.set_ylabel("tilt (°)")
+    ax.set_title("orientations of the particles in the map", fontsize=9)
+    return _png(plt, fig)
+
+
+def _stacked(history: list[dict], key: str, names: tuple[str, ...], ylabel: str) -> str:
+    plt, fig, (ax,) = _figure()
+    its = np.array([h["iteration"] for h in history])
+    bottom = np.zeros(len(its))
+    for name in names:
+        v = np.array([h[key].get(name, 0) for h in history], dtype=float)
+        ax.bar(its, v, bottom=bottom, label=name)
+        bottom += v
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    return _png(plt, fig)
+
+
+def report_html(record: dict, step: Step, apix: float) -> str:
+    """The page's HTML for the run ``record`` whose last iteration is ``step``."""
+    history = record["iterations"]
+    last = history[-1]
+    rows = []
+    for h in history:
+        change = h["median_orientation_change"]
+        p = h["particles"]
+        rows.append(
+            "<tr>"
+            + "".join(
+                f"<td>{c}</td>"
+                for c in (
+                    f"{h['iteration']:02d}",
+                    f"{h['resolution']:.2f}",
+                    f"{h['resolution_unmasked']:.2f}",
+                    "-" if change is None else f"{change:.2f}",
+                    p["used"],
+                    p["classkeep"],
+                    p["m3dkeep"],
+                    *(f"{h['seconds'][s]:.1f}" for s in STAGES),
+                    f"{h['wall_seconds']:.1f}",
+                )
+            )
+            + "</tr>"
+        )
+    head = "".join(
+        f"<th>{c}</th>"
+        for c in (
+            "iteration",
+            "FSC 0.143 masked (Å)",
+            "unmasked (Å)",
+            "median orientation change (°)",
+            "in map",
+            "rejected: classkeep",
+            "rejected: m3dkeep",
+            *(f"{s} (s)" for s in STAGES),
+            "wall (s)",
+        )
+    )
+    img = '<img src="data:image/png;base64,{}">'.format
+    options = html.escape(
+        " ".join(
+            f"--{k}={v}" for k, v in sorted(record["options"].items()) if v not in (None, False)
+        )
+    )
+    kind = "half-map (gold standard)" if last["gold_standard"] else "alternate-particle"
+    stopped = html.escape(record.get("stopped", "running"))
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>cryorefine refine report</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:auto}}
+table{{border-collapse:collapse;font-size:12px}}td,th{{border:1px solid #ccc;padding:3px}}
+img{{max-width:100%}}</style></head><body>
+<h1>cryorefine refine</h1>
+<p>cryorefine {html.escape(str(record.get("cryorefine_version")))}, started
+{html.escape(record.get("started", ""))}; {stopped}.</p>
+<p><b>Iteration {last["iteration"]:02d}: {kind} FSC 0.143 at {last["resolution"]:.2f} Å</b>
+(unmasked {last["resolution_unmasked"]:.2f} Å; {apix:g} Å/px, Nyquist {2 * apix:.2f} Å).</p>
+<h2>Iterations</h2><table><tr>{head}</tr>{"".join(rows)}</table>
+<h2>Resolution</h2>{img(_resolution_plot(history))}
+<h2>FSC curves</h2>{img(_fsc_plot(history, apix))}
+<h2>Map (iteration {last["iteration"]:02d})</h2>{img(_map_views(step.volume))}
+<h2>Angular distribution</h2>{img(_angles_plot(step))}
+<h2>Particles per iteration</h2>{img(_stacked(history, "particles", REASONS, "particles"))}
+<h2>Time per stage</h2>{img(_stacked(history, "seconds", STAGES, "seconds"))}
+<h2>Options</h2><p style="font-family:monospace;font-size:11px">{options}</p>
+</body></html>
+"""
+
+
+def write_report(path: Path, record: dict, step: Step, apix: float, *, overwrite: bool) -> None:
+    """Write ``path / report.html`` atomically."""
+    text = report_html(record, step, apix)
+    with atomic_output(path / "report.html", overwrite=overwrite) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,292 @@
+"""One iteration of the refinement on arrays, for one chain or two gold-standard halves.
+
+Each half (or the single chain of ``--goldstandard 0``) projects its own map over one
+set of orientations drawn for the iteration, scores its own particles against its
+projections, and averages its classes. The similarity and classification matrices
+cover every particle (each row scored against its own half's projections), so that
+they are one file each, as in e2refine. The map is reconstructed from the particles
+(every particle kept by class averaging, at its assigned orientation and shift, with
+its CTF; the two halves share one pass, spec ch04 §4.5) or from the class averages
+(each half's own, weighted by ``ptcl_repr``, as e2refine).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cryorefine.config import RefineConfig
+from cryorefine.fourier.fft import rfft_shell_index
+from cryorefine.fourier.filters import lowpass_gauss
+from cryorefine.fourier.fsc import fsc
+from cryorefine.fourier.reconstruct import sphere_mask
+from cryorefine.geometry.orientations import orientations
+from cryorefine.io.metadata import ParticleMetadata
+from cryorefine.io.stacks import ParticleStack
+from cryorefine.processors.mask import auto_mask
+from cryorefine.processors.normalize import mass_threshold
+from cryorefine.stages.classaverage import ClassAverages, classaverage
+from cryorefine.stages.classify import ClassMx, assigned_poses, classify
+from cryorefine.stages.make3d import make3d
+from cryorefine.stages.project3d import project3d
+from cryorefine.stages.simmx import Simmx, simmx
+
+STAGES = ("project3d", "simmx", "classify", "classaverage", "make3d")
+#: why a particle is not in the map (``Step.reason``; 0: it is)
+REASONS = ("used", "classkeep", "m3dkeep")
+USED, CLASSKEEP, M3DKEEP = range(3)
+#: resolution of the low-pass before the soft mask of the masked half-map FSC (Å)
+MASK_LOWPASS_A = 15.0
+
+
+@dataclass
+class Step:
+    """What one iteration produced (arrays over all ``Np`` particles unless stated).
+
+    ``ref_rotations`` ``(Nr, 3, 3)``, shared by the halves; ``projections``,
+    ``classes``: one per half (one for a single chain); ``sim``, ``cm`` (the
+    classification) and ``resultmx`` (class averaging's: used flags and final
+    alignments); ``rotations`` ``(Np, 3, 3)``, ``shifts_a`` ``(Np, 2)`` (Å) and
+    ``score`` of each particle's best projection; ``reason``: 0 if in the map, else
+    an index into :data:`REASONS`; ``maps``: each half's map (the one it projects next);
+    ``volume``: the combined map; ``half_fsc``, ``masked_fsc``: between the half maps
+    (without and with a soft mask; ``None`` without half maps); ``mask``: that soft mask;
+    ``seconds``: per stage.
+    """
+
+    ref_rotations: np.ndarray
+    projections: list[np.ndarray]
+    sim: Simmx
+    cm: ClassMx
+    resultmx: ClassMx
+    classes: list[ClassAverages]
+    rotations: np.ndarray
+    shifts_a: np.ndarray
+    score: np.ndarray
+    reason: np.ndarray
+    maps: list[np.ndarray]
+    volume: np.ndarray
+    half_fsc: np.ndarray | None
+    masked_fsc: np.ndarray | None
+    mask: np.ndarray | None
+    info: dict
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def iteration_seed(seed: int, iteration: int) -> list[int]:
+    """The random-number seed of one iteration (its orientation perturbation)."""
+    return [int(seed), int(iteration), 0x5EED]
+
+
+def soft_mask(volume: np.ndarray, apix: float) -> np.ndarray:
+    """A soft mask around the particle for the masked half-map FSC.
+
+    The map low-passed to 15 Å, thresholded at a fifth of its maximum, flood-filled
+    from the centre, dilated by 3 px and given a 3 px soft edge (``mask.auto3d``).
+    """
+    n = volume.shape[-1]
+    low = lowpass_gauss(np.asarray(volume, np.float32), min(0.5, apix / MASK_LOWPASS_A), 3)
+    return auto_mask(low, float(0.2 * low.max()), n / 4, 3, 3, 1)
+
+
+def fsc_filter(volume: np.ndarray, half_fsc: np.ndarray) -> np.ndarray:
+    """``volume`` multiplied in Fourier space by ``sqrt(2 FSC / (1 + FSC))`` per shell
+    (0 where the FSC is not positive): the gold-standard map's filter (spec §4.5)."""
+    import scipy.fft
+
+    n = volume.shape[-1]
+    h = np.clip(np.asarray(half_fsc, np.float64), 0, 1)
+    weight = np.sqrt(2 * h / (1 + h))
+    shell = np.minimum(rfft_shell_index((n,) * 3), len(weight) - 1)
+    f = scipy.fft.rfftn(volume, workers=-1)
+    f *= weight[shell]
+    return scipy.fft.irfftn(f, s=volume.shape, workers=-1).astype(np.float32)
+
+
+def normalise_by_mass(volume: np.ndarray, mass_kda: float, apix: float) -> np.ndarray:
+    """e2refine's ``normalize.bymass``: divide by the level enclosing ``mass_kda``."""
+    return (volume / mass_threshold(volume, mass_kda, apix)).astype(np.float32)
+
+
+def run_step(
+    maps: list[np.ndarray],
+    stack: ParticleStack,
+    halves: list[np.ndarray],
+    cfg: RefineConfig,
+    *,
+    iteration: int,
+    usefilt: ParticleStack | None = None,
+    sim: Simmx | None = None,
+    cm: ClassMx | None = None,
+    progress: Callable[[str, int, int], Callable[[int], None]] | None = None,
+    save: Callable[[str, object], None] | None = None,
+) -> Step:
+    """Run one iteration: ``maps`` (one per half) against ``stack``'s particles.
+
+    ``halves``: the particle indices of each half (one array for a single chain).
+    ``sim``/``cm``: a similarity or classification matrix already computed for this
+    iteration (a resumed run), used instead of computing it again. ``progress(stage,
+    half, total)`` returns a callback taking the count of particles just done;
+    ``save(stage, result)`` is called with the new similarity and classification
+    matrices as soon as each exists (a driver writes them, so that a resumed run can
+    start after them).
+    """
+    n_p, apix = len(stack), stack.apix
+    seconds = dict.fromkeys(STAGES, 0.0)
+    tick = time.perf_counter
+
+    t = tick()
+    p3 = cfg.project3d
+    rng = np.random.default_rng(iteration_seed(cfg.seed, iteration))
+    ref_rotations = orientations(p3.orientgen_mod, p3.sym, rng=rng)
+    projections = [project3d(m, p3, apix=apix, rotations=ref_rotations)[0] for m in maps]
+    seconds["project3d"] = tick() - t
+    n_r = len(ref_rotations)
+
+    t = tick()
+    if sim is None and cm is None:
+        sim = Simmx.empty(n_p, n_r)
+        for h, idx in enumerate(halves):
+            part = simmx(
+                projections[h],
+                (usefilt or stack).take(idx),
+                cfg.simmx,
+                progress=progress("simmx", h, len(idx)) if progress else None,
+            )
+            for name in ("score", "dx", "dy", "dalpha", "flip", "scale"):
+                getattr(sim, name)[idx] = getattr(part, name)
+        if save:
+            save("simmx", sim)
+    seconds["simmx"] = tick() - t
+
+    t = tick()
+    if cm is None:
+        cm = classify(sim, cfg.classify)
+        if save:
+            save("classify", cm)
+    seconds["classify"] = tick() - t
+
+    t = tick()
+    classes = []
+    resultmx = ClassMx(*(np.array(a, copy=True) for a in vars(cm).values()))
+    in_class = np.zeros(n_p, bool)  # choice 0 kept by class averaging
+    for h, idx in enumerate(halves):
+        sub = ClassMx(*(a[idx] for a in vars(cm).values()))
+        ca = classaverage(
+            stack.take(idx),
+            sub,
+            projections[h],
+            cfg.classaverage,
+            n_classes=n_r,
+            usefilt=None if usefilt is None else usefilt.take(idx),
+        )
+        ca.particle = idx[ca.particle]  # global particle numbers
+        res = ca.result_classmx(cm)
+        rows = np.unique(ca.particle)
+        for name in ("weight", "dx", "dy", "dalpha", "flip"):
+            getattr(resultmx, name)[rows] = getattr(res, name)[rows]
+        first = ca.column == 0
+        in_class[ca.particle[first]] = ca.used[first]
+        classes.append(ca)
+        if progress:
+            progress("classaverage", h, len(idx))(len(idx))
+    seconds["classaverage"] = tick() - t
+
+    t = tick()
+    rotations, shifts_px = assigned_poses(cm, ref_rotations)
+    reason = np.where(in_class, USED, CLASSKEEP)
+    gold = len(halves) == 2
+    m3d = cfg.make3d
+    if cfg.m3dsource == "particles":
+        meta = stack.meta.take(np.arange(n_p))
+        meta.rotations, meta.shift_a = rotations, shifts_px * apix
+        meta.weight = np.where(in_class, meta.weight, 0.0)
+        labels = np.zeros(n_p, np.int64)
+        for h, idx in enumerate(halves):
+            labels[idx] = h + 1
+        meta.half_set = labels if gold else np.zeros(n_p, np.int64)
+        volume, info = make3d(stack.with_meta(meta), m3d, keep_halves=gold)
+        if gold and info["half_maps"] is not None:
+            new_maps = [_post(m, m3d, apix) for m in info["half_maps"]]
+        elif gold:  # too few particles to split inside make3d: one pass per half
+            new_maps = []
+            for idx in halves:
+                sel = np.zeros(n_p, bool)
+                sel[idx] = True
+                half_meta = meta.take(np.arange(n_p))
+                half_meta.weight = np.where(sel, meta.weight, 0.0)
+                new_maps.append(make3d(stack.with_meta(half_meta), m3d)[0])
+        else:
+            new_maps = [volume]
+    else:
+        new_maps, excluded = [], np.zeros(n_p, bool)
+        for ca in classes:
+            cmeta = ParticleMetadata.empty(n_r, apix=apix)
+            cmeta.rotations = ref_rotations
+            cmeta.weight = ca.ptcl_repr.astype(np.float64)  # empty classes: skipped
+            vol, info = make3d(ParticleStack.from_arrays(ca.images, apix=apix, meta=cmeta), m3d)
+            dropped = np.isin(ca.cls, info["excluded"]) & ca.used & (ca.column == 0)
+            excluded[ca.particle[dropped]] = True
+            new_maps.append(vol)
+        reason[excluded & in_class] = M3DKEEP
+        volume = new_maps[0]
+    half_fsc = masked = mask = None
+    if gold:
+        sphere = sphere_mask(maps[0].shape[-1])
+        half_fsc = fsc(new_maps[0] * sphere, new_maps[1] * sphere)
+        if cfg.m3dsource == "classes":
+            volume = fsc_filter((new_maps[0] + new_maps[1]) / 2, half_fsc)
+        mask = soft_mask(volume, apix)
+        masked = fsc(new_maps[0] * mask, new_maps[1] * mask)
+    if cfg.postprocess2_mod is not None:
+        volume = cfg.postprocess2_mod(volume, ndim=3, apix=apix)
+        new_maps = [cfg.postprocess2_mod(m, ndim=3, apix=apix) for m in new_maps]
+    seconds["make3d"] = tick() - t
+    return Step(
+        ref_rotations,
+        projections,
+        sim,
+        cm,
+        resultmx,
+        classes,
+        rotations,
+        shifts_px * apix,
+        np.take_along_axis(sim.score, cm.cls[:, :1], axis=1)[:, 0]
+        if sim is not None
+        else np.full(n_p, np.nan),
+        reason,
+        new_maps,
+        volume,
+        half_fsc,
+        masked,
+        mask,
+        info,
+        seconds,
+    )
+
+
+def _post(volume: np.ndarray, cfg, apix: float) -> np.ndarray:
+    """A half map post-processed as make3d post-processes the combined map."""
+    for m in cfg.postprocess_mods:
+        volume = m(volume, ndim=3, apix=apix)
+    return volume
+
+
+def filtered(
+    volume: np.ndarray, cfg: RefineConfig, apix: float, *, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """e2refine's ``threed_filt``: with ``--mass`` normalised by mass and, with
+    ``--automask3d`` too, multiplied by the automask (``mask``, or computed from the
+    normalised map); returns (map, mask or None). Without ``--mass`` the map itself
+    (spec ch01 §5.3, Choice)."""
+    if not cfg.mass_kda:
+        return volume, None
+    filt = normalise_by_mass(volume, cfg.mass_kda, apix)
+    if cfg.automask3d_mod is None:
+        return filt, None
+    if mask is None:
+        mask = cfg.automask3d_mod(filt, ndim=3, apix=apix).astype(np.float32)
+    return (filt * mask).astype(np.float32), mask

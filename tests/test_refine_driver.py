@@ -1,0 +1,313 @@
+"""``cryorefine refine``: the driver, its folder, resume, checks and report, on a small
+simulated data set (rnapol2_64, 240 particles, 15-degree projection grid)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cryorefine.fourier.filters import lowpass_gauss
+from cryorefine.fourier.fsc import fsc, resolution_at
+from cryorefine.io.maps import Map, read_map, write_map
+from cryorefine.io.stacks import ParticleStack, write_stack
+from cryorefine.io.star import read_particle_star
+from cryorefine.refine.driver import stop_reason
+from cryorefine.refine.options import refine_config
+from cryorefine.testing import demo_map, simulate_particles
+
+N_PARTICLES = 240
+FAST = (
+    "--orientgen",
+    "eman:delta=15:perturb=1",
+    "--simalign",
+    "rotate_translate_flip:maxshift=3",
+    "--classaverager",
+    "ctf.weight",
+    "--inires",
+    "25",
+)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """particles.star (+ .mrcs) with CTF and shifts, start.mrc (truth at 25 Å), truth.mrc."""
+    folder = tmp_path_factory.mktemp("refine_data")
+    truth = demo_map()
+    sim = simulate_particles(
+        truth.data,
+        N_PARTICLES,
+        apix=truth.apix,
+        snr=0.5,
+        rng=np.random.default_rng(11),
+        max_shift_a=2 * truth.apix,
+    )
+    write_stack(sim, folder / "particles.star")
+    start = lowpass_gauss(truth.data, truth.apix / 25.0, 3).astype(np.float32)
+    write_map(folder / "start.mrc", Map(start, truth.apix))
+    write_map(folder / "truth.mrc", truth)
+    return folder
+
+
+def _refine(run_cli, folder: Path, path: Path, *extra: str) -> tuple[int, str, str]:
+    path.mkdir(exist_ok=True)
+    return run_cli(
+        "refine",
+        "--input",
+        folder / "particles.star",
+        "--model",
+        folder / "start.mrc",
+        "--path",
+        path,
+        "--seed",
+        "5",
+        *FAST,
+        *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def gold_run(dataset, tmp_path_factory):
+    from cryorefine.cli import main
+
+    path = tmp_path_factory.mktemp("gold")
+    args = ["refine", "--input", dataset / "particles.star", "--model", dataset / "start.mrc"]
+    args += ["--path", path, "--seed", "5", "--iter", "2", *FAST]
+    assert main([str(a) for a in args]) == 0
+    return path
+
+
+def test_gold_standard_run_writes_every_output(gold_run, dataset):
+    path = gold_run
+    for k in ("00", "01"):
+        for name in (
+            f"projections_{k}_even.mrcs",
+            f"projections_{k}_odd.star",
+            f"simmx_{k}.h5",
+            f"classify_{k}.h5",
+            f"cls_result_{k}.h5",
+            f"classes_{k}_even.star",
+            f"classes_{k}_odd.mrcs",
+            f"threed_{k}.mrc",
+            f"threed_{k}_even.mrc",
+            f"threed_{k}_odd.mrc",
+            f"threed_filt_{k}.mrc",
+            f"fsc_unmasked_{k}.txt",
+            f"fsc_masked_{k}.txt",
+            f"fsc_halves_{k}.star",
+            f"particles_{k}.star",
+        ):
+            assert (path / name).is_file(), name
+    assert (path / "fsc_xx_00.txt").is_file() and (path / "fsc_00_01.txt").is_file()
+    record = json.loads((path / "0_refine_parms.json").read_text())
+    assert record["options"]["seed"] == 5 and record["options"]["iter"] == 2
+    assert [h["iteration"] for h in record["iterations"]] == [0, 1]
+    report = (path / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 6
+    log = (path / "run.log").read_text()
+    assert "e2simmx.py" in log and "e2make3d.py" in log and "iteration 01:" in log
+    # not a file of the run is left half-written
+    assert not [p for p in path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_every_particle_is_in_particles_star_with_its_half_and_pose(gold_run, dataset):
+    truth = ParticleStack.from_path(dataset / "particles.star")
+    meta = read_particle_star(gold_run / "particles_01.star")
+    assert len(meta) == N_PARTICLES
+    halves = np.bincount(meta.half_set, minlength=3)
+    assert halves[0] == 0 and abs(halves[1] - halves[2]) <= 1
+    used = meta.extra["crIncluded"].astype(int)
+    assert 0.7 * N_PARTICLES <= used.sum() <= N_PARTICLES
+    assert set(meta.extra["crExcludedBy"]) <= {"used", "classkeep"}
+    fom = meta.extra["rlnParticleFigureOfMerit"].astype(float)
+    assert np.array_equal(fom, used)
+    # the poses are those of the particles: most within 2 angular steps of the truth
+    from cryorefine.geometry.symmetry import symmetry_group
+
+    angle = symmetry_group("c1").angle_between(meta.rotations, truth.meta.rotations)
+    truth.close()
+    assert np.median(angle) < 10.0, np.median(angle)
+
+
+def test_gold_standard_map_against_the_truth(gold_run, dataset):
+    truth = read_map(dataset / "truth.mrc").data
+    final = read_map(gold_run / "threed_01.mrc").data
+    # (the start's FSC with the truth says nothing: a low-pass keeps every phase)
+    res = resolution_at(fsc(final, truth), threshold=0.5, apix=3.0)
+    assert res < 14.0, res
+    record = json.loads((gold_run / "0_refine_parms.json").read_text())
+    reported = record["iterations"][-1]["resolution"]
+    assert 6.0 <= reported < 20.0
+
+
+def test_class_average_chain_as_e2refine(dataset, tmp_path, run_cli):
+    code, out, err = _refine(
+        run_cli,
+        dataset,
+        tmp_path / "r",
+        "--iter",
+        "1",
+        "--goldstandard",
+        "0",
+        "--m3dsource",
+        "classes",
+    )
+    assert code == 0, err
+    path = tmp_path / "r"
+    assert (path / "classes_00.star").is_file() and (path / "projections_00.mrcs").is_file()
+    assert not (path / "threed_00_even.mrc").exists()
+    classes = ParticleStack.from_path(path / "classes_00.star")
+    # every particle counted once in some class; empty classes weigh nothing
+    assert classes.meta.weight.sum() + 0 >= 0.7 * N_PARTICLES
+    classes.close()
+    truth = read_map(dataset / "truth.mrc").data
+    res = resolution_at(fsc(read_map(path / "threed_00.mrc").data, truth), threshold=0.5, apix=3.0)
+    assert res < 20.0, res
+    assert "alternate particles" in out
+
+
+def test_an_existing_refinement_is_not_overwritten(gold_run, dataset, run_cli):
+    code, _, err = _refine(run_cli, dataset, gold_run, "--iter", "2")
+    assert code == 2 and "holds a refinement" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_refuses_changed_options(gold_run, dataset, run_cli):
+    code, _, err = _refine(
+        run_cli, dataset, gold_run, "--iter", "3", "--startiter", "2", "--classkeep", "0.7"
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--classkeep: 0.8 -> 0.7" in err and "--iter: 2 -> 3" in err
+
+
+def _command(dataset: Path, path: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "cryorefine",
+        "refine",
+        "--input",
+        str(dataset / "particles.star"),
+        "--model",
+        str(dataset / "start.mrc"),
+        "--path",
+        str(path),
+        "--seed",
+        "9",
+        "--iter",
+        "3",
+        "--earlystop",
+        "0",
+        *FAST,
+        *extra,
+    ]
+
+
+def test_resume_after_sigkill_reaches_the_uninterrupted_result(dataset, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run(_command(dataset, whole), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_command(dataset, killed), env=env, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "simmx_01.h5").exists() and time.time() < deadline:  # iteration 2 of 3
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "threed_01.mrc").exists()
+    record = json.loads((killed / "0_refine_parms.json").read_text())
+    assert [h["iteration"] for h in record["iterations"]] == [0]
+    done = subprocess.run(
+        _command(dataset, killed, "--startiter", "1"), env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "reusing the complete simmx_01.h5" in (killed / "run.log").read_text()
+    for name in ("threed_02.mrc", "threed_02_even.mrc", "threed_02_odd.mrc"):
+        a, b = read_map(whole / name).data, read_map(killed / name).data
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(a).max()))
+    assert not [p for p in killed.iterdir() if p.name.endswith(".partial")]
+
+
+def test_stop_rule():
+    cfg = refine_config({"iter": 10})
+
+    def h(res, change):
+        return {"resolution": res, "median_orientation_change": change}
+
+    assert stop_reason([h(12, None), h(9, 8.0)], cfg) is None  # too early
+    assert stop_reason([h(12, None), h(9, 8.0), h(8.0, 3.0)], cfg) is None  # still improving
+    assert stop_reason([h(12, None), h(9, 8.0), h(9.0, 7.0)], cfg) is None  # poses moving
+    why = stop_reason([h(12, None), h(9, 8.0), h(8.98, 3.0)], cfg)
+    assert why is not None and "converged" in why
+    assert (
+        stop_reason(
+            [h(12, None), h(9, 8.0), h(8.98, 3.0)], refine_config({"iter": 10, "earlystop": 0})
+        )
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--simcmp", "frc:nosuchkey=1"), "--simcmp"),
+        (("--classaverager", "nosuch"), "--classaverager"),
+        (("--m3dpostprocess", "filter.lowpass.gauss:cutoff_abs="), "--m3dpostprocess"),
+        (("--simalign", "rotate_translate_flip:maxshift=x"), "--simalign"),
+        (("--classnormproc", "normalize.nosuch"), "--classnormproc"),
+        (("--recon", "fourier:mode=nosuch"), "--recon"),
+        (("--parallel", "mpi:4"), "--parallel"),
+        (("--sym", "x5"), "x5"),
+    ],
+)
+def test_check_refuses_a_bad_option_of_each_family(dataset, tmp_path, run_cli, extra, message):
+    code, out, err = _refine(run_cli, dataset, tmp_path / "c", "--iter", "2", "--check", *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not list((tmp_path / "c").iterdir())
+
+
+def test_check_refuses_mismatched_and_missing_inputs(dataset, tmp_path, run_cli):
+    small = lowpass_gauss(read_map(dataset / "start.mrc").data[:48, :48, :48], 0.2, 3)
+    write_map(tmp_path / "box48.mrc", Map(small.astype(np.float32), 3.0))
+    write_map(tmp_path / "apix2.mrc", Map(read_map(dataset / "start.mrc").data, 2.0))
+    for model, words in (
+        (tmp_path / "box48.mrc", "box 48 px"),
+        (tmp_path / "apix2.mrc", "2 Å/px"),
+        (tmp_path / "missing.mrc", "not found"),
+    ):
+        code, _, err = run_cli(
+            "refine",
+            "--input",
+            dataset / "particles.star",
+            "--model",
+            model,
+            "--iter",
+            "1",
+            "--check",
+        )
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(
+        "refine",
+        "--input",
+        tmp_path / "nope.star",
+        "--model",
+        dataset / "start.mrc",
+        "--iter",
+        "1",
+        "--check",
+    )
+    assert code == 2 and "nope.star" in err
+
+
+def test_check_prints_estimates_and_writes_nothing(dataset, tmp_path, run_cli):
+    code, out, err = _refine(run_cli, dataset, tmp_path / "c", "--iter", "3", "--check")
+    assert code == 0, err
+    assert "check passed" in out and "estimated peak memory" in out and "per iteration" in out
+    assert not list((tmp_path / "c").iterdir())
