@@ -45,7 +45,8 @@ def write_fsc_star(
         }
     )
     general = {"rlnFinalResolution": resolution_at(curve, threshold=0.143, apix=apix)}
-    text = starfile.to_string({"general": general, "fsc": table}, float_format="%.6f", sep=" ")
+    # data_fsc first: relion_reconstruct --fsc reads the first block
+    text = starfile.to_string({"fsc": table, "general": general}, float_format="%.6f", sep=" ")
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_text(text)
 

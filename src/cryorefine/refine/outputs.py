@@ -118,6 +118,10 @@ def write_step(
             apix=apix,
             overwrite=overwrite,
             extra={
+                # what relion_reconstruct --fsc regularises with, as we do
+                "rlnGoldStandardFsc": step.info.get("half_fsc", step.half_fsc)
+                if step.info.get("half_fsc") is not None
+                else step.half_fsc,
                 "rlnFourierShellCorrelationUnmaskedMaps": step.half_fsc,
                 "rlnFourierShellCorrelationMaskedMaps": step.masked_fsc,
             },
