@@ -184,3 +184,84 @@ def test_refining_aligner_and_per_pair_aligner(dataset):
     for kw in ({"ralign": "refine"}, {"align": "rtf_exhaustive:maxshift=4"}):
         out = classaverage(particles, cm, refs, ClassaverageConfig(cmp="ccc", **kw), apix=3.0)
         assert min(corr(out.images[c], refs[c]) for c in range(10)) > 0.9, kw
+
+
+def test_automask_of_the_running_average(dataset):
+    """--automask masks the running average the members align to: the classes still
+    match their projections, the members' alignments are as good, and the final
+    averages are unmasked (not zero outside the particle)."""
+    refs, particles, cm, truth, k = dataset
+    cfg = ClassaverageConfig(cmp="ccc", keep=0.8, iterations=2, automask=True)
+    out = classaverage(particles, cm, refs, cfg, apix=3.0)
+    for c in range(10):
+        assert corr(out.images[c], refs[c]) > 0.9, c
+    alpha = truth[0]
+    real = out.particle < k
+    assert np.median(angle_diff(out.alpha[real], alpha[out.particle[real]])) < 2.0
+    from cryorefine.processors.mask import centred_radius
+
+    ring = (centred_radius(refs.shape[-1], 2) > 24) & (centred_radius(refs.shape[-1], 2) < 30)
+    assert out.images[0][ring].std() > 0.05 * out.images[0].std()  # unmasked: noise there
+
+
+def test_auto_mask_2d_covers_the_particle_only():
+    from cryorefine.processors.mask import auto_mask_2d, centred_radius
+
+    r = centred_radius(64, 2)
+    rng = np.random.default_rng(0)
+    image = 2.0 * (r < 10) + rng.normal(0, 0.3, (64, 64))
+    image[4:9, 4:9] += 3  # a bright blob away from the particle
+    mask = auto_mask_2d(image[None].astype(np.float32))[0]
+    assert mask[r < 9].min() > 0.95
+    assert mask[r > 15].max() < 0.05 and mask[6, 6] == 0
+
+
+@pytest.mark.parametrize("suffix", [".star", ".hdf"])
+def test_classaverage_command_writes_averages_and_resultmx(dataset, in_tmp, run_cli, suffix):
+    """cryorefine classaverage on files: one average per projection with its orientation,
+    ptcl_repr and members, and the classification updated by --resultmx."""
+    from cryorefine.geometry.orientations import orientations
+    from cryorefine.io.metadata import ParticleMetadata
+    from cryorefine.io.stacks import ParticleStack, write_stack
+    from cryorefine.stages.classify import read_classmx, write_classmx
+
+    refs, particles, cm, truth, k = dataset
+    meta = ParticleMetadata.empty(len(refs), apix=3.0)
+    meta.rotations = orientations("eman:delta=15:perturb=0", "c1")
+    write_stack(ParticleStack.from_arrays(refs, apix=3.0, meta=meta), "proj.star")
+    write_stack(ParticleStack.from_arrays(particles, apix=3.0), "ptcl.mrcs")
+    write_classmx(in_tmp / "cm.h5", cm, len(refs))
+    code, out, err = run_cli(
+        "classaverage",
+        "--input",
+        "ptcl.mrcs",
+        "--classmx",
+        "cm.h5",
+        "--ref",
+        "proj.star",
+        "--output",
+        f"classes{suffix}",
+        "--resultmx",
+        "result.h5",
+        "--cmp",
+        "ccc",
+        "--iter",
+        "2",
+    )
+    assert code == 0, err
+    classes = ParticleStack.from_path(f"classes{suffix}")
+    assert len(classes) == len(refs)
+    np.testing.assert_allclose(classes.meta.rotations, meta.rotations, atol=1e-5)
+    assert classes.meta.weight[0] == 8 and classes.meta.weight[10] == 1
+    assert (classes.meta.weight[11:] == 0).all()
+    assert corr(classes.read(np.array([3]))[0], refs[3]) > 0.9
+    classes.close()
+    result = read_classmx(in_tmp / "result.h5")
+    assert result.weight[k:, 0].tolist() == [0.0, 0.0]  # the two noise members, rejected
+    assert result.weight[:8, 0].sum() >= 6
+    if suffix == ".star":
+        import starfile
+
+        table = starfile.read("classes.star")["particles"]
+        members = str(table["crClassPtclIdxs"][0]).split(",")
+        assert len(members) == 8 and str(table["crExcClassPtclIdxs"][0]) != "-"

@@ -86,9 +86,11 @@ def test_process_ctf_and_check(ctf_star, run_cli):
     assert code == 0 and "6 particles of 32 px at 2.0000" in out and "CTF: yes" in out
 
 
-def check_demo_outputs(folder, *, min_within: float, max_half_res: float) -> None:
-    """Read the demo's files: the half-map FSC curve, the maps against the truth and the
-    assigned poses against the simulated ones."""
+def check_demo_outputs(folder, out: str, *, max_truth_res: float, max_angle: float) -> None:
+    """Read the demo's files: the refinement's record, final map and poses against the
+    truth, its report; and what it printed."""
+    import json
+
     from cryorefine.fourier.fsc import fsc, resolution_at
     from cryorefine.geometry.symmetry import symmetry_group
     from cryorefine.io.maps import read_map
@@ -96,39 +98,40 @@ def check_demo_outputs(folder, *, min_within: float, max_half_res: float) -> Non
     from cryorefine.testing import demo_map
 
     truth = demo_map()
-    freq, curve = np.loadtxt(folder / "fsc_halves.txt", unpack=True)
-    below = np.flatnonzero(curve < 0.143)
-    res_half = 1.0 / freq[below[0]] if below.size else 2 * truth.apix
-    assert 2 * truth.apix <= res_half < max_half_res
-    for name, limit in (("threed.mrc", 9.0), ("threed_assigned.mrc", 12.0)):
-        m = read_map(folder / name)
-        assert m.apix == truth.apix
-        assert resolution_at(fsc(m.data, truth.data), threshold=0.5, apix=m.apix) < limit, name
+    record = json.loads((folder / "refine" / "0_refine_parms.json").read_text())
+    last = record["iterations"][-1]
+    k = f"{last['iteration']:02d}"
+    final = read_map(folder / "refine" / f"threed_{k}.mrc")
+    assert final.apix == truth.apix
+    res = resolution_at(fsc(final.data, truth.data), threshold=0.143, apix=truth.apix)
+    assert res < max_truth_res, res
+    assert 2 * truth.apix <= last["resolution"] < 2.5 * max_truth_res
     sim = ParticleStack.from_path(folder / "particles.star")
-    got = ParticleStack.from_path(folder / "particles_assigned.star")
+    got = ParticleStack.from_path(folder / "refine" / f"particles_{k}.star")
     assert len(got) == len(sim) and np.array_equal(got.read(np.arange(3)), sim.read(np.arange(3)))
     angle = symmetry_group("c1").angle_between(got.meta.rotations, sim.meta.rotations)
-    assert np.mean(angle <= 20.0) >= min_within  # 2 delta of the demo's 10-degree grid
-    for name in ("particles.mrcs", "particles.hdf", "particles.lst", "half1.mrc"):
-        assert (folder / name).is_file()
-    assert (folder / "fsc_halves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    mask = read_map(folder / "threed_mask.mrc").data
-    assert 0.0 <= mask.min() and mask.max() <= 1.01 and 0.01 < mask.mean() < 0.5
+    assert np.median(angle) < max_angle, np.median(angle)
+    sim.close(), got.close()
+    assert (folder / "refine" / "report.html").is_file()
+    lines = out.splitlines()
+    assert sum(ln.startswith("iteration ") for ln in lines) == len(record["iterations"])
+    assert any("half maps FSC 0.143 at" in ln and "map vs truth" in ln for ln in lines)
+    assert any(ln.startswith("report: ") for ln in lines)
 
 
-def test_demo_runs_the_pipeline(in_tmp, run_cli):
-    code, out, err = run_cli("demo", "--out", "d", "--n", "300", "--snr", "0.5")
+def test_demo_runs_a_refinement(in_tmp, run_cli):
+    code, out, err = run_cli("demo", "--out", "d", "--n", "300", "--snr", "0.5", "--iter", "2")
     assert code == 0, err
-    check_demo_outputs(in_tmp / "d", min_within=0.85, max_half_res=20.0)
+    check_demo_outputs(in_tmp / "d", out, max_truth_res=14.0, max_angle=10.0)
     assert run_cli("demo", "--out", "d", "--n", "300")[0] == 2  # no silent overwrite
 
 
 @pytest.mark.slow
 def test_demo_with_its_defaults(in_tmp, run_cli):
-    """The README's demo as a user runs it: 2,000 particles at SNR 0.1."""
+    """The README's demo as a user runs it."""
     code, out, err = run_cli("demo", "--out", "d")
     assert code == 0, err
-    check_demo_outputs(in_tmp / "d", min_within=0.85, max_half_res=9.0)
+    check_demo_outputs(in_tmp / "d", out, max_truth_res=8.5, max_angle=5.0)
 
 
 # --- bad input: one line, exit 2 -----------------------------------------------------

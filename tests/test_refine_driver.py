@@ -148,7 +148,8 @@ def test_gold_standard_map_against_the_truth(gold_run, dataset):
     assert 6.0 <= reported < 20.0
 
 
-def test_class_average_chain_as_e2refine(dataset, tmp_path, run_cli):
+@pytest.mark.parametrize("gold", ["0", "1"])
+def test_class_average_chain_as_e2refine(dataset, tmp_path, run_cli, gold):
     code, out, err = _refine(
         run_cli,
         dataset,
@@ -156,22 +157,49 @@ def test_class_average_chain_as_e2refine(dataset, tmp_path, run_cli):
         "--iter",
         "1",
         "--goldstandard",
-        "0",
+        gold,
         "--m3dsource",
         "classes",
     )
     assert code == 0, err
     path = tmp_path / "r"
-    assert (path / "classes_00.star").is_file() and (path / "projections_00.mrcs").is_file()
-    assert not (path / "threed_00_even.mrc").exists()
-    classes = ParticleStack.from_path(path / "classes_00.star")
-    # every particle counted once in some class; empty classes weigh nothing
-    assert classes.meta.weight.sum() + 0 >= 0.7 * N_PARTICLES
-    classes.close()
+    sfx = ("_even", "_odd") if gold == "1" else ("",)
+    for s in sfx:
+        assert (path / f"classes_00{s}.star").is_file()
+        assert (path / f"projections_00{s}.mrcs").is_file()
+    assert (path / "threed_00_even.mrc").exists() == (gold == "1")
+    total = 0.0
+    for s in sfx:
+        classes = ParticleStack.from_path(path / f"classes_00{s}.star")
+        total += classes.meta.weight.sum()  # ptcl_repr: the particles in each average
+        classes.close()
+    meta = read_particle_star(path / "particles_00.star")
+    kept_by_classes = (meta.extra["crExcludedBy"] != "classkeep").sum()
+    assert total == kept_by_classes and total >= 0.7 * N_PARTICLES
+    assert set(meta.extra["crExcludedBy"]) <= {"used", "classkeep", "m3dkeep"}
     truth = read_map(dataset / "truth.mrc").data
     res = resolution_at(fsc(read_map(path / "threed_00.mrc").data, truth), threshold=0.5, apix=3.0)
     assert res < 20.0, res
-    assert "alternate particles" in out
+    assert ("alternate particles" in out) == (gold == "0")
+
+
+def test_parallel_thread_1_runs_on_one_core(dataset, tmp_path):
+    import resource
+
+    path = tmp_path / "p"
+    path.mkdir()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(
+        _command(dataset, path, "--iter", "1", "--parallel", "thread:1"),
+        check=True,
+        capture_output=True,
+    )
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu / wall < 1.15, (cpu, wall)
+    assert (path / "threed_00.mrc").is_file()
 
 
 def test_an_existing_refinement_is_not_overwritten(gold_run, dataset, run_cli):
@@ -401,3 +429,20 @@ def test_two_regularisations_of_one_data_set_differ_at_the_reported_resolution(i
     _, shell05, shell_reported = _half_fsc(path, "00")
     assert curve[1 : int(shell05) + 1].min() > 0.9  # where the map holds signal they agree
     assert curve[int(round(shell_reported))] < 0.9  # at the reported resolution they do not
+
+
+def test_check_memory_estimate_within_1_5x_of_the_measured_peak(dataset, tmp_path):
+    """--check's peak-memory estimate against the peak resident memory of the real run
+    (each in a fresh process)."""
+    from cryorefine.testing import measure_command
+
+    run, check = tmp_path / "run", tmp_path / "check"
+    run.mkdir(), check.mkdir()
+    out = subprocess.run(
+        _command(dataset, check, "--check"), capture_output=True, text=True, check=True
+    ).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("estimated peak memory"))
+    estimate_mib = float(line.split(":")[1].split()[0]) * 1024
+    _, measured_mib = measure_command(_command(dataset, run, "--iter", "2"))
+    print(f"estimate {estimate_mib:.0f} MiB, measured {measured_mib:.0f} MiB")
+    assert measured_mib / 1.5 <= estimate_mib <= 1.5 * measured_mib, (estimate_mib, measured_mib)

@@ -30,7 +30,16 @@ from cryorefine.io.mrc import MrcStackWriter, header_apix, open_mrc
 
 STACK_SUFFIXES = (".mrcs", ".mrc", ".star", ".hdf", ".lst")
 #: the EMAN2 header keys that particle metadata is built from
-EMAN_META_KEYS = ("apix_x", "ctf", "xform.projection", "class", "class_id", "score", "weight")
+EMAN_META_KEYS = (
+    "apix_x",
+    "ctf",
+    "xform.projection",
+    "class",
+    "class_id",
+    "score",
+    "weight",
+    "ptcl_repr",
+)
 MRC_SUFFIXES = (".mrcs", ".mrc", ".st")
 
 
@@ -360,7 +369,8 @@ def meta_from_eman_headers(
     ------
     CryorefineError
         A known key with a value of the wrong type (``ctf``, ``xform.projection``,
-        ``apix_x``, ``class``, ``class_id``, ``score``, ``weight``), naming the image.
+        ``apix_x``, ``class``, ``class_id``, ``score``, ``weight``, and ``ptcl_repr`` as the
+        weight of a class average), naming the image.
     """
     n = len(headers)
     meta = ParticleMetadata.empty(n, source_index=indices)
@@ -399,6 +409,9 @@ def meta_from_eman_headers(
             v = _header_number(h, key, where)
             if v is not None:
                 target[i] = float(v)
+        repr_ = _header_number(h, "ptcl_repr", where)  # a class average: its particles
+        if repr_ is not None and "weight" not in h:
+            meta.weight[i] = float(repr_)
     if ctf_rows:
         meta.ctf = CTFParams(**{k: np.asarray(v) for k, v in ctf_rows.items()}, scale=np.ones(n))
     if any(c is not None for c in curves):

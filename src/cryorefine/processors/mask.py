@@ -100,7 +100,7 @@ def _check_auto3d(params: dict, where: str) -> None:
 
 
 def auto_mask(
-    volume: np.ndarray,
+    volume: np.ndarray,  # (n, n, n) or (n, n)
     threshold: float,
     radius: float,
     nshells: int,
@@ -113,19 +113,20 @@ def auto_mask(
     ``radius`` px of the centre. The region grows through voxels ``> threshold``
     (6-connected, never into the outermost layer), is dilated by
     ``nshells + nshellsgauss // 2`` 6-connected shells, low-passed with
-    ``cutoff_abs = 1 / nshellsgauss`` and values below 0.002 are set to 0.
+    ``cutoff_abs = 1 / nshellsgauss`` and values below 0.002 are set to 0. The same on
+    a 2D image (4-connected).
     """
-    n = volume.shape[-1]
+    n, ndim = volume.shape[-1], volume.ndim
     above = volume > threshold
     inner = np.zeros_like(above)
-    inner[1:-1, 1:-1, 1:-1] = True
+    inner[(slice(1, -1),) * ndim] = True
     seeds = np.zeros_like(above)
     if radius > 0:
-        seeds |= (centred_radius(n, 3) <= radius) & (volume >= threshold)
+        seeds |= (centred_radius(n, ndim) <= radius) & (volume >= threshold)
     if nmaxseed > 0:
         top = np.argpartition(volume.ravel(), -nmaxseed)[-nmaxseed:]
         seeds.ravel()[top] = True
-    six = ndimage.generate_binary_structure(3, 1)
+    six = ndimage.generate_binary_structure(ndim, 1)
     labels, _ = ndimage.label((above & inner) | seeds, structure=six)
     keep = np.unique(labels[seeds])
     mask = np.isin(labels, keep[keep > 0])
@@ -134,7 +135,7 @@ def auto_mask(
         mask = ndimage.binary_dilation(mask, structure=six, iterations=grow)
     soft = mask.astype(np.float32)
     if nshellsgauss > 0:
-        soft = filters.lowpass_gauss(soft, 1.0 / nshellsgauss, 3)
+        soft = filters.lowpass_gauss(soft, 1.0 / nshellsgauss, ndim)
     soft[soft < 0.002] = 0.0
     return soft
 
@@ -179,3 +180,19 @@ def mask_auto3d(
         mask = auto_mask(vol, t, radius, nshells, nshellsgauss, nmaxseed)
         out[i] = mask if return_mask else vol * mask
     return out.reshape(data.shape)
+
+
+def auto_mask_2d(images: np.ndarray) -> np.ndarray:
+    """A soft mask ``(k, n, n)`` around the particle of each 2D average (e2classaverage
+    ``--automask``): the image low-passed to 0.1 cycles/px, thresholded at its mean + 1
+    standard deviation, flood-filled from the pixels above it within ``n / 4`` of the
+    centre (4-connected), dilated by 2 px and given a soft edge of 2 px
+    (:func:`auto_mask` in 2D)."""
+    images = np.asarray(images, np.float32).reshape((-1,) + images.shape[-2:])
+    n = images.shape[-1]
+    low = filters.lowpass_gauss(images, 0.1, 2)
+    out = np.empty(images.shape, np.float32)
+    for i, im in enumerate(low):
+        t = float(im.mean() + im.std())
+        out[i] = auto_mask(im, t, n / 4, 1, 2, 1)
+    return out

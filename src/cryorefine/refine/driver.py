@@ -43,7 +43,13 @@ from cryorefine.io.stacks import ParticleStack, ref_path, write_stack
 from cryorefine.io.star import read_orientations_star
 from cryorefine.refine import outputs, report
 from cryorefine.refine.iteration import gold_standard_starts, half_sets
-from cryorefine.refine.options import differences, eman2_commands, parallel_cores, refine_config
+from cryorefine.refine.options import (
+    defaults,
+    differences,
+    eman2_commands,
+    parallel_cores,
+    refine_config,
+)
 from cryorefine.refine.step import REASONS, STAGES, Step, filtered, run_step
 from cryorefine.stages.classify import read_classmx, write_classmx
 from cryorefine.stages.simmx import read_simmx, write_simmx
@@ -82,7 +88,7 @@ class Run:
 def prepare(opts: dict[str, Any]) -> Run:
     """Check every input and option (spec ch01 §6, and every modifier string); open the
     particles and read the starting map. No file is written."""
-    opts = dict(opts)
+    opts = {**defaults(), **opts}
     if not opts.get("input"):
         raise CryorefineError("--input: give the particle stack")
     cores = parallel_cores(opts.get("parallel"))

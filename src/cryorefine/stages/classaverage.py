@@ -35,7 +35,7 @@ from cryorefine.io.atomic import check_output
 from cryorefine.io.eman2 import HdfStackWriter, projection_transform
 from cryorefine.io.metadata import ParticleMetadata
 from cryorefine.io.stacks import ParticleStack, write_stack
-from cryorefine.processors.mask import centred_radius, soft_sphere
+from cryorefine.processors.mask import auto_mask_2d, centred_radius, soft_sphere
 from cryorefine.processors.normalize import normalize_circlemean
 from cryorefine.registry import ALIGNERS, COMPARATORS
 from cryorefine.stages.classify import CLASSMX_FIELDS, ClassMx, read_classmx, write_classmx
@@ -221,8 +221,6 @@ def classaverage(
         raise CryorefineError(
             f"classification of {cm.cls.shape[0]} particles, the stack holds {len(stack)}"
         )
-    if cfg.automask:
-        raise CryorefineError("--classautomask: the 2D automask is not available yet")
     n, apix = stack.box, stack.apix
     if refs is not None:
         refs = np.asarray(refs, np.float32)
@@ -322,6 +320,8 @@ def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -
         score = _scores(cfg, aligned, ref[slot], pair_context(ctx, inverse))
         avg, _ = average(p_img, t, used)
         ref = _circlemean(avg) * mask
+        if cfg.automask:  # the running average only; the final one stays unmasked
+            ref *= auto_mask_2d(ref)
         # the members of the next round (and, after the last, of the final average)
         used = keep_members(score, slot, keep=cfg.keep, keepsig=cfg.keepsig)
     if refs is not None:  # the last average onto its projection, then composed
