@@ -446,3 +446,33 @@ def test_check_memory_estimate_within_1_5x_of_the_measured_peak(dataset, tmp_pat
     _, measured_mib = measure_command(_command(dataset, run, "--iter", "2"))
     print(f"estimate {estimate_mib:.0f} MiB, measured {measured_mib:.0f} MiB")
     assert measured_mib / 1.5 <= estimate_mib <= 1.5 * measured_mib, (estimate_mib, measured_mib)
+
+
+def test_mass_normalisation_and_automask(dataset, tmp_path, run_cli):
+    """--mass and --automask3d: threed_filt is the map divided by the level enclosing the
+    mass, times threed_mask (soft, within [0, 1]); each half projects likewise."""
+    from cryorefine.processors.normalize import mass_threshold
+
+    code, out, err = _refine(
+        run_cli,
+        dataset,
+        tmp_path / "m",
+        "--iter",
+        "1",
+        "--mass",
+        "514",
+        "--apix",
+        "3",
+        "--automask3d",
+        "0.5,5,2,3,0",
+    )
+    assert code == 0, err
+    path = tmp_path / "m"
+    threed = read_map(path / "threed_00.mrc").data
+    mask = read_map(path / "threed_mask_00.mrc").data
+    filt = read_map(path / "threed_filt_00.mrc").data
+    assert mask.min() >= 0 and mask.max() <= 1.01 and 0.02 < mask.mean() < 0.6
+    expected = threed / mass_threshold(threed, 514.0, 3.0) * mask
+    np.testing.assert_allclose(filt, expected, atol=1e-4 * np.abs(expected).max())
+    record = json.loads((path / "0_refine_parms.json").read_text())
+    assert record["options"]["mass"] == 514.0
