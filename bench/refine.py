@@ -10,7 +10,8 @@ Simulates --n particles of the bundled rnapol2_64 map (3 Å/px; SNR 0.1, CTF def
 * per run (each ``cryorefine refine`` in a fresh process, timed, peak memory
   measured): ``gold`` = the defaults (gold-standard halves, particles); ``classes`` =
   ``--goldstandard 0 --m3dsource classes`` (e2refine's chain); ``twostage`` = the
-  defaults with ``--twostage 2``. All add ``--classaverager ctf.weight`` (CTF-corrected
+  defaults with ``--twostage 2``, run for as many iterations as ``gold`` ran (with
+  ``--earlystop 0``), so that the two times compare the same work. All add ``--classaverager ctf.weight`` (CTF-corrected
   class averages) and --extra. Figures: FSC(map, truth) at 0.143 and 0.5, the
   reported resolution, the median orientation error, particles in the map, wall time
   per iteration and per stage;
@@ -89,10 +90,10 @@ def command(work: Path, path: Path, iters: int, extra: list[str], *more: str) ->
     ]
 
 
-def run_one(work: Path, name: str, iters: int, extra: list[str]) -> dict:
+def run_one(work: Path, name: str, iters: int, extra: list[str], *more: str) -> dict:
     path = work / name
     path.mkdir(exist_ok=True)
-    wall, rss = measure_command(command(work, path, iters, extra, *RUNS[name]))
+    wall, rss = measure_command(command(work, path, iters, extra, *RUNS[name], *more))
     record = json.loads((path / "0_refine_parms.json").read_text())
     last = record["iterations"][-1]
     k = f"{last['iteration']:02d}"
@@ -169,7 +170,11 @@ def main() -> None:
     results = {"true_poses": {"fsc_truth_0.143_A": r143, "fsc_truth_0.5_A": r05}}
     print(json.dumps(results["true_poses"]), flush=True)
     for name in args.runs.split(","):
-        results[name] = run_one(work, name, args.iter, extra)
+        if name == "twostage" and "gold" in results:  # as many iterations as gold ran
+            n_gold = results["gold"]["iterations"]
+            results[name] = run_one(work, name, n_gold, extra, "--earlystop", "0")
+        else:
+            results[name] = run_one(work, name, args.iter, extra)
         print(json.dumps(results[name]), flush=True)
     if "gold" in results:
         results["overhead"] = stages_alone(work, extra)
