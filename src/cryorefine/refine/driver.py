@@ -356,13 +356,11 @@ def refine(run: Run, *, progress: bool | None = None) -> dict:
             if resume and it == start:
                 sim, cm = _completed_matrices(path, it, log)
 
-            def save(stage: str, value, it=it) -> None:
+            def save(stage: str, value, n_r: int, it=it) -> None:
                 if stage == "simmx":
                     write_simmx(outputs.simmx_path(path, it), value, overwrite=True)
                 else:
-                    write_classmx(
-                        outputs.classify_path(path, it), value, value.cls.max() + 1, overwrite=True
-                    )
+                    write_classmx(outputs.classify_path(path, it), value, n_r, overwrite=True)
 
             step = run_step(
                 maps,

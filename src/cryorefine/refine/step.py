@@ -122,7 +122,7 @@ def run_step(
     sim: Simmx | None = None,
     cm: ClassMx | None = None,
     progress: Callable[[str, int, int], Callable[[int], None]] | None = None,
-    save: Callable[[str, object], None] | None = None,
+    save: Callable[[str, object, int], None] | None = None,
 ) -> Step:
     """Run one iteration: ``maps`` (one per half) against ``stack``'s particles.
 
@@ -130,9 +130,9 @@ def run_step(
     ``sim``/``cm``: a similarity or classification matrix already computed for this
     iteration (a resumed run), used instead of computing it again. ``progress(stage,
     half, total)`` returns a callback taking the count of particles just done;
-    ``save(stage, result)`` is called with the new similarity and classification
+    ``save(stage, result, n_projections)`` is called with the new similarity and classification
     matrices as soon as each exists (a driver writes them, so that a resumed run can
-    start after them).
+    start after them), and the number of projections.
     """
     n_p, apix = len(stack), stack.apix
     seconds = dict.fromkeys(STAGES, 0.0)
@@ -159,14 +159,14 @@ def run_step(
             for name in ("score", "dx", "dy", "dalpha", "flip", "scale"):
                 getattr(sim, name)[idx] = getattr(part, name)
         if save:
-            save("simmx", sim)
+            save("simmx", sim, n_r)
     seconds["simmx"] = tick() - t
 
     t = tick()
     if cm is None:
         cm = classify(sim, cfg.classify)
         if save:
-            save("classify", cm)
+            save("classify", cm, n_r)
     seconds["classify"] = tick() - t
 
     t = tick()
