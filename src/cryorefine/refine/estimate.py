@@ -1,15 +1,19 @@
 """``--check``: estimates of a refinement's peak memory, disk use and time per iteration.
 
 The estimates come from running the real iteration (:func:`run_step`) on two small
-samples of the particles (after a warm-up that loads the compiled kernels) and fitting
-each stage's time and the process's peak memory as ``a + b * particles``; the disk
-use is the size of an iteration's files, from the counts.
+samples of the particles, each in a fresh process (after a warm-up here that compiles
+or loads the kernels, so that neither counts a compiler's memory). Each stage's time
+is fitted as ``a + b * particles``; the peak memory is the larger sample's plus what
+the whole set adds to it (simmx's working memory and matrices, the particles' pages);
+the disk use is the size of an iteration's files, from the counts.
 """
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +25,7 @@ from cryorefine.geometry.orientations import orientations
 from cryorefine.refine.driver import Run
 from cryorefine.refine.iteration import gold_standard_starts
 from cryorefine.refine.step import STAGES, run_step
+from cryorefine.stages.simmx import particle_chunk
 
 #: sample sizes (particles) of the two timed runs, after a warm-up run of the first
 SAMPLES = (24, 96)
@@ -43,27 +48,74 @@ def _sample_run(run: Run, count: int, maps: list[np.ndarray]) -> dict[str, float
     return dict(step.seconds)
 
 
+def _start_maps(run: Run) -> list[np.ndarray]:
+    if run.cfg.goldstandard:
+        rng = np.random.default_rng(0)
+        starts = gold_standard_starts(
+            run.model, apix=run.stack.apix, inires_a=run.cfg.inires_a, rng=rng
+        )
+        return list(starts)
+    return [run.model]
+
+
+def _sample_in_child(opts: dict, count: int) -> tuple[dict[str, float], float]:
+    """Stage seconds and peak memory (bytes) of a sample run in a fresh process, which
+    loads the kernels compiled by this one (so a compiler's memory is not counted)."""
+    code = (
+        "import json, sys; from cryorefine.refine.estimate import sample_main; "
+        "sample_main(json.loads(sys.argv[1]), int(sys.argv[2]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(opts), str(count)],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise CryorefineError(f"--check: the sample run failed: {out.stderr.strip()[-300:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["seconds"], result["peak_rss_bytes"]
+
+
+def sample_main(opts: dict, count: int) -> None:
+    """Entry of :func:`_sample_in_child`: one sample run, its figures as JSON."""
+    from cryorefine.refine.driver import prepare
+
+    run = prepare(opts)
+    try:
+        seconds = _sample_run(run, count, _start_maps(run))
+    finally:
+        run.close()
+    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak_rss_bytes()}))
+
+
+def _memory_beyond_sample(n: int, n_r: int, n_p: int, sample: int, halves: int) -> float:
+    """Memory (bytes) the whole data set needs beyond a sample of ``sample`` particles:
+    simmx's working memory for a half's particles (its own model per particle, up to
+    its chunk), the similarity matrices (the whole and a half's, 6 planes of float32)
+    and the particle file's pages as they are read."""
+    per = 50 * n * n + 100 * n_r  # stages.simmx.particle_chunk's model
+    chunk = particle_chunk(n, n_r)
+
+    def working(k: int) -> float:
+        return min(-(-k // halves), chunk) * per
+
+    more = max(n_p - sample, 0)
+    return working(n_p) - working(sample) + 1.5 * 6 * 4 * n_r * more + 4 * n * n * more
+
+
 def estimate(run: Run) -> dict:
     """Peak memory (bytes), disk use per iteration and in all (bytes), and seconds per
     iteration (per stage and total) of ``run``."""
     cfg, stack = run.cfg, run.stack
     n, n_p = stack.box, len(stack)
     gold = cfg.goldstandard
-    rng = np.random.default_rng(0)
-    if gold:
-        maps = list(
-            gold_standard_starts(run.model, apix=stack.apix, inires_a=cfg.inires_a, rng=rng)
-        )
-    else:
-        maps = [run.model]
     small, large = (min(s, n_p) for s in SAMPLES)
-    _sample_run(run, small, maps)  # warm-up: kernels loaded, caches filled
-    t_small = _sample_run(run, small, maps)
-    rss_small = peak_rss_bytes()
+    _sample_run(run, small, _start_maps(run))  # compiles (or loads) the kernels here
+    opts = {k: v for k, v in run.opts.items() if k != "check"}
+    t_small, _ = _sample_in_child(opts, small)
     t0 = time.perf_counter()
-    t_large = _sample_run(run, large, maps)
+    t_large, rss_large = _sample_in_child(opts, large)
     sample_wall = time.perf_counter() - t0
-    rss_large = peak_rss_bytes()
     seconds = {}
     for s in STAGES:
         if large > small:
@@ -72,10 +124,9 @@ def estimate(run: Run) -> dict:
         else:
             a, b = t_large[s], 0.0
         seconds[s] = a + b * n_p
-    per_ptcl = (rss_large - rss_small) / (large - small) if large > small else 0.0
-    memory = rss_large + max(per_ptcl, 0.0) * max(n_p - large, 0)
     n_r = len(orientations(cfg.project3d.orientgen_mod, cfg.sym, rng=np.random.default_rng(0)))
     halves = 2 if gold else 1
+    memory = rss_large + _memory_beyond_sample(n, n_r, n_p, large, halves)
     image = 4 * n * n
     disk = (
         2 * halves * n_r * image  # projections and class averages
