@@ -482,3 +482,31 @@ def test_mass_normalisation_and_automask(dataset, tmp_path, run_cli):
     np.testing.assert_allclose(filt, expected, atol=1e-4 * np.abs(expected).max())
     record = json.loads((path / "0_refine_parms.json").read_text())
     assert record["options"]["mass"] == 514.0
+
+
+def test_progress_counts_every_particle_of_each_stage(dataset):
+    """The progress hook (a tqdm bar per stage and half on a terminal) hears of every
+    particle: simmx chunk by chunk, class averaging per half."""
+    from cryorefine.refine.step import run_step
+
+    stack = ParticleStack.from_path(dataset / "particles.star")
+    start = read_map(dataset / "start.mrc").data
+    halves = [np.arange(0, N_PARTICLES, 2), np.arange(1, N_PARTICLES, 2)]
+    seen: dict[tuple[str, int], list[int]] = {}
+
+    def progress(stage: str, half: int, total: int):
+        assert total == len(halves[half])
+        seen[stage, half] = []
+        return seen[stage, half].append
+
+    from dataclasses import replace
+
+    cfg = refine_config(
+        {"iter": 1, "orientgen": "eman:delta=20", "simalign": FAST[3], "simcmp": "ccc"}
+    )
+    chunked = replace(cfg, simmx=replace(cfg.simmx, chunk=50))  # 120 particles: 3 chunks
+    run_step([start, start], stack, halves, chunked, iteration=0, progress=progress)
+    stack.close()
+    for h in (0, 1):
+        assert sum(seen["simmx", h]) == len(halves[h]) and len(seen["simmx", h]) == 3
+        assert sum(seen["classaverage", h]) == len(halves[h])
