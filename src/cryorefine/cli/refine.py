@@ -47,7 +47,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         if o.type is bool:
             g.add_argument(f"--{o.name}", action="store_true", help=o.help)
         else:
-            g.add_argument(f"--{o.name}", type=o.type, default=o.default, help=o.help + default)
+            names = [f"--{o.name}"] + (["-P"] if o.name == "parallel" else [])
+            g.add_argument(*names, type=o.type, default=o.default, help=o.help + default)
     parser.add_argument(
         "-c", "--check", action="store_true", help="check inputs and options, estimate, exit"
     )
