@@ -42,7 +42,6 @@ from cryorefine.io.maps import read_map
 from cryorefine.io.stacks import ParticleStack, ref_path, write_stack
 from cryorefine.io.star import read_orientations_star
 from cryorefine.refine import outputs, report
-from cryorefine.refine.iteration import gold_standard_starts, half_sets
 from cryorefine.refine.options import (
     defaults,
     differences,
@@ -50,7 +49,15 @@ from cryorefine.refine.options import (
     parallel_cores,
     refine_config,
 )
-from cryorefine.refine.step import REASONS, STAGES, Step, filtered, run_step
+from cryorefine.refine.step import (
+    REASONS,
+    STAGES,
+    Step,
+    filtered,
+    gold_standard_starts,
+    half_sets,
+    run_step,
+)
 from cryorefine.stages.classify import read_classmx, write_classmx
 from cryorefine.stages.simmx import read_simmx, write_simmx
 

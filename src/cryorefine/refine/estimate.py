@@ -23,8 +23,7 @@ import numpy as np
 from cryorefine.errors import CryorefineError
 from cryorefine.geometry.orientations import orientations
 from cryorefine.refine.driver import Run
-from cryorefine.refine.iteration import gold_standard_starts
-from cryorefine.refine.step import STAGES, run_step
+from cryorefine.refine.step import STAGES, gold_standard_starts, run_step
 from cryorefine.stages.simmx import particle_chunk
 
 #: sample sizes (particles) of the two timed runs, after a warm-up run of the first

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cryorefine.config import RefineConfig
+from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fft import rfft_shell_index
-from cryorefine.fourier.filters import lowpass_gauss
+from cryorefine.fourier.filters import lowpass_gauss, randomise_phases
 from cryorefine.fourier.fsc import fsc
 from cryorefine.fourier.reconstruct import sphere_mask
 from cryorefine.geometry.orientations import orientations
@@ -74,6 +75,31 @@ class Step:
     mask: np.ndarray | None
     info: dict
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def gold_standard_starts(
+    volume: np.ndarray, *, apix: float, inires_a: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The starting maps of the two half refinements (``--goldstandard``).
+
+    Each is ``volume`` low-passed to ``inires_a`` Å (Gaussian, gain 1/e there) with its
+    phases randomised beyond that resolution, independently for each half, so that the
+    halves share no noise beyond it (RELION's practice).
+    """
+    if not 2 * apix <= inires_a:
+        raise CryorefineError(f"--inires {inires_a} Å is finer than Nyquist ({2 * apix} Å)")
+    cut = apix / inires_a  # cycles/pixel
+    low = lowpass_gauss(np.asarray(volume, np.float32), cut, 3)
+    return randomise_phases(low, cut, 3, rng), randomise_phases(low, cut, 3, rng)
+
+
+def half_sets(meta: ParticleMetadata, rng: np.random.Generator) -> np.ndarray:
+    """Each particle's half set, 1 or 2: the file's (``rlnRandomSubset``) when every
+    particle has one, else a random, balanced split (``rng``)."""
+    given = np.asarray(meta.half_set, np.int64)
+    if len(given) and np.isin(given, (1, 2)).all():
+        return given.copy()
+    return rng.permutation(np.arange(len(given)) % 2) + 1
 
 
 def iteration_seed(seed: int, iteration: int) -> list[int]:
