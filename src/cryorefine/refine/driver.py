@@ -338,7 +338,6 @@ def refine(run: Run, *, progress: bool | None = None) -> dict:
         rng = np.random.default_rng([int(opts["seed"]), 0xA1F])
         labels = half_sets(stack.meta, rng) if gold else np.zeros(len(stack), np.int64)
         halves = [np.flatnonzero(labels == h) for h in (1, 2)] if gold else [np.arange(len(stack))]
-        starts = gold_standard_starts(run.model, apix=apix, inires_a=cfg.inires_a, rng=rng)
         if resume:
             k = f"{start - 1:02d}"
             maps = [read_map(p).data for p in outputs.map_paths(path, start - 1, gold)]
@@ -348,7 +347,11 @@ def refine(run: Run, *, progress: bool | None = None) -> dict:
             maps = _next_maps(maps, previous_filt, automask, cfg, apix, gold)
             prev_rot = read_orientations_star(path / f"particles_{start - 1:02d}.star")
         else:
-            maps = list(starts) if gold else [run.model]
+            maps = (
+                list(gold_standard_starts(run.model, apix=apix, inires_a=cfg.inires_a, rng=rng))
+                if gold
+                else [run.model]
+            )
             previous_filt = run.model
             known = stack.meta.has_orientation
             prev_rot = stack.meta.rotations if known.all() else None
@@ -418,8 +421,9 @@ def refine(run: Run, *, progress: bool | None = None) -> dict:
             _write_json(path / PARMS, record)
         record["path"] = str(path)
         final = history[-1]
+        kind = "half-map FSC 0.143" if gold else "FSC 0.143 of alternate particles"
         log(
-            f"final map {path}/threed_{final['iteration']:02d}.mrc: half-map FSC 0.143 at "
+            f"final map {path}/threed_{final['iteration']:02d}.mrc: {kind} at "
             f"{final['resolution']:.2f} Å; report {path}/report.html",
             echo=True,
         )

@@ -156,9 +156,9 @@ def run_step(
     ``sim``/``cm``: a similarity or classification matrix already computed for this
     iteration (a resumed run), used instead of computing it again. ``progress(stage,
     half, total)`` returns a callback taking the count of particles just done;
-    ``save(stage, result, n_projections)`` is called with the new similarity and classification
-    matrices as soon as each exists (a driver writes them, so that a resumed run can
-    start after them), and the number of projections.
+    ``save(stage, matrix, n_projections)`` receives the new similarity and then the
+    classification matrix as soon as each exists (a driver writes them, so that a
+    resumed run can start after them).
     """
     n_p, apix = len(stack), stack.apix
     seconds = dict.fromkeys(STAGES, 0.0)
