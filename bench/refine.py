@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from cryorefine.io.maps import Map, read_map, write_map
 from cryorefine.io.stacks import ParticleStack, write_stack
 from cryorefine.io.star import read_particle_star
 from cryorefine.stages.make3d import make3d
-from cryorefine.testing import demo_map, measure_command, simulate_particles
+from cryorefine.testing import demo_map, measure_command, refine_command, simulate_particles
 
 RUNS = {
     "gold": (),
@@ -69,26 +68,8 @@ def against_truth(volume: np.ndarray, truth: np.ndarray, apix: float) -> tuple[f
 
 
 def command(work: Path, path: Path, iters: int, extra: list[str], *more: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "cryorefine",
-        "refine",
-        "--input",
-        str(work / "particles.star"),
-        "--model",
-        str(work / "start.mrc"),
-        "--path",
-        str(path),
-        "--iter",
-        str(iters),
-        "--seed",
-        "1",
-        "--classaverager",
-        "ctf.weight",
-        *extra,
-        *more,
-    ]
+    options = ("--iter", iters, "--seed", 1, "--classaverager", "ctf.weight", *extra, *more)
+    return refine_command(work, path, *options)
 
 
 def run_one(work: Path, name: str, iters: int, extra: list[str], *more: str) -> dict:

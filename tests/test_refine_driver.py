@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from cryorefine.io.stacks import ParticleStack, write_stack
 from cryorefine.io.star import read_particle_star
 from cryorefine.refine.driver import stop_reason
 from cryorefine.refine.options import refine_config
-from cryorefine.testing import demo_map, simulate_particles
+from cryorefine.testing import demo_map, refine_command, simulate_particles
 
 N_PARTICLES = 240
 FAST = (
@@ -216,26 +215,8 @@ def test_resume_refuses_changed_options(gold_run, dataset, run_cli):
 
 
 def _command(dataset: Path, path: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "cryorefine",
-        "refine",
-        "--input",
-        str(dataset / "particles.star"),
-        "--model",
-        str(dataset / "start.mrc"),
-        "--path",
-        str(path),
-        "--seed",
-        "9",
-        "--iter",
-        "3",
-        "--earlystop",
-        "0",
-        *FAST,
-        *extra,
-    ]
+    options = ("--seed", "9", "--iter", "3", "--earlystop", "0", *FAST, *extra)
+    return refine_command(dataset, path, *options)
 
 
 def test_resume_after_sigkill_reaches_the_uninterrupted_result(dataset, tmp_path):

@@ -243,3 +243,21 @@ def make3d_memory_before_data(star: str | Path) -> float:
     imports, reads ``star``'s metadata and loads the compiled kernels: what it holds
     before it holds any data."""
     return measure_command([sys.executable, "-c", _BEFORE_DATA, str(star)])[1]
+
+
+def refine_command(folder: Path, path: Path, *options: str) -> list[str]:
+    """``cryorefine refine`` in a fresh Python process on ``folder``'s particles.star and
+    start.mrc, writing into ``path``, with more ``options``."""
+    return [
+        sys.executable,
+        "-m",
+        "cryorefine",
+        "refine",
+        "--input",
+        str(Path(folder) / "particles.star"),
+        "--model",
+        str(Path(folder) / "start.mrc"),
+        "--path",
+        str(path),
+        *map(str, options),
+    ]
