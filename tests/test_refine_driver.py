@@ -491,3 +491,46 @@ def test_progress_counts_every_particle_of_each_stage(dataset):
     for h in (0, 1):
         assert sum(seen["simmx", h]) == len(halves[h]) and len(seen["simmx", h]) == 3
         assert sum(seen["classaverage", h]) == len(halves[h])
+
+
+def test_symmetry_and_usefilt(dataset, tmp_path, run_cli):
+    """--sym c2: projections over half the sphere's asymmetric unit of c1, a map
+    invariant under the 2-fold about z; --usefilt: the filtered copy aligns (simmx and
+    class averaging), and one of the wrong length is refused."""
+    from cryorefine.io.stacks import ParticleStack, write_stack
+
+    stack = ParticleStack.from_path(dataset / "particles.star")
+    images = lowpass_gauss(stack.read(), 3.0 / 12.0, 2).astype(np.float32)
+    write_stack(ParticleStack.from_arrays(images, apix=3.0), tmp_path / "filt.mrcs")
+    write_stack(ParticleStack.from_arrays(images[:10], apix=3.0), tmp_path / "short.mrcs")
+    stack.close()
+    code, out, err = _refine(
+        run_cli,
+        dataset,
+        tmp_path / "s",
+        "--iter",
+        "1",
+        "--sym",
+        "c2",
+        "--usefilt",
+        tmp_path / "filt.mrcs",
+    )
+    assert code == 0, err
+    path = tmp_path / "s"
+    n_c2 = len(ParticleStack.from_path(path / "projections_00_even.star"))
+    record = json.loads((path / "0_refine_parms.json").read_text())
+    assert record["options"]["usefilt"] == str(tmp_path / "filt.mrcs")
+    from cryorefine.geometry.orientations import orientations
+
+    n_c1 = len(orientations("eman:delta=15:perturb=0", "c1"))
+    assert abs(n_c2 - n_c1 / 2) <= 0.1 * n_c1, (n_c2, n_c1)
+    volume = read_map(path / "threed_00.mrc").data
+    turned = np.rot90(volume, 2, axes=(1, 2))  # 180 degrees about z (axes y, x)
+    # the box centre is voxel 32: turning an even box by 180 degrees shifts by one voxel
+    turned = np.roll(turned, (1, 1), axis=(1, 2))
+    assert np.corrcoef(volume.ravel(), turned.ravel())[0, 1] > 0.99
+    assert "--usefilt=" in (path / "run.log").read_text()
+    code, _, err = _refine(
+        run_cli, dataset, tmp_path / "t", "--iter", "1", "--usefilt", tmp_path / "short.mrcs"
+    )
+    assert code == 2 and "--usefilt" in err and "10 images" in err
