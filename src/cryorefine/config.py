@@ -227,15 +227,15 @@ class ClassaverageConfig:
     def __post_init__(self) -> None:
         if self.iterations < 0:
             raise CryorefineError(f"--classiter {self.iterations}: must be at least 0")
-        if self.iterations > 0 and self.align is None:
-            raise CryorefineError(
-                f"--classiter {self.iterations}: re-alignment rounds need --classalign"
-            )
         if not self.keepsig and not 0 < self.keep <= 1:
             raise CryorefineError(
                 f"--classkeep {self.keep}: a fraction must be in (0, 1] (or use --classkeepsig)"
             )
         _set(self, "align_mod", parse_option(ALIGNERS, self.align, option="--classalign"))
+        if self.iterations > 0 and self.align_mod is None:  # None, "" or "none"
+            raise CryorefineError(
+                f"--classiter {self.iterations}: re-alignment rounds need --classalign"
+            )
         _set(
             self,
             "aligncmp_mod",

@@ -490,6 +490,27 @@ def _sources_readable_by(stack: ParticleStack, suffixes: tuple[str, ...]) -> boo
     return all(Path(str(p)).suffix.lower() in suffixes for p in np.unique(stack.meta.source_path))
 
 
+def _source_files(stack: ParticleStack) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's file (as :func:`ref_path` writes it) and its index in that file."""
+    uniq, inv = np.unique(stack.meta.source_path.astype(str), return_inverse=True)
+    files = np.array([ref_path(u) for u in uniq], dtype=object)[inv]
+    return files, stack.meta.source_index
+
+
+def _star_names(index: np.ndarray, files: np.ndarray) -> np.ndarray:
+    return np.array([f"{i + 1:06d}@{f}" for i, f in zip(index, files, strict=True)], dtype=object)
+
+
+def star_image_names(stack: ParticleStack) -> np.ndarray | None:
+    """``rlnImageName`` of each image of ``stack`` in its own file (``000001@path``), as
+    a written STAR file refers to it; ``None`` when RELION cannot read those files (not
+    MRC stacks) or the images are in memory."""
+    if not _sources_readable_by(stack, (".mrcs",)):
+        return None
+    files, index = _source_files(stack)
+    return _star_names(index, files)
+
+
 ChunkFunc = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -537,11 +558,9 @@ def write_stack(
         files = np.full(len(stack), ref_path(images_path), dtype=object)
         index = np.arange(len(stack))
     else:
-        uniq, inv = np.unique(stack.meta.source_path.astype(str), return_inverse=True)
-        files = np.array([ref_path(u) for u in uniq], dtype=object)[inv]
-        index = stack.meta.source_index
+        files, index = _source_files(stack)
     if suffix == ".star":
-        names = [f"{i + 1:06d}@{f}" for i, f in zip(index, files, strict=True)]
+        names = _star_names(index, files)
         star.write_particle_star(path, stack.meta, names, stack.box, overwrite=overwrite)
     else:
         records = [

@@ -26,7 +26,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from cryorefine.fourier.fsc import resolution_at
 from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.atomic import atomic_output, is_file
 from cryorefine.io.maps import read_map
-from cryorefine.io.stacks import ParticleStack, ref_path, write_stack
+from cryorefine.io.stacks import ParticleStack, ref_path, star_image_names, write_stack
 from cryorefine.io.star import read_orientations_star
 from cryorefine.refine import outputs, report
 from cryorefine.refine.options import (
@@ -54,9 +54,9 @@ from cryorefine.refine.step import (
     STAGES,
     Step,
     filtered,
-    gold_standard_starts,
     half_sets,
     run_step,
+    start_maps,
 )
 from cryorefine.stages.classify import read_classmx, write_classmx
 from cryorefine.stages.simmx import read_simmx, write_simmx
@@ -79,8 +79,6 @@ class Run:
     model: np.ndarray
     path: Path | None
     cores: int | None
-    image_names: np.ndarray | None = None
-    history: list[dict] = field(default_factory=list)
 
     @property
     def apix(self) -> float:
@@ -264,19 +262,13 @@ def _setup_folder(run: Run) -> tuple[Path, dict, int]:
 def _image_names(run: Run, path: Path, resume: bool) -> np.ndarray:
     """How ``particles_NN.star`` names each particle's image: the input's MRC stacks, or
     ``particles.mrcs`` written once into the folder when RELION cannot read them."""
-    stack = run.stack
-    sources = np.asarray(stack.meta.source_path, dtype=str)
-    if all(s.lower().endswith((".mrcs", ".mrc")) for s in np.unique(sources)):
-        uniq, inv = np.unique(sources, return_inverse=True)
-        files = np.array([ref_path(u) for u in uniq], dtype=object)[inv]
-        return np.array(
-            [f"{i + 1:06d}@{f}" for i, f in zip(stack.meta.source_index, files, strict=True)],
-            dtype=object,
-        )
+    names = star_image_names(run.stack)
+    if names is not None:
+        return names
     copy = path / "particles.mrcs"
     if not (resume and copy.is_file()):
-        write_stack(stack, copy, overwrite=resume)
-    return np.array([f"{i + 1:06d}@{ref_path(copy)}" for i in range(len(stack))], dtype=object)
+        write_stack(run.stack, copy, overwrite=resume)
+    return np.array([f"{i + 1:06d}@{ref_path(copy)}" for i in range(len(run.stack))], dtype=object)
 
 
 def angular_step(cfg: RefineConfig) -> float:
@@ -347,11 +339,7 @@ def refine(run: Run, *, progress: bool | None = None) -> dict:
             maps = _next_maps(maps, previous_filt, automask, cfg, apix, gold)
             prev_rot = read_orientations_star(path / f"particles_{start - 1:02d}.star")
         else:
-            maps = (
-                list(gold_standard_starts(run.model, apix=apix, inires_a=cfg.inires_a, rng=rng))
-                if gold
-                else [run.model]
-            )
+            maps = start_maps(run.model, cfg, apix, rng)
             previous_filt = run.model
             known = stack.meta.has_orientation
             prev_rot = stack.meta.rotations if known.all() else None

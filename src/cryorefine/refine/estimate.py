@@ -23,7 +23,7 @@ import numpy as np
 from cryorefine.errors import CryorefineError
 from cryorefine.geometry.orientations import orientations
 from cryorefine.refine.driver import Run
-from cryorefine.refine.step import STAGES, gold_standard_starts, run_step
+from cryorefine.refine.step import STAGES, run_step, start_maps
 from cryorefine.stages.simmx import particle_chunk
 
 #: sample sizes (particles) of the two timed runs, after a warm-up run of the first
@@ -48,13 +48,7 @@ def _sample_run(run: Run, count: int, maps: list[np.ndarray]) -> dict[str, float
 
 
 def _start_maps(run: Run) -> list[np.ndarray]:
-    if run.cfg.goldstandard:
-        rng = np.random.default_rng(0)
-        starts = gold_standard_starts(
-            run.model, apix=run.stack.apix, inires_a=run.cfg.inires_a, rng=rng
-        )
-        return list(starts)
-    return [run.model]
+    return start_maps(run.model, run.cfg, run.stack.apix, np.random.default_rng(0))
 
 
 def _sample_in_child(opts: dict, count: int) -> tuple[dict[str, float], float]:

@@ -56,12 +56,6 @@ def classify_path(path: Path, iteration: int) -> Path:
     return path / f"classify_{nn(iteration)}.h5"
 
 
-def iteration_files(path: Path, iteration: int) -> list[Path]:
-    """Every file of iteration ``iteration`` present in ``path`` (partial ones excluded)."""
-    k = nn(iteration)
-    return sorted(p for p in path.glob(f"*_{k}*") if not p.name.startswith("."))
-
-
 def write_step(
     path: Path,
     iteration: int,

@@ -20,12 +20,18 @@ from cryorefine.io.atomic import atomic_output
 from cryorefine.refine.step import REASONS, STAGES, Step
 
 
-def _figure(width: float = 6.0, height: float = 3.6, ncols: int = 1):
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported when first needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _figure(width: float = 6.0, height: float = 3.6, ncols: int = 1):
+    plt = _pyplot()
     fig, axes = plt.subplots(1, ncols, figsize=(width, height), dpi=90, squeeze=False)
     return plt, fig, axes[0]
 
@@ -76,11 +82,7 @@ def _fsc_plot(history: list[dict], apix: float) -> str:
 
 
 def _map_views(volume: np.ndarray) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     n = volume.shape[-1]
     fig, grid = plt.subplots(2, 3, figsize=(9, 6.2), dpi=90)
     for k, name in enumerate("zyx"):

@@ -20,7 +20,7 @@ import numpy as np
 
 from cryorefine.config import RefineConfig
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import rfft_shell_index
+from cryorefine.fourier.fft import filter_rfft, rfft_shell_index
 from cryorefine.fourier.filters import lowpass_gauss, randomise_phases
 from cryorefine.fourier.fsc import fsc
 from cryorefine.fourier.reconstruct import sphere_mask
@@ -28,10 +28,10 @@ from cryorefine.geometry.orientations import orientations
 from cryorefine.io.metadata import ParticleMetadata
 from cryorefine.io.stacks import ParticleStack
 from cryorefine.processors.mask import auto_mask
-from cryorefine.processors.normalize import mass_threshold
+from cryorefine.processors.normalize import normalize_bymass
 from cryorefine.stages.classaverage import ClassAverages, classaverage
 from cryorefine.stages.classify import ClassMx, assigned_poses, classify
-from cryorefine.stages.make3d import make3d
+from cryorefine.stages.make3d import make3d, postprocess
 from cryorefine.stages.project3d import project3d
 from cryorefine.stages.simmx import Simmx, simmx
 
@@ -121,20 +121,20 @@ def soft_mask(volume: np.ndarray, apix: float) -> np.ndarray:
 def fsc_filter(volume: np.ndarray, half_fsc: np.ndarray) -> np.ndarray:
     """``volume`` multiplied in Fourier space by ``sqrt(2 FSC / (1 + FSC))`` per shell
     (0 where the FSC is not positive): the gold-standard map's filter (spec §4.5)."""
-    import scipy.fft
-
-    n = volume.shape[-1]
     h = np.clip(np.asarray(half_fsc, np.float64), 0, 1)
     weight = np.sqrt(2 * h / (1 + h))
-    shell = np.minimum(rfft_shell_index((n,) * 3), len(weight) - 1)
-    f = scipy.fft.rfftn(volume, workers=-1)
-    f *= weight[shell]
-    return scipy.fft.irfftn(f, s=volume.shape, workers=-1).astype(np.float32)
+    shell = np.minimum(rfft_shell_index(volume.shape), len(weight) - 1)
+    return filter_rfft(volume, weight[shell], 3)
 
 
-def normalise_by_mass(volume: np.ndarray, mass_kda: float, apix: float) -> np.ndarray:
-    """e2refine's ``normalize.bymass``: divide by the level enclosing ``mass_kda``."""
-    return (volume / mass_threshold(volume, mass_kda, apix)).astype(np.float32)
+def start_maps(
+    model: np.ndarray, cfg: RefineConfig, apix: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The maps iteration 0 projects: the gold-standard halves' phase-randomised starts
+    (:func:`gold_standard_starts`), or the model itself for a single chain."""
+    if not cfg.goldstandard:
+        return [model]
+    return list(gold_standard_starts(model, apix=apix, inires_a=cfg.inires_a, rng=rng))
 
 
 def run_step(
@@ -236,7 +236,7 @@ def run_step(
         meta.half_set = labels if gold else np.zeros(n_p, np.int64)
         volume, info = make3d(stack.with_meta(meta), m3d, keep_halves=gold)
         if gold and info["half_maps"] is not None:
-            new_maps = [_post(m, m3d, apix) for m in info["half_maps"]]
+            new_maps = [postprocess(m, m3d, apix) for m in info["half_maps"]]
         elif gold:  # too few particles to split inside make3d: one pass per half
             new_maps = []
             for idx in halves:
@@ -294,13 +294,6 @@ def run_step(
     )
 
 
-def _post(volume: np.ndarray, cfg, apix: float) -> np.ndarray:
-    """A half map post-processed as make3d post-processes the combined map."""
-    for m in cfg.postprocess_mods:
-        volume = m(volume, ndim=3, apix=apix)
-    return volume
-
-
 def filtered(
     volume: np.ndarray, cfg: RefineConfig, apix: float, *, mask: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -310,7 +303,7 @@ def filtered(
     (spec ch01 §5.3, Choice)."""
     if not cfg.mass_kda:
         return volume, None
-    filt = normalise_by_mass(volume, cfg.mass_kda, apix)
+    filt = normalize_bymass(volume, ndim=3, apix=apix, mass=cfg.mass_kda)
     if cfg.automask3d_mod is None:
         return filt, None
     if mask is None:

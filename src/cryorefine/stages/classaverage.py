@@ -38,7 +38,13 @@ from cryorefine.io.stacks import ParticleStack, write_stack
 from cryorefine.processors.mask import auto_mask_2d, centred_radius, soft_sphere
 from cryorefine.processors.normalize import normalize_circlemean
 from cryorefine.registry import ALIGNERS, COMPARATORS
-from cryorefine.stages.classify import CLASSMX_FIELDS, ClassMx, read_classmx, write_classmx
+from cryorefine.stages.classify import (
+    CLASSMX_FIELDS,
+    ClassMx,
+    grouped,
+    read_classmx,
+    write_classmx,
+)
 from cryorefine.stages.simmx import ctf_snr, runs_on_engine, signal_power
 
 #: member images (and their aligned copies) held at once
@@ -395,8 +401,8 @@ def write_classes(
     """
     path = Path(path)
     n_r = len(ca.images)
-    members = [ca.members(c, used=True) for c in range(n_r)]
-    rejected = [ca.members(c, used=False) for c in range(n_r)]
+    members = grouped(ca.particle[ca.used], ca.cls[ca.used], n_r)
+    rejected = grouped(ca.particle[~ca.used], ca.cls[~ca.used], n_r)
     if path.suffix.lower() == ".hdf":
         headers = []
         for c in range(n_r):

@@ -40,9 +40,15 @@ class ClassMx:
     def members(self, n_classes: int) -> list[np.ndarray]:
         """Per class, the particles assigned to it in any of their ``sep`` choices."""
         rows = np.repeat(np.arange(self.cls.shape[0]), self.cls.shape[1])
-        order = np.argsort(self.cls.ravel(), kind="stable")
-        bounds = np.searchsorted(self.cls.ravel()[order], np.arange(n_classes + 1))
-        return [rows[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return grouped(rows, self.cls.ravel(), n_classes)
+
+
+def grouped(values: np.ndarray, keys: np.ndarray, n: int) -> list[np.ndarray]:
+    """``values`` split by integer ``keys`` in ``[0, n)``: one array per key, in the
+    values' order (one stable sort, not a pass per key)."""
+    order = np.argsort(keys, kind="stable")
+    bounds = np.searchsorted(np.asarray(keys)[order], np.arange(n + 1))
+    return [values[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def simvec_scores(score: np.ndarray) -> np.ndarray:

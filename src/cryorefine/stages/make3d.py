@@ -57,6 +57,13 @@ def slice_qualities(
     return qual, cutoff
 
 
+def postprocess(volume: np.ndarray, cfg: Make3dConfig, apix: float) -> np.ndarray:
+    """``volume`` post-processed as ``cfg`` says: structure factor, processors, automask."""
+    for m in cfg.postprocess_mods:
+        volume = m(volume, ndim=3, apix=apix)
+    return volume
+
+
 def make3d(
     stack: ParticleStack,
     cfg: Make3dConfig | None = None,
@@ -189,9 +196,7 @@ def make3d(
             ]
     else:
         volume = vol.finish()
-    volume *= mask
-    for m in cfg.postprocess_mods:  # setsf, post-processors, automask
-        volume = m(volume, ndim=3, apix=apix)
+    volume = postprocess(volume * mask, cfg, apix)
     inserted = idx_all[~excluded[idx_all]]
     info = {
         "inserted": inserted,
