@@ -277,3 +277,68 @@ def test_working_memory_within_twice_relions_peak(in_tmp, rnapol2_64):
     floor = make3d_memory_before_data("particles.star")
     assert floor > 2 * theirs, (floor, theirs)  # the original bound cannot hold
     assert ours - floor <= 2 * theirs, (ours, floor, theirs)
+
+
+@pytest.mark.parametrize("case", ["mask_leak", "small_particle"])
+def test_corrected_fsc_matches_relion_postprocess(in_tmp, rnapol2_64, case):
+    # The same half maps and mask through relion_postprocess: the same shell for the
+    # phase randomisation, the same corrected curve within the randomisation's noise,
+    # and the same 0.143 resolution within one shell.
+    import starfile
+
+    from cryorefine.fourier.fsc import corrected_fsc, noise_substituted_fsc, resolution_at
+    from cryorefine.io.maps import Map, write_map
+    from cryorefine.refine.step import fsc_mask
+    from cryorefine.testing import pseudo_atomic_map
+
+    rng = np.random.default_rng(11)
+    n, apix = 64, 3.0
+    if case == "mask_leak":  # little power beyond the signal's band, a near-hard mask
+        truth = mrcfile.read(rnapol2_64).astype(np.float32)
+        ft = scipy.fft.rfftn(truth)
+        ft[rfft_radius(truth.shape) * n >= 12] = 0
+        signal = scipy.fft.irfftn(ft, s=truth.shape).astype(np.float32)
+        noise = scipy.fft.rfftn(rng.standard_normal((2, n, n, n)), axes=(1, 2, 3))
+        noise[:, rfft_radius(truth.shape) * n >= 16] = 0
+        noise = scipy.fft.irfftn(noise, s=truth.shape, axes=(1, 2, 3))
+        halves = signal + 0.3 * signal.std() / noise.std() * noise
+        mask = fsc_mask(signal, apix, extend_a=0.0, soft_edge_a=3.0)
+    else:  # a small particle in white noise under a soft mask: the mask's real gain
+        signal = pseudo_atomic_map(n, apix=apix, diameter_a=90.0, rng=rng)
+        halves = signal + 8.0 * signal.std() * rng.standard_normal((2, n, n, n))
+        mask = fsc_mask(signal, apix)
+    halves = halves.astype(np.float32)
+    for name, data in (("half1", halves[0]), ("half2", halves[1]), ("mask", mask)):
+        write_map(in_tmp / f"{name}.mrc", Map(data, apix))
+    subprocess.run(
+        [
+            *("relion_postprocess", "--i", "half1.mrc", "--i2", "half2.mrc"),
+            *("--mask", "mask.mrc", "--angpix", str(apix), "--o", str(in_tmp / "pp")),
+            "--force_mask",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    theirs = starfile.read("pp.star")
+    ours = noise_substituted_fsc(*halves, mask, rng=rng)
+    table = theirs["fsc"]
+    assert theirs["general"]["rlnRandomiseFrom"] == pytest.approx(n * apix / ours.randomised_from)
+    masked = table["rlnFourierShellCorrelationMaskedMaps"].to_numpy()
+    np.testing.assert_allclose(ours.masked, masked, atol=0.01)
+    # our correction of RELION's own randomised curve gives RELION's corrected curve
+    randomised = table["rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps"].to_numpy()
+    np.testing.assert_allclose(
+        corrected_fsc(masked, randomised, ours.randomised_from),
+        table["rlnFourierShellCorrelationCorrected"],
+        atol=2e-3,
+    )
+    # each program draws its own random phases: the curves differ by that noise only,
+    # which is large where the mask is small (few independent voxels per shell)
+    diff = (ours.randomised_masked - randomised)[ours.randomised_from :]
+    print("randomised curves: mean difference", diff.mean(), "largest", np.abs(diff).max())
+    assert abs(diff.mean()) < 0.04
+    shell_ours = n / resolution_at(ours.corrected, threshold=0.143, apix=1.0)
+    shell_theirs = n * apix / theirs["general"]["rlnFinalResolution"]
+    print(f"0.143 crossing: ours shell {shell_ours:.2f}, relion_postprocess {shell_theirs:.2f}")
+    assert abs(shell_ours - shell_theirs) < 1.5

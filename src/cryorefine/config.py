@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -320,6 +321,22 @@ class Make3dConfig:
         _set(self, "postprocess_mods", tuple(post))
 
 
+def read_fsc_mask(path: str | Path) -> np.ndarray:
+    """``--fscmask``: a soft mask map with values in [0, 1] (float32)."""
+    from cryorefine.io.maps import read_map
+
+    try:
+        data = np.asarray(read_map(Path(path)).data, np.float32)
+    except CryorefineError as exc:
+        raise CryorefineError(f"--fscmask: {exc}") from None
+    if data.min() < -1e-3 or data.max() > 1 + 1e-3 or data.max() <= 0:
+        raise CryorefineError(
+            f"--fscmask {path}: values run from {data.min():.3g} to {data.max():.3g}; "
+            "a mask holds values from 0 to 1"
+        )
+    return np.clip(data, 0.0, 1.0)
+
+
 #: what a refinement reconstructs from (``RefineConfig.m3dsource``)
 M3D_SOURCES = ("particles", "classes")
 
@@ -338,7 +355,9 @@ class RefineConfig:
     randomised beyond; ``seed``: every random choice of the run; ``mass_kda``,
     ``automask3d``: e2refine's ``--mass`` normalisation and ``--automask3d`` mask of
     the filtered map; ``postprocess2``: ``--m3dpostprocess2``; ``earlystop``: stop
-    before ``iterations`` once the resolution and the orientations stop changing.
+    before ``iterations`` once the resolution and the orientations stop changing;
+    ``fscmask``: a map file, the mask of the half-map FSC instead of the automatic one
+    (read into ``fscmask_map``, values clipped to [0, 1]).
     """
 
     iterations: int = 5
@@ -357,12 +376,16 @@ class RefineConfig:
     automask3d: str | None = None
     postprocess2: str | None = None
     earlystop: bool = True
+    fscmask: str | None = None
 
     #: ``mask.auto3d`` of ``--automask3d`` (returning the mask), applied with ``--mass``
     automask3d_mod: Modifier | None = _parsed()
     postprocess2_mod: Modifier | None = _parsed()
+    fscmask_map: np.ndarray | None = _parsed()
 
     def __post_init__(self) -> None:
+        if self.fscmask is not None:
+            _set(self, "fscmask_map", read_fsc_mask(self.fscmask))
         if self.iterations < 1:
             raise CryorefineError(f"--iter {self.iterations}: must be at least 1")
         if self.inires_a <= 0:

@@ -27,10 +27,11 @@ def write_fsc_star(
     apix: float,
     overwrite: bool = False,
     extra: dict[str, np.ndarray] | None = None,
+    general: dict[str, float] | None = None,
 ) -> None:
     """RELION-style ``data_fsc`` table and ``data_general`` with the 0.143 resolution of
     ``curve``; ``extra``: more FSC columns by RELION label (e.g. the masked and
-    unmasked maps' curves)."""
+    unmasked maps' curves); ``general``: more ``data_general`` values by label."""
     n = 2 * (len(curve) - 1)
     freq = shell_frequencies_a(n, apix)
     with np.errstate(divide="ignore"):
@@ -44,9 +45,10 @@ def write_fsc_star(
             **(extra or {}),
         }
     )
-    general = {"rlnFinalResolution": resolution_at(curve, threshold=0.143, apix=apix)}
+    block = {"rlnFinalResolution": resolution_at(curve, threshold=0.143, apix=apix)}
+    block.update(general or {})
     # data_fsc first: relion_reconstruct --fsc reads the first block
-    text = starfile.to_string({"fsc": table, "general": general}, float_format="%.6f", sep=" ")
+    text = starfile.to_string({"fsc": table, "general": block}, float_format="%.6f", sep=" ")
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_text(text)
 

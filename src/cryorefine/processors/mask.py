@@ -140,6 +140,21 @@ def auto_mask(
     return soft
 
 
+def soft_edge_mask(region: np.ndarray, extend_px: float, edge_px: float) -> np.ndarray:
+    """A binary ``region`` grown by ``extend_px`` and given a raised-cosine edge.
+
+    1 within ``extend_px`` (Euclidean distance) of the region, falling as
+    ``(1 + cos(pi (d - extend_px) / edge_px)) / 2`` to 0 at ``extend_px + edge_px``
+    (relion_mask_create's ``--extend_inimask`` and ``--width_soft_edge``). float32.
+    """
+    region = np.asarray(region, bool)
+    if not region.any():
+        return np.zeros(region.shape, np.float32)
+    d = ndimage.distance_transform_edt(~region)
+    out = np.clip((d - extend_px) / edge_px, 0.0, 1.0) if edge_px > 0 else (d > extend_px) * 1.0
+    return (0.5 * (1.0 + np.cos(np.pi * out))).astype(np.float32)
+
+
 @PROCESSORS.register(
     "mask.auto3d",
     "Automatic 3D mask: flood fill from seeds above a threshold, dilate, soften.",

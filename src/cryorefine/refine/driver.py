@@ -126,6 +126,11 @@ def prepare(opts: dict[str, Any]) -> Run:
             raise CryorefineError(
                 f"--inires {cfg.inires_a} Å is finer than Nyquist ({2 * stack.apix:g} Å)"
             )
+        if cfg.fscmask_map is not None and cfg.fscmask_map.shape != (n, n, n):
+            raise CryorefineError(
+                f"--fscmask {opts['fscmask']}: box {cfg.fscmask_map.shape[-1]} px; the "
+                f"particles ({opts['input']}) are {n} px"
+            )
         if opts.get("usefilt"):
             usefilt = ParticleStack.from_path(opts["usefilt"], apix=stack.apix)
             if len(usefilt) != len(stack) or usefilt.box != n:
@@ -448,46 +453,65 @@ def _next_maps(half_maps, filt, automask, cfg: RefineConfig, apix: float, gold: 
 
 
 def _summary(it, step: Step, figures: dict, prev_rot, group, apix, t0, gold) -> dict:
-    """One iteration's figures for ``0_refine_parms.json``, the log and the report."""
-    curve = step.half_fsc if gold else step.info.get("half_fsc")
+    """One iteration's figures for ``0_refine_parms.json``, the log and the report.
+
+    ``resolution``: the gold-standard resolution, from the masked half-map FSC corrected
+    by noise substitution (``fsc_corrected``); the unmasked and masked figures beside it.
+    Without half maps, make3d's split of alternate particles (not independent).
+    """
+    curves = step.fsc
     if gold:
-        res = figures["resolution_masked"]
+        res = figures["resolution_corrected"]
         res_unmasked = figures["resolution_unmasked"]
-    else:  # make3d's split of alternate particles: not independent
+        res_masked = figures["resolution_masked"]
+    else:
+        curve = step.info.get("half_fsc")
         res = (
             resolution_at(curve, threshold=0.143, apix=apix) if curve is not None else float("nan")
         )
-        res_unmasked = res
+        res_unmasked = res_masked = res
     change = None
     if prev_rot is not None:
         change = float(np.median(group.angle_between(step.rotations, prev_rot)))
     counts = {r: int(np.sum(step.reason == i)) for i, r in enumerate(REASONS)}
+
+    def listed(curve):
+        return None if curve is None else [float(x) for x in curve]
+
     return {
         "iteration": it,
         "resolution": float(res),
         "resolution_unmasked": float(res_unmasked),
+        "resolution_masked": float(res_masked),
         "gold_standard": bool(gold),
         "median_orientation_change": change,
         "particles": counts,
-        "projections": int(len(step.ref_rotations)),
+        "projections": int(len(step.ref_rotations[0])),
         "seconds": {k: round(v, 3) for k, v in step.seconds.items()},
         "wall_seconds": round(time.perf_counter() - t0, 3),
         "successive_fsc_0.5": figures.get("successive_0.5"),
-        "fsc": None if curve is None else [float(x) for x in curve],
-        "fsc_masked": None if step.masked_fsc is None else [float(x) for x in step.masked_fsc],
+        "fsc": listed(curves.unmasked if curves else step.info.get("half_fsc")),
+        "fsc_masked": listed(curves and curves.masked),
+        "fsc_randomised_masked": listed(curves and curves.randomised_masked),
+        "fsc_corrected": listed(curves and curves.corrected),
     }
 
 
 def summary_line(e: dict) -> str:
     """The one line printed per iteration."""
     change = e["median_orientation_change"]
-    kind = "half-map FSC 0.143" if e["gold_standard"] else "FSC 0.143 (alternate particles)"
+    kind = (
+        "half-map FSC 0.143 (masked, corrected)"
+        if e["gold_standard"]
+        else "FSC 0.143 (alternate particles)"
+    )
     stages = ", ".join(f"{k} {v:.1f}" for k, v in e["seconds"].items())
     used = e["particles"]["used"]
     total = sum(e["particles"].values())
     return (
         f"iteration {e['iteration']:02d}: {kind} {e['resolution']:.2f} Å "
-        f"(unmasked {e['resolution_unmasked']:.2f} Å); median orientation change "
+        f"(unmasked {e['resolution_unmasked']:.2f} Å, masked "
+        f"{e.get('resolution_masked', e['resolution']):.2f} Å); median orientation change "
         f"{'-' if change is None else f'{change:.2f}°'}; {used} of {total} particles in the "
         f"map; {e['wall_seconds']:.1f} s ({stages} s)"
     )

@@ -103,6 +103,13 @@ OPTIONS: tuple[Option, ...] = (
         "cryorefine",
     ),
     Option("earlystop", int, 1, "1: stop once resolution and orientations settle", "cryorefine"),
+    Option(
+        "fscmask",
+        str,
+        None,
+        "mask (0-1 map) for the half-map FSC (default: automatic, grown 6 Å, 18 Å soft edge)",
+        "cryorefine",
+    ),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 #: options that may differ between a run and its resumption
@@ -182,6 +189,8 @@ def refine_config(opts: dict[str, Any]) -> RefineConfig:
         raise CryorefineError(f"--goldstandard {o['goldstandard']}: use 1 (on) or 0 (off)")
     if o["earlystop"] not in (0, 1):
         raise CryorefineError(f"--earlystop {o['earlystop']}: use 1 (on) or 0 (off)")
+    if o["fscmask"] and not o["goldstandard"]:
+        raise CryorefineError("--fscmask: masks the half-map FSC, which needs --goldstandard 1")
     if o["classiter"] < 0:
         raise CryorefineError(f"--classiter {o['classiter']}: must be 0 or more")
     classes = o["m3dsource"] == "classes"
@@ -253,6 +262,7 @@ def refine_config(opts: dict[str, Any]) -> RefineConfig:
         automask3d=o["automask3d"],
         postprocess2=o["m3dpostprocess2"],
         earlystop=bool(o["earlystop"]),
+        fscmask=o["fscmask"],
     )
 
 

@@ -7,7 +7,8 @@ for half sets 1 and 2; a single chain has no suffix):
 combined map), ``threed_NN_even/odd.mrc`` (the half maps), ``threed_filt_NN.mrc``
 (the map projected next by a single chain; ``--mass``/``--automask3d`` applied),
 ``threed_mask_NN.mrc``, ``fsc_mask_NN.mrc`` (the soft mask of the masked half-map FSC),
-``fsc_unmasked_NN.txt``, ``fsc_masked_NN.txt`` and ``fsc_halves_NN.star`` (half maps),
+``fsc_unmasked_NN.txt``, ``fsc_masked_NN.txt``, ``fsc_corrected_NN.txt`` and
+``fsc_halves_NN.star`` (half maps; relion_postprocess's curves),
 ``fsc_xx_00.txt``/``fsc_MM_NN.txt`` (+ ``.star``: successive maps), and
 ``particles_NN.star``.
 """
@@ -76,16 +77,16 @@ def write_step(
     """
     k, apix, gold = nn(iteration), stack.apix, len(halves) == 2
     sfx = half_suffixes(gold)
-    n_r = len(step.ref_rotations)
+    n_r = len(step.ref_rotations[0])
     for h, s in enumerate(sfx):
         meta = ParticleMetadata.empty(n_r, apix=apix)
-        meta.rotations = step.ref_rotations
+        meta.rotations = step.ref_rotations[h]
         proj = ParticleStack.from_arrays(step.projections[h], apix=apix, meta=meta)
         write_stack(proj, path / f"projections_{k}{s}.star", overwrite=overwrite)
         write_classes(
             path / f"classes_{k}{s}.star",
             step.classes[h],
-            step.ref_rotations,
+            step.ref_rotations[h],
             apix,
             overwrite=overwrite,
         )
@@ -98,30 +99,39 @@ def write_step(
     if automask is not None:
         write_map(path / f"threed_mask_{k}.mrc", Map(automask, apix), overwrite=overwrite)
     figures = {}
-    if step.half_fsc is not None:
+    if step.fsc is not None:
+        curves = step.fsc
         write_map(path / f"fsc_mask_{k}.mrc", Map(step.mask, apix), overwrite=overwrite)
-        write_fsc_text(
-            path / f"fsc_unmasked_{k}.txt", step.half_fsc, apix=apix, overwrite=overwrite
-        )
-        write_fsc_text(
-            path / f"fsc_masked_{k}.txt", step.masked_fsc, apix=apix, overwrite=overwrite
-        )
+        for name, curve in (
+            ("unmasked", curves.unmasked),
+            ("masked", curves.masked),
+            ("corrected", curves.corrected),
+        ):
+            write_fsc_text(path / f"fsc_{name}_{k}.txt", curve, apix=apix, overwrite=overwrite)
+        n = 2 * (len(curves.corrected) - 1)
         write_fsc_star(
             path / f"fsc_halves_{k}.star",
-            step.masked_fsc,
+            curves.corrected,
             apix=apix,
             overwrite=overwrite,
             extra={
                 # what relion_reconstruct --fsc regularises with, as we do
-                "rlnGoldStandardFsc": step.info.get("half_fsc", step.half_fsc)
+                "rlnGoldStandardFsc": step.info["half_fsc"]
                 if step.info.get("half_fsc") is not None
-                else step.half_fsc,
-                "rlnFourierShellCorrelationUnmaskedMaps": step.half_fsc,
-                "rlnFourierShellCorrelationMaskedMaps": step.masked_fsc,
+                else curves.unmasked,
+                # relion_postprocess's four curves
+                "rlnFourierShellCorrelationCorrected": curves.corrected,
+                "rlnFourierShellCorrelationUnmaskedMaps": curves.unmasked,
+                "rlnFourierShellCorrelationMaskedMaps": curves.masked,
+                "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps": (
+                    curves.randomised_masked
+                ),
             },
+            general={"rlnRandomiseFrom": n * apix / curves.randomised_from},
         )
-        figures["resolution_unmasked"] = resolution_at(step.half_fsc, threshold=0.143, apix=apix)
-        figures["resolution_masked"] = resolution_at(step.masked_fsc, threshold=0.143, apix=apix)
+        figures["resolution_unmasked"] = resolution_at(curves.unmasked, threshold=0.143, apix=apix)
+        figures["resolution_masked"] = resolution_at(curves.masked, threshold=0.143, apix=apix)
+        figures["resolution_corrected"] = curves.resolution(apix=apix)
     if previous_filt is not None:
         curve = fsc(previous_filt, filt)
         name = "fsc_xx_00" if iteration == 0 else f"fsc_{nn(iteration - 1)}_{k}"

@@ -47,7 +47,10 @@ def _png(plt, fig) -> str:
 def _resolution_plot(history: list[dict]) -> str:
     plt, fig, (ax,) = _figure()
     its = [h["iteration"] for h in history]
-    ax.plot(its, [h["resolution"] for h in history], "o-", color="k", label="masked")
+    ax.plot(its, [h["resolution"] for h in history], "o-", color="k", label="masked, corrected")
+    if all("resolution_masked" in h for h in history):
+        masked = [h["resolution_masked"] for h in history]
+        ax.plot(its, masked, "^:", color="tab:red", label="masked")
     ax.plot(its, [h["resolution_unmasked"] for h in history], "s--", color="grey", label="unmasked")
     ax.set_xlabel("iteration")
     ax.set_ylabel("FSC 0.143 resolution (Å)")
@@ -55,29 +58,36 @@ def _resolution_plot(history: list[dict]) -> str:
     return _png(plt, fig)
 
 
+#: the half-map curves of the last iteration: record key, label, style
+_LAST_CURVES = (
+    ("fsc_corrected", "masked, corrected (reported)", dict(color="k", lw=1.8)),
+    ("fsc_masked", "masked", dict(color="tab:red", lw=1, ls="--")),
+    ("fsc", "unmasked", dict(color="tab:blue", lw=1, ls=":")),
+    ("fsc_randomised_masked", "phase-randomised, masked", dict(color="tab:green", lw=1)),
+)
+
+
 def _fsc_plot(history: list[dict], apix: float) -> str:
+    """Earlier iterations' reported curves in grey; the last one's four curves."""
     plt, fig, (ax,) = _figure()
-    for h in history:
-        curve = h.get("fsc_masked") or h.get("fsc")
-        if curve is None:
-            continue
-        n = 2 * (len(curve) - 1)
-        last = h is history[-1]
-        ax.plot(
-            shell_frequencies_a(n, apix)[1:],
-            curve[1:],
-            color="k" if last else "0.7",
-            lw=1.5 if last else 0.8,
-            label=f"iteration {h['iteration']:02d}" if last else None,
-        )
-        if last and h.get("fsc"):
-            ax.plot(shell_frequencies_a(n, apix)[1:], h["fsc"][1:], "k:", lw=1, label="unmasked")
+    for h in history[:-1]:
+        curve = h.get("fsc_corrected") or h.get("fsc_masked") or h.get("fsc")
+        if curve is not None:
+            freq = shell_frequencies_a(2 * (len(curve) - 1), apix)
+            ax.plot(freq[1:], curve[1:], color="0.75", lw=0.8)
+    last = history[-1]
+    for key, label, style in _LAST_CURVES:
+        curve = last.get(key)
+        if curve is not None:
+            freq = shell_frequencies_a(2 * (len(curve) - 1), apix)
+            label = f"{label}, iteration {last['iteration']:02d}"
+            ax.plot(freq[1:], curve[1:], label=label, **style)
     for t in (0.143, 0.5):
         ax.axhline(t, color="grey", ls="--", lw=0.7)
     ax.set_xlabel("spatial frequency (1/Å)")
     ax.set_ylabel("half-map FSC")
     if ax.get_legend_handles_labels()[1]:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     return _png(plt, fig)
 
 
@@ -136,6 +146,7 @@ def report_html(record: dict, step: Step, apix: float) -> str:
                 for c in (
                     f"{h['iteration']:02d}",
                     f"{h['resolution']:.2f}",
+                    f"{h.get('resolution_masked', h['resolution']):.2f}",
                     f"{h['resolution_unmasked']:.2f}",
                     "-" if change is None else f"{change:.2f}",
                     p["used"],
@@ -151,7 +162,8 @@ def report_html(record: dict, step: Step, apix: float) -> str:
         f"<th>{c}</th>"
         for c in (
             "iteration",
-            "FSC 0.143 masked (Å)",
+            "FSC 0.143, masked and corrected (Å)",
+            "masked (Å)",
             "unmasked (Å)",
             "median orientation change (°)",
             "in map",
@@ -168,6 +180,12 @@ def report_html(record: dict, step: Step, apix: float) -> str:
         )
     )
     kind = "half-map (gold standard)" if last["gold_standard"] else "alternate-particle"
+    corrected = (
+        "masked, corrected by noise substitution; masked "
+        f"{last.get('resolution_masked', last['resolution']):.2f} Å, "
+        if last["gold_standard"]
+        else ""
+    )
     stopped = html.escape(record.get("stopped", "running"))
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>cryorefine refine report</title>
@@ -178,7 +196,8 @@ img{{max-width:100%}}</style></head><body>
 <p>cryorefine {html.escape(str(record.get("cryorefine_version")))}, started
 {html.escape(record.get("started", ""))}; {stopped}.</p>
 <p><b>Iteration {last["iteration"]:02d}: {kind} FSC 0.143 at {last["resolution"]:.2f} Å</b>
-(unmasked {last["resolution_unmasked"]:.2f} Å; {apix:g} Å/px, Nyquist {2 * apix:.2f} Å).</p>
+({corrected}unmasked {last["resolution_unmasked"]:.2f} Å; {apix:g} Å/px, Nyquist
+{2 * apix:.2f} Å).</p>
 <h2>Iterations</h2><table><tr>{head}</tr>{"".join(rows)}</table>
 <h2>Resolution</h2>{img(_resolution_plot(history))}
 <h2>FSC curves</h2>{img(_fsc_plot(history, apix))}

@@ -1,13 +1,14 @@
 """One iteration of the refinement on arrays, for one chain or two gold-standard halves.
 
-Each half (or the single chain of ``--goldstandard 0``) projects its own map over one
-set of orientations drawn for the iteration, scores its own particles against its
-projections, and averages its classes. The similarity and classification matrices
-cover every particle (each row scored against its own half's projections), so that
-they are one file each, as in e2refine. The map is reconstructed from the particles
-(every particle kept by class averaging, at its assigned orientation and shift, with
-its CTF; the two halves share one pass, spec ch04 §4.5) or from the class averages
-(each half's own, weighted by ``ptcl_repr``, as e2refine).
+Each half (or the single chain of ``--goldstandard 0``) projects its own map over its
+own set of orientations drawn for the iteration (:func:`half_orientations`), scores its
+own particles against its projections, and averages its classes. The similarity and
+classification matrices cover every particle (each row scored against its own half's
+projections), so that they are one file each, as in e2refine. The map is reconstructed
+from the particles (every particle kept by class averaging, at its assigned orientation
+and shift, with its CTF; the two halves share one pass, spec ch04 §4.5) or from the
+class averages (each half's own, weighted by ``ptcl_repr``, as e2refine). The half maps'
+FSC is reported under a soft mask, corrected by noise substitution.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from cryorefine.config import RefineConfig
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fft import filter_rfft, rfft_shell_index
 from cryorefine.fourier.filters import lowpass_gauss, randomise_phases
-from cryorefine.fourier.fsc import fsc
-from cryorefine.fourier.reconstruct import sphere_mask
+from cryorefine.fourier.fsc import HalfMapFsc, fsc, noise_substituted_fsc
 from cryorefine.geometry.orientations import orientations
+from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.metadata import ParticleMetadata
 from cryorefine.io.stacks import ParticleStack
-from cryorefine.processors.mask import auto_mask
+from cryorefine.processors.mask import auto_mask, soft_edge_mask
 from cryorefine.processors.normalize import normalize_bymass
 from cryorefine.stages.classaverage import ClassAverages, classaverage
 from cryorefine.stages.classify import ClassMx, assigned_poses, classify
@@ -41,24 +43,27 @@ REASONS = ("used", "classkeep", "m3dkeep")
 USED, CLASSKEEP, M3DKEEP = range(3)
 #: resolution of the low-pass before the soft mask of the masked half-map FSC (Å)
 MASK_LOWPASS_A = 15.0
+#: growth of the FSC mask's region (Å) and the width of its raised-cosine edge (Å)
+FSC_MASK_EXTEND_A = 6.0
+FSC_MASK_SOFT_EDGE_A = 18.0
 
 
 @dataclass
 class Step:
     """What one iteration produced (arrays over all ``Np`` particles unless stated).
 
-    ``ref_rotations`` ``(Nr, 3, 3)``, shared by the halves; ``projections``,
-    ``classes``: one per half (one for a single chain); ``sim``, ``cm`` (the
+    ``ref_rotations`` ``(Nr, 3, 3)``, ``projections``, ``classes``: one per half (one
+    for a single chain; :func:`half_orientations`); ``sim``, ``cm`` (the
     classification) and ``resultmx`` (class averaging's: used flags and final
     alignments); ``rotations`` ``(Np, 3, 3)``, ``shifts_a`` ``(Np, 2)`` (Å) and
     ``score`` of each particle's best projection; ``reason``: 0 if in the map, else
     an index into :data:`REASONS`; ``maps``: each half's map (the one it projects next);
-    ``volume``: the combined map; ``half_fsc``, ``masked_fsc``: between the half maps
-    (without and with a soft mask; ``None`` without half maps); ``mask``: that soft mask;
-    ``seconds``: per stage.
+    ``volume``: the combined map; ``fsc``: the gold-standard curves of the half maps
+    (unmasked, masked, phase-randomised and corrected; ``None`` without half maps);
+    ``mask``: the FSC's soft mask; ``seconds``: per stage.
     """
 
-    ref_rotations: np.ndarray
+    ref_rotations: list[np.ndarray]
     projections: list[np.ndarray]
     sim: Simmx
     cm: ClassMx
@@ -70,8 +75,7 @@ class Step:
     reason: np.ndarray
     maps: list[np.ndarray]
     volume: np.ndarray
-    half_fsc: np.ndarray | None
-    masked_fsc: np.ndarray | None
+    fsc: HalfMapFsc | None
     mask: np.ndarray | None
     info: dict
     seconds: dict[str, float] = field(default_factory=dict)
@@ -107,15 +111,52 @@ def iteration_seed(seed: int, iteration: int) -> list[int]:
     return [int(seed), int(iteration), 0x5EED]
 
 
-def soft_mask(volume: np.ndarray, apix: float) -> np.ndarray:
-    """A soft mask around the particle for the masked half-map FSC.
+def half_orientations(cfg: RefineConfig, iteration: int, n_halves: int) -> list[np.ndarray]:
+    """The orientations each half (or the single chain) projects its map over.
 
-    The map low-passed to 15 Å, thresholded at a fifth of its maximum, flood-filled
-    from the centre, dilated by 3 px and given a 3 px soft edge (``mask.auto3d``).
+    Each gold-standard half draws its own set from ``--orientgen`` (seeded by the run's
+    seed, the iteration and the half) and turns it by a rotation of its own that keeps
+    the set a sampling of the asymmetric unit: any rotation in C1 (or with
+    ``breaksym``), one about the symmetry axis in Cn, none in the other groups (there the
+    perturbation alone differs). Halves that assigned their particles to one grid would
+    share its discretisation error, which correlates the half maps beyond what the data
+    hold and makes the half-map FSC optimistic (Choice). A single chain, and a grid
+    limited by ``alt_min``/``alt_max``, keep the generator's own orientations.
+    """
+    p3 = cfg.project3d
+    mod = p3.orientgen_mod
+    group = symmetry_group(p3.sym)
+    limited = mod.params.get("alt_min", 0.0) != 0.0 or mod.params.get("alt_max", 180.0) != 180.0
+    sets = []
+    for h in range(n_halves):
+        rng = np.random.default_rng([*iteration_seed(cfg.seed, iteration), h])
+        rots = orientations(mod, group, rng=rng)
+        if n_halves > 1 and not limited:
+            if group.order == 1 or mod.params.get("breaksym"):
+                rots = rots @ Rotation.random(random_state=rng).as_matrix()
+            elif group.kind == "c":
+                rots = rots @ Rotation.from_euler("z", rng.uniform(0, 2 * np.pi)).as_matrix()
+        sets.append(rots)
+    return sets
+
+
+def fsc_mask(
+    volume: np.ndarray,
+    apix: float,
+    *,
+    extend_a: float = FSC_MASK_EXTEND_A,
+    soft_edge_a: float = FSC_MASK_SOFT_EDGE_A,
+) -> np.ndarray:
+    """The soft mask of the masked half-map FSC (``fsc_mask_NN.mrc``).
+
+    The region: ``volume`` low-passed to 15 Å, above a fifth of its maximum, flood-filled
+    from the centre. It is grown by ``extend_a`` Å and given a raised-cosine edge of
+    ``soft_edge_a`` Å (:func:`soft_edge_mask`).
     """
     n = volume.shape[-1]
     low = lowpass_gauss(np.asarray(volume, np.float32), min(0.5, apix / MASK_LOWPASS_A), 3)
-    return auto_mask(low, float(0.2 * low.max()), n / 4, 3, 3, 1)
+    region = auto_mask(low, float(0.2 * low.max()), n / 4, 0, 0, 1) > 0.5
+    return soft_edge_mask(region, extend_a / apix, soft_edge_a / apix)
 
 
 def fsc_filter(volume: np.ndarray, half_fsc: np.ndarray) -> np.ndarray:
@@ -166,11 +207,13 @@ def run_step(
 
     t = tick()
     p3 = cfg.project3d
-    rng = np.random.default_rng(iteration_seed(cfg.seed, iteration))
-    ref_rotations = orientations(p3.orientgen_mod, p3.sym, rng=rng)
-    projections = [project3d(m, p3, apix=apix, rotations=ref_rotations)[0] for m in maps]
+    ref_rotations = half_orientations(cfg, iteration, len(maps))
+    projections = [
+        project3d(m, p3, apix=apix, rotations=r)[0]
+        for m, r in zip(maps, ref_rotations, strict=True)
+    ]
     seconds["project3d"] = tick() - t
-    n_r = len(ref_rotations)
+    n_r = len(ref_rotations[0])
 
     t = tick()
     if sim is None and cm is None:
@@ -222,7 +265,11 @@ def run_step(
     seconds["classaverage"] = tick() - t
 
     t = tick()
-    rotations, shifts_px = assigned_poses(cm, ref_rotations)
+    rotations = np.empty((n_p, 3, 3))
+    shifts_px = np.empty((n_p, 2))
+    for h, idx in enumerate(halves):
+        sub = ClassMx(*(a[idx] for a in vars(cm).values()))
+        rotations[idx], shifts_px[idx] = assigned_poses(sub, ref_rotations[h])
     reason = np.where(in_class, USED, CLASSKEEP)
     gold = len(halves) == 2
     m3d = cfg.make3d
@@ -249,9 +296,9 @@ def run_step(
             new_maps = [volume]
     else:
         new_maps, excluded = [], np.zeros(n_p, bool)
-        for ca in classes:
+        for ca, class_rotations in zip(classes, ref_rotations, strict=True):
             cmeta = ParticleMetadata.empty(n_r, apix=apix)
-            cmeta.rotations = ref_rotations
+            cmeta.rotations = class_rotations
             cmeta.weight = ca.ptcl_repr.astype(np.float64)  # empty classes: skipped
             vol, info = make3d(ParticleStack.from_arrays(ca.images, apix=apix, meta=cmeta), m3d)
             dropped = np.isin(ca.cls, info["excluded"]) & ca.used & (ca.column == 0)
@@ -259,38 +306,39 @@ def run_step(
             new_maps.append(vol)
         reason[excluded & in_class] = M3DKEEP
         volume = new_maps[0]
-    half_fsc = masked = mask = None
+    curves = mask = None
     if gold:
-        sphere = sphere_mask(maps[0].shape[-1])
-        half_fsc = fsc(new_maps[0] * sphere, new_maps[1] * sphere)
+        # as make3d returns them: already in its soft sphere (a second one would add a
+        # correlation of its own, as any mask does)
+        half_fsc = fsc(new_maps[0], new_maps[1])
         if cfg.m3dsource == "classes":
             volume = fsc_filter((new_maps[0] + new_maps[1]) / 2, half_fsc)
-        mask = soft_mask(volume, apix)
-        masked = fsc(new_maps[0] * mask, new_maps[1] * mask)
+        mask = cfg.fscmask_map if cfg.fscmask_map is not None else fsc_mask(volume, apix)
+        rng = np.random.default_rng([*iteration_seed(cfg.seed, iteration), 1])
+        curves = noise_substituted_fsc(*new_maps, mask, rng=rng, unmasked=half_fsc)
     if cfg.postprocess2_mod is not None:
         volume = cfg.postprocess2_mod(volume, ndim=3, apix=apix)
         new_maps = [cfg.postprocess2_mod(m, ndim=3, apix=apix) for m in new_maps]
     seconds["make3d"] = tick() - t
     return Step(
-        ref_rotations,
-        projections,
-        sim,
-        cm,
-        resultmx,
-        classes,
-        rotations,
-        shifts_px * apix,
-        np.take_along_axis(sim.score, cm.cls[:, :1], axis=1)[:, 0]
+        ref_rotations=ref_rotations,
+        projections=projections,
+        sim=sim,
+        cm=cm,
+        resultmx=resultmx,
+        classes=classes,
+        rotations=rotations,
+        shifts_a=shifts_px * apix,
+        score=np.take_along_axis(sim.score, cm.cls[:, :1], axis=1)[:, 0]
         if sim is not None
         else np.full(n_p, np.nan),
-        reason,
-        new_maps,
-        volume,
-        half_fsc,
-        masked,
-        mask,
-        info,
-        seconds,
+        reason=reason,
+        maps=new_maps,
+        volume=volume,
+        fsc=curves,
+        mask=mask,
+        info=info,
+        seconds=seconds,
     )
 
 
