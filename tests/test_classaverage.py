@@ -103,7 +103,7 @@ def test_keep_rules():
 
 def test_snr_weighted_score_needs_a_ctf(dataset):
     refs, particles, cm, _, _ = dataset
-    with pytest.raises(CryorefineError, match="snrweight needs the particles' CTF"):
+    with pytest.raises(CryorefineError, match=r"^--cmp frc:snrweight=1: snrweight needs the"):
         classaverage(particles, cm, refs, ClassaverageConfig(), apix=3.0)
 
 

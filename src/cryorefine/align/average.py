@@ -115,9 +115,14 @@ def ctf_sums(
     return scipy.fft.rfft2(num, workers=WORKERS), _half_plane(np.maximum(den, 0.0))
 
 
+def _check_wiener(params: dict, where: str) -> None:
+    if params["wiener"] <= 0:
+        raise CryorefineError(f"{where}: wiener must be positive")
+
+
 def _ctf_average(images, groups, n_groups, transform, source, ctf, name, finish):
     if ctf is None:
-        raise CryorefineError(f"--classaverager {name}: the particles have no CTF")
+        raise CryorefineError(f"averager {name}: the particles have no CTF (ctf=None)")
     groups, src, transform = _members(images, groups, transform, source)
     n = images.shape[-1]
     counts = np.bincount(groups, minlength=n_groups)
@@ -133,6 +138,7 @@ def _ctf_average(images, groups, n_groups, transform, source, ctf, name, finish)
     "mean of sum C^2), each member's CTF rotated with it; CTF-corrected in amplitude and "
     "phase (for particles that are not phase-flipped, as RELION's).",
     (Param("wiener", float, "Wiener constant, relative to the ring mean of sum C^2", 0.1),),
+    check=lambda p, where: _check_wiener(p, where),
 )
 def ctf_weight(
     images,
@@ -144,8 +150,7 @@ def ctf_weight(
     ctf=None,
     wiener: float = 0.1,
 ):
-    if wiener <= 0:
-        raise CryorefineError("--classaverager ctf.weight: wiener must be positive")
+    _check_wiener({"wiener": wiener}, "averager ctf.weight")
 
     def finish(num, den, n):
         ring = rfft_shell_index((n, n))

@@ -286,8 +286,8 @@ def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -
     if cfg.needs_snr:
         snr = ctf_snr(stack.meta, uniq, n, apix, signal)
         if snr is None:
-            raise CryorefineError(
-                f"--classcmp {cfg.cmp}: snrweight needs the particles' CTF ({stack.label})"
+            raise cfg.error(
+                "{cmp} {0}: snrweight needs the particles' CTF ({1})", cfg.cmp, stack.label
             )
     ctx = {"apix": apix, "snr": snr}
     # round 0: the classification's particle -> projection alignment
@@ -300,8 +300,8 @@ def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -
     ctf = None
     if cfg.averager_mod.name.startswith("ctf."):
         if not stack.meta.ctf.take(uniq).known.all():
-            raise CryorefineError(
-                f"--classaverager {cfg.averager}: the particles have no CTF ({stack.label})"
+            raise cfg.error(
+                "{averager} {0}: the particles have no CTF ({1})", cfg.averager, stack.label
             )
         ctf = stack.meta.ctf.take(uniq).evaluate(n, apix).astype(np.float32)
 

@@ -155,7 +155,8 @@ def score_pairs(
     align, aligncmp = cfg.align_mod, cfg.aligncmp_mod
     ralign, raligncmp = cfg.ralign_mod, cfg.raligncmp_mod
     n_p, nc, n = len(particles), len(refs), refs.shape[-1]
-    mask = load_mask(cfg.mask_image, n, "--mask")
+    with cfg.naming("mask") as flag:
+        mask = load_mask(cfg.mask_image, n, flag)
     final = cfg.cmp_mod if mask is None else _masked(cfg.cmp_mod, mask.astype(np.float32))
     ctx = {"apix": apix, "snr": snr}
     if pairs is None:
