@@ -89,6 +89,16 @@ def _processors(texts: tuple[str, ...], option: str) -> tuple[Modifier, ...]:
     return tuple(m for m in mods if m is not None)
 
 
+def _flags(*same: str, **other: str) -> dict[str, str]:
+    """A stage command's spelling of its config's fields: ``--field`` for ``same``,
+    ``other`` as given."""
+    return {**{name: f"--{name}" for name in same}, **other}
+
+
+#: the aligner, refining aligner and comparator fields of simmx and classaverage
+_ALIGNMENT = ("align", "aligncmp", "ralign", "raligncmp", "cmp")
+
+
 class StageOptions:
     """What the stage configs share: their errors name options as the command that was
     run spells them (:class:`~cryorefine.errors.OptionError`).
@@ -151,13 +161,9 @@ class Project3dConfig(StageOptions):
     postprocess_mods: tuple[Modifier, ...] = _parsed()
 
     STAGE: ClassVar[str] = "project3d"
-    FLAGS: ClassVar[Mapping[str, str]] = {
-        "orientgen": "--orientgen",
-        "sym": "--sym",
-        "projector": "--projector",
-        "postprocess": "--postprocess",
-        "seed": "--seed",
-    }
+    FLAGS: ClassVar[Mapping[str, str]] = _flags(
+        "orientgen", "sym", "projector", "postprocess", "seed"
+    )
 
     def __post_init__(self) -> None:
         with self.naming("sym"):
@@ -197,18 +203,9 @@ class SimmxConfig(StageOptions):
     mask_image: np.ndarray | None = _parsed()
 
     STAGE: ClassVar[str] = "simmx"
-    FLAGS: ClassVar[Mapping[str, str]] = {
-        "align": "--align",
-        "aligncmp": "--aligncmp",
-        "ralign": "--ralign",
-        "raligncmp": "--raligncmp",
-        "cmp": "--cmp",
-        "mask": "--mask",
-        "shrink": "--shrink",
-        "prefilt": "--prefilt",
-        "twostage": "--twostage",
-        "chunk": "--chunk",
-    }
+    FLAGS: ClassVar[Mapping[str, str]] = _flags(
+        *_ALIGNMENT, "mask", "shrink", "prefilt", "twostage", "chunk"
+    )
 
     def __post_init__(self) -> None:
         if self.shrink == 0:
@@ -253,7 +250,7 @@ class ClassifyConfig(StageOptions):
     simvec: bool = False
 
     STAGE: ClassVar[str] = "classify"
-    FLAGS: ClassVar[Mapping[str, str]] = {"sep": "--sep", "simvec": "--simvec"}
+    FLAGS: ClassVar[Mapping[str, str]] = _flags("sep", "simvec")
 
     def __post_init__(self) -> None:
         if self.sep < 1:
@@ -294,20 +291,16 @@ class ClassaverageConfig(StageOptions):
     normproc_mod: Modifier | None = _parsed()
 
     STAGE: ClassVar[str] = "classaverage"
-    FLAGS: ClassVar[Mapping[str, str]] = {
-        "iterations": "--iter",
-        "keep": "--keep",
-        "keepsig": "--keepsig",
-        "align": "--align",
-        "aligncmp": "--aligncmp",
-        "ralign": "--ralign",
-        "raligncmp": "--raligncmp",
-        "cmp": "--cmp",
-        "averager": "--averager",
-        "normproc": "--normproc",
-        "setsfref": "--setsfref",
-        "automask": "--automask",
-    }
+    FLAGS: ClassVar[Mapping[str, str]] = _flags(
+        *_ALIGNMENT,
+        "keep",
+        "keepsig",
+        "averager",
+        "normproc",
+        "setsfref",
+        "automask",
+        iterations="--iter",
+    )
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -372,24 +365,24 @@ class Make3dConfig(StageOptions):
     postprocess_mods: tuple[Modifier, ...] = _parsed()
 
     STAGE: ClassVar[str] = "make3d"
-    FLAGS: ClassVar[Mapping[str, str]] = {
-        "sym": "--sym",
-        "pad_px": "--pad",
-        "recon": "--recon",
-        "preprocess": "--preprocess",
-        "postprocess": "--postprocess",
-        "setsf": "--setsf",
-        "automask3d": "--automask3d",
-        "use_ctf": "--no-ctf",
-        "use_weights": "--no-wt",
-        "mask_sphere": "--no-sphere-mask",
-        "wiener": "--no-wiener",
-        "oversample_2d": "--no-oversample",
-        "iterations": "--iter",
-        "keep": "--keep",
-        "keepsig": "--keepsig",
-        "keepabs": "--keepabs",
-    }
+    FLAGS: ClassVar[Mapping[str, str]] = _flags(
+        "sym",
+        "recon",
+        "preprocess",
+        "postprocess",
+        "setsf",
+        "automask3d",
+        "keep",
+        "keepsig",
+        "keepabs",
+        pad_px="--pad",
+        use_ctf="--no-ctf",
+        use_weights="--no-wt",
+        mask_sphere="--no-sphere-mask",
+        wiener="--no-wiener",
+        oversample_2d="--no-oversample",
+        iterations="--iter",
+    )
 
     def __post_init__(self) -> None:
         with self.naming("sym"):
