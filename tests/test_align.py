@@ -9,7 +9,7 @@ import pytest
 import cryorefine.config  # noqa: F401  (fills the registries)
 from cryorefine.align import transform2d as t2d
 from cryorefine.align.align2d import refine_alignment, rotate_translate_flip, translational
-from cryorefine.align.engine import align_all
+from cryorefine.align.engine import EngineAligner, align_all
 from cryorefine.align.rotational import angle_step, polar_size
 from cryorefine.registry import ALIGNERS, COMPARATORS
 
@@ -177,7 +177,7 @@ def test_rotate_translate_flip_and_refine_at_snr_03(projections):
     ref, particles, truth = _trials(projections, 500, 0.3, 5)
     ccc = COMPARATORS.parse("ccc")
     coarse = rotate_translate_flip(ref, particles, maxshift=5, cmp=ccc)
-    res = refine_alignment(ref, particles, start=coarse.params, cmp=ccc)
+    res = refine_alignment(ref, particles, start=coarse.transform, cmp=ccc)
     assert _recovered(res, truth).mean() >= 0.95
 
 
@@ -187,7 +187,7 @@ def test_alignment_errors_reach_the_cramer_rao_bound(projections):
     ref, particles, truth = _trials(projections, 200, 1.0, 7, integer_shifts=False)
     ccc = COMPARATORS.parse("ccc")
     coarse = rotate_translate_flip(ref, particles, maxshift=6, cmp=ccc)
-    res = refine_alignment(ref, particles, start=coarse.params, cmp=ccc)
+    res = refine_alignment(ref, particles, start=coarse.transform, cmp=ccc)
     assert (res.mirror == truth[3]).all()
     err = np.stack(
         [(res.alpha - truth[0] + 180) % 360 - 180, res.tx - truth[1], res.ty - truth[2]], 1
@@ -207,7 +207,7 @@ def test_exhaustive_search_and_refine_reach_the_noise_limit(projections):
     ref, particles, truth = _trials(projections, 500, 0.1, 5)
     ccc = COMPARATORS.parse("ccc")
     coarse = ALIGNERS.parse("rtf_exhaustive:maxshift=5")(ref, particles, cmp=ccc)
-    res = refine_alignment(ref, particles, start=coarse.params, cmp=ccc)
+    res = refine_alignment(ref, particles, start=coarse.transform, cmp=ccc)
     ok = _recovered(res, truth)
     assert ok.mean() >= 0.7, ok.mean()  # the footprint search alone: about 0.2
     assert (res.mirror == truth[3]).mean() >= 0.99
@@ -233,12 +233,15 @@ def test_refine_polishes_a_perturbed_start(projections):
         ty + rng.choice([-1.0, 1.0], k),
         mirror,
     )
-    res = refine_alignment(ref, target, start=start, cmp=COMPARATORS.parse("ccc"))
+    res = refine_alignment(
+        ref, target, start=t2d.Transform2D.of(*start), cmp=COMPARATORS.parse("ccc")
+    )
     assert angle_diff(res.alpha, alpha).max() <= 0.5
     assert np.abs(res.tx - tx).max() <= 0.25 and np.abs(res.ty - ty).max() <= 0.25
     assert (res.mirror == mirror).all()
     # a solution beyond maxshift is rejected: the start comes back
-    far = refine_alignment(ref[:3], target[:3], start=tuple(v[:3] for v in start), maxshift=0)
+    first3 = t2d.Transform2D.of(*start).take(slice(0, 3))
+    far = refine_alignment(ref[:3], target[:3], start=first3, maxshift=0)
     assert np.allclose(far.tx, start[1][:3]) and np.allclose(far.alpha % 360, start[0][:3] % 360)
 
 
@@ -282,7 +285,7 @@ def test_engine_reproduces_the_per_pair_aligner(projections, aligncmp, final, bo
     )
     x += (rng.standard_normal(x.shape) * x.std()).astype(np.float32)
     a, f = COMPARATORS.parse(aligncmp), COMPARATORS.parse(final)
-    batched = align_all(refs, x, cmp=a, final=f, maxshift=ms, ctx={"apix": 3.0})
+    batched = align_all(refs, x, EngineAligner(a, maxshift=ms), final=f, ctx={"apix": 3.0})
     p_i, c_i = np.repeat(np.arange(k), nc), np.tile(np.arange(nc), k)
     pair = rotate_translate_flip(refs[c_i], x[p_i], maxshift=ms, cmp=a, apix=3.0)
     same = (

@@ -9,6 +9,7 @@ other exception, a warning or a traceback fails the test.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import warnings
@@ -234,3 +235,70 @@ def test_a_malformed_star_value_names_the_row_and_column(in_tmp, valid):
     Path("p.star").write_text("\n".join(lines) + "\n")
     with pytest.raises(CryorefineError, match=r"p.star: particle 3: rlnAngleTilt 'abc'"):
         read_particle_star("p.star")
+
+
+def _options_of(command: str) -> set[str]:
+    """Every option string of ``cryorefine COMMAND``."""
+    import argparse
+
+    from cryorefine.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices[command]._option_string_actions)
+
+
+#: per stage command: options with a bad value, and the options the one-line error must
+#: name (refine passes the same stage options under other names: --classkeep, --simcmp,
+#: --m3dkeep ...; a stage command's error must name its own)
+BAD_STAGE_OPTIONS = [
+    ("classaverage", ("--keep", "2"), {"--keep", "--keepsig"}),
+    ("classaverage", ("--iter", "2", "--align", "none"), {"--iter", "--align"}),
+    ("classaverage", ("--averager", "nosuch"), {"--averager"}),
+    ("classaverage", ("--averager", "ctf.weight:wiener=0"), {"--averager"}),
+    ("classaverage", ("--cmp", "frc:nokey=1"), {"--cmp"}),
+    ("classaverage", ("--normproc", "normalize.nosuch"), {"--normproc"}),
+    ("simmx", ("--cmp", "frc:nokey=1"), {"--cmp"}),
+    ("simmx", ("--align", "rotate_translate_flip:maxshift=x"), {"--align"}),
+    ("simmx", ("--mask", "no_such_mask.mrc"), {"--mask"}),
+    ("make3d", ("--keep", "2"), {"--keep", "--keepsig"}),
+    ("make3d", ("--iter", "0"), {"--iter"}),
+    ("make3d", ("--preprocess", "normalize.nosuch"), {"--preprocess"}),
+    ("make3d", ("--setsf", "no_such_file.txt"), {"--setsf"}),
+    ("classify", ("--sep", "0"), {"--sep"}),
+    ("project3d", ("--orientgen", "eman:nokey=1"), {"--orientgen"}),
+    ("project3d", ("--projector", "nosuch"), {"--projector"}),
+]
+
+
+def _stage_command(command: str, *extra: str) -> list[str]:
+    """``command`` with its required arguments (files that need not exist: the options
+    are checked before any file is read)."""
+    required = {
+        "classaverage": ["--input", "p.star", "--classmx", "c.h5", "--output", "a.star"],
+        "simmx": ["proj.mrcs", "p.star", "s.h5"],
+        "make3d": ["--input", "p.star", "--output", "m.mrc"],
+        "classify": ["s.h5", "c.h5"],
+        "project3d": ["--model", "m.mrc", "--out", "proj.star"],
+    }
+    return [command, *required[command], *extra]
+
+
+@pytest.mark.parametrize("command, extra, named", BAD_STAGE_OPTIONS)
+def test_a_stage_command_names_its_own_options(in_tmp, run_cli, command, extra, named):
+    code, _, err = run_cli(*_stage_command(command, *extra))
+    assert code == 2 and err.count("\n") == 1, err
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", err))
+    assert flags == named, err
+    assert flags <= _options_of(command), err
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["Project3dConfig", "SimmxConfig", "ClassifyConfig", "ClassaverageConfig", "Make3dConfig"],
+)
+def test_stage_configs_spell_their_fields_as_their_commands(config):
+    """The options a stage config's errors name are options of its command."""
+    import cryorefine.config as cfgs
+
+    cls = getattr(cfgs, config)
+    assert set(cls.FLAGS.values()) <= _options_of(cls.STAGE), cls.FLAGS

@@ -500,3 +500,39 @@ def test_fsc_command_gives_the_analytic_curve_for_added_noise(in_tmp, run_cli, r
     expected = np.sqrt(ps / (ps + pn))[1:]  # correlation of S with S + N, shells 1..n/2
     np.testing.assert_allclose(table[:, 0], np.arange(1, 33) / (64 * truth.apix), rtol=1e-5)
     np.testing.assert_allclose(table[:, 1], expected, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "command, option, kind",
+    [
+        ("classaverage", "--averager", "averagers"),
+        ("classaverage", "--align", "aligners"),
+        ("classaverage", "--ralign", "aligners"),
+        ("classaverage", "--aligncmp", "comparators"),
+        ("simmx", "--align", "aligners"),
+        ("simmx", "--ralign", "aligners"),
+        ("simmx", "--aligncmp", "comparators"),
+        ("make3d", "--recon", "reconstructors"),
+        ("project3d", "--projector", "projectors"),
+        ("project3d", "--orientgen", "orientgens"),
+    ],
+)
+def test_help_lists_what_is_registered(monkeypatch, command, option, kind):
+    """A stage command's help lists the names its registry holds: an entry registered
+    now shows up there (a hard-coded list would not have it), and every name listed is
+    registered."""
+    import argparse
+    import re
+
+    from cryorefine.cli import build_parser
+    from cryorefine.registry import REGISTRIES, Entry
+
+    registry = REGISTRIES[kind]
+    monkeypatch.setitem(registry._entries, "zz_new", Entry("zz_new", "new", (), lambda: None))
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    action = sub.choices[command]._option_string_actions[option]
+    listed = re.search(r": ([\w.]+(?:, [\w.]+)*); see cryorefine help " + kind, action.help)
+    assert listed is not None, action.help
+    assert listed.group(1).split(", ") == registry.names(), action.help
+    assert "zz_new" in registry.names()

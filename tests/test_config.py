@@ -13,7 +13,7 @@ from cryorefine.config import (
     RefineConfig,
     SimmxConfig,
 )
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, OptionError
 from cryorefine.registry import Registry
 
 
@@ -31,8 +31,8 @@ from cryorefine.registry import Registry
         (lambda: Make3dConfig(setsf="no_such_file.txt"), "no such file"),
         (lambda: Make3dConfig(pad_px=0), "--pad"),
         (lambda: ClassifyConfig(sep=0), "--sep 0"),
-        (lambda: ClassaverageConfig(keep=0), "--classkeep 0"),
-        (lambda: ClassaverageConfig(iterations=2, align=None), "need --classalign"),
+        (lambda: ClassaverageConfig(keep=0), "--keep 0"),
+        (lambda: ClassaverageConfig(iterations=2, align=None), "need --align"),
         (lambda: ClassaverageConfig(averager="mean", cmp="nosuch"), "unknown comparator"),
         (lambda: RefineConfig(iterations=0), "--iter 0"),
         (lambda: RefineConfig(sym="d7"), "configured with c1"),
@@ -41,6 +41,22 @@ from cryorefine.registry import Registry
 def test_bad_options_are_refused_when_the_config_is_made(make, text):
     with pytest.raises(CryorefineError, match=text):
         make()
+
+
+def test_an_option_error_is_spelled_by_the_command_that_was_run():
+    """A stage config names its options as the stage's command does; a command that
+    passes them under other names (refine) re-spells the same error with its names."""
+    with pytest.raises(OptionError) as info:
+        ClassaverageConfig(keep=2)
+    err = info.value
+    assert str(err) == "--keep 2: a fraction must be in (0, 1] (or use --keepsig)"
+    assert err.stage == "classaverage" and err.fields == ("keep", "keepsig")
+    refine = err.spelled({"keep": "--classkeep", "keepsig": "--classkeepsig"})
+    assert str(refine) == "--classkeep 2: a fraction must be in (0, 1] (or use --classkeepsig)"
+    with pytest.raises(OptionError) as info:  # a parser's error, re-raised by field
+        SimmxConfig(cmp="frc:nokey=1")
+    assert info.value.fields == ("cmp",)
+    assert str(info.value.spelled({"cmp": "--simcmp"})).startswith("--simcmp frc: unknown")
 
 
 def test_configs_are_frozen_and_compare_by_their_options():

@@ -16,16 +16,18 @@ above it sees complete registries.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 # modules that fill the registries when imported (config sits above all of them)
 from cryorefine import processors  # noqa: F401
 from cryorefine.align import align2d, average, compare  # noqa: F401
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, OptionError
 from cryorefine.fourier import project, reconstruct  # noqa: F401
 from cryorefine.geometry import orientations  # noqa: F401
 from cryorefine.geometry.symmetry import symmetry_group
@@ -57,12 +59,12 @@ def _required(registry: Registry, text: str | None, *, option: str) -> Modifier:
     return mod
 
 
-def automask_processor(values: str) -> str:
+def automask_processor(values: str, *, option: str = "--automask3d") -> str:
     """EMAN2's ``--automask3d thr,radius,nshells,nshellsgauss,nmaxseed`` as a processor."""
     parts = [v.strip() for v in values.split(",")]
     if len(parts) != 5 or not all(parts):
         raise CryorefineError(
-            f"--automask3d '{values}': give threshold,radius,nshells,nshellsgauss,nmaxseed "
+            f"{option} '{values}': give threshold,radius,nshells,nshellsgauss,nmaxseed "
             "(e.g. 1.1,30,5,5,0)"
         )
     keys = ("threshold", "radius", "nshells", "nshellsgauss", "nmaxseed")
@@ -88,8 +90,60 @@ def _processors(texts: tuple[str, ...], option: str) -> tuple[Modifier, ...]:
     return tuple(m for m in mods if m is not None)
 
 
+def _flags(*same: str, **other: str) -> dict[str, str]:
+    """A stage command's spelling of its config's fields: ``--field`` for ``same``,
+    ``other`` as given."""
+    return {**{name: f"--{name}" for name in same}, **other}
+
+
+#: the aligner, refining aligner and comparator fields of simmx and classaverage
+_ALIGNMENT = ("align", "aligncmp", "ralign", "raligncmp", "cmp")
+
+
+class StageOptions:
+    """What the stage configs share: their errors name options as the command that was
+    run spells them (:class:`~cryorefine.errors.OptionError`).
+
+    ``STAGE`` names the stage; ``FLAGS`` spells each field that an error can name as
+    the stage's own command (``cryorefine STAGE``) does.
+    """
+
+    STAGE: ClassVar[str]
+    FLAGS: ClassVar[Mapping[str, str]]
+
+    def error(self, template: str, *values: object) -> OptionError:
+        """An error naming options ``{field}`` of this stage (values ``{0}``, ``{1}``...)."""
+        return OptionError(self.STAGE, self.FLAGS, template, *values)
+
+    @contextmanager
+    def naming(self, name: str) -> Iterator[str]:
+        """A block that handles field ``name``: yields its option; an error that names
+        that option (from a parser or a file reader, which know only the option they were
+        given) is re-raised naming the field, so that each command spells it its own way."""
+        flag = self.FLAGS[name]
+        try:
+            yield flag
+        except OptionError:
+            raise
+        except CryorefineError as err:
+            text = str(err)
+            rest = text[len(flag) :] if text.startswith(flag) else f": {text}"
+            raise self.error("{" + name + "}{0}", rest) from None
+
+    def _modifier(self, registry: Registry, name: str, *, required: bool = False):
+        """Field ``name`` (a modifier string) parsed with ``registry``."""
+        with self.naming(name) as flag:
+            parse = _required if required else parse_option
+            return parse(registry, getattr(self, name), option=flag)
+
+    def _processor_list(self, name: str) -> tuple[Modifier, ...]:
+        """Field ``name`` (processor strings) parsed; ``none`` entries dropped."""
+        with self.naming(name) as flag:
+            return _processors(getattr(self, name), flag)
+
+
 @dataclass(frozen=True)
-class Project3dConfig:
+class Project3dConfig(StageOptions):
     """Options of ``project3d`` (EMAN2 e2project3d).
 
     ``orientgen``: orientation generator over the asymmetric unit of ``sym``;
@@ -107,15 +161,21 @@ class Project3dConfig:
     projector_mod: Modifier = _parsed()
     postprocess_mods: tuple[Modifier, ...] = _parsed()
 
+    STAGE: ClassVar[str] = "project3d"
+    FLAGS: ClassVar[Mapping[str, str]] = _flags(
+        "orientgen", "sym", "projector", "postprocess", "seed"
+    )
+
     def __post_init__(self) -> None:
-        symmetry_group(self.sym)
-        _set(self, "orientgen_mod", _required(ORIENTGENS, self.orientgen, option="--orientgen"))
-        _set(self, "projector_mod", _required(PROJECTORS, self.projector, option="--projector"))
-        _set(self, "postprocess_mods", _processors(self.postprocess, "--postprocess"))
+        with self.naming("sym"):
+            symmetry_group(self.sym)
+        _set(self, "orientgen_mod", self._modifier(ORIENTGENS, "orientgen", required=True))
+        _set(self, "projector_mod", self._modifier(PROJECTORS, "projector", required=True))
+        _set(self, "postprocess_mods", self._processor_list("postprocess"))
 
 
 @dataclass(frozen=True)
-class SimmxConfig:
+class SimmxConfig(StageOptions):
     """Options of ``simmx`` (EMAN2 e2simmx / e2simmx2stage), as EMAN2 modifier strings.
 
     ``mask``: a 2D image file multiplied into both images before the final score
@@ -143,25 +203,28 @@ class SimmxConfig:
     cmp_mod: Modifier = _parsed()
     mask_image: np.ndarray | None = _parsed()
 
+    STAGE: ClassVar[str] = "simmx"
+    FLAGS: ClassVar[Mapping[str, str]] = _flags(
+        *_ALIGNMENT, "mask", "shrink", "prefilt", "twostage", "chunk"
+    )
+
     def __post_init__(self) -> None:
         if self.shrink == 0:
             _set(self, "shrink", None)
         if self.shrink is not None and self.shrink < 2:
-            raise CryorefineError(f"--shrink {self.shrink}: must be at least 2 (or 0: off)")
+            raise self.error("{shrink} {0}: must be at least 2 (or 0: off)", self.shrink)
         if self.twostage < 0:
-            raise CryorefineError(f"--twostage {self.twostage}: must be 0 (off) or a shrink factor")
+            raise self.error("{twostage} {0}: must be 0 (off) or a shrink factor", self.twostage)
         if self.chunk is not None and self.chunk < 1:
-            raise CryorefineError(f"--chunk {self.chunk}: at least one particle per chunk")
-        _set(self, "align_mod", parse_option(ALIGNERS, self.align, option="--align"))
-        _set(self, "aligncmp_mod", parse_option(COMPARATORS, self.aligncmp, option="--aligncmp"))
-        _set(self, "ralign_mod", parse_option(ALIGNERS, self.ralign, option="--ralign"))
-        _set(self, "raligncmp_mod", parse_option(COMPARATORS, self.raligncmp, option="--raligncmp"))
-        _set(self, "cmp_mod", _required(COMPARATORS, self.cmp, option="--cmp"))
+            raise self.error("{chunk} {0}: at least one particle per chunk", self.chunk)
+        _set(self, "align_mod", self._modifier(ALIGNERS, "align"))
+        _set(self, "aligncmp_mod", self._modifier(COMPARATORS, "aligncmp"))
+        _set(self, "ralign_mod", self._modifier(ALIGNERS, "ralign"))
+        _set(self, "raligncmp_mod", self._modifier(COMPARATORS, "raligncmp"))
+        _set(self, "cmp_mod", self._modifier(COMPARATORS, "cmp", required=True))
         if self.mask is not None:
-            try:
+            with self.naming("mask"):
                 _set(self, "mask_image", read_image(self.mask))
-            except CryorefineError as exc:
-                raise CryorefineError(f"--mask: {exc}") from None
 
     def coarse(self) -> SimmxConfig:
         """This configuration for stage 2 of e2simmx2stage (the particles against the
@@ -180,20 +243,23 @@ class SimmxConfig:
 
 
 @dataclass(frozen=True)
-class ClassifyConfig:
+class ClassifyConfig(StageOptions):
     """Options of ``classify`` (EMAN2 e2classify): ``sep`` classes per particle;
     ``simvec``: classify by the pattern of similarities."""
 
     sep: int = 1
     simvec: bool = False
 
+    STAGE: ClassVar[str] = "classify"
+    FLAGS: ClassVar[Mapping[str, str]] = _flags("sep", "simvec")
+
     def __post_init__(self) -> None:
         if self.sep < 1:
-            raise CryorefineError(f"--sep {self.sep}: must be at least 1")
+            raise self.error("{sep} {0}: must be at least 1", self.sep)
 
 
 @dataclass(frozen=True)
-class ClassaverageConfig:
+class ClassaverageConfig(StageOptions):
     """Options of ``classaverage`` (EMAN2 e2classaverage), with the defaults e2refine
     passes to it (``--classiter``, ``--classkeep``, ``--classalign`` ...).
 
@@ -225,34 +291,34 @@ class ClassaverageConfig:
     averager_mod: Modifier = _parsed()
     normproc_mod: Modifier | None = _parsed()
 
+    STAGE: ClassVar[str] = "classaverage"
+    FLAGS: ClassVar[Mapping[str, str]] = _flags(
+        *_ALIGNMENT,
+        "keep",
+        "keepsig",
+        "averager",
+        "normproc",
+        "setsfref",
+        "automask",
+        iterations="--iter",
+    )
+
     def __post_init__(self) -> None:
         if self.iterations < 0:
-            raise CryorefineError(f"--classiter {self.iterations}: must be at least 0")
+            raise self.error("{iterations} {0}: must be at least 0", self.iterations)
         if not self.keepsig and not 0 < self.keep <= 1:
-            raise CryorefineError(
-                f"--classkeep {self.keep}: a fraction must be in (0, 1] (or use --classkeepsig)"
+            raise self.error(
+                "{keep} {0}: a fraction must be in (0, 1] (or use {keepsig})", self.keep
             )
-        _set(self, "align_mod", parse_option(ALIGNERS, self.align, option="--classalign"))
+        _set(self, "align_mod", self._modifier(ALIGNERS, "align"))
         if self.iterations > 0 and self.align_mod is None:  # None, "" or "none"
-            raise CryorefineError(
-                f"--classiter {self.iterations}: re-alignment rounds need --classalign"
-            )
-        _set(
-            self,
-            "aligncmp_mod",
-            parse_option(COMPARATORS, self.aligncmp, option="--classaligncmp"),
-        )
-        _set(self, "ralign_mod", parse_option(ALIGNERS, self.ralign, option="--classralign"))
-        _set(
-            self,
-            "raligncmp_mod",
-            parse_option(COMPARATORS, self.raligncmp, option="--classraligncmp"),
-        )
-        _set(self, "cmp_mod", _required(COMPARATORS, self.cmp, option="--classcmp"))
-        _set(self, "averager_mod", _required(AVERAGERS, self.averager, option="--classaverager"))
-        _set(
-            self, "normproc_mod", parse_option(PROCESSORS, self.normproc, option="--classnormproc")
-        )
+            raise self.error("{iterations} {0}: re-alignment rounds need {align}", self.iterations)
+        _set(self, "aligncmp_mod", self._modifier(COMPARATORS, "aligncmp"))
+        _set(self, "ralign_mod", self._modifier(ALIGNERS, "ralign"))
+        _set(self, "raligncmp_mod", self._modifier(COMPARATORS, "raligncmp"))
+        _set(self, "cmp_mod", self._modifier(COMPARATORS, "cmp", required=True))
+        _set(self, "averager_mod", self._modifier(AVERAGERS, "averager", required=True))
+        _set(self, "normproc_mod", self._modifier(PROCESSORS, "normproc"))
 
     @property
     def needs_snr(self) -> bool:
@@ -261,7 +327,7 @@ class ClassaverageConfig:
 
 
 @dataclass(frozen=True)
-class Make3dConfig:
+class Make3dConfig(StageOptions):
     """Options of ``make3d`` (EMAN2 e2make3d).
 
     ``pad_px``: padded image size in pixels (default twice the box); ``iterations``,
@@ -299,25 +365,48 @@ class Make3dConfig:
     #: setsf, the post-processors and the automask, in the order they are applied
     postprocess_mods: tuple[Modifier, ...] = _parsed()
 
+    STAGE: ClassVar[str] = "make3d"
+    FLAGS: ClassVar[Mapping[str, str]] = _flags(
+        "sym",
+        "recon",
+        "preprocess",
+        "postprocess",
+        "setsf",
+        "automask3d",
+        "keep",
+        "keepsig",
+        "keepabs",
+        pad_px="--pad",
+        use_ctf="--no-ctf",
+        use_weights="--no-wt",
+        mask_sphere="--no-sphere-mask",
+        wiener="--no-wiener",
+        oversample_2d="--no-oversample",
+        iterations="--iter",
+    )
+
     def __post_init__(self) -> None:
-        symmetry_group(self.sym)
-        _set(self, "recon_mod", _required(RECONSTRUCTORS, self.recon, option="--recon"))
+        with self.naming("sym"):
+            symmetry_group(self.sym)
+        _set(self, "recon_mod", self._modifier(RECONSTRUCTORS, "recon", required=True))
         if self.iterations < 1:
-            raise CryorefineError(f"--iter must be at least 1, got {self.iterations}")
+            raise self.error("{iterations} must be at least 1, got {0}", self.iterations)
         if not self.keepsig and not 0 < self.keep <= 1:
-            raise CryorefineError(
-                f"--keep {self.keep}: a fraction must be in (0, 1] (or use --keepsig)"
+            raise self.error(
+                "{keep} {0}: a fraction must be in (0, 1] (or use {keepsig})", self.keep
             )
         if self.pad_px is not None and self.pad_px < 1:
-            raise CryorefineError(f"--pad must be a positive size in pixels, got {self.pad_px}")
-        _set(self, "preprocess_mods", _processors(self.preprocess, "--preprocess"))
-        post = list(_processors(self.postprocess, "--postprocess"))
+            raise self.error("{pad_px} must be a positive size in pixels, got {0}", self.pad_px)
+        _set(self, "preprocess_mods", self._processor_list("preprocess"))
+        post = list(self._processor_list("postprocess"))
         if self.setsf:
-            setsf = f"filter.setstrucfac:strucfac={self.setsf}"
-            post.insert(0, parse_option(PROCESSORS, setsf, option="--setsf"))
+            with self.naming("setsf") as flag:
+                setsf = f"filter.setstrucfac:strucfac={self.setsf}"
+                post.insert(0, parse_option(PROCESSORS, setsf, option=flag))
         if self.automask3d is not None:
-            auto = automask_processor(self.automask3d)
-            post.append(parse_option(PROCESSORS, auto, option="--automask3d"))
+            with self.naming("automask3d") as flag:
+                auto = automask_processor(self.automask3d, option=flag)
+                post.append(parse_option(PROCESSORS, auto, option=flag))
         _set(self, "postprocess_mods", tuple(post))
 
 

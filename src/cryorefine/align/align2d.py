@@ -18,6 +18,7 @@ import scipy.fft
 
 from cryorefine.align.rotational import footprints, pair_rotations, polar_size, spectra
 from cryorefine.align.transform2d import (
+    Transform2D,
     apply_transform,
     mirror_x,
     rotate180,
@@ -41,8 +42,9 @@ class Alignment:
     score: np.ndarray | None = None  # the candidate-choosing comparator's value
 
     @property
-    def params(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        return self.alpha, self.tx, self.ty, self.mirror
+    def transform(self) -> Transform2D:
+        """The forward transforms as one bundle."""
+        return Transform2D(self.alpha, self.tx, self.ty, self.mirror)
 
 
 def default_maxshift(n: int, maxshift: int | None) -> int:
@@ -278,7 +280,7 @@ def refine_alignment(
     moving,
     target,
     *,
-    start=None,
+    start: Transform2D | None = None,
     stepx=1.0,
     stepy=1.0,
     stepaz=5.0,
@@ -291,7 +293,7 @@ def refine_alignment(
     cmp=None,
     **ctx,
 ) -> Alignment:
-    """``start`` = ``(alpha, tx, ty, mirror)`` arrays (identity when absent)."""
+    """``start``: the transforms to polish, one per pair (identity when absent)."""
     from cryorefine.align.compare import load_mask
 
     moving = np.asarray(moving, np.float32)
@@ -301,8 +303,11 @@ def refine_alignment(
     cmp = comparator(cmp)
     sel = load_mask(mask, n, "refine")
     if start is None:
-        start = (np.zeros(k), np.zeros(k), np.zeros(k), np.zeros(k, bool))
-    a0, x0, y0, mirror = (np.broadcast_to(np.asarray(v), (k,)).copy() for v in start)
+        start = Transform2D.identity(k)
+    a0, x0, y0, mirror = (
+        np.broadcast_to(np.asarray(v), (k,)).copy()
+        for v in (start.alpha, start.tx, start.ty, start.mirror)
+    )
     mirror = mirror.astype(bool)
     v0 = np.stack([x0, y0, a0], axis=1).astype(np.float64)
 

@@ -3,8 +3,8 @@
 An averager is called as ``func(images, groups, n_groups, transform=..., source=...,
 ctf=...)``: ``images`` ``(u, n, n)`` float32 are the members in their own frame,
 member ``m`` is image ``source[m]`` (default: member ``m`` is image ``m``) brought into
-its class's frame by ``transform`` = ``(alpha, tx, ty, mirror)`` arrays (the
-particle -> average transform, :mod:`cryorefine.align.transform2d`; default: none),
+its class's frame by ``transform`` (a :class:`~cryorefine.align.transform2d.Transform2D`,
+the particle -> average transforms, one per member; default: none),
 and belongs to class ``groups[m]``. ``ctf`` ``(u, n, n // 2 + 1)``: each image's CTF in
 its own frame (rfft layout, RELION convention), needed by the CTF averagers. Returns
 the ``(n_groups, n, n)`` averages and the number of members behind each (``ptcl_repr``);
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-from cryorefine.align.transform2d import apply_transform
+from cryorefine.align.transform2d import Transform2D
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fft import WORKERS, rfft_shell_index
 from cryorefine.registry import AVERAGERS, Param
@@ -44,7 +44,7 @@ def _members(images, groups, transform, source):
     m = len(groups)
     src = np.arange(m) if source is None else np.asarray(source, np.int64)
     if transform is None:
-        transform = (np.zeros(m), np.zeros(m), np.zeros(m), np.zeros(m, bool))
+        transform = Transform2D.identity(m)
     return groups, src, transform
 
 
@@ -54,7 +54,7 @@ def _aligned_sums(images, groups, n_groups, transform, src) -> np.ndarray:
     out = np.zeros((n_groups, n, n))
     for s0 in range(0, len(groups), BATCH):
         sl = slice(s0, s0 + BATCH)
-        moved = apply_transform(images, *(np.asarray(v)[sl] for v in transform), source=src[sl])
+        moved = transform.take(sl).apply(images, source=src[sl])
         out += group_sums(moved, groups[sl], n_groups)
     return out
 
@@ -65,7 +65,7 @@ def mean(
     groups: np.ndarray,
     n_groups: int,
     *,
-    transform=None,
+    transform: Transform2D | None = None,
     source=None,
     ctf: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -107,17 +107,22 @@ def ctf_sums(
     ).astype(np.float32)
     num = _aligned_sums(weighted, groups, n_groups, transform, src)
     c2 = _full_plane(np.square(ctf, dtype=np.float32), n)
-    alpha, _, _, mirror = (np.asarray(v) for v in transform)
     zeros = np.zeros(len(groups))
-    den = _aligned_sums(c2, groups, n_groups, (alpha, zeros, zeros, mirror), src)
+    turn = Transform2D(np.asarray(transform.alpha), zeros, zeros, np.asarray(transform.mirror))
+    den = _aligned_sums(c2, groups, n_groups, turn, src)
     # rotation about pixel n // 2 by bilinear interpolation: symmetric enough that the
     # centred map stays a map of squared CTFs (non-negative)
     return scipy.fft.rfft2(num, workers=WORKERS), _half_plane(np.maximum(den, 0.0))
 
 
+def _check_wiener(params: dict, where: str) -> None:
+    if params["wiener"] <= 0:
+        raise CryorefineError(f"{where}: wiener must be positive")
+
+
 def _ctf_average(images, groups, n_groups, transform, source, ctf, name, finish):
     if ctf is None:
-        raise CryorefineError(f"--classaverager {name}: the particles have no CTF")
+        raise CryorefineError(f"averager {name}: the particles have no CTF (ctf=None)")
     groups, src, transform = _members(images, groups, transform, source)
     n = images.shape[-1]
     counts = np.bincount(groups, minlength=n_groups)
@@ -133,12 +138,19 @@ def _ctf_average(images, groups, n_groups, transform, source, ctf, name, finish)
     "mean of sum C^2), each member's CTF rotated with it; CTF-corrected in amplitude and "
     "phase (for particles that are not phase-flipped, as RELION's).",
     (Param("wiener", float, "Wiener constant, relative to the ring mean of sum C^2", 0.1),),
+    check=lambda p, where: _check_wiener(p, where),
 )
 def ctf_weight(
-    images, groups, n_groups, *, transform=None, source=None, ctf=None, wiener: float = 0.1
+    images,
+    groups,
+    n_groups,
+    *,
+    transform: Transform2D | None = None,
+    source=None,
+    ctf=None,
+    wiener: float = 0.1,
 ):
-    if wiener <= 0:
-        raise CryorefineError("--classaverager ctf.weight: wiener must be positive")
+    _check_wiener({"wiener": wiener}, "averager ctf.weight")
 
     def finish(num, den, n):
         ring = rfft_shell_index((n, n))
@@ -164,7 +176,9 @@ def ctf_weight(
     "each member's |C| floored at 0.05 (at most 20x amplification), nothing beyond the "
     "Nyquist ring.",
 )
-def ctf_auto(images, groups, n_groups, *, transform=None, source=None, ctf=None):
+def ctf_auto(
+    images, groups, n_groups, *, transform: Transform2D | None = None, source=None, ctf=None
+):
     counts = np.bincount(np.asarray(groups, np.int64), minlength=n_groups)
 
     def finish(num, den, n):

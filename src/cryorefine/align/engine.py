@@ -31,6 +31,7 @@ particles in chunks, so memory is bounded whatever the stack sizes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.fft
@@ -54,15 +55,85 @@ from cryorefine.align.rotational import (
     polar_size,
     spectra,
 )
-from cryorefine.align.shift_search import search_block, window_dft
-from cryorefine.align.transform2d import mirror_x, rotate180
+from cryorefine.align.shift_search import FIT, N_STATS, Stat, search_block, window_dft
+from cryorefine.align.transform2d import Transform2D, mirror_x, rotate180
 from cryorefine.fourier.fft import WORKERS
 
-__all__ = ["BankCache", "PairAlignment", "align_all", "align_pairs"]
+__all__ = [
+    "BankCache",
+    "EngineAligner",
+    "PairAlignment",
+    "Reuse",
+    "Targets",
+    "align_all",
+    "align_pairs",
+]
 
 #: memory for one chunk of the reference bank (xs rotated images per reference, each
 #: with its transform and line sums): the number of references per chunk follows from it
 BANK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class EngineAligner:
+    """What the engine's aligner does: ``cmp`` (a comparator) chooses among the
+    candidates, shifts up to ``maxshift`` px per axis are searched (``None``: EMAN2's
+    ``n // 4``), the mirror is tried with ``flip`` (``rotate_translate_flip``), and
+    ``subpixel`` reports the shift at the interpolated CCF peak."""
+
+    cmp: object
+    maxshift: int | None = None
+    flip: bool = True
+    subpixel: bool = False
+
+    @classmethod
+    def from_modifier(cls, align, cmp) -> EngineAligner:
+        """The settings of a parsed ``rotate_translate[_flip]`` modifier, with ``cmp``."""
+        return cls(
+            cmp,
+            maxshift=align.params.get("maxshift"),
+            flip=align.name == "rotate_translate_flip",
+            subpixel=bool(align.params.get("subpixel")),
+        )
+
+
+@dataclass
+class Reuse:
+    """What a caller keeps across :func:`align_pairs` calls.
+
+    ``ref_spectra``: the references' footprint spectra (computed when absent);
+    ``ref_chunk``: references per bank; ``bank_cache`` (a dict or an open
+    :class:`BankCache`, for calls with the same references and ``ref_chunk``) keeps the
+    rotated references; ``targets`` is filled by the first call with what is computed
+    from the particles (for calls with the same particles, ``flip`` and ``maxshift``).
+    """
+
+    ref_spectra: np.ndarray | None = None
+    ref_chunk: int = 64
+    bank_cache: dict | None = None
+    targets: Targets | None = None
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The particles (and their mirrors, with ``flip``), ``(nm, Np, ...)`` each:
+    ``images``; ``spectra`` (footprint spectra, one per mirror state); ``re``, ``im``
+    (the transforms' real and imaginary planes; placeholders without a shift search);
+    ``turned`` (the images turned by 180 degrees, without a shift search; else a
+    placeholder); ``sum`` and ``sq`` (sums of the values and of their squares)."""
+
+    images: np.ndarray
+    spectra: list[np.ndarray]
+    re: np.ndarray
+    im: np.ndarray
+    turned: np.ndarray
+    sum: np.ndarray
+    sq: np.ndarray
+
+    @cached_property
+    def laid_out(self) -> list[np.ndarray]:
+        """The spectra laid out for the footprint angles of a few pairs."""
+        return [pair_layout(ts) for ts in self.spectra]
 
 
 @dataclass
@@ -76,12 +147,25 @@ class PairAlignment:
     score: np.ndarray  # the aligner comparator's value of the chosen candidate
     final: np.ndarray | None = None  # the final comparator's score, when asked for
 
+    @property
+    def transform(self) -> Transform2D:
+        """The forward transforms as one bundle."""
+        return Transform2D(self.alpha, self.tx, self.ty, self.mirror)
 
-def align_all(refs: np.ndarray, particles: np.ndarray, **kw) -> PairAlignment:
+
+def align_all(
+    refs: np.ndarray,
+    particles: np.ndarray,
+    aligner: EngineAligner,
+    *,
+    final=None,
+    ctx: dict | None = None,
+    reuse: Reuse | None = None,
+) -> PairAlignment:
     """:func:`align_pairs` for every (particle, reference) pair; ``(Np, Nc)`` arrays."""
     n_p, nc = len(particles), len(refs)
     p_idx, c_idx = (a.ravel() for a in np.indices((n_p, nc)))
-    flat = align_pairs(refs, particles, p_idx, c_idx, **kw)
+    flat = align_pairs(refs, particles, p_idx, c_idx, aligner, final=final, ctx=ctx, reuse=reuse)
     return PairAlignment(
         *(
             None if v is None else v.reshape(n_p, nc)
@@ -95,34 +179,29 @@ def align_pairs(
     particles: np.ndarray,
     p_idx: np.ndarray,
     c_idx: np.ndarray,
+    aligner: EngineAligner,
     *,
-    cmp,
     final=None,
-    maxshift: int | None = None,
-    flip: bool = True,
-    subpixel: bool = False,
     ctx: dict | None = None,
-    ref_chunk: int = 64,
+    reuse: Reuse | None = None,
     batch: int | None = None,
-    ref_spectra: np.ndarray | None = None,
-    bank_cache: dict | None = None,
-    targets: dict | None = None,
 ) -> PairAlignment:
     """``rotate_translate[_flip]`` of reference ``c_idx[i]`` onto particle ``p_idx[i]``.
 
     ``refs`` ``(Nc, n, n)`` are the moving images, ``particles`` ``(Np, n, n)`` the
-    targets; ``cmp`` chooses among candidates. ``final`` (optional comparator) scores
-    each chosen alignment as e2simmx does, ``final(particle, aligned reference)``,
-    into ``PairAlignment.final``. ``ctx``: comparator context; per-particle arrays
-    (``snr``) are indexed by particle. ``subpixel``: report the translation at the
-    parabola-interpolated CCF peak (candidates are still chosen and scored at the
-    integer peak). ``bank_cache`` (a dict or an open :class:`BankCache`, kept by the
-    caller across calls with the same ``refs`` and ``ref_chunk``) keeps the rotated
-    references; ``targets`` (a dict kept by the caller across calls with the same
-    ``particles``, ``flip`` and ``maxshift``) keeps what is computed from the particles.
-    ``batch``: pairs whose images are materialised at a time for a comparator scored
-    on images (default: :data:`IMAGE_BYTES` of them). Returns one value per pair.
+    targets; ``aligner`` says how candidates are searched and chosen. ``final``
+    (optional comparator) scores each chosen alignment as e2simmx does,
+    ``final(particle, aligned reference)``, into ``PairAlignment.final``. ``ctx``:
+    comparator context; per-particle arrays (``snr``) are indexed by particle. With
+    ``subpixel`` the translation is reported at the parabola-interpolated CCF peak
+    (candidates are still chosen and scored at the integer peak). ``reuse``: what the
+    caller keeps across calls (:class:`Reuse`). ``batch``: pairs whose images are
+    materialised at a time for a comparator scored on images (default:
+    :data:`IMAGE_BYTES` of them). Returns one value per pair.
     """
+    cmp, flip, subpixel = aligner.cmp, aligner.flip, aligner.subpixel
+    reuse = reuse or Reuse()
+    ref_chunk, bank_cache = reuse.ref_chunk, reuse.bank_cache
     refs = np.ascontiguousarray(refs, np.float32)
     particles = np.ascontiguousarray(particles, np.float32)
     nc, n = len(refs), refs.shape[-1]
@@ -131,28 +210,27 @@ def align_pairs(
     p_idx = np.asarray(p_idx, np.int64)
     c_idx = np.asarray(c_idx, np.int64)
     npair = len(p_idx)
-    ms = default_maxshift(n, maxshift)
+    ms = default_maxshift(n, aligner.maxshift)
     xs = polar_size(n)[0]
     ctx = ctx or {}
+    ref_spectra = reuse.ref_spectra
     if ref_spectra is None:
         ref_spectra = spectra(footprints(refs))
     fourier = ms > 0  # without a shift search the kernel works in real space only
-    prepared = {} if targets is None else targets
-    if not prepared:
-        prepared.update(prepare_targets(particles, flip, fourier))
-    tgt, nm = prepared["images"], len(prepared["images"])
+    if reuse.targets is None:
+        reuse.targets = prepare_targets(particles, flip, fourier)
+    prepared = reuse.targets
+    tgt, nm = prepared.images, len(prepared.images)
     if npair * 4 < n_p * nc:  # few pairs: footprint angles of those pairs only
-        if "laid_out" not in prepared:
-            prepared["laid_out"] = [pair_layout(ts) for ts in prepared["spectra"]]
         mv = pair_layout(ref_spectra)
         j_pairs = np.stack(
-            [pair_rotations(mv, ts, c_idx, p_idx, xs, laid_out=True) for ts in prepared["laid_out"]]
+            [pair_rotations(mv, ts, c_idx, p_idx, xs, laid_out=True) for ts in prepared.laid_out]
         )
     else:
-        j0 = np.stack([best_rotations(ref_spectra, ts, xs) for ts in prepared["spectra"]])
+        j0 = np.stack([best_rotations(ref_spectra, ts, xs) for ts in prepared.spectra])
         j_pairs = j0[:, p_idx, c_idx]
-    target_arrays = (prepared["re"], prepared["im"], tgt, prepared["turned"])
-    t_sum, t_sq = prepared["sum"], prepared["sq"]
+    target_arrays = (prepared.re, prepared.im, tgt, prepared.turned)
+    t_sum, t_sq = prepared.sum, prepared.sq
     ey, ex = window_dft(n, ms)
     dft = tuple(
         np.ascontiguousarray(a, dtype=np.float32) for a in (ey.real, ey.imag, ex.real, ex.imag)
@@ -174,7 +252,7 @@ def align_pairs(
     kmax = int(counts.max()) if counts.size else 0
     px_buf = np.empty((kmax, 2 * nm), np.int64)
     py_buf = np.empty((kmax, 2 * nm), np.int64)
-    stats_buf = np.empty((kmax, 2 * nm, 12))
+    stats_buf = np.empty((kmax, 2 * nm, N_STATS))
     if bank_cache is None:
         pooled = not thread_pool().get("busy", False)
         bank_buf = BankBuffers(min(ref_chunk, nc), xs, n, pooled, fourier)
@@ -218,13 +296,13 @@ def align_pairs(
         if fused_ok(cmp):
             score = fused_scores(
                 cmp,
-                stats[..., 0],
-                stats[..., 1],
+                stats[..., Stat.SUM],
+                stats[..., Stat.SQ],
                 t_sum[target_of_candidate][:, ps].T,
                 t_sq[target_of_candidate][:, ps].T,
-                stats[..., 2],
+                stats[..., Stat.PRODUCT],
                 n * n,
-                stats[..., 7:12],
+                stats[..., FIT],
             )
         else:
             score = generic_scores(bank.images, tgt, ang, ps, slot, xs, px, py, cmp, ctx, batch)
@@ -240,8 +318,8 @@ def align_pairs(
         j = ang[m, np.arange(k)]
         out.alpha[sel] = np.mod((j + h * xs) * (180.0 / xs), 360.0)
         if subpixel:  # reported shift from the interpolated peak; scores stay integer
-            out.tx[sel] = -(bx + stats[np.arange(k), q, 5])
-            out.ty[sel] = -(by + stats[np.arange(k), q, 6])
+            out.tx[sel] = -(bx + stats[np.arange(k), q, Stat.SUB_X])
+            out.ty[sel] = -(by + stats[np.arange(k), q, Stat.SUB_Y])
         else:
             out.tx[sel], out.ty[sel] = -bx, -by
         out.mirror[sel] = mirror
@@ -252,10 +330,11 @@ def align_pairs(
         if fused_ok(final) and not needs_fit(final):  # final(particle, S or mirror(S))
             chosen = stats[np.arange(k), q]
             drop = mirror & (n % 2 == 0)  # mirroring an even box loses column 0
-            b_sum = np.where(drop, chosen[:, 0] - chosen[:, 3], chosen[:, 0])
-            b_sq = np.where(drop, chosen[:, 1] - chosen[:, 4], chosen[:, 1])
+            a_sum, a_sq = chosen[:, Stat.SUM], chosen[:, Stat.SQ]
+            b_sum = np.where(drop, a_sum - chosen[:, Stat.COL0_SUM], a_sum)
+            b_sq = np.where(drop, a_sq - chosen[:, Stat.COL0_SQ], a_sq)
             out.final[sel] = fused_scores(
-                final, t_sum[0][ps], t_sq[0][ps], b_sum, b_sq, chosen[:, 2], n * n
+                final, t_sum[0][ps], t_sq[0][ps], b_sum, b_sq, chosen[:, Stat.PRODUCT], n * n
             )
         else:
             out.final[sel] = generic_final(
@@ -264,10 +343,9 @@ def align_pairs(
     return out
 
 
-def prepare_targets(particles: np.ndarray, flip: bool, fourier: bool) -> dict:
-    """The particles (and their mirrors): images, footprint spectra, transforms (real
-    and imaginary planes; placeholders without a shift search), sums of values and of
-    squares, and (without a shift search) the images turned by 180 degrees."""
+def prepare_targets(particles: np.ndarray, flip: bool, fourier: bool) -> Targets:
+    """The :class:`Targets` of ``particles`` (and their mirrors with ``flip``); their
+    transforms with a shift search (``fourier``), else their turned images."""
     tgt = np.stack([particles, mirror_x(particles)] if flip else [particles])
     nm, n_p = tgt.shape[:2]
     if fourier:
@@ -280,12 +358,12 @@ def prepare_targets(particles: np.ndarray, flip: bool, fourier: bool) -> dict:
         t_re = t_im = np.zeros((nm, n_p, 1, 1), np.float32)
         turned = rotate180(tgt)
     t_sum, t_sq = image_sums(tgt.reshape(nm * n_p, -1))
-    return {
-        "images": tgt,
-        "spectra": [spectra(footprints(t)) for t in tgt],
-        "re": t_re,
-        "im": t_im,
-        "turned": turned,
-        "sum": t_sum.reshape(nm, n_p),
-        "sq": t_sq.reshape(nm, n_p),
-    }
+    return Targets(
+        images=tgt,
+        spectra=[spectra(footprints(images)) for images in tgt],
+        re=t_re,
+        im=t_im,
+        turned=turned,
+        sum=t_sum.reshape(nm, n_p),
+        sq=t_sq.reshape(nm, n_p),
+    )

@@ -12,10 +12,44 @@ shift pushes out of the box (zero fill).
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import numpy as np
 from numba import njit, prange
 
 from cryorefine.align.compare import FLT_MIN
+
+
+class Stat(IntEnum):
+    """Columns of :func:`search_block`'s per-candidate statistics, ``stats[..., Stat.X]``.
+
+    ``a`` is the candidate (the bank image shifted by minus the CCF peak, zero fill) and
+    ``b`` its target; sums are over the box unless said otherwise.
+    """
+
+    SUM = 0  #: sum of a
+    SQ = 1  #: sum of a^2
+    PRODUCT = 2  #: sum of ab
+    COL0_SUM = 3  #: sum of a over its column 0 (which mirroring an even box drops)
+    COL0_SQ = 4  #: sum of a^2 over its column 0
+    SUB_X = 5  #: sub-pixel offset of the CCF peak in x (px), from a parabola
+    SUB_Y = 6  #: the same in y
+    FIT_N = 7  #: count of the pixels where a >= FLT_MIN (``sqeuclidean:normto=1`` only)
+    FIT_A = 8  #: sum of a over those pixels
+    FIT_B = 9  #: sum of b over those pixels
+    FIT_AA = 10  #: sum of a^2 over those pixels
+    FIT_AB = 11  #: sum of ab over those pixels
+
+
+#: the number of statistics per candidate
+N_STATS = len(Stat)
+#: the least-squares fit's columns, ``stats[..., FIT]``: count and sums (a, b, a^2, ab)
+FIT = slice(Stat.FIT_N, Stat.FIT_AB + 1)
+# the columns as plain integers, compile-time constants of the kernel
+_SUM, _SQ, _PRODUCT = int(Stat.SUM), int(Stat.SQ), int(Stat.PRODUCT)
+_COL0_SUM, _COL0_SQ = int(Stat.COL0_SUM), int(Stat.COL0_SQ)
+_SUB_X, _SUB_Y = int(Stat.SUB_X), int(Stat.SUB_Y)
+_FIT_START, _FIT_STOP = int(Stat.FIT_N), int(Stat.FIT_AB) + 1
 
 
 @njit(cache=True)
@@ -210,12 +244,8 @@ def search_block(bank_arrays, targets, ang, p_list, c_list, xs, dft, found, fit)
     :func:`build_bank`, ``edges``). Its circular CCF with target ``m`` is evaluated only on
     the ``(2 ms + 1)^2`` window by a partial inverse DFT (rows first) and the first
     maximum in scan order kept.
-    ``stats[..., 0:5]``: the sums (a, a^2, ab, and a, a^2 over its column 0) of the
-    candidate shifted by minus the peak (zero fill) against the target;
-    ``stats[..., 5:7]``: the peak's sub-pixel offset (x, y) from a parabola through
-    its neighbours; with ``fit``, ``stats[..., 7:12]``: the count and sums (a, b,
-    a^2, ab) over the pixels where ``a >= FLT_MIN`` (the least-squares fit of
-    ``sqeuclidean:normto=1``). Transforms come as separate real and imaginary float32
+    ``stats`` ``(pairs, candidates, N_STATS)``: the columns :class:`Stat` names (the
+    fit's columns are 0 without ``fit``). Transforms come as separate real and imaginary float32
     planes so that the compiled loops vectorise.
     """
     bank_re, bank_im, bank, sums, edges, phase, masked = bank_arrays
@@ -269,8 +299,8 @@ def search_block(bank_arrays, targets, ang, p_list, c_list, xs, dft, found, fit)
                 q = 2 * m + h
                 px_out[i, q] = bx
                 py_out[i, q] = by
-                stats[i, q, 5] = _parabola(win, by + ms, bx + ms, 0)
-                stats[i, q, 6] = _parabola(win, by + ms, bx + ms, 1)
+                stats[i, q, _SUB_X] = _parabola(win, by + ms, bx + ms, 0)
+                stats[i, q, _SUB_Y] = _parabola(win, by + ms, bx + ms, 1)
                 # candidate = bank image shifted by (-bx, -by) with zero fill; its sums
                 # from the bank image's row/column sums less the rows and columns the
                 # shift pushes out, and its product with the target from the circular
@@ -308,9 +338,9 @@ def search_block(bank_arrays, targets, ang, p_list, c_list, xs, dft, found, fit)
                 if fit:
                     if nw > 1:
                         _fit_sums(img, t_img, sx, sy, h, two_c, fsum)
-                    stats[i, q, 7:12] = fsum[:5]
+                    stats[i, q, _FIT_START:_FIT_STOP] = fsum[:5]
                 else:
-                    stats[i, q, 7:12] = 0.0
+                    stats[i, q, _FIT_START:_FIT_STOP] = 0.0
                 c0 = 0.0
                 c00 = 0.0
                 if sx <= 0:  # column 0 of the shifted image (dropped by a mirror)
@@ -320,11 +350,11 @@ def search_block(bank_arrays, targets, ang, p_list, c_list, xs, dft, found, fit)
                         a = _pixel(img, r, -sx, h, two_c)
                         c0 -= a
                         c00 -= a * a
-                stats[i, q, 0] = s_a
-                stats[i, q, 1] = s_aa
-                stats[i, q, 2] = s_ab
-                stats[i, q, 3] = c0
-                stats[i, q, 4] = c00
+                stats[i, q, _SUM] = s_a
+                stats[i, q, _SQ] = s_aa
+                stats[i, q, _PRODUCT] = s_ab
+                stats[i, q, _COL0_SUM] = c0
+                stats[i, q, _COL0_SQ] = c00
 
 
 def window_dft(n: int, maxshift: int) -> tuple[np.ndarray, np.ndarray]:

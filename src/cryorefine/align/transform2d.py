@@ -10,6 +10,8 @@ functions take arrays of transforms (one per image); angles in degrees, shifts i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numba import njit, prange
 
@@ -65,6 +67,55 @@ def inverse(alpha, tx, ty, mirror) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 def compose(first, second) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``second o first``: apply ``first`` then ``second``; each an (alpha, tx, ty, mirror)."""
     return from_matrices(as_matrices(*second) @ as_matrices(*first))
+
+
+@dataclass(frozen=True)
+class Transform2D:
+    """A stack of transforms, one per image: ``alpha`` (degrees), ``tx``, ``ty`` (px) and
+    ``mirror`` (bool) arrays of one length, each the transform of the module docstring.
+
+    The arrays are kept as given (no copy, no cast), so that a stack of transforms
+    travels by name without changing a bit of what it carries.
+    """
+
+    alpha: np.ndarray
+    tx: np.ndarray
+    ty: np.ndarray
+    mirror: np.ndarray
+
+    @classmethod
+    def identity(cls, k: int) -> Transform2D:
+        """``k`` identity transforms."""
+        return cls(np.zeros(k), np.zeros(k), np.zeros(k), np.zeros(k, bool))
+
+    @classmethod
+    def of(cls, alpha, tx, ty, mirror) -> Transform2D:
+        """The transforms of four array-likes (as arrays)."""
+        return cls(np.asarray(alpha), np.asarray(tx), np.asarray(ty), np.asarray(mirror))
+
+    def __len__(self) -> int:
+        return len(self.alpha)
+
+    def take(self, idx) -> Transform2D:
+        """The transforms ``idx`` (indices, a boolean mask or a slice)."""
+        return Transform2D(self.alpha[idx], self.tx[idx], self.ty[idx], self.mirror[idx])
+
+    def inverse(self) -> Transform2D:
+        """The inverse transforms (:func:`inverse`)."""
+        return Transform2D(*inverse(self.alpha, self.tx, self.ty, self.mirror))
+
+    def then(self, second: Transform2D) -> Transform2D:
+        """``second o self``: these transforms, then ``second`` (:func:`compose`)."""
+        return Transform2D(*compose(self._parts(), second._parts()))
+
+    def apply(self, images: np.ndarray, *, source=None, out: np.ndarray | None = None):
+        """Each image moved by its transform (:func:`apply_transform`)."""
+        return apply_transform(
+            images, self.alpha, self.tx, self.ty, self.mirror, source=source, out=out
+        )
+
+    def _parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.alpha, self.tx, self.ty, self.mirror
 
 
 @njit(cache=True, parallel=True, fastmath=True)

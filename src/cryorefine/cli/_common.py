@@ -6,6 +6,14 @@ import argparse
 from pathlib import Path
 
 from cryorefine.io.stacks import ChunkFunc, ParticleStack, write_stack
+from cryorefine.registry import Registry
+
+
+def registered(registry: Registry) -> str:
+    """For a help text: the names ``registry`` holds (what ``cryorefine help KIND``
+    details), so that the list cannot fall behind what is registered."""
+    names = ", ".join(registry.names())
+    return f"{names}; see cryorefine help {registry.kind}".replace("%", "%%")
 
 
 def write_processed(stack: ParticleStack, args: argparse.Namespace, run: ChunkFunc) -> list[Path]:

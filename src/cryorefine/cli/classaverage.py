@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryorefine.cli._common import registered
 from cryorefine.config import ClassaverageConfig
+from cryorefine.registry import ALIGNERS, AVERAGERS, COMPARATORS
 from cryorefine.stages.classaverage import run_classaverage
 
 _D = ClassaverageConfig()
@@ -48,11 +50,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="fraction kept, or sigmas with --keepsig (default %(default)s)",
     )
     parser.add_argument("--keepsig", action="store_true", help="--keep counts standard deviations")
-    parser.add_argument("--align", default=_D.align, help="aligner (default %(default)s)")
     parser.add_argument(
-        "--aligncmp", default=_D.aligncmp, help="its comparator (default %(default)s)"
+        "--align",
+        default=_D.align,
+        help=f"aligner (default %(default)s): {registered(ALIGNERS)}",
     )
-    parser.add_argument("--ralign", help="refining aligner (e.g. refine)")
+    parser.add_argument(
+        "--aligncmp",
+        default=_D.aligncmp,
+        help=f"its comparator (default %(default)s): {registered(COMPARATORS)}",
+    )
+    parser.add_argument(
+        "--ralign", help=f"refining aligner run after --align: {registered(ALIGNERS)}"
+    )
     parser.add_argument(
         "--raligncmp", default=_D.raligncmp, help="its comparator (default %(default)s)"
     )
@@ -60,12 +70,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--cmp", default=_D.cmp, help="comparator rating members (default %(default)s)"
     )
     parser.add_argument(
-        "--averager", default=_D.averager, help="mean, ctf.auto, ctf.weight (default %(default)s)"
+        "--averager",
+        default=_D.averager,
+        help=f"averager (default %(default)s): {registered(AVERAGERS)}",
     )
     parser.add_argument(
         "--normproc",
         default=_D.normproc,
-        help="normalisation of members (default %(default)s; none)",
+        help="normalisation of members (default %(default)s; none): a processor, see "
+        "cryorefine help processors",
     )
     parser.add_argument(
         "--setsfref", action="store_true", help="give each average its projection's spectrum"

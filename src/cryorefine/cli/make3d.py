@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryorefine.cli._common import registered
 from cryorefine.config import Make3dConfig
+from cryorefine.registry import RECONSTRUCTORS
 from cryorefine.stages.make3d import run_make3d
 
 
@@ -34,7 +36,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recon",
         default="fourier",
-        help="reconstructor (default %(default)s; fourier:mode=gauss_2 as EMAN2)",
+        help="reconstructor (default %(default)s; fourier:mode=gauss_2 as EMAN2): "
+        + registered(RECONSTRUCTORS),
     )
     parser.add_argument(
         "--preprocess",

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryorefine.cli._common import registered
 from cryorefine.config import Project3dConfig
+from cryorefine.registry import ORIENTGENS, PROJECTORS
 from cryorefine.stages.project3d import run_project3d
 
 
@@ -27,13 +29,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--orientgen",
         default="eman:delta=5.0:inc_mirror=0:perturb=1",
-        help="orientation generator (default %(default)s)",
+        help=f"orientation generator (default %(default)s): {registered(ORIENTGENS)}",
     )
     parser.add_argument("--sym", default="c1", help="symmetry: cN, dN, tet, oct, icos")
     parser.add_argument(
         "--projector",
         default="fourier",
-        help="fourier (default) or standard (EMAN2's real-space projector)",
+        help=f"projector (default %(default)s; standard: EMAN2's real-space one): "
+        f"{registered(PROJECTORS)}",
     )
     parser.add_argument(
         "--postprocess",

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryorefine.cli._common import registered
 from cryorefine.config import SimmxConfig
+from cryorefine.registry import ALIGNERS, COMPARATORS
 from cryorefine.stages.simmx import run_simmx
 
 
@@ -30,12 +32,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--align",
         default="rotate_translate_flip",
-        help="aligner (default %(default)s; none: no alignment)",
+        help=f"aligner (default %(default)s; none: no alignment): {registered(ALIGNERS)}",
     )
     parser.add_argument(
-        "--aligncmp", default="dot", help="comparator inside the aligner (default %(default)s)"
+        "--aligncmp",
+        default="dot",
+        help=f"comparator inside the aligner (default %(default)s): {registered(COMPARATORS)}",
     )
-    parser.add_argument("--ralign", help="refining aligner run after --align (e.g. refine)")
+    parser.add_argument(
+        "--ralign", help=f"refining aligner run after --align: {registered(ALIGNERS)}"
+    )
     parser.add_argument(
         "--raligncmp", default="dot", help="comparator of --ralign (default %(default)s)"
     )

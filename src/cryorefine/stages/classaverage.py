@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cryorefine.align import transform2d
 from cryorefine.align.compare import pair_context
-from cryorefine.align.engine import align_pairs
+from cryorefine.align.engine import EngineAligner, align_pairs
+from cryorefine.align.transform2d import Transform2D
 from cryorefine.config import ClassaverageConfig
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.filters import match_power_spectrum
@@ -92,6 +92,11 @@ class ClassAverages:
         out.dalpha[p, col], out.flip[p, col] = self.alpha, self.mirror.astype(np.float32)
         return out
 
+    @property
+    def transform(self) -> Transform2D:
+        """Each member's final particle -> average transform."""
+        return Transform2D(self.alpha, self.tx, self.ty, self.mirror)
+
     def members(self, c: int, *, used: bool | None = True) -> np.ndarray:
         """Particles of class ``c`` (``used``: only those in the average; ``False``: only
         the excluded; ``None``: all)."""
@@ -150,36 +155,28 @@ def _circlemean(images: np.ndarray) -> np.ndarray:
     return normalize_circlemean(images, ndim=2, apix=None)
 
 
-def _align(cfg: ClassaverageConfig, moving_idx, moving, targets, target_idx, ctx):
+def _align(cfg: ClassaverageConfig, moving_idx, moving, targets, target_idx, ctx) -> Transform2D:
     """Transforms bringing ``moving[moving_idx]`` onto ``targets[target_idx]`` (particle ->
-    average), by ``cfg``'s aligner then its refining aligner, as ``(alpha, tx, ty,
-    mirror)``."""
+    average), by ``cfg``'s aligner then its refining aligner."""
     align, aligncmp = cfg.align_mod, cfg.aligncmp_mod
     if runs_on_engine(align):
         # the engine moves "references" onto "particles": the averages onto the members,
         # then inverted (as simmx stores particle -> projection)
-        pa = align_pairs(
-            targets,
-            moving,
-            moving_idx,
-            target_idx,
-            cmp=aligncmp,
-            maxshift=align.params.get("maxshift"),
-            subpixel=bool(align.params.get("subpixel")),
-            flip=align.name == "rotate_translate_flip",
-            ctx=ctx,
-        )
-        fwd = transform2d.inverse(pa.alpha, pa.tx, pa.ty, pa.mirror)
+        aligner = EngineAligner.from_modifier(align, aligncmp)
+        pa = align_pairs(targets, moving, moving_idx, target_idx, aligner, ctx=ctx)
+        fwd = pa.transform.inverse()
     else:
         fwd = _per_pair(align, aligncmp, moving, moving_idx, targets, target_idx, ctx)
     if cfg.ralign_mod is not None:
         fwd = _per_pair(
             cfg.ralign_mod, cfg.raligncmp_mod, moving, moving_idx, targets, target_idx, ctx, fwd
         )
-    return tuple(np.asarray(v) for v in fwd)
+    return fwd
 
 
-def _per_pair(aligner, cmp, moving, moving_idx, targets, target_idx, ctx, start=None):
+def _per_pair(
+    aligner, cmp, moving, moving_idx, targets, target_idx, ctx, start: Transform2D | None = None
+) -> Transform2D:
     """A registered aligner on the pairs (``moving[moving_idx]``, ``targets[target_idx]``),
     seeded with ``start`` when given; its forward transforms."""
     kw = {k: v for k, v in aligner.params.items() if v is not None}
@@ -188,7 +185,7 @@ def _per_pair(aligner, cmp, moving, moving_idx, targets, target_idx, ctx, start=
     res = aligner.entry.func(
         moving[moving_idx], targets[target_idx], cmp=cmp, **kw, **pair_context(ctx, moving_idx)
     )
-    return res.params
+    return res.transform
 
 
 def classaverage(
@@ -289,12 +286,12 @@ def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -
     if cfg.needs_snr:
         snr = ctf_snr(stack.meta, uniq, n, apix, signal)
         if snr is None:
-            raise CryorefineError(
-                f"--classcmp {cfg.cmp}: snrweight needs the particles' CTF ({stack.label})"
+            raise cfg.error(
+                "{cmp} {0}: snrweight needs the particles' CTF ({1})", cfg.cmp, stack.label
             )
     ctx = {"apix": apix, "snr": snr}
     # round 0: the classification's particle -> projection alignment
-    t = (
+    moves = Transform2D(
         cm.dalpha[particle, column].astype(np.float64),
         cm.dx[particle, column].astype(np.float64),
         cm.dy[particle, column].astype(np.float64),
@@ -303,28 +300,30 @@ def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -
     ctf = None
     if cfg.averager_mod.name.startswith("ctf."):
         if not stack.meta.ctf.take(uniq).known.all():
-            raise CryorefineError(
-                f"--classaverager {cfg.averager}: the particles have no CTF ({stack.label})"
+            raise cfg.error(
+                "{averager} {0}: the particles have no CTF ({1})", cfg.averager, stack.label
             )
         ctf = stack.meta.ctf.take(uniq).evaluate(n, apix).astype(np.float32)
 
-    def average(images: np.ndarray, transform, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def average(
+        images: np.ndarray, transform: Transform2D, sel: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The averager over the members ``sel`` under ``transform``."""
-        moved = tuple(np.asarray(v)[sel] for v in transform)
+        moved = transform.take(sel)
         return cfg.averager_mod(images, slot[sel], k, transform=moved, source=inverse[sel], ctf=ctf)
 
     everyone = np.ones(len(particle), bool)
     ref = refs[classes] if refs is not None else None
     if ref is None:
-        ref = average(p_img, t, everyone)[0]
+        ref = average(p_img, moves, everyone)[0]
     mask = _soft_circle(n)
     used = everyone  # round 0 averages every member
     for it in range(cfg.iterations + 1):
         if it > 0:
-            t = _align(cfg, inverse, p_img, ref, slot, ctx)
-        aligned = transform2d.apply_transform(p_img, *t, source=inverse)
+            moves = _align(cfg, inverse, p_img, ref, slot, ctx)
+        aligned = moves.apply(p_img, source=inverse)
         score = _scores(cfg, aligned, ref[slot], pair_context(ctx, inverse))
-        avg, _ = average(p_img, t, used)
+        avg, _ = average(p_img, moves, used)
         ref = _circlemean(avg) * mask
         if cfg.automask:  # the running average only; the final one stays unmasked
             ref *= auto_mask_2d(ref)
@@ -334,8 +333,8 @@ def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -
         target = refs[classes]
         filtered = match_power_spectrum(target, ref)
         final = _final_alignment(ref, filtered)
-        t = transform2d.compose(t, tuple(np.asarray(v)[slot] for v in final))
-    avg, counts = average(q_img, t, used)
+        moves = moves.then(final.take(slot))
+    avg, counts = average(q_img, moves, used)
     if cfg.setsfref and refs is not None:
         has = counts > 0
         avg[has] = match_power_spectrum(avg[has], refs[classes][has])
@@ -347,7 +346,8 @@ def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -
     out.qual[classes] = sums / cnt
     out.qual_sigma[classes] = np.sqrt(np.maximum(sq / cnt - (sums / cnt) ** 2, 0.0))
     out.used[sl] = used
-    out.alpha[sl], out.tx[sl], out.ty[sl], out.mirror[sl] = t
+    out.alpha[sl], out.tx[sl] = moves.alpha, moves.tx
+    out.ty[sl], out.mirror[sl] = moves.ty, moves.mirror
     out.score[sl] = score
 
 
@@ -366,17 +366,16 @@ def _ccc():
     return COMPARATORS.parse("ccc")
 
 
-def _final_alignment(averages: np.ndarray, targets: np.ndarray):
+def _final_alignment(averages: np.ndarray, targets: np.ndarray) -> Transform2D:
     """Each average onto its (spectrum-matched) projection: rotate_translate_flip, then
     refine, both scored by ccc (e2classaverage's fixed recipe)."""
     ccc = _ccc()
     k = len(averages)
     idx = np.arange(k)
-    pa = align_pairs(targets, averages, idx, idx, cmp=ccc)
-    fwd = transform2d.inverse(pa.alpha, pa.tx, pa.ty, pa.mirror)
+    pa = align_pairs(targets, averages, idx, idx, EngineAligner(ccc))
     polish = ALIGNERS.get(FINAL_REFINE).func
-    res = polish(averages, targets, start=fwd, cmp=ccc)
-    return res.params
+    res = polish(averages, targets, start=pa.transform.inverse(), cmp=ccc)
+    return res.transform
 
 
 def write_classes(

@@ -19,8 +19,9 @@ import scipy.fft
 
 from cryorefine.align import transform2d
 from cryorefine.align.compare import load_mask, pair_context
-from cryorefine.align.engine import align_pairs
+from cryorefine.align.engine import EngineAligner, Reuse, align_pairs
 from cryorefine.align.rotational import footprints, spectra
+from cryorefine.align.transform2d import Transform2D
 from cryorefine.config import SimmxConfig
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fft import WORKERS, ring_mean
@@ -154,7 +155,8 @@ def score_pairs(
     align, aligncmp = cfg.align_mod, cfg.aligncmp_mod
     ralign, raligncmp = cfg.ralign_mod, cfg.raligncmp_mod
     n_p, nc, n = len(particles), len(refs), refs.shape[-1]
-    mask = load_mask(cfg.mask_image, n, "--mask")
+    with cfg.naming("mask") as flag:
+        mask = load_mask(cfg.mask_image, n, flag)
     final = cfg.cmp_mod if mask is None else _masked(cfg.cmp_mod, mask.astype(np.float32))
     ctx = {"apix": apix, "snr": snr}
     if pairs is None:
@@ -179,15 +181,12 @@ def score_pairs(
             particles,
             p_idx,
             c_idx,
-            cmp=aligncmp,
+            EngineAligner.from_modifier(align, aligncmp),
             final=None if ralign is not None else final,
-            maxshift=align.params.get("maxshift"),
-            subpixel=bool(align.params.get("subpixel")),
-            flip=align.name == "rotate_translate_flip",
             ctx=ctx,
-            ref_spectra=ref_spectra,
+            reuse=Reuse(ref_spectra=ref_spectra),
         )
-        fwd = (pa.alpha, pa.tx, pa.ty, pa.mirror)
+        fwd = pa.transform
         score = pa.final
     else:
         fwd, score = _pairwise(
@@ -206,10 +205,10 @@ def score_pairs(
             start=fwd,
             prefilt=cfg.prefilt,
         )
-    alpha, tx, ty, mirror = transform2d.inverse(*fwd)
+    back = fwd.inverse()
     out.score[p_idx, c_idx] = score
-    out.dx[p_idx, c_idx], out.dy[p_idx, c_idx] = tx, ty
-    out.dalpha[p_idx, c_idx], out.flip[p_idx, c_idx] = alpha, mirror
+    out.dx[p_idx, c_idx], out.dy[p_idx, c_idx] = back.tx, back.ty
+    out.dalpha[p_idx, c_idx], out.flip[p_idx, c_idx] = back.alpha, back.mirror
     out.score[:, blank] = WORST
     return _finite(out)
 
@@ -296,28 +295,37 @@ def _finite(out: Simmx) -> Simmx:
 
 
 def _pairwise(
-    aligner, aligncmp, refs, particles, p_idx, c_idx, ctx, final, start=None, prefilt=False
-):
+    aligner,
+    aligncmp,
+    refs,
+    particles,
+    p_idx,
+    c_idx,
+    ctx,
+    final,
+    start: Transform2D | None = None,
+    prefilt=False,
+) -> tuple[Transform2D, np.ndarray]:
     """Any registered aligner on explicit pairs, in batches; then the final score.
 
     ``prefilt``: each projection is first filtered to its particle's power spectrum
     (``filter.matchto``, one filter per pair, so not on the batched engine)."""
-    fwd = [np.zeros(len(p_idx)) for _ in range(3)] + [np.zeros(len(p_idx), bool)]
+    fwd = Transform2D.identity(len(p_idx))
     score = np.empty(len(p_idx))
     for s0 in range(0, len(p_idx), PAIRWISE_BATCH):
         sl = slice(s0, s0 + PAIRWISE_BATCH)
         kw = {k: v for k, v in aligner.params.items() if v is not None}
         sub = pair_context(ctx, p_idx[sl])
         if start is not None:
-            kw["start"] = tuple(v[sl] for v in start)
+            kw["start"] = start.take(sl)
         moving = refs[c_idx[sl]]
         if prefilt:
             moving = match_power_spectrum(moving, particles[p_idx[sl]])
         res = aligner.entry.func(moving, particles[p_idx[sl]], cmp=aligncmp, **kw, **sub)
-        for v, r in zip(fwd, res.params, strict=True):
-            v[sl] = r
+        fwd.alpha[sl], fwd.tx[sl] = res.alpha, res.tx
+        fwd.ty[sl], fwd.mirror[sl] = res.ty, res.mirror
         score[sl] = final(particles[p_idx[sl]], res.images, **sub)
-    return tuple(fwd), score
+    return fwd, score
 
 
 def run_simmx(

@@ -18,10 +18,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cryorefine.align import transform2d
-from cryorefine.align.engine import BankCache, align_pairs
+from cryorefine.align.engine import BankCache, EngineAligner, Reuse, align_pairs
 from cryorefine.align.rotational import footprints, spectra
-from cryorefine.align.transform2d import apply_transform, meanshrink
+from cryorefine.align.transform2d import Transform2D, meanshrink
 from cryorefine.config import SimmxConfig
 from cryorefine.registry import COMPARATORS
 
@@ -75,19 +74,22 @@ def centres_and_members(
     return np.asarray(centres), members
 
 
-def class_averages(refs: np.ndarray, members: list[np.ndarray], align_onto) -> np.ndarray:
+def class_averages(
+    refs: np.ndarray,
+    members: list[np.ndarray],
+    align_onto: Callable[[np.ndarray, np.ndarray], Transform2D],
+) -> np.ndarray:
     """Each centre's members aligned onto its first member and averaged.
 
-    ``align_onto(j, m0)`` gives ``(dalpha, dx, dy, flip)`` arrays bringing projections
-    ``j`` onto projections ``m0`` (the stored e2simmx alignment at (x=m0, y=j)).
+    ``align_onto(j, m0)`` gives the transforms bringing projections ``j`` onto
+    projections ``m0`` (the stored e2simmx alignment at (x=m0, y=j)).
     """
     out = np.zeros((len(members),) + refs.shape[1:], np.float32)
     pairs = [(mem[1:], np.full(len(mem) - 1, mem[0])) for mem in members if len(mem) > 1]
     if pairs:
         j_all = np.concatenate([p[0] for p in pairs])
         m_all = np.concatenate([p[1] for p in pairs])
-        alpha, dx, dy, flip = align_onto(j_all, m_all)
-        moved = apply_transform(refs[j_all], alpha, dx, dy, flip)
+        moved = align_onto(j_all, m_all).apply(refs[j_all])
     start = 0
     for c, mem in enumerate(members):
         if mem.size == 0:
@@ -118,26 +120,22 @@ def twostage_pairs(refs: np.ndarray, cfg: SimmxConfig, apix: float, score: Calla
     nc = len(small)
     # e2simmx2stage's self-comparison, one centre row at a time: the projections
     # share one origin, so only small residual shifts are searched
-    kw = dict(
-        cmp=_stage1_comparators()[0],
-        final=_stage1_comparators()[1],
-        maxshift=STAGE1_MAXSHIFT,
-        ref_spectra=spectra(footprints(small)),
-        ref_chunk=nc,  # one bank (small images), kept across the sequential rows
-    )
+    within, final = _stage1_comparators()
+    aligner = EngineAligner(within, maxshift=STAGE1_MAXSHIFT)
 
     def rows(ks: np.ndarray) -> np.ndarray:
         p_idx = np.repeat(ks, nc)  # every projection is a target: prepared once
-        pa = align_pairs(small, small, p_idx, np.tile(np.arange(nc), len(ks)), **kw, targets=tgt)
+        c_idx = np.tile(np.arange(nc), len(ks))
+        pa = align_pairs(small, small, p_idx, c_idx, aligner, final=final, reuse=reuse)
         return pa.final.reshape(len(ks), nc)
 
-    def align_onto(j: np.ndarray, m0: np.ndarray):
-        pa = align_pairs(small, small, j, m0, **kw, targets=tgt)
-        alpha, tx, ty, mirror = transform2d.inverse(pa.alpha, pa.tx, pa.ty, pa.mirror)
-        return alpha, tx, ty, mirror
+    def align_onto(j: np.ndarray, m0: np.ndarray) -> Transform2D:
+        pa = align_pairs(small, small, j, m0, aligner, final=final, reuse=reuse)
+        return pa.transform.inverse()
 
-    tgt: dict = {}
-    with BankCache() as kw["bank_cache"]:
+    with BankCache() as bank_cache:
+        # one bank (small images), kept across the sequential rows
+        reuse = Reuse(spectra(footprints(small)), ref_chunk=nc, bank_cache=bank_cache)
         centres, members = centres_and_members(rows, nc)
         averages = class_averages(small, members, align_onto)
     coarse_cfg = cfg.coarse()
