@@ -21,84 +21,23 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cryorefine.cli import set_thread_spin
-from cryorefine.fourier.filters import lowpass_gauss
 from cryorefine.fourier.fsc import fsc, noise_substituted_fsc, resolution_at
-from cryorefine.io.maps import Map, read_map, write_map
-from cryorefine.io.stacks import write_stack
+from cryorefine.io.maps import read_map
 from cryorefine.refine.step import fsc_mask
 from cryorefine.testing import (
-    demo_map,
+    RESOLUTION_OPTIONS,
+    RESOLUTION_SETS,
+    DataSet,
     measure_command,
-    pseudo_atomic_map,
+    particle_fraction,
     refine_command,
-    simulate_particles,
+    simulate_data_set,
 )
-
-
-@dataclass(frozen=True)
-class DataSet:
-    """One simulated data set: the map (``rnapol2``: the bundled map, relabelled to
-    ``apix``; ``synthetic``: :func:`pseudo_atomic_map` of ``diameter_a``), its SNR, and
-    the start's low-pass resolution (Å)."""
-
-    map: str
-    apix: float
-    snr: float
-    start_a: float
-    diameter_a: float = 0.0
-    box: int = 64
-
-
-SETS = {
-    "rnapol2_3A_snr0.1": DataSet("rnapol2", 3.0, 0.1, 40.0),
-    "rnapol2_5A_snr0.1": DataSet("rnapol2", 5.0, 0.1, 40.0),
-    "synthetic_4.5A_snr0.05": DataSet("synthetic", 4.5, 0.05, 40.0, diameter_a=160.0),
-    "synthetic_3A_snr0.3": DataSet("synthetic", 3.0, 0.3, 30.0, diameter_a=120.0),
-    "rnapol2_6A_snr0.3": DataSet("rnapol2", 6.0, 0.3, 50.0),
-}
-OPTIONS = ("--twostage", "2", "--simalign", "rotate_translate_flip:maxshift=4")
-
-
-def truth_map(ds: DataSet) -> Map:
-    if ds.map == "rnapol2":
-        return Map(demo_map().data, ds.apix)
-    rng = np.random.default_rng(7)
-    return Map(pseudo_atomic_map(ds.box, apix=ds.apix, diameter_a=ds.diameter_a, rng=rng), ds.apix)
-
-
-def simulate(work: Path, ds: DataSet, n: int) -> None:
-    truth = truth_map(ds)
-    sim = simulate_particles(
-        truth.data,
-        n,
-        apix=ds.apix,
-        snr=ds.snr,
-        rng=np.random.default_rng(2026),
-        max_shift_a=3.0 * ds.apix,
-    )
-    work.mkdir(parents=True, exist_ok=True)
-    write_stack(sim, work / "particles.star", overwrite=True)
-    start = lowpass_gauss(truth.data, ds.apix / ds.start_a, 3).astype(np.float32)
-    write_map(work / "start.mrc", Map(start, ds.apix), overwrite=True)
-    write_map(work / "truth.mrc", truth, overwrite=True)
-
-
-def particle_fraction(truth: np.ndarray, apix: float) -> float:
-    """The particle's diameter over the box: the largest extent (through the centre) of
-    the truth's 15 Å-low-passed density above a fifth of its maximum."""
-    low = lowpass_gauss(truth, min(0.5, apix / 15.0), 3)
-    n = truth.shape[-1]
-    c = np.arange(n) - n // 2
-    z, y, x = np.meshgrid(c, c, c, indexing="ij")
-    inside = low > 0.2 * low.max()
-    r = np.sqrt(x * x + y * y + z * z)[inside]
-    return float(2 * np.percentile(r, 99) / n)
 
 
 def against_truth(volume: np.ndarray, truth: np.ndarray, apix: float, mask=None) -> float:
@@ -110,11 +49,13 @@ def against_truth(volume: np.ndarray, truth: np.ndarray, apix: float, mask=None)
 
 def run_set(work: Path, name: str, ds: DataSet, args) -> dict:
     if not (work / "particles.star").is_file():
-        simulate(work, ds, args.n)
+        simulate_data_set(work, ds, args.n)
     path = work / "run"
     if not (path / "0_refine_parms.json").is_file():
         path.mkdir(exist_ok=True)
-        cmd = refine_command(work, path, "--iter", args.iter, "--seed", 1, *OPTIONS, *args.extra)
+        cmd = refine_command(
+            work, path, "--iter", args.iter, "--seed", 1, *RESOLUTION_OPTIONS, *args.extra
+        )
         wall, rss = measure_command(cmd)
     else:
         wall = rss = float("nan")
@@ -187,7 +128,7 @@ def mask_grid(work: Path, ds: DataSet) -> list[dict]:
 def main() -> None:
     set_thread_spin()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sets", default=",".join(SETS))
+    p.add_argument("--sets", default=",".join(RESOLUTION_SETS))
     p.add_argument("--n", type=int, default=1500)
     p.add_argument("--iter", type=int, default=3)
     p.add_argument("--work", type=Path, default=Path("bench_resolution"))
@@ -198,7 +139,7 @@ def main() -> None:
     work = args.work.resolve()
     results = {}
     for name in args.sets.split(","):
-        ds = SETS[name]
+        ds = RESOLUTION_SETS[name]
         if args.masks:
             results[name] = mask_grid(work / name, ds)
             for r in results[name]:

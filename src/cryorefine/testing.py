@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -305,3 +306,75 @@ def refine_command(folder: Path, path: Path, *options: str) -> list[str]:
         str(path),
         *map(str, options),
     ]
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """A simulated data set for checking a refinement against the truth: the map
+    (``rnapol2``: the bundled map, relabelled to ``apix``; ``synthetic``:
+    :func:`pseudo_atomic_map` of ``diameter_a`` Å in a ``box``), the SNR, and the low-pass
+    resolution (Å) of the starting map."""
+
+    map: str
+    apix: float
+    snr: float
+    start_a: float
+    diameter_a: float = 0.0
+    box: int = 64
+
+    def truth(self) -> Map:
+        if self.map == "rnapol2":
+            return Map(demo_map().data, self.apix)
+        rng = np.random.default_rng(7)
+        volume = pseudo_atomic_map(self.box, apix=self.apix, diameter_a=self.diameter_a, rng=rng)
+        return Map(volume, self.apix)
+
+
+#: data sets that differ in map, pixel size, particle size in the box and SNR
+#: (``bench/resolution.py`` and the slow tests)
+RESOLUTION_SETS = {
+    "rnapol2_3A_snr0.1": DataSet("rnapol2", 3.0, 0.1, 40.0),
+    "rnapol2_5A_snr0.1": DataSet("rnapol2", 5.0, 0.1, 40.0),
+    "synthetic_4.5A_snr0.05": DataSet("synthetic", 4.5, 0.05, 40.0, diameter_a=160.0),
+    "synthetic_3A_snr0.3": DataSet("synthetic", 3.0, 0.3, 30.0, diameter_a=120.0),
+    "rnapol2_6A_snr0.3": DataSet("rnapol2", 6.0, 0.3, 50.0),
+}
+#: the refinement options of those checks (a quick search: shifts are at most 3 px)
+RESOLUTION_OPTIONS = ("--twostage", "2", "--simalign", "rotate_translate_flip:maxshift=4")
+
+
+def simulate_data_set(folder: Path, ds: DataSet, n: int) -> None:
+    """``n`` particles of ``ds`` (CTF defocus 1-2.5 um, shifts up to 3 px) written to
+    ``folder``/particles.star + .mrcs, with start.mrc (the truth low-passed to
+    ``ds.start_a``) and truth.mrc."""
+    from cryorefine.fourier.filters import lowpass_gauss
+    from cryorefine.io.maps import write_map
+    from cryorefine.io.stacks import write_stack
+
+    truth = ds.truth()
+    sim = simulate_particles(
+        truth.data,
+        n,
+        apix=ds.apix,
+        snr=ds.snr,
+        rng=np.random.default_rng(2026),
+        max_shift_a=3.0 * ds.apix,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    write_stack(sim, folder / "particles.star", overwrite=True)
+    start = lowpass_gauss(truth.data, ds.apix / ds.start_a, 3).astype(np.float32)
+    write_map(folder / "start.mrc", Map(start, ds.apix), overwrite=True)
+    write_map(folder / "truth.mrc", truth, overwrite=True)
+
+
+def particle_fraction(truth: np.ndarray, apix: float) -> float:
+    """The particle's diameter over the box: twice the 99th percentile of the distance
+    from the centre of the truth's 15 Å-low-passed density above a fifth of its maximum."""
+    from cryorefine.fourier.filters import lowpass_gauss
+
+    low = lowpass_gauss(truth, min(0.5, apix / 15.0), 3)
+    n = truth.shape[-1]
+    c = np.arange(n) - n // 2
+    z, y, x = np.meshgrid(c, c, c, indexing="ij", sparse=True)
+    r = np.broadcast_to(np.sqrt(x * x + y * y + z * z), low.shape)[low > 0.2 * low.max()]
+    return float(2 * np.percentile(r, 99) / n)

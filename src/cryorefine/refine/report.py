@@ -53,6 +53,9 @@ def _resolution_plot(history: list[dict]) -> str:
         ax.plot(its, masked, "^:", color="tab:red", label="masked")
     ax.plot(its, [h["resolution_unmasked"] for h in history], "s--", color="grey", label="unmasked")
     ax.set_xlabel("iteration")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("FSC 0.143 resolution (Å)")
     ax.legend(fontsize=8)
     return _png(plt, fig)
