@@ -20,7 +20,7 @@ import scipy.fft
 from numba import njit, prange
 
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import WORKERS, rfft_shell_index
+from cryorefine.fourier.fft import fft_threads, rfft_shell_index
 from cryorefine.registry import COMPARATORS, Modifier, Param
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -302,8 +302,8 @@ def frc(
     if zeromask:
         a, b = _zeromask(a, b)
     dtype = np.float32 if a.dtype == b.dtype == np.float32 else np.float64
-    fa = scipy.fft.rfft2(np.asarray(a, dtype), workers=WORKERS)
-    fb = scipy.fft.rfft2(np.asarray(b, dtype), workers=WORKERS)
+    fa = scipy.fft.rfft2(np.asarray(a, dtype), workers=fft_threads())
+    fb = scipy.fft.rfft2(np.asarray(b, dtype), workers=fft_threads())
     rings = _frc_rings(n)
     nring = n // 2
     sums = np.empty((k, 4, nring + 1))
@@ -366,8 +366,8 @@ def phase(
     if zeromask:
         a, b = _zeromask(a, b)
     # double precision: arccos is ill-conditioned next to 0 and pi
-    fa = scipy.fft.rfft2(a.astype(np.float64), workers=WORKERS).reshape(k, -1)
-    fb = scipy.fft.rfft2(b.astype(np.float64), workers=WORKERS).reshape(k, -1)
+    fa = scipy.fft.rfft2(a.astype(np.float64), workers=fft_threads()).reshape(k, -1)
+    fb = scipy.fft.rfft2(b.astype(np.float64), workers=fft_threads()).reshape(k, -1)
     rings = rfft_shell_index((n, n)).ravel()
     nring = n // 2
     idx = np.flatnonzero(rings < nring)
