@@ -181,7 +181,10 @@ def premasked(cmp):
     """``(zeromask, comparator)``: for a comparator whose ``zeromask`` zeroes both images
     wherever either is 0 and then compares them as they are (``frc``, ``phase``),
     ``(True, the same comparator without it)``, so that a caller can apply the mask
-    while it builds the images; otherwise ``(False, cmp)``."""
+    while it builds the images; otherwise ``(False, cmp)`` (also for a plain function,
+    e.g. a comparator wrapped in simmx's ``--mask``)."""
+    if not isinstance(cmp, Modifier):
+        return False, cmp
     if cmp.name in ("frc", "phase") and cmp.params.get("zeromask"):
         return True, Modifier(cmp.entry, {**cmp.params, "zeromask": False})
     return False, cmp
