@@ -112,7 +112,7 @@ def test_gold_standard_run_writes_every_output(gold_run, dataset):
     report = (path / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 6
     log = (path / "run.log").read_text()
-    assert "e2simmx.py" in log and "e2make3d.py" in log and "iteration 01:" in log
+    assert "e2simmx.py" in log and "relion_reconstruct" in log and "iteration 01:" in log
     # not a file of the run is left half-written
     assert not [p for p in path.iterdir() if p.name.endswith(".partial")]
 
