@@ -267,7 +267,9 @@ class ClassaverageConfig(StageOptions):
     ``keepsig``): members kept; ``align``/``aligncmp``/``ralign``/``raligncmp``: the
     aligners that bring members onto the average; ``cmp``: the score used to reject;
     ``averager``; ``normproc``: processor applied to each member first; ``setsfref``:
-    impose the reference's structure factor; ``automask``.
+    impose the reference's structure factor; ``automask``; ``prefilt``: filter the
+    average to each member's power spectrum (``filter.matchto``) before aligning the
+    member to it (rounds 1.. ``iterations``, as e2classaverage).
     """
 
     iterations: int = 1
@@ -282,6 +284,7 @@ class ClassaverageConfig(StageOptions):
     normproc: str | None = "normalize.edgemean"
     setsfref: bool = False
     automask: bool = False
+    prefilt: bool = False
 
     align_mod: Modifier | None = _parsed()
     aligncmp_mod: Modifier | None = _parsed()
@@ -426,6 +429,11 @@ def read_fsc_mask(path: str | Path) -> np.ndarray:
     return np.clip(data, 0.0, 1.0)
 
 
+def breaks_symmetry(orientgen: Modifier) -> bool:
+    """Whether an orientation generator covers every symmetry copy (``breaksym=1``)."""
+    return bool(orientgen.params.get("breaksym"))
+
+
 #: what a refinement reconstructs from (``RefineConfig.m3dsource``)
 M3D_SOURCES = ("particles", "classes")
 
@@ -492,10 +500,14 @@ class RefineConfig:
             parse_option(PROCESSORS, self.postprocess2, option="--m3dpostprocess2"),
         )
         symmetry_group(self.sym)
-        for name, cfg in (("projection", self.project3d), ("reconstruction", self.make3d)):
-            if cfg.sym.lower() != self.sym.lower():
+        for name, cfg, want in (
+            ("projection", self.project3d, self.sym),
+            ("reconstruction", self.make3d, self.map_sym),
+        ):
+            if cfg.sym.lower() != want.lower():
                 raise CryorefineError(
-                    f"--sym {self.sym}: the {name} stage was configured with {cfg.sym}"
+                    f"--sym {self.sym}: the {name} stage was configured with {cfg.sym} "
+                    f"(expected {want})"
                 )
         if self.m3dsource not in M3D_SOURCES:
             raise CryorefineError(
@@ -505,3 +517,9 @@ class RefineConfig:
             raise CryorefineError(
                 f"--sep {self.sep}: classify was configured with {self.classify.sep}"
             )
+
+    @property
+    def map_sym(self) -> str:
+        """The symmetry the map is reconstructed in: ``c1`` when the orientations cover
+        every symmetry copy (``--orientgen ...:breaksym=1``, as e2refine), else ``sym``."""
+        return "c1" if breaks_symmetry(self.project3d.orientgen_mod) else self.sym

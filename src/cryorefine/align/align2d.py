@@ -26,7 +26,7 @@ from cryorefine.align.transform2d import (
     shift_integer,
 )
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import WORKERS
+from cryorefine.fourier.fft import fft_threads
 from cryorefine.registry import ALIGNERS, COMPARATORS, Param
 
 
@@ -78,7 +78,7 @@ def ccf_peaks(
     First maximum in scan order (y outer, x inner, negative to positive). ``nozero``
     zeroes the CCF at the origin and its 8 neighbours first (against fixed patterns).
     """
-    ccf = scipy.fft.irfft2(moving_ft * np.conj(target_ft), s=(n, n), workers=WORKERS)
+    ccf = scipy.fft.irfft2(moving_ft * np.conj(target_ft), s=(n, n), workers=fft_threads())
     if nozero:
         near = np.array([-1, 0, 1]) % n
         ccf[:, near[:, None], near[None, :]] = 0.0
@@ -124,8 +124,8 @@ def translational(moving, target, *, maxshift=None, nozero=False, cmp=None, **ct
     n = moving.shape[-1]
     ms = default_maxshift(n, maxshift)
     px, py, _, _ = ccf_peaks(
-        scipy.fft.rfft2(moving, workers=WORKERS),
-        scipy.fft.rfft2(np.asarray(target, np.float32), workers=WORKERS),
+        scipy.fft.rfft2(moving, workers=fft_threads()),
+        scipy.fft.rfft2(np.asarray(target, np.float32), workers=fft_threads()),
         n,
         ms,
         nozero,
@@ -209,13 +209,15 @@ def rotate_translate(
     ms = default_maxshift(n, maxshift)
     cmp = comparator(cmp)
     a0 = footprint_angles(moving, target)
-    target_ft = scipy.fft.rfft2(target, workers=WORKERS)
+    target_ft = scipy.fft.rfft2(target, workers=fft_threads())
     best = None
     r0 = rotate_with_quarter_turns(moving, a0, a0 >= 90.0)  # as the engine's bank
     # two candidates, alpha0 and that image turned by a further 180 degrees (exact);
     # on a tie the 180-degree one wins
     for alpha, rot in ((a0, r0), (a0 + 180.0, rotate180(r0))):
-        px, py, fx, fy = ccf_peaks(scipy.fft.rfft2(rot, workers=WORKERS), target_ft, n, ms, nozero)
+        px, py, fx, fy = ccf_peaks(
+            scipy.fft.rfft2(rot, workers=fft_threads()), target_ft, n, ms, nozero
+        )
         cand = shift_integer(rot, -px, -py)
         score = _cmp_ctx(cmp, cand, target, ctx)
         tx, ty = (-(px + fx), -(py + fy)) if subpixel else (-px * 1.0, -py * 1.0)
@@ -419,13 +421,13 @@ def rtf_exhaustive(moving, target, *, maxshift=None, subpixel=False, cmp=None, *
     cmp = comparator(cmp)
     xs = polar_size(n)[0]
     targets = (target, mirror_x(target))
-    target_fts = [scipy.fft.rfft2(t, workers=WORKERS) for t in targets]
+    target_fts = [scipy.fft.rfft2(t, workers=fft_threads()) for t in targets]
     best_score = np.full(k, np.inf)
     best = [np.zeros(k), np.zeros(k), np.zeros(k), np.zeros(k, bool)]
     for j in range(xs):
         r0 = apply_transform(moving, j * 180.0 / xs, 0, 0, 0)
         for alpha, rot in ((j * 180.0 / xs, r0), (j * 180.0 / xs + 180.0, rotate180(r0))):
-            rot_ft = scipy.fft.rfft2(rot, workers=WORKERS)
+            rot_ft = scipy.fft.rfft2(rot, workers=fft_threads())
             for m, (tgt, tgt_ft) in enumerate(zip(targets, target_fts, strict=True)):
                 px, py, fx, fy = ccf_peaks(rot_ft, tgt_ft, n, ms)
                 score = _cmp_ctx(cmp, shift_integer(rot, -px, -py), tgt, ctx)

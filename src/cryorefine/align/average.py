@@ -18,7 +18,7 @@ import scipy.fft
 
 from cryorefine.align.transform2d import Transform2D
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import WORKERS, rfft_shell_index
+from cryorefine.fourier.fft import fft_threads, rfft_shell_index
 from cryorefine.registry import AVERAGERS, Param
 
 #: members transformed and summed at a time
@@ -103,7 +103,7 @@ def ctf_sums(
     n = images.shape[-1]
     images = np.asarray(images, np.float32)
     weighted = scipy.fft.irfft2(
-        scipy.fft.rfft2(images, workers=WORKERS) * ctf, s=(n, n), workers=WORKERS
+        scipy.fft.rfft2(images, workers=fft_threads()) * ctf, s=(n, n), workers=fft_threads()
     ).astype(np.float32)
     num = _aligned_sums(weighted, groups, n_groups, transform, src)
     c2 = _full_plane(np.square(ctf, dtype=np.float32), n)
@@ -112,7 +112,7 @@ def ctf_sums(
     den = _aligned_sums(c2, groups, n_groups, turn, src)
     # rotation about pixel n // 2 by bilinear interpolation: symmetric enough that the
     # centred map stays a map of squared CTFs (non-negative)
-    return scipy.fft.rfft2(num, workers=WORKERS), _half_plane(np.maximum(den, 0.0))
+    return scipy.fft.rfft2(num, workers=fft_threads()), _half_plane(np.maximum(den, 0.0))
 
 
 def _check_wiener(params: dict, where: str) -> None:
@@ -127,7 +127,7 @@ def _ctf_average(images, groups, n_groups, transform, source, ctf, name, finish)
     n = images.shape[-1]
     counts = np.bincount(groups, minlength=n_groups)
     num, den = ctf_sums(images, groups, n_groups, transform, src, np.asarray(ctf, np.float32))
-    out = scipy.fft.irfft2(finish(num, den, n), s=(n, n), workers=WORKERS)
+    out = scipy.fft.irfft2(finish(num, den, n), s=(n, n), workers=fft_threads())
     out[counts == 0] = 0.0
     return out.astype(np.float32), counts
 

@@ -20,7 +20,7 @@ from numba import njit, prange
 
 from cryorefine.align.compare import FLT_MIN
 from cryorefine.align.transform2d import rotate_quarter, rotate_stack
-from cryorefine.fourier.fft import WORKERS
+from cryorefine.fourier.fft import fft_threads
 
 _SCRATCH = threading.local()
 
@@ -167,9 +167,9 @@ def build_bank(
     step = max(1, 512 // half)  # batches small enough to reuse heap memory
     for r0 in range(0, len(which), step):
         sl = slice(r0, r0 + step)
-        ft = scipy.fft.rfft2(per_ref[sl, :half], workers=WORKERS)
-        row = scipy.fft.rfft(per_ref[sl, :, 0, :], workers=WORKERS)
-        col = scipy.fft.fft(per_ref[sl, :, :, 0], workers=WORKERS)
+        ft = scipy.fft.rfft2(per_ref[sl, :half], workers=fft_threads())
+        row = scipy.fft.rfft(per_ref[sl, :, 0, :], workers=fft_threads())
+        col = scipy.fft.fft(per_ref[sl, :, :, 0], workers=fft_threads())
         bank_transforms(per_ref[sl], ft, row, col, re4[sl], im4[sl], edges[sl], ph)
     return bank
 

@@ -20,7 +20,7 @@ import scipy.fft
 from numba import njit, prange
 
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import WORKERS, rfft_shell_index
+from cryorefine.fourier.fft import fft_threads, rfft_shell_index
 from cryorefine.registry import COMPARATORS, Modifier, Param
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -181,7 +181,10 @@ def premasked(cmp):
     """``(zeromask, comparator)``: for a comparator whose ``zeromask`` zeroes both images
     wherever either is 0 and then compares them as they are (``frc``, ``phase``),
     ``(True, the same comparator without it)``, so that a caller can apply the mask
-    while it builds the images; otherwise ``(False, cmp)``."""
+    while it builds the images; otherwise ``(False, cmp)`` (also for a plain function,
+    e.g. a comparator wrapped in simmx's ``--mask``)."""
+    if not isinstance(cmp, Modifier):
+        return False, cmp
     if cmp.name in ("frc", "phase") and cmp.params.get("zeromask"):
         return True, Modifier(cmp.entry, {**cmp.params, "zeromask": False})
     return False, cmp
@@ -302,8 +305,8 @@ def frc(
     if zeromask:
         a, b = _zeromask(a, b)
     dtype = np.float32 if a.dtype == b.dtype == np.float32 else np.float64
-    fa = scipy.fft.rfft2(np.asarray(a, dtype), workers=WORKERS)
-    fb = scipy.fft.rfft2(np.asarray(b, dtype), workers=WORKERS)
+    fa = scipy.fft.rfft2(np.asarray(a, dtype), workers=fft_threads())
+    fb = scipy.fft.rfft2(np.asarray(b, dtype), workers=fft_threads())
     rings = _frc_rings(n)
     nring = n // 2
     sums = np.empty((k, 4, nring + 1))
@@ -366,8 +369,8 @@ def phase(
     if zeromask:
         a, b = _zeromask(a, b)
     # double precision: arccos is ill-conditioned next to 0 and pi
-    fa = scipy.fft.rfft2(a.astype(np.float64), workers=WORKERS).reshape(k, -1)
-    fb = scipy.fft.rfft2(b.astype(np.float64), workers=WORKERS).reshape(k, -1)
+    fa = scipy.fft.rfft2(a.astype(np.float64), workers=fft_threads()).reshape(k, -1)
+    fb = scipy.fft.rfft2(b.astype(np.float64), workers=fft_threads()).reshape(k, -1)
     rings = rfft_shell_index((n, n)).ravel()
     nring = n // 2
     idx = np.flatnonzero(rings < nring)

@@ -57,7 +57,7 @@ from cryorefine.align.rotational import (
 )
 from cryorefine.align.shift_search import FIT, N_STATS, Stat, search_block, window_dft
 from cryorefine.align.transform2d import Transform2D, mirror_x, rotate180
-from cryorefine.fourier.fft import WORKERS
+from cryorefine.fourier.fft import fft_threads
 
 __all__ = [
     "BankCache",
@@ -349,7 +349,7 @@ def prepare_targets(particles: np.ndarray, flip: bool, fourier: bool) -> Targets
     tgt = np.stack([particles, mirror_x(particles)] if flip else [particles])
     nm, n_p = tgt.shape[:2]
     if fourier:
-        ft = scipy.fft.rfft2(tgt, workers=WORKERS)
+        ft = scipy.fft.rfft2(tgt, workers=fft_threads())
         t_re = np.ascontiguousarray(ft.real, dtype=np.float32)
         t_im = np.ascontiguousarray(ft.imag, dtype=np.float32)
         del ft

@@ -18,7 +18,7 @@ import numpy as np
 import scipy.fft
 from numba import njit, prange
 
-from cryorefine.fourier.fft import WORKERS
+from cryorefine.fourier.fft import fft_threads
 
 
 def _smooth_size(n: int) -> bool:
@@ -72,13 +72,13 @@ def footprints(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images, dtype=np.float32)
     n = images.shape[-1]
     # the amplitude spectrum is real and centrosymmetric: half-plane transforms suffice
-    ft = scipy.fft.rfft2(images, workers=WORKERS)
+    ft = scipy.fft.rfft2(images, workers=fft_threads())
     f = scipy.fft.fftfreq(n)
     s2 = f[:, None] ** 2 + scipy.fft.rfftfreq(n)[None, :] ** 2
     sigma = 1.5 / n
     amp = np.abs(ft) * (1.0 - np.exp(-s2 / (2 * sigma * sigma))).astype(np.float32)
     fp = scipy.fft.fftshift(
-        scipy.fft.irfft2(amp, s=(n, n), workers=WORKERS).astype(np.float32), axes=(-2, -1)
+        scipy.fft.irfft2(amp, s=(n, n), workers=fft_threads()).astype(np.float32), axes=(-2, -1)
     )
     edge = np.concatenate(
         [fp[:, 0, :], fp[:, -1, :], fp[:, 1:-1, 0], fp[:, 1:-1, -1]], axis=1
@@ -94,7 +94,7 @@ def footprints(images: np.ndarray) -> np.ndarray:
 def spectra(fp: np.ndarray) -> np.ndarray:
     """Angular spectra of footprints ``(k, R, xs)``: ``(xs // 2 + 1, R, k)`` complex64,
     laid out for the per-frequency matrix products of :func:`best_rotations`."""
-    s = scipy.fft.rfft(fp, axis=-1, workers=WORKERS).astype(np.complex64)
+    s = scipy.fft.rfft(fp, axis=-1, workers=fft_threads()).astype(np.complex64)
     return np.ascontiguousarray(np.transpose(s, (2, 1, 0)))
 
 
@@ -118,7 +118,7 @@ def best_rotations(moving: np.ndarray, target: np.ndarray, xs: int) -> np.ndarra
         t = target[..., s0 : s0 + block]
         # C_hat[m, p, c] = sum_r conj(T[m, r, p]) M[m, r, c]: one GEMM per frequency m
         c_hat = np.matmul(np.conj(np.transpose(t, (0, 2, 1))), moving)
-        corr = scipy.fft.irfft(c_hat, n=xs, axis=0, workers=WORKERS)
+        corr = scipy.fft.irfft(c_hat, n=xs, axis=0, workers=fft_threads())
         out[s0 : s0 + block] = np.argmax(corr, axis=0)
     return out
 
@@ -164,6 +164,6 @@ def pair_rotations(
         sl = slice(s0, s0 + 65536)
         part = c_hat[: len(c_idx[sl])]
         _pair_spectra(mv, tg, c_idx[sl], p_idx[sl], part)
-        corr = scipy.fft.irfft(part, n=xs, axis=1, workers=WORKERS)
+        corr = scipy.fft.irfft(part, n=xs, axis=1, workers=fft_threads())
         out[sl] = np.argmax(corr, axis=1)
     return out

@@ -87,6 +87,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--automask", action="store_true", help="2D automask of the running average"
     )
     parser.add_argument(
+        "--prefilt",
+        action="store_true",
+        help="filter the average to each member's power spectrum before aligning it",
+    )
+    parser.add_argument(
         "--storebad", action="store_true", help="accepted: every class number always gets an image"
     )
     parser.add_argument("--overwrite", "-f", action="store_true", help="replace existing outputs")
@@ -106,6 +111,7 @@ def main(args: argparse.Namespace) -> int:
         normproc=args.normproc,
         setsfref=args.setsfref,
         automask=args.automask,
+        prefilt=args.prefilt,
     )
     ca = run_classaverage(
         args.input,

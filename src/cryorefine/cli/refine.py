@@ -33,7 +33,7 @@ import argparse
 from cryorefine import __version__
 from cryorefine.refine.driver import prepare, refine
 from cryorefine.refine.estimate import check_report
-from cryorefine.refine.options import OPTIONS
+from cryorefine.refine.options import OPTIONS, help_text
 
 #: this subcommand defines its own -v/--verbose (an EMAN2 level, not a flag)
 OWN_VERBOSE = True
@@ -45,10 +45,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         g = groups.setdefault(o.group, parser.add_argument_group(f"{o.group} options"))
         default = "" if o.default in (None, False) else f" (default {o.default})"
         if o.type is bool:
-            g.add_argument(f"--{o.name}", action="store_true", help=o.help)
+            g.add_argument(f"--{o.name}", action="store_true", help=help_text(o))
         else:
             names = [f"--{o.name}"] + (["-P"] if o.name == "parallel" else [])
-            g.add_argument(*names, type=o.type, default=o.default, help=o.help + default)
+            g.add_argument(*names, type=o.type, default=o.default, help=help_text(o) + default)
     parser.add_argument(
         "-c", "--check", action="store_true", help="check inputs and options, estimate, exit"
     )
@@ -66,6 +66,8 @@ def main(args: argparse.Namespace) -> int:
     run = prepare(opts)
     try:
         if args.check:
+            for line in run.warnings:
+                print(line)
             print(check_report(run))
             return 0
         refine(run)

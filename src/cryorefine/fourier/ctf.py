@@ -16,7 +16,7 @@ import numpy as np
 import scipy.fft
 from numba import njit, prange
 
-from cryorefine.fourier.fft import WORKERS, rfft_freqs_2d
+from cryorefine.fourier.fft import fft_threads, rfft_freqs_2d
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -140,11 +140,11 @@ class CTFParams:
 
 
 def _rfft2(images: np.ndarray) -> np.ndarray:
-    return scipy.fft.rfft2(np.asarray(images, dtype=np.float32), workers=WORKERS)
+    return scipy.fft.rfft2(np.asarray(images, dtype=np.float32), workers=fft_threads())
 
 
 def _irfft2(images_rft: np.ndarray, n: int) -> np.ndarray:
-    return scipy.fft.irfft2(images_rft, s=(n, n), workers=WORKERS).astype(np.float32)
+    return scipy.fft.irfft2(images_rft, s=(n, n), workers=fft_threads()).astype(np.float32)
 
 
 def apply_ctf(images: np.ndarray, ctf: np.ndarray) -> np.ndarray:

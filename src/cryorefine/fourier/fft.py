@@ -9,12 +9,31 @@ size is given, then in 1/Å.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import scipy.fft
 
-#: every FFT call in cryorefine uses all cores
-WORKERS = -1
+#: threads of every FFT call in cryorefine (-1: all cores; see :func:`fft_threads_limited`)
+_fft_threads = -1
+
+
+def fft_threads() -> int:
+    """The ``workers`` every ``scipy.fft`` call in cryorefine passes: -1 (every core)
+    unless :func:`fft_threads_limited` is in effect."""
+    return _fft_threads
+
+
+@contextmanager
+def fft_threads_limited(n: int) -> Iterator[None]:
+    """Run every FFT of cryorefine on ``n`` threads inside the block (restored after)."""
+    global _fft_threads
+    before, _fft_threads = _fft_threads, int(n)
+    try:
+        yield
+    finally:
+        _fft_threads = before
 
 
 def cpu_count() -> int:
@@ -60,9 +79,9 @@ def filter_rfft(data: np.ndarray, transfer: np.ndarray, ndim: int) -> np.ndarray
     Returns float32 with the shape of ``data``.
     """
     axes = tuple(range(-ndim, 0))
-    ft = scipy.fft.rfftn(np.asarray(data, dtype=np.float32), axes=axes, workers=WORKERS)
+    ft = scipy.fft.rfftn(np.asarray(data, dtype=np.float32), axes=axes, workers=fft_threads())
     ft *= transfer
-    out = scipy.fft.irfftn(ft, s=data.shape[-ndim:], axes=axes, workers=WORKERS)
+    out = scipy.fft.irfftn(ft, s=data.shape[-ndim:], axes=axes, workers=fft_threads())
     return out.astype(np.float32, copy=False)
 
 
@@ -75,8 +94,8 @@ def shift_images(images: np.ndarray, shifts_px: np.ndarray) -> np.ndarray:
     fy, fx = rfft_freqs_2d(n)
     d = np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2)
     phase = np.exp(-2j * np.pi * (fx[None] * d[:, 0, None, None] + fy[None] * d[:, 1, None, None]))
-    ft = scipy.fft.rfft2(np.asarray(images, dtype=np.float32), workers=WORKERS)
-    return scipy.fft.irfft2(ft * phase, s=(n, n), workers=WORKERS).astype(np.float32)
+    ft = scipy.fft.rfft2(np.asarray(images, dtype=np.float32), workers=fft_threads())
+    return scipy.fft.irfft2(ft * phase, s=(n, n), workers=fft_threads()).astype(np.float32)
 
 
 def ring_sum(values: np.ndarray, rings: np.ndarray, nring: int) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-from cryorefine.fourier.fft import WORKERS, filter_rfft, rfft_radius, ring_mean
+from cryorefine.fourier.fft import fft_threads, filter_rfft, rfft_radius, ring_mean
 
 
 def lowpass_gauss(data: np.ndarray, cutoff_cpp: float, ndim: int) -> np.ndarray:
@@ -72,7 +72,7 @@ def radial_power(data: np.ndarray, ndim: int) -> np.ndarray:
     """
     shape = data.shape[-ndim:]
     axes = tuple(range(-ndim, 0))
-    ft = scipy.fft.rfftn(np.asarray(data, dtype=np.float32), axes=axes, workers=WORKERS)
+    ft = scipy.fft.rfftn(np.asarray(data, dtype=np.float32), axes=axes, workers=fft_threads())
     power = (ft.real**2 + ft.imag**2) / float(np.prod(shape))
     lo, w_hi, mult, nb = _shell_weights(shape)
     lead = power.shape[:-ndim]
@@ -144,8 +144,8 @@ def match_power_spectrum(images: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """
     images = np.asarray(images, np.float32)
     n = images.shape[-1]
-    fi = scipy.fft.rfft2(images, workers=WORKERS)
-    ft = scipy.fft.rfft2(np.asarray(targets, np.float32), workers=WORKERS)
+    fi = scipy.fft.rfft2(images, workers=fft_threads())
+    ft = scipy.fft.rfft2(np.asarray(targets, np.float32), workers=fft_threads())
     radius = rfft_radius((n, n)) * n  # Fourier pixels
     p_img = ring_mean(np.abs(fi) ** 2)
     p_tgt = ring_mean(np.abs(ft) ** 2)
@@ -157,7 +157,7 @@ def match_power_spectrum(images: np.ndarray, targets: np.ndarray) -> np.ndarray:
     frac = r - lo
     gain = ratio[:, lo] * (1 - frac) + ratio[:, hi] * frac
     out = scipy.fft.irfft2(
-        fi * gain.reshape(fi.shape).astype(np.float32), s=(n, n), workers=WORKERS
+        fi * gain.reshape(fi.shape).astype(np.float32), s=(n, n), workers=fft_threads()
     )
     return (out * (images != 0)).astype(np.float32)
 
@@ -172,10 +172,10 @@ def randomise_phases(data: np.ndarray, beyond_cpp: float, ndim: int, rng) -> np.
     """
     data = np.asarray(data, np.float32)
     axes = tuple(range(-ndim, 0))
-    ft = scipy.fft.rfftn(data, axes=axes, workers=WORKERS)
-    noise = scipy.fft.rfftn(rng.standard_normal(data.shape), axes=axes, workers=WORKERS)
+    ft = scipy.fft.rfftn(data, axes=axes, workers=fft_threads())
+    noise = scipy.fft.rfftn(rng.standard_normal(data.shape), axes=axes, workers=fft_threads())
     beyond = rfft_radius(data.shape[-ndim:]) > beyond_cpp
     phase = np.exp(1j * np.angle(noise))
     ft = np.where(beyond, np.abs(ft) * phase, ft)
-    out = scipy.fft.irfftn(ft, s=data.shape[-ndim:], axes=axes, workers=WORKERS)
+    out = scipy.fft.irfftn(ft, s=data.shape[-ndim:], axes=axes, workers=fft_threads())
     return out.astype(np.float32)

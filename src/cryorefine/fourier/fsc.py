@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 
-from cryorefine.fourier.fft import WORKERS, rfft_shell_index
+from cryorefine.fourier.fft import fft_threads, rfft_shell_index
 from cryorefine.fourier.filters import randomise_phases
 
 #: the unmasked FSC below which the phases are randomised (RELION's ``--randomize_at_fsc``)
@@ -31,8 +31,8 @@ def fsc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     n = a.shape[0]
-    fa = scipy.fft.rfftn(np.asarray(a, np.float64), workers=WORKERS)
-    fb = scipy.fft.rfftn(np.asarray(b, np.float64), workers=WORKERS)
+    fa = scipy.fft.rfftn(np.asarray(a, np.float64), workers=fft_threads())
+    fb = scipy.fft.rfftn(np.asarray(b, np.float64), workers=fft_threads())
     shell = rfft_shell_index(a.shape)
     weight = np.full(shell.shape, 2.0)
     weight[..., 0] = 1.0

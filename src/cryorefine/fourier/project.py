@@ -25,7 +25,7 @@ from scipy import ndimage
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier import _kernels
 from cryorefine.fourier.ctf import CTFParams, apply_ctf
-from cryorefine.fourier.fft import WORKERS, cpu_count, shift_images
+from cryorefine.fourier.fft import cpu_count, fft_threads, shift_images
 from cryorefine.registry import PROJECTORS, Modifier, Param
 
 
@@ -58,7 +58,7 @@ def prepare_volume(volume: np.ndarray, *, pad_factor: float = 2.0) -> VolumeFT:
     padded = np.zeros((size,) * 3, dtype=np.float32)
     o = size // 2 - n // 2
     padded[o : o + n, o : o + n, o : o + n] = corrected
-    ft = scipy.fft.fftshift(scipy.fft.fftn(scipy.fft.ifftshift(padded), workers=WORKERS))
+    ft = scipy.fft.fftshift(scipy.fft.fftn(scipy.fft.ifftshift(padded), workers=fft_threads()))
     # the -P/2 planes have no +P/2 partners; zero them so that every rotation of the
     # grid sees the same (Hermitian-symmetric) transform
     ft[0], ft[:, 0], ft[:, :, 0] = 0, 0, 0
@@ -89,7 +89,7 @@ def extract_slices(volume_ft: VolumeFT, rotations: np.ndarray) -> np.ndarray:
 def slices_to_images(slices: np.ndarray, n: int) -> np.ndarray:
     """Inverse-FFT padded ``rfft2`` slices and crop the central ``n x n`` (float32)."""
     size = slices.shape[-2]
-    images = scipy.fft.irfft2(slices, s=(size, size), workers=WORKERS)
+    images = scipy.fft.irfft2(slices, s=(size, size), workers=fft_threads())
     images = scipy.fft.fftshift(images, axes=(-2, -1))
     o = size // 2 - n // 2
     return np.ascontiguousarray(images[:, o : o + n, o : o + n], dtype=np.float32)

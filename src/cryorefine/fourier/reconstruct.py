@@ -27,7 +27,7 @@ import scipy.fft
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier import _kernels
 from cryorefine.fourier.ctf import CTFParams
-from cryorefine.fourier.fft import WORKERS
+from cryorefine.fourier.fft import fft_threads
 from cryorefine.registry import RECONSTRUCTORS, Param
 
 KERNELS = ("trilinear", "gauss_2", "nearest_neighbor")
@@ -57,7 +57,7 @@ def image_slices(images: np.ndarray, size: int, shifts_px: np.ndarray | None = N
     c = n // 2
     rows = (np.arange(n) - c) % size
     padded[:, rows[:, None], rows[None, :]] = images
-    ft = scipy.fft.rfft2(padded, workers=WORKERS, overwrite_x=True)
+    ft = scipy.fft.rfft2(padded, workers=fft_threads(), overwrite_x=True)
     del padded
     if shifts_px is not None:
         d = np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2)
@@ -289,7 +289,7 @@ class FourierVolume:
         f /= w  # in place: complex64 by float32
         f[small] = 0
         del w, small
-        vol = scipy.fft.irfftn(f, s=(self.size,) * 3, workers=WORKERS)
+        vol = scipy.fft.irfftn(f, s=(self.size,) * 3, workers=fft_threads())
         # centred crop of the fftshifted map, taken directly from the unshifted one
         c = np.arange(self.n) - self.n // 2
         idx = c % self.size

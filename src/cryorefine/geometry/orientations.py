@@ -193,6 +193,27 @@ def _check_delta_n(params: dict, where: str) -> None:
         raise CryorefineError(f"{where}: phitoo must not be negative")
 
 
+def _eman_delta(
+    sym: SymmetryGroup, delta: float | None, n: int | None, mirror: bool, alt_min, alt_max
+) -> float:
+    """The ``eman`` ring walk's step: ``delta``, or the one giving ``n`` directions."""
+    if delta is not None:
+        return float(delta)
+    return _delta_for_count(
+        lambda d: len(
+            eman_directions(sym, d, inc_mirror=mirror, alt_min=alt_min, alt_max=alt_max)[0]
+        ),
+        n,
+    )
+
+
+def _ring_delta(directions, sym: SymmetryGroup, delta, n, inc_mirror: bool) -> float:
+    """A ring generator's step: ``delta``, or the one giving ``n`` directions."""
+    if delta is not None:
+        return float(delta)
+    return _delta_for_count(lambda d: len(directions(sym, d, inc_mirror=inc_mirror)[0]), n)
+
+
 @ORIENTGENS.register(
     "eman",
     "EMAN2's rings of constant alt with azimuth step delta/sin(alt) (e2refine's default).",
@@ -227,13 +248,7 @@ def eman(
     phitoo=0.0,
 ) -> np.ndarray:
     mirror = inc_mirror or breaksym
-    if delta is None:
-        delta = _delta_for_count(
-            lambda d: len(
-                eman_directions(sym, d, inc_mirror=mirror, alt_min=alt_min, alt_max=alt_max)[0]
-            ),
-            n,
-        )
+    delta = _eman_delta(sym, delta, n, mirror, alt_min, alt_max)
     azs, alts = eman_directions(
         sym, delta, inc_mirror=mirror, perturb=perturb, alt_min=alt_min, alt_max=alt_max, rng=rng
     )
@@ -258,8 +273,7 @@ def _ring_generator(directions):
         random_phi=False,
         phitoo=0.0,
     ) -> np.ndarray:
-        if delta is None:
-            delta = _delta_for_count(lambda d: len(directions(sym, d, inc_mirror=inc_mirror)[0]), n)
+        delta = _ring_delta(directions, sym, delta, n, inc_mirror)
         azs, alts = directions(sym, delta, inc_mirror=inc_mirror)
         return _emit(azs, alts, random_phi=random_phi, phitoo=phitoo, rng=rng)
 
@@ -279,6 +293,9 @@ saff = ORIENTGENS.register(
     _common_params(_DELTA_N),
     check=_check_delta_n,
 )(_ring_generator(saff_directions))
+
+
+_RING_DIRECTIONS = {"even": even_directions, "saff": saff_directions}
 
 
 def _check_rand(params: dict, where: str) -> None:
@@ -335,3 +352,24 @@ def orientations(
         raise CryorefineError(f"{option}: an orientation generator is required")
     group = symmetry_group(sym) if isinstance(sym, str) else sym
     return mod(group, rng=rng or np.random.default_rng())
+
+
+def angular_step_deg(orientgen: Modifier, sym: str | SymmetryGroup) -> float:
+    """The angular step (degrees) of the orientations ``orientgen`` generates over the
+    asymmetric unit of ``sym``: its ``delta``, or for ``n=`` the step that gives ``n``
+    directions (the one the generator uses). ``rand``: the spacing of ``n`` directions
+    spread evenly over the asymmetric unit with its mirror, ``sqrt(4 pi / (order n))``."""
+    group = symmetry_group(sym) if isinstance(sym, str) else sym
+    p = orientgen.params
+    if orientgen.name == "eman":
+        mirror = bool(p["inc_mirror"] or p["breaksym"])
+        return _eman_delta(group, p["delta"], p["n"], mirror, p["alt_min"], p["alt_max"])
+    if orientgen.name in _RING_DIRECTIONS:
+        return _ring_delta(
+            _RING_DIRECTIONS[orientgen.name], group, p["delta"], p["n"], bool(p["inc_mirror"])
+        )
+    if p.get("delta") is not None:
+        return float(p["delta"])
+    if p.get("n"):
+        return float(np.rad2deg(np.sqrt(4 * np.pi / (group.order * p["n"]))))
+    raise CryorefineError(f"--orientgen {orientgen}: no angular step (give delta or n)")

@@ -25,7 +25,8 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,9 @@ import numpy as np
 from cryorefine import __version__
 from cryorefine.config import RefineConfig
 from cryorefine.errors import CryorefineError
+from cryorefine.fourier.fft import fft_threads_limited
 from cryorefine.fourier.fsc import resolution_at
+from cryorefine.geometry.orientations import angular_step_deg
 from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.atomic import atomic_output, is_file
 from cryorefine.io.maps import read_map
@@ -46,6 +49,7 @@ from cryorefine.refine.options import (
     defaults,
     differences,
     eman2_commands,
+    inert_warnings,
     parallel_cores,
     refine_config,
 )
@@ -79,6 +83,8 @@ class Run:
     model: np.ndarray
     path: Path | None
     cores: int | None
+    #: one line per option that has no effect with the others (:func:`inert_warnings`)
+    warnings: tuple[str, ...] = ()
 
     @property
     def apix(self) -> float:
@@ -149,20 +155,32 @@ def prepare(opts: dict[str, Any]) -> Run:
     path = Path(opts["path"]) if opts.get("path") else None
     if path is not None and not path.is_dir():
         raise CryorefineError(f"--path {path}: folder does not exist (create it first)")
-    return Run(opts, cfg, stack, usefilt, model.data.astype(np.float32), path, cores)
+    warnings = tuple(inert_warnings(opts))
+    return Run(opts, cfg, stack, usefilt, model.data.astype(np.float32), path, cores, warnings)
 
 
-def set_cores(cores: int | None) -> None:
-    """Run on ``cores`` cores (``--parallel thread:N``): the compiled kernels' threads
-    and, through the CPU affinity, the FFTs."""
+@contextmanager
+def limited_cores(cores: int | None) -> Iterator[None]:
+    """Run the block on ``cores`` cores (``--parallel thread:N``; ``None``: all): the
+    compiled kernels' threads, the FFTs' threads and the process's CPU affinity, each
+    restored when the block ends (a library caller gets its own settings back)."""
     if not cores:
+        yield
         return
     import numba
 
-    numba.set_num_threads(min(cores, numba.config.NUMBA_NUM_THREADS))
-    if hasattr(os, "sched_setaffinity"):
-        allowed = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, allowed[:cores])
+    threads = numba.get_num_threads()
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else None
+    try:
+        numba.set_num_threads(min(cores, numba.config.NUMBA_NUM_THREADS))
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity[:cores])
+        with fft_threads_limited(cores):
+            yield
+    finally:
+        numba.set_num_threads(threads)
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
 
 
 def next_refine_folder(root: Path = Path(".")) -> Path:
@@ -277,8 +295,9 @@ def _image_names(run: Run, path: Path, resume: bool) -> np.ndarray:
 
 
 def angular_step(cfg: RefineConfig) -> float:
-    """The orientation generator's step (degrees; 5 when it has none)."""
-    return float(cfg.project3d.orientgen_mod.params.get("delta", 5.0))
+    """The step (degrees) of the projections' orientations: ``delta``, or the step
+    implied by ``n`` over the asymmetric unit (:func:`angular_step_deg`)."""
+    return angular_step_deg(cfg.project3d.orientgen_mod, cfg.sym)
 
 
 def stop_reason(history: list[dict], cfg: RefineConfig) -> str | None:
@@ -318,7 +337,11 @@ def _progress_factory(enabled: bool) -> Callable | None:
 
 def refine(run: Run, *, progress: bool | None = None) -> dict:
     """Run the refinement; returns the parameter record (with every iteration's figures)."""
-    set_cores(run.cores)
+    with limited_cores(run.cores):
+        return _refine(run, progress=progress)
+
+
+def _refine(run: Run, *, progress: bool | None) -> dict:
     path, record, start = _setup_folder(run)
     resume = start > 0
     cfg, opts, stack, apix = run.cfg, run.opts, run.stack, run.apix
@@ -332,6 +355,8 @@ def refine(run: Run, *, progress: bool | None = None) -> dict:
             f"{len(stack)} particles of {stack.box} px at {apix:g} Å/px; seed {opts['seed']}",
             echo=True,
         )
+        for line in run.warnings:
+            log(line, echo=True)
         rng = np.random.default_rng([int(opts["seed"]), 0xA1F])
         labels = half_sets(stack.meta, rng) if gold else np.zeros(len(stack), np.int64)
         halves = [np.flatnonzero(labels == h) for h in (1, 2)] if gold else [np.arange(len(stack))]
@@ -351,10 +376,10 @@ def refine(run: Run, *, progress: bool | None = None) -> dict:
         names = _image_names(run, path, resume)
         history = record["iterations"]
         bars = _progress_factory(sys.stderr.isatty() if progress is None else progress)
-        group = symmetry_group(cfg.sym)
+        group = symmetry_group(cfg.map_sym)
         for it in range(start, cfg.iterations):
             t0 = time.perf_counter()
-            commands = eman2_commands(opts, it, str(path))
+            commands = eman2_commands(opts, cfg, it, str(path))
             sim = cm = None
             if resume and it == start:
                 sim, cm = _completed_matrices(path, it, log)
@@ -396,8 +421,7 @@ def refine(run: Run, *, progress: bool | None = None) -> dict:
             _write_json(path / PARMS, record)
             for stage in STAGES:
                 log(
-                    f"iteration {it:02d} {stage}: {step.seconds[stage]:.1f} s; as EMAN2: "
-                    f"{commands[stage]}",
+                    f"iteration {it:02d} {stage}: {step.seconds[stage]:.1f} s; {commands[stage]}",
                     level=2,
                 )
             log(summary_line(entry), echo=True)

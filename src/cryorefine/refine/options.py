@@ -8,6 +8,7 @@ modifier string, so that a bad one is refused before any work), and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from cryorefine.config import (
     Project3dConfig,
     RefineConfig,
     SimmxConfig,
+    breaks_symmetry,
 )
 from cryorefine.errors import CryorefineError
 
@@ -44,10 +46,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("mass", float, 0.0, "particle mass in kDa: normalise threed_filt by mass", _E),
     Option("apix", float, 0.0, "Å/pixel of the particles (default: their header)", _E),
     Option("automask3d", str, None, "threshold,radius,nshells,nshellsgauss,nmaxseed", _E),
-    Option("automaskalign", bool, False, "mask alignment with the automask's projections", _E),
+    Option(
+        "automaskalign",
+        bool,
+        False,
+        "mask alignment with the automask's projections (refused: not available)",
+        _E,
+    ),
     Option("sym", str, "c1", "point-group symmetry (cN, dN, tet, oct, icos)", _E),
     Option("projector", str, "standard", "projector (standard, fourier)", _E),
-    Option("orientgen", str, "eman:delta=5.0:inc_mirror=0:perturb=1", "orientations", _E),
+    Option(
+        "orientgen",
+        str,
+        "eman:delta=5.0:inc_mirror=0:perturb=1",
+        "orientations (eman:...:breaksym=1 covers every symmetry copy; the map is then c1)",
+        _E,
+    ),
     Option("simalign", str, "rotate_translate_flip", "simmx aligner", "simmx"),
     Option("simaligncmp", str, "ccc", "comparator of --simalign", "simmx"),
     Option("simralign", str, None, "simmx refining aligner (e.g. refine)", "simmx"),
@@ -56,7 +70,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("simmask", str, None, "2D mask image applied before the simmx score", "simmx"),
     Option("shrink", int, 0, "shrink particles and projections in simmx (>= 2)", "simmx"),
     Option("twostage", int, 0, "two-stage simmx: the coarse stage's shrink (0: off)", "simmx"),
-    Option("prefilt", bool, False, "filter projections to each particle's spectrum", "simmx"),
+    Option(
+        "prefilt",
+        bool,
+        False,
+        "filter each reference to the particle's spectrum before aligning (simmx and "
+        "class averaging)",
+        "simmx",
+    ),
     Option("simvec", bool, False, "classify by similarity-vector pattern", "classify"),
     Option("sep", int, 1, "classes each particle is assigned to", "classify"),
     Option("classkeep", float, 0.8, "fraction of each class kept (or sigmas)", "class"),
@@ -73,11 +94,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("classautomask", bool, False, "2D automask of the running average", "class"),
     Option("pad", int, 0, "padded size for reconstruction, px (0: twice the box)", "make3d"),
     Option("recon", str, "fourier", "reconstructor", "make3d"),
-    Option("m3dkeep", float, 0.8, "fraction of class averages kept (classes source)", "make3d"),
+    Option("m3dkeep", float, 0.8, "fraction of class averages kept", "make3d"),
     Option("m3dkeepsig", bool, False, "--m3dkeep counts standard deviations", "make3d"),
     Option("m3dsetsf", bool, False, "impose strucfac.txt (working folder)", "make3d"),
     Option("m3dsffile", str, None, "impose this structure factor file", "make3d"),
-    Option("m3diter", int, 2, "reconstruction passes (classes source)", "make3d"),
+    Option("m3diter", int, 2, "reconstruction passes", "make3d"),
     Option(
         "m3dpreprocess",
         str,
@@ -88,8 +109,14 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("m3dpostprocess", str, None, "processor for the map, in make3d", "make3d"),
     Option("m3dpostprocess2", str, None, "processor for the map, after make3d", "make3d"),
-    Option("lowmem", bool, False, "accepted: memory is always bounded (streamed)", "make3d"),
-    Option("parallel", str, None, "thread:N runs on N cores", "driver"),
+    Option("lowmem", bool, False, "accepted for e2refine command lines", "make3d"),
+    Option(
+        "parallel",
+        str,
+        None,
+        "thread:N runs on N cores (kernels, FFTs, CPU affinity); mpi and dc refused",
+        "driver",
+    ),
     Option("seed", int, None, "random seed (default: drawn and recorded)", "cryorefine"),
     Option("goldstandard", int, 1, "1: refine two independent halves; 0: one chain", "cryorefine"),
     Option(
@@ -112,6 +139,68 @@ OPTIONS: tuple[Option, ...] = (
     ),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Inert:
+    """Options that cannot act in a combination: ``applies(opts)`` says when, ``where``
+    says it in words (for the warning and ``--help``)."""
+
+    names: tuple[str, ...]
+    where: str
+    applies: Callable[[dict[str, Any]], bool]
+
+
+#: every combination in which an option is accepted but has no effect
+INERT: tuple[Inert, ...] = (
+    Inert(
+        ("m3dkeep", "m3dkeepsig", "m3diter"),
+        "with --m3dsource particles (they rate class averages)",
+        lambda o: o["m3dsource"] == "particles",
+    ),
+    Inert(("m3dkeepsig",), "with --m3dkeep 0", lambda o: not o["m3dkeep"]),
+    Inert(("m3dsetsf",), "with --m3dsffile (that file is imposed)", lambda o: bool(o["m3dsffile"])),
+    Inert(("automask3d",), "without --mass", lambda o: not o["mass"]),
+    Inert(("inires",), "with --goldstandard 0", lambda o: not o["goldstandard"]),
+    Inert(("simaligncmp",), "with --simalign none", lambda o: _none(o["simalign"]) is None),
+    Inert(("simraligncmp",), "without --simralign", lambda o: _none(o["simralign"]) is None),
+    Inert(("classraligncmp",), "without --classralign", lambda o: _none(o["classralign"]) is None),
+    Inert(
+        ("classalign", "classaligncmp", "classralign", "classraligncmp"),
+        "with --classiter 0 (members keep the classification's alignment)",
+        lambda o: o["classiter"] == 0,
+    ),
+    Inert(("lowmem",), "(memory is always bounded)", lambda o: True),
+)
+
+
+def _given(o: dict[str, Any], name: str) -> bool:
+    """Whether option ``name`` was set to something other than its default."""
+    default = BY_NAME[name].default
+    value = o.get(name, default)
+    if BY_NAME[name].type is str:
+        return _none(value) != _none(default)
+    return value != default
+
+
+def inert_warnings(opts: dict[str, Any]) -> list[str]:
+    """One line for each option given that cannot act with the others (:data:`INERT`)."""
+    o = {**defaults(), **opts}
+    out: dict[str, str] = {}
+    for rule in INERT:
+        for name in rule.names:
+            if name not in out and _given(o, name) and rule.applies(o):
+                value = "" if BY_NAME[name].type is bool else f" {o[name]}"
+                out[name] = f"warning: --{name}{value} has no effect {rule.where}"
+    return list(out.values())
+
+
+def help_text(option: Option) -> str:
+    """``option``'s help, with the combinations in which it has no effect."""
+    where = [r.where for r in INERT if option.name in r.names]
+    return option.help + ("; no effect " + " or ".join(where) if where else "")
+
+
 #: options that may differ between a run and its resumption
 RESUME_FREE = ("startiter", "parallel", "check", "verbose", "path")
 
@@ -199,10 +288,16 @@ def refine_config(opts: dict[str, Any]) -> RefineConfig:
         pre = "normalize.edgemean"
     setsf = o["m3dsffile"] or ("strucfac.txt" if o["m3dsetsf"] else None)
     keep = o["m3dkeep"] if classes and o["m3dkeep"] else 1.0
+    project3d = Project3dConfig(
+        orientgen=o["orientgen"],
+        sym=o["sym"],
+        projector=o["projector"],
+        postprocess=("normalize.circlemean",),
+    )
     make3d = _stage(
         "make3d",
         Make3dConfig,
-        sym=o["sym"],
+        sym="c1" if breaks_symmetry(project3d.orientgen_mod) else o["sym"],
         pad_px=o["pad"] or None,
         recon=o["recon"],
         preprocess=(pre,) if pre else (),
@@ -218,12 +313,7 @@ def refine_config(opts: dict[str, Any]) -> RefineConfig:
         sym=o["sym"],
         sep=o["sep"],
         m3dsource=o["m3dsource"],
-        project3d=Project3dConfig(
-            orientgen=o["orientgen"],
-            sym=o["sym"],
-            projector=o["projector"],
-            postprocess=("normalize.circlemean",),
-        ),
+        project3d=project3d,
         simmx=_stage(
             "simmx",
             SimmxConfig,
@@ -253,6 +343,7 @@ def refine_config(opts: dict[str, Any]) -> RefineConfig:
             normproc=o["classnormproc"],
             setsfref=o["classrefsf"],
             automask=o["classautomask"],
+            prefilt=o["prefilt"],
         ),
         make3d=make3d,
         goldstandard=bool(o["goldstandard"]),
@@ -289,68 +380,99 @@ def differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return out
 
 
-def eman2_commands(o: dict[str, Any], iteration: int, path: str) -> dict[str, str]:
-    """The EMAN2 command line of each stage of one iteration (spec ch01 §2.2)."""
+def eman2_commands(
+    o: dict[str, Any], cfg: RefineConfig, iteration: int, path: str
+) -> dict[str, str]:
+    """What each stage of one iteration ran, as the EMAN2 command line that does it
+    (spec ch01 §2.2), ``"as EMAN2: ..."``; the map from the particles as the RELION
+    command that rebuilds it from ``particles_NN.star``, ``"as RELION: ..."``. Built
+    from ``cfg`` (what runs), with ``o`` (the options) for file names and spellings."""
+    o = {**defaults(), **o}
     k = f"{iteration:02d}"
     prev = "" if iteration == 0 else f"{path}/threed_filt_{iteration - 1:02d}.hdf"
     model = o["model"] if iteration == 0 else prev
     ptcl = o["usefilt"] or o["input"]
     v = f" --verbose={o['verbose'] - 1}" if o.get("verbose", 0) > 0 else ""
     par = f" --parallel={o['parallel']}" if o.get("parallel") else ""
+    sim_cfg, ca_cfg, m3d = cfg.simmx, cfg.classaverage, cfg.make3d
     proj = (
-        f"e2project3d.py {model} -f --sym={o['sym']} --projector={o['projector']} "
+        f"e2project3d.py {model} -f --sym={cfg.sym} --projector={o['projector']} "
         f"--outfile={path}/projections_{k}.hdf --orientgen={o['orientgen']} "
         f"--postprocess=normalize.circlemean{par}{v}"
     )
-    tail = f" --cmp={o['simcmp']} --align={o['simalign']} --aligncmp={o['simaligncmp']}"
-    tail += " --prefilt" if o["prefilt"] else ""
-    tail += f" --mask={o['simmask']}" if o["simmask"] else ""
-    if o["simralign"]:
-        tail += f" --ralign={o['simralign']} --raligncmp={o['simraligncmp']}"
-    tail += f"{v}{par}" + (f" --shrink={o['shrink']}" if o["shrink"] else "")
-    if o["twostage"]:
+    tail = f" --cmp={sim_cfg.cmp} --align={sim_cfg.align} --aligncmp={sim_cfg.aligncmp}"
+    tail += " --prefilt" if sim_cfg.prefilt else ""
+    tail += f" --mask={sim_cfg.mask}" if sim_cfg.mask else ""
+    if sim_cfg.ralign_mod is not None:
+        tail += f" --ralign={sim_cfg.ralign} --raligncmp={sim_cfg.raligncmp}"
+    tail += f"{v}{par}" + (f" --shrink={sim_cfg.shrink}" if sim_cfg.shrink else "")
+    if sim_cfg.twostage:
         sim = (
             f"e2simmx2stage.py {path}/projections_{k}.hdf {ptcl} {path}/simmx_{k}.hdf "
             f"{path}/proj_simmx_{k}.hdf {path}/proj_stg1_{k}.hdf {path}/simmx_stg1_{k}.hdf "
-            f"-f --saveali --shrinks1={o['twostage']}" + tail
+            f"-f --saveali --shrinks1={sim_cfg.twostage}" + tail
         )
     else:
         sim = (
             f"e2simmx.py {path}/projections_{k}.hdf {ptcl} {path}/simmx_{k}.hdf -f --saveali" + tail
         )
-    cls = f"e2classify.py {path}/simmx_{k}.hdf {path}/classify_{k}.hdf --sep={o['sep']} -f"
-    cls += (" --simvec" if o["simvec"] else "") + v
+    cls = f"e2classify.py {path}/simmx_{k}.hdf {path}/classify_{k}.hdf --sep={cfg.sep} -f"
+    cls += (" --simvec" if cfg.classify.simvec else "") + v
     ca = (
         f"e2classaverage.py --input={o['input']} --classmx={path}/classify_{k}.hdf --storebad "
         f"--output={path}/classes_{k}.hdf --ref={path}/projections_{k}.hdf "
-        f"--iter={o['classiter']} -f --resultmx={path}/cls_result_{k}.hdf "
-        f"--normproc={o['classnormproc']} --averager={o['classaverager']}"
-        + (" --setsfref" if o["classrefsf"] else "")
-        + (" --automask" if o["classautomask"] else "")
-        + (f" --keep={o['classkeep']:.6f}" if o["classkeep"] else "")
-        + (" --keepsig" if o["classkeepsig"] else "")
-        + f" --cmp={o['classcmp']} --align={o['classalign']} --aligncmp={o['classaligncmp']}"
+        f"--iter={ca_cfg.iterations} -f --resultmx={path}/cls_result_{k}.hdf "
+        f"--normproc={ca_cfg.normproc} --averager={ca_cfg.averager}"
+        + (" --setsfref" if ca_cfg.setsfref else "")
+        + (" --automask" if ca_cfg.automask else "")
+        + f" --keep={ca_cfg.keep:.6f}"
+        + (" --keepsig" if ca_cfg.keepsig else "")
+        + f" --cmp={ca_cfg.cmp} --align={ca_cfg.align} --aligncmp={ca_cfg.aligncmp}"
         + (
-            f" --ralign={o['classralign']} --raligncmp={o['classraligncmp']}"
-            if o["classralign"]
+            f" --ralign={ca_cfg.ralign} --raligncmp={ca_cfg.raligncmp}"
+            if ca_cfg.ralign_mod is not None
             else ""
         )
         + (f" --usefilt={o['usefilt']}" if o["usefilt"] else "")
         + v
-        + (" --prefilt" if o["prefilt"] else "")
+        + (" --prefilt" if ca_cfg.prefilt else "")
         + par
     )
-    m3d = (
-        f"e2make3d.py --input={path}/classes_{k}.hdf --iter={o['m3diter']} -f --keepabs "
-        f"--sym={o['sym']} --recon={o['recon']} --output={path}/threed_{k}.hdf"
-        + (f" --preprocess={o['m3dpreprocess']}" if _none(o["m3dpreprocess"]) else "")
-        + (f" --postprocess={o['m3dpostprocess']}" if _none(o["m3dpostprocess"]) else "")
-        + (f" --keep={o['m3dkeep']:.6f}" if o["m3dkeep"] else "")
-        + (" --keepsig" if o["m3dkeepsig"] and o["m3dkeep"] else "")
-        + (f" --setsf={o['m3dsffile']}" if o["m3dsffile"] else "")
-        + (" --setsf=auto" if o["m3dsetsf"] and not o["m3dsffile"] else "")
-        + (" --lowmem" if o["lowmem"] else "")
-        + (f" --pad={o['pad']}" if o["pad"] else "")
-        + v
-    )
-    return {"project3d": proj, "simmx": sim, "classify": cls, "classaverage": ca, "make3d": m3d}
+    out = f"{path}/threed_{k}.hdf"
+    pre = ",".join(m3d.preprocess)
+    post = "".join(f" --process={p}" for p in m3d.postprocess)
+    if m3d.setsf:
+        post = f" --setsf={m3d.setsf}" + post
+    if cfg.m3dsource == "classes":
+        make3d = (
+            f"as EMAN2: e2make3d.py --input={path}/classes_{k}.hdf --iter={m3d.iterations} -f "
+            f"--keepabs --sym={m3d.sym} --recon={m3d.recon} --output={out}"
+            + (f" --preprocess={pre}" if pre else "")
+            + "".join(f" --postprocess={p}" for p in m3d.postprocess)
+            + (f" --keep={m3d.keep:.6f}" if m3d.keep < 1 or m3d.keepsig else "")
+            + (" --keepsig" if m3d.keepsig else "")
+            + (f" --setsf={m3d.setsf}" if m3d.setsf else "")
+            + (" --lowmem" if o["lowmem"] else "")
+            + (f" --pad={m3d.pad_px}" if m3d.pad_px else "")
+            + v
+        )
+        post = ""
+    else:  # every kept particle at its pose, with its CTF: particles_NN.star
+        halves = " (each half: --subset 1, --subset 2)" if cfg.goldstandard else ""
+        make3d = (
+            f"as RELION: relion_reconstruct --i {path}/particles_{k}.star --o "
+            f"{path}/threed_{k}.mrc --ctf --fom_weighting --sym {m3d.sym.upper()}{halves}"
+            + (f"; each image first e2proc2d.py --process={pre}" if pre else "")
+        )
+        out = f"{path}/threed_{k}.mrc"
+    if cfg.postprocess2:
+        post += f" --process={cfg.postprocess2}"
+    if post:
+        make3d += f"; then e2proc3d.py {out} {out}{post}"
+    return {
+        "project3d": f"as EMAN2: {proj}",
+        "simmx": f"as EMAN2: {sim}",
+        "classify": f"as EMAN2: {cls}",
+        "classaverage": f"as EMAN2: {ca}",
+        "make3d": make3d,
+    }

@@ -157,8 +157,12 @@ def _circlemean(images: np.ndarray) -> np.ndarray:
 
 def _align(cfg: ClassaverageConfig, moving_idx, moving, targets, target_idx, ctx) -> Transform2D:
     """Transforms bringing ``moving[moving_idx]`` onto ``targets[target_idx]`` (particle ->
-    average), by ``cfg``'s aligner then its refining aligner."""
+    average), by ``cfg``'s aligner then its refining aligner. ``cfg.prefilt``: each
+    target is first filtered to its member's power spectrum."""
     align, aligncmp = cfg.align_mod, cfg.aligncmp_mod
+    if cfg.prefilt:  # each member's own copy of its target, matched to its spectrum
+        targets = match_power_spectrum(targets[target_idx], moving[moving_idx])
+        target_idx = np.arange(len(targets))
     if runs_on_engine(align):
         # the engine moves "references" onto "particles": the averages onto the members,
         # then inverted (as simmx stores particle -> projection)
@@ -252,7 +256,7 @@ def classaverage(
     signal = None
     if cfg.needs_snr:
         signal = signal_power(refs) if refs is not None else None
-    per_member = 4 * n * n * (3 if usefilt is not None else 2)
+    per_member = 4 * n * n * (2 + (usefilt is not None) + cfg.prefilt)
     budget = max(1, CHUNK_BYTES // per_member)
     bounds = np.r_[0, np.flatnonzero(np.diff(cls)) + 1, m]  # class boundaries
     start = 0

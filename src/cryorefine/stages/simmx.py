@@ -24,7 +24,7 @@ from cryorefine.align.rotational import footprints, spectra
 from cryorefine.align.transform2d import Transform2D
 from cryorefine.config import SimmxConfig
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import WORKERS, ring_mean
+from cryorefine.fourier.fft import fft_threads, ring_mean
 from cryorefine.fourier.filters import match_power_spectrum
 from cryorefine.io.atomic import atomic_output, check_output
 from cryorefine.io.metadata import ParticleMetadata
@@ -73,7 +73,7 @@ def signal_power(refs: np.ndarray) -> np.ndarray:
     box = refs.shape[-1]
     total = np.zeros(box // 2)
     for s0 in range(0, len(refs), 256):
-        ft = scipy.fft.rfft2(refs[s0 : s0 + 256].astype(np.float32), workers=WORKERS)
+        ft = scipy.fft.rfft2(refs[s0 : s0 + 256].astype(np.float32), workers=fft_threads())
         total += ring_mean(ft.real**2 + ft.imag**2)[:, : box // 2].sum(axis=0)
     peak = total[1:].max() if box >= 4 else 0.0
     return total / peak if peak > 0 else np.ones(box // 2)
