@@ -261,7 +261,7 @@ def test_usefilt_aligns_simmx_on_the_filtered_copy(views):
     )
     cfg = refine_config(_opts(classiter=0))
     step = run_step([demo_map().data], noise, [sub], cfg, iteration=0, usefilt=clean)
-    angle, _ = assignment_errors(step.cm, step.ref_rotations, clean.meta)
+    angle, _ = assignment_errors(step.cm, step.ref_rotations[0], clean.meta)
     assert np.median(angle) < 25.0, np.median(angle)
 
 
