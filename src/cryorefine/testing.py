@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.fft
+import scipy.ndimage
 from scipy.spatial.transform import Rotation
 
 from cryorefine.fourier.ctf import CTFParams, apply_ctf
@@ -41,6 +42,21 @@ def solid_sphere(
     cz, cy, cx = (0.0, 0.0, 0.0) if centre is None else centre
     r2 = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2
     return np.where(r2 <= radius_px**2, value, 0.0).astype(np.float32)
+
+
+def symmetrised(volume: np.ndarray, sym: str, *, order: int = 3) -> np.ndarray:
+    """``volume`` ``(n, n, n)`` averaged over the operators of ``sym`` about voxel
+    ``n // 2`` (spline interpolation of ``order``): a map with that symmetry, float32."""
+    n = volume.shape[0]
+    c = np.arange(n) - n // 2
+    z, y, x = np.meshgrid(c, c, c, indexing="ij")
+    xyz = np.stack([x.ravel(), y.ravel(), z.ravel()]).astype(np.float64)
+    ops = symmetry_group(sym).operators
+    out = np.zeros(volume.size)
+    for op in ops:  # the map turned by op samples the input at op^T r
+        sx, sy, sz = op.T @ xyz + n // 2
+        out += scipy.ndimage.map_coordinates(volume, [sz, sy, sx], order=order, mode="constant")
+    return (out / len(ops)).reshape(volume.shape).astype(np.float32)
 
 
 def uniform_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
