@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -28,12 +27,14 @@ import numpy as np
 
 from cryorefine.config import Make3dConfig
 from cryorefine.fourier.fsc import fsc, resolution_at
-from cryorefine.io.maps import Map, read_map, write_map
-from cryorefine.io.mrc import write_mrc
 from cryorefine.io.stacks import ParticleStack
-from cryorefine.io.star import write_particle_star
 from cryorefine.stages.make3d import make3d
-from cryorefine.testing import demo_map, noise_sigma_for_snr, simulate_metadata, symmetrised
+from cryorefine.testing import (
+    demo_map,
+    relion_project_particles,
+    relion_reconstruct_map,
+    symmetrised,
+)
 
 
 def map_figures(volume: np.ndarray, truth: np.ndarray, apix: float) -> dict[str, float]:
@@ -44,29 +45,6 @@ def map_figures(volume: np.ndarray, truth: np.ndarray, apix: float) -> dict[str,
         "fsc05": resolution_at(curve, threshold=0.5, apix=apix),
         "rcc": float(np.corrcoef(volume.ravel(), truth.ravel())[0, 1]),
     }
-
-
-def make_data(truth: np.ndarray, apix: float, n: int, snr: float, seed: int) -> Path:
-    """Write truth.mrc, poses.star and relion_project's proj.star/proj.mrcs here."""
-    box = truth.shape[0]
-    rng = np.random.default_rng(seed)
-    meta = simulate_metadata(n, apix=apix, rng=rng, max_shift_a=3 * apix)
-    meta.half_set[:] = 0  # no half sets: each program regularises by itself
-    sigma = noise_sigma_for_snr(truth, meta, snr, rng=rng)
-    write_map("truth.mrc", Map(truth, apix))
-    write_mrc("dummy.mrcs", np.zeros((n, box, box), np.float32), apix=apix, stack=True)
-    write_particle_star("poses.star", meta, [f"{i + 1:06d}@dummy.mrcs" for i in range(n)], box)
-    cmd = ["relion_project", "--i", "truth.mrc", "--o", "proj", "--ang", "poses.star"]
-    cmd += ["--ctf", "--angpix", str(apix), "--add_noise", "--white_noise", f"{sigma:.6g}"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=1200)
-    return Path("proj.star")
-
-
-def reconstruct_relion(star: Path, sym: str, apix: float) -> np.ndarray:
-    cmd = ["relion_reconstruct", "--i", str(star), "--o", "relion.mrc", "--ctf"]
-    cmd += ["--angpix", str(apix), "--sym", sym.upper()]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=1200)
-    return read_map("relion.mrc").data
 
 
 def reconstruct_ours(star: Path, sym: str, **cfg) -> np.ndarray:
@@ -82,11 +60,11 @@ def run_case(sym: str, snr: float, args: argparse.Namespace) -> list[dict]:
     truth = demo_map().data
     if sym != "c1":
         truth = symmetrised(truth, sym)
-    star = make_data(truth, args.apix, args.n, snr, args.seed)
+    star = relion_project_particles(truth, apix=args.apix, n=args.n, snr=snr, seed=args.seed)
     maps = {
         "cryorefine make3d": reconstruct_ours(star, sym),
         "cryorefine make3d --no-wiener": reconstruct_ours(star, sym, wiener=False),
-        "relion_reconstruct --ctf": reconstruct_relion(star, sym, args.apix),
+        "relion_reconstruct --ctf": relion_reconstruct_map(star, apix=args.apix, sym=sym),
     }
     return [{"program": k, **map_figures(m, truth, args.apix)} for k, m in maps.items()]
 
