@@ -336,14 +336,13 @@ class Make3dConfig(StageOptions):
     ``pad_px``: padded image size in pixels (default twice the box); ``iterations``,
     ``keep``, ``keepsig``, ``keepabs``: EMAN2's slice rating and exclusion passes;
     ``use_ctf``/``use_weights``: use the metadata's CTF and weights; ``mask_sphere``:
-    damp the corners outside the inscribed sphere; ``wiener``: regularise the division
-    by the summed CTF^2 with the spectral SNR (from the FSC of the two half sets when the
-    particles carry them, else estimated from the data; see
-    ``fourier.reconstruct``); ``automask3d``: EMAN2's five comma-separated
-    ``mask.auto3d`` values, applied last; ``setsf``: impose a structure factor (file
-    read here, once); ``oversample_2d``: pad each image as the volume before its 2D
-    transform (accurate; off: insert the unpadded transform at scaled positions, 4x
-    less work, as RELION).
+    damp the corners outside the inscribed sphere; ``wiener``: weight each shell of the
+    map by the spectral SNR (from the FSC of the two half sets when the particles carry
+    them, else of alternate particles; see ``fourier.reconstruct.wiener_gain``);
+    ``automask3d``: EMAN2's five comma-separated ``mask.auto3d`` values, applied last;
+    ``setsf``: impose a structure factor (file read here, once); ``oversample_2d``: pad
+    each image as the volume before its 2D transform (accurate; off: insert the unpadded
+    transform at scaled positions, 4x less work, as RELION).
     """
 
     sym: str = "c1"

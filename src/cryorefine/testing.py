@@ -10,15 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import scipy.fft
+import scipy.ndimage
 from scipy.spatial.transform import Rotation
 
 from cryorefine.fourier.ctf import CTFParams, apply_ctf
 from cryorefine.fourier.fft import rfft_shell_index
 from cryorefine.fourier.project import project
 from cryorefine.geometry.symmetry import symmetry_group
-from cryorefine.io.maps import Map, read_map
+from cryorefine.io.maps import Map, read_map, write_map
 from cryorefine.io.metadata import ParticleMetadata
+from cryorefine.io.mrc import write_mrc
 from cryorefine.io.stacks import ParticleStack
+from cryorefine.io.star import write_particle_star
 from cryorefine.stages.classify import ClassMx, assigned_poses
 
 
@@ -86,6 +89,21 @@ def solid_sphere(
     cz, cy, cx = (0.0, 0.0, 0.0) if centre is None else centre
     r2 = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2
     return np.where(r2 <= radius_px**2, value, 0.0).astype(np.float32)
+
+
+def symmetrised(volume: np.ndarray, sym: str, *, order: int = 3) -> np.ndarray:
+    """``volume`` ``(n, n, n)`` averaged over the operators of ``sym`` about voxel
+    ``n // 2`` (spline interpolation of ``order``): a map with that symmetry, float32."""
+    n = volume.shape[0]
+    c = np.arange(n) - n // 2
+    z, y, x = np.meshgrid(c, c, c, indexing="ij")
+    xyz = np.stack([x.ravel(), y.ravel(), z.ravel()]).astype(np.float64)
+    ops = symmetry_group(sym).operators
+    out = np.zeros(volume.size)
+    for op in ops:  # the map turned by op samples the input at op^T r
+        sx, sy, sz = op.T @ xyz + n // 2
+        out += scipy.ndimage.map_coordinates(volume, [sz, sy, sx], order=order, mode="constant")
+    return (out / len(ops)).reshape(volume.shape).astype(np.float32)
 
 
 def uniform_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -212,6 +230,38 @@ def simulate_particles(
             volume, meta, idx, noise_sigma=sigma, rng=rng, projector=projector
         )
     return ParticleStack.from_arrays(images, apix=apix, meta=meta)
+
+
+def relion_project_particles(
+    truth: np.ndarray, *, apix: float, n: int, snr: float, seed: int
+) -> Path:
+    """``n`` particles of ``truth`` made by ``relion_project`` in the working directory.
+
+    Poses uniform on SO(3), shifts up to 3 px, CTF (defocus 1-2.5 µm), no half sets
+    (:func:`simulate_metadata`); ``relion_project --ctf --add_noise --white_noise`` with
+    the noise set for ``snr`` (:func:`noise_sigma_for_snr`). Writes ``truth.mrc``,
+    ``poses.star`` and ``proj.star``/``proj.mrcs``; returns ``proj.star``.
+    """
+    box = truth.shape[0]
+    rng = np.random.default_rng(seed)
+    meta = simulate_metadata(n, apix=apix, rng=rng, max_shift_a=3 * apix)
+    meta.half_set[:] = 0  # no half sets: each program regularises by itself
+    sigma = noise_sigma_for_snr(truth, meta, snr, rng=rng)
+    write_map("truth.mrc", Map(truth, apix))
+    write_mrc("dummy.mrcs", np.zeros((n, box, box), np.float32), apix=apix, stack=True)
+    write_particle_star("poses.star", meta, [f"{i + 1:06d}@dummy.mrcs" for i in range(n)], box)
+    cmd = ["relion_project", "--i", "truth.mrc", "--o", "proj", "--ang", "poses.star"]
+    cmd += ["--ctf", "--angpix", str(apix), "--add_noise", "--white_noise", f"{sigma:.6g}"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=1200)
+    return Path("proj.star")
+
+
+def relion_reconstruct_map(star: str | Path, *, apix: float, sym: str = "c1") -> np.ndarray:
+    """``relion_reconstruct --ctf --sym SYM`` of ``star`` (written to ``relion.mrc``)."""
+    cmd = ["relion_reconstruct", "--i", str(star), "--o", "relion.mrc", "--ctf"]
+    cmd += ["--angpix", str(apix), "--sym", sym.upper()]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=1200)
+    return read_map("relion.mrc").data
 
 
 def assignment_errors(

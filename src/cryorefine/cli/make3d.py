@@ -4,9 +4,9 @@ Input: a STAR, EMAN2 HDF/LST or MRCS stack whose metadata holds orientations (an
 shifts, CTF, weights, half sets). Each image is padded (--pad, default twice the box),
 Fourier transformed, weighted by its CTF if the metadata has one, and inserted into
 a 3D transform once per symmetry operator; the result is divided by the summed
-weights with a Wiener term, gridding-corrected and cropped: the two half sets
+weights, gridding-corrected and cropped. Then a Wiener filter: the two half sets
 (rlnRandomSubset, else alternate particles) are reconstructed apart and their FSC
-gives the spectral SNR that regularises the division where the summed CTF^2 is small
+gives the spectral SNR that weights each Fourier shell of the map by SSNR / (1 + SSNR)
 (--no-wiener: plain division, as e2make3d). A soft mask of the box's inscribed sphere removes
 the noise in the corners (--no-sphere-mask keeps it). --iter 2 --keep 0.8 rates
 each image against the map and leaves out the worst, as e2make3d does.
@@ -93,8 +93,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--no-wiener",
         dest="wiener",
         action="store_false",
-        help="divide by the summed weights alone (e2make3d); default: a Wiener term from the "
-        "FSC of the half sets (rlnRandomSubset, else alternate particles)",
+        help="divide by the summed weights alone (e2make3d); default: a Wiener filter from "
+        "the FSC of the half sets (rlnRandomSubset, else alternate particles)",
     )
     parser.add_argument(
         "--no-wt",

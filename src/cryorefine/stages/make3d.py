@@ -11,9 +11,11 @@ from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fsc import fsc
 from cryorefine.fourier.reconstruct import (
     FourierVolume,
+    apply_wiener_gain,
     image_slices,
     sphere_mask,
-    wiener_regularisation,
+    weight_floor,
+    wiener_gain,
 )
 from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.atomic import check_output
@@ -90,8 +92,13 @@ def make3d(
     last pass, ``skipped`` (no orientation or weight 0), ``quality`` (absolute, per
     image, NaN where not compared), ``ptcl_repr`` (summed weight inserted), ``ctf``,
     ``half_fsc`` (of the two half sets, when split) and, with ``keep_halves``,
-    ``half_maps``: each half's own map, Wiener-regularised by its own FSC-derived SNR and
-    masked as the map, not post-processed (``None`` when not split).
+    ``half_maps``: each half's own map, masked as the map and Wiener-filtered by its own
+    FSC-derived SNR, not post-processed (``None`` when not split).
+
+    Split into halves, the map is divided by ``Wsum`` plus a small floor
+    (:func:`~cryorefine.fourier.reconstruct.weight_floor`), cropped and masked, and then
+    each shell is weighted by ``SSNR / (1 + SSNR)`` from the halves' FSC
+    (:func:`~cryorefine.fourier.reconstruct.wiener_gain`).
     """
     cfg = cfg or Make3dConfig()
     group = symmetry_group(cfg.sym)
@@ -187,16 +194,17 @@ def make3d(
     mask = sphere_mask(n) if cfg.mask_sphere else np.ones((n, n, n), np.float32)
     half_fsc = half_maps = None
     if vol.groups == 2:
-        half_fsc = fsc(vol.finish(group=0) * mask, vol.finish(group=1) * mask)
-        volume = vol.finish(wiener_regularisation(vol, half_fsc))
+        # each shell weighted by its SNR after the crop and mask (see wiener_gain)
+        halves = [vol.finish(weight_floor(vol, group=g), group=g) * mask for g in (0, 1)]
+        half_fsc = fsc(*halves)
+        volume = apply_wiener_gain(vol.finish(weight_floor(vol)) * mask, wiener_gain(half_fsc))
         if keep_halves:
-            half_maps = [
-                vol.finish(wiener_regularisation(vol, half_fsc, group=g), group=g) * mask
-                for g in (0, 1)
-            ]
+            gain = wiener_gain(half_fsc, half=True)
+            half_maps = [apply_wiener_gain(h, gain) for h in halves]
+        del halves
     else:
-        volume = vol.finish()
-    volume = postprocess(volume * mask, cfg, apix)
+        volume = vol.finish() * mask
+    volume = postprocess(volume, cfg, apix)
     inserted = idx_all[~excluded[idx_all]]
     info = {
         "inserted": inserted,
