@@ -302,3 +302,21 @@ def test_stage_configs_spell_their_fields_as_their_commands(config):
 
     cls = getattr(cfgs, config)
     assert set(cls.FLAGS.values()) <= _options_of(cls.STAGE), cls.FLAGS
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"classkeep": 2.0}, {"--classkeep", "--classkeepsig"}),
+        ({"m3dsource": "classes", "m3dkeep": -1.0}, {"--m3dkeep", "--m3dkeepsig"}),
+        ({"classiter": 2, "classalign": None}, {"--classiter", "--classalign"}),
+    ],
+)
+def test_refine_names_a_stages_options_as_refine_spells_them(options, named):
+    import re
+
+    from cryorefine.refine.options import defaults, refine_config
+
+    with pytest.raises(CryorefineError) as err:
+        refine_config({**defaults(), "iter": 1, **options})
+    assert set(re.findall(r"--[a-z0-9]+", str(err.value))) == named, str(err.value)

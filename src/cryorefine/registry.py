@@ -174,6 +174,11 @@ class Registry:
     def names(self) -> list[str]:
         return [e.name for e in self.entries()]
 
+    def help_list(self) -> str:
+        """For a help text: the names registered (what ``cryorefine help KIND``
+        details), so that the list cannot fall behind what is registered."""
+        return f"{', '.join(self.names())}; see cryorefine help {self.kind}"
+
     def get(self, name: str, *, option: str = "option") -> Entry:
         """Look ``name`` up exactly, then lower-cased; raise listing valid names."""
         entry = self._entries.get(name) or self._entries.get(name.lower())

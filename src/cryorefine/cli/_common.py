@@ -10,10 +10,8 @@ from cryorefine.registry import Registry
 
 
 def registered(registry: Registry) -> str:
-    """For a help text: the names ``registry`` holds (what ``cryorefine help KIND``
-    details), so that the list cannot fall behind what is registered."""
-    names = ", ".join(registry.names())
-    return f"{names}; see cryorefine help {registry.kind}".replace("%", "%%")
+    """:meth:`Registry.help_list`, escaped for argparse."""
+    return registry.help_list().replace("%", "%%")
 
 
 def write_processed(stack: ParticleStack, args: argparse.Namespace, run: ChunkFunc) -> list[Path]:

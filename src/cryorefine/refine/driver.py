@@ -35,7 +35,7 @@ import numpy as np
 
 from cryorefine import __version__
 from cryorefine.config import RefineConfig
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, OptionError
 from cryorefine.fourier.fft import fft_threads_limited
 from cryorefine.fourier.fsc import resolution_at
 from cryorefine.geometry.orientations import angular_step_deg
@@ -52,6 +52,7 @@ from cryorefine.refine.options import (
     inert_warnings,
     parallel_cores,
     refine_config,
+    refine_spelling,
 )
 from cryorefine.refine.step import (
     REASONS,
@@ -390,18 +391,21 @@ def _refine(run: Run, *, progress: bool | None) -> dict:
                 else:
                     write_classmx(outputs.classify_path(path, it), value, n_r, overwrite=True)
 
-            step = run_step(
-                maps,
-                stack,
-                halves,
-                cfg,
-                iteration=it,
-                usefilt=run.usefilt,
-                sim=sim,
-                cm=cm,
-                progress=bars,
-                save=save,
-            )
+            try:
+                step = run_step(
+                    maps,
+                    stack,
+                    halves,
+                    cfg,
+                    iteration=it,
+                    usefilt=run.usefilt,
+                    sim=sim,
+                    cm=cm,
+                    progress=bars,
+                    save=save,
+                )
+            except OptionError as err:  # a stage's own option names, as refine spells them
+                raise refine_spelling(err) from None
             filt, automask = filtered(step.volume, cfg, apix)
             next_maps = _next_maps(step.maps, filt, automask, cfg, apix, gold)
             figures = outputs.write_step(

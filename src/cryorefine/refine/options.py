@@ -21,7 +21,8 @@ from cryorefine.config import (
     SimmxConfig,
     breaks_symmetry,
 )
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, OptionError
+from cryorefine.registry import ALIGNERS, AVERAGERS, PROJECTORS, RECONSTRUCTORS
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ OPTIONS: tuple[Option, ...] = (
         _E,
     ),
     Option("sym", str, "c1", "point-group symmetry (cN, dN, tet, oct, icos)", _E),
-    Option("projector", str, "standard", "projector (standard, fourier)", _E),
+    Option("projector", str, "standard", f"projector ({PROJECTORS.help_list()})", _E),
     Option(
         "orientgen",
         str,
@@ -62,9 +63,11 @@ OPTIONS: tuple[Option, ...] = (
         "orientations (eman:...:breaksym=1 covers every symmetry copy; the map is then c1)",
         _E,
     ),
-    Option("simalign", str, "rotate_translate_flip", "simmx aligner", "simmx"),
+    Option(
+        "simalign", str, "rotate_translate_flip", f"simmx aligner ({ALIGNERS.help_list()})", "simmx"
+    ),
     Option("simaligncmp", str, "ccc", "comparator of --simalign", "simmx"),
-    Option("simralign", str, None, "simmx refining aligner (e.g. refine)", "simmx"),
+    Option("simralign", str, None, f"simmx refining aligner ({ALIGNERS.help_list()})", "simmx"),
     Option("simraligncmp", str, "ccc", "comparator of --simralign", "simmx"),
     Option("simcmp", str, "frc:zeromask=1:snrweight=1", "simmx score comparator", "simmx"),
     Option("simmask", str, None, "2D mask image applied before the simmx score", "simmx"),
@@ -83,17 +86,29 @@ OPTIONS: tuple[Option, ...] = (
     Option("classkeep", float, 0.8, "fraction of each class kept (or sigmas)", "class"),
     Option("classkeepsig", bool, False, "--classkeep counts standard deviations", "class"),
     Option("classiter", int, 1, "class-averaging alignment rounds", "class"),
-    Option("classalign", str, "rotate_translate_flip", "class-averaging aligner", "class"),
+    Option(
+        "classalign",
+        str,
+        "rotate_translate_flip",
+        f"class-averaging aligner ({ALIGNERS.help_list()})",
+        "class",
+    ),
     Option("classaligncmp", str, "ccc", "comparator of --classalign", "class"),
-    Option("classralign", str, None, "class-averaging refining aligner", "class"),
+    Option(
+        "classralign",
+        str,
+        None,
+        f"class-averaging refining aligner ({ALIGNERS.help_list()})",
+        "class",
+    ),
     Option("classraligncmp", str, "ccc", "comparator of --classralign", "class"),
-    Option("classaverager", str, "mean", "averager (mean, ctf.auto, ctf.weight)", "class"),
+    Option("classaverager", str, "mean", f"averager ({AVERAGERS.help_list()})", "class"),
     Option("classcmp", str, "frc:snrweight=1", "comparator rating class members", "class"),
     Option("classnormproc", str, "normalize.edgemean", "normalisation of members", "class"),
     Option("classrefsf", bool, False, "give the averages the projection's spectrum", "class"),
     Option("classautomask", bool, False, "2D automask of the running average", "class"),
     Option("pad", int, 0, "padded size for reconstruction, px (0: twice the box)", "make3d"),
-    Option("recon", str, "fourier", "reconstructor", "make3d"),
+    Option("recon", str, "fourier", f"reconstructor ({RECONSTRUCTORS.help_list()})", "make3d"),
     Option("m3dkeep", float, 0.8, "fraction of class averages kept", "make3d"),
     Option("m3dkeepsig", bool, False, "--m3dkeep counts standard deviations", "make3d"),
     Option("m3dsetsf", bool, False, "impose strucfac.txt (working folder)", "make3d"),
@@ -227,6 +242,7 @@ _RENAMES = {
     "class": {
         "--iter": "--classiter",
         "--keep": "--classkeep",
+        "--keepsig": "--classkeepsig",
         "--align": "--classalign",
         "--aligncmp": "--classaligncmp",
         "--ralign": "--classralign",
@@ -238,6 +254,7 @@ _RENAMES = {
     "make3d": {
         "--iter": "--m3diter",
         "--keep": "--m3dkeep",
+        "--keepsig": "--m3dkeepsig",
         "--preprocess": "--m3dpreprocess",
         "--postprocess": "--m3dpostprocess",
         "--setsf": "--m3dsffile",
@@ -246,16 +263,30 @@ _RENAMES = {
 
 
 def _stage(family: str, factory, **kwargs):
-    """Build a stage config; an error names the option as e2refine calls it."""
+    """Build a stage config; an error names the options as e2refine calls them."""
     try:
         return factory(**kwargs)
     except CryorefineError as err:
-        text = str(err)
-        for old in sorted(_RENAMES[family], key=len, reverse=True):
-            if text.startswith(old) and not text[len(old) : len(old) + 1].isalnum():
-                text = _RENAMES[family][old] + text[len(old) :]
-                break
-        raise CryorefineError(text) from None
+        raise refine_spelling(err, family) from None
+
+
+#: the option family of each stage's errors (:class:`OptionError` ``stage``)
+_FAMILY = {"simmx": "simmx", "classaverage": "class", "make3d": "make3d"}
+
+
+def refine_spelling(err: CryorefineError, family: str | None = None) -> CryorefineError:
+    """``err`` (raised by a stage of ``family``, or by the stage it names) with its
+    options spelled as ``refine`` spells them (``--keep`` of class averaging is
+    ``--classkeep``)."""
+    if isinstance(err, OptionError):
+        renames = _RENAMES.get(_FAMILY.get(err.stage, ""), {})
+        return err.spelled({f: renames.get(flag, flag) for f, flag in err.flags.items()})
+    renames = _RENAMES.get(family or "", {})
+    text = str(err)
+    for old in sorted(renames, key=len, reverse=True):
+        if text.startswith(old) and not text[len(old) : len(old) + 1].isalnum():
+            return CryorefineError(renames[old] + text[len(old) :])
+    return err
 
 
 def refine_config(opts: dict[str, Any]) -> RefineConfig:
