@@ -14,7 +14,8 @@ FSC is reported under a soft mask, corrected by noise substitution.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -178,6 +179,150 @@ def start_maps(
     return list(gold_standard_starts(model, apix=apix, inires_a=cfg.inires_a, rng=rng))
 
 
+@contextmanager
+def timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` block to ``seconds[stage]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def project_halves(
+    maps: list[np.ndarray], cfg: RefineConfig, iteration: int, apix: float
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """project3d: each half's orientations (:func:`half_orientations`) and its map's
+    projections over them."""
+    ref_rotations = half_orientations(cfg, iteration, len(maps))
+    projections = [
+        project3d(m, cfg.project3d, apix=apix, rotations=r)[0]
+        for m, r in zip(maps, ref_rotations, strict=True)
+    ]
+    return ref_rotations, projections
+
+
+def score_particles(
+    projections: list[np.ndarray],
+    stack: ParticleStack,
+    halves: list[np.ndarray],
+    cfg: RefineConfig,
+    progress: Callable[[str, int, int], Callable[[int], None]] | None,
+) -> Simmx:
+    """simmx: one matrix over every particle, each row scored against its own half's
+    projections (``stack``: the particles, or their ``--usefilt`` copy)."""
+    sim = Simmx.empty(len(stack), len(projections[0]))
+    for h, idx in enumerate(halves):
+        part = simmx(
+            projections[h],
+            stack.take(idx),
+            cfg.simmx,
+            progress=progress("simmx", h, len(idx)) if progress else None,
+        )
+        for name in ("score", "dx", "dy", "dalpha", "flip", "scale"):
+            getattr(sim, name)[idx] = getattr(part, name)
+    return sim
+
+
+def _rows(cm: ClassMx, idx: np.ndarray) -> ClassMx:
+    return ClassMx(*(a[idx] for a in vars(cm).values()))
+
+
+def average_classes(
+    stack: ParticleStack,
+    cm: ClassMx,
+    projections: list[np.ndarray],
+    halves: list[np.ndarray],
+    cfg: RefineConfig,
+    usefilt: ParticleStack | None,
+    progress: Callable[[str, int, int], Callable[[int], None]] | None,
+) -> tuple[list[ClassAverages], ClassMx, np.ndarray]:
+    """classaverage per half: its averages, the classification updated with class
+    averaging's used flags and final alignments (``--resultmx``), and whether each
+    particle's first class kept it."""
+    classes = []
+    resultmx = ClassMx(*(np.array(a, copy=True) for a in vars(cm).values()))
+    in_class = np.zeros(len(stack), bool)
+    for h, idx in enumerate(halves):
+        ca = classaverage(
+            stack.take(idx),
+            _rows(cm, idx),
+            projections[h],
+            cfg.classaverage,
+            n_classes=len(projections[h]),
+            usefilt=None if usefilt is None else usefilt.take(idx),
+        )
+        ca.particle = idx[ca.particle]  # global particle numbers
+        res = ca.result_classmx(cm)
+        rows = np.unique(ca.particle)
+        for name in ("weight", "dx", "dy", "dalpha", "flip"):
+            getattr(resultmx, name)[rows] = getattr(res, name)[rows]
+        first = ca.column == 0
+        in_class[ca.particle[first]] = ca.used[first]
+        classes.append(ca)
+        if progress:
+            progress("classaverage", h, len(idx))(len(idx))
+    return classes, resultmx, in_class
+
+
+def reconstruct_from_particles(
+    stack: ParticleStack,
+    halves: list[np.ndarray],
+    rotations: np.ndarray,
+    shifts_a: np.ndarray,
+    in_class: np.ndarray,
+    cfg: RefineConfig,
+) -> tuple[np.ndarray, list[np.ndarray], dict]:
+    """make3d from every particle kept (``in_class``) at its pose, with its CTF: the
+    combined map, each half's map (one pass for both halves), and make3d's info."""
+    n_p, apix, m3d = len(stack), stack.apix, cfg.make3d
+    gold = len(halves) == 2
+    meta = stack.meta.take(np.arange(n_p))
+    meta.rotations, meta.shift_a = rotations, shifts_a
+    meta.weight = np.where(in_class, meta.weight, 0.0)
+    labels = np.zeros(n_p, np.int64)
+    if gold:
+        for h, idx in enumerate(halves):
+            labels[idx] = h + 1
+    meta.half_set = labels
+    volume, info = make3d(stack.with_meta(meta), m3d, keep_halves=gold)
+    if not gold:
+        return volume, [volume], info
+    if info["half_maps"] is not None:
+        return volume, [postprocess(m, m3d, apix) for m in info["half_maps"]], info
+    half_maps = []  # too few particles to split inside make3d: one pass per half
+    for idx in halves:
+        half_meta = meta.take(np.arange(n_p))
+        half_meta.weight = np.where(np.isin(np.arange(n_p), idx), meta.weight, 0.0)
+        half_maps.append(make3d(stack.with_meta(half_meta), m3d)[0])
+    return volume, half_maps, info
+
+
+def reconstruct_from_classes(
+    classes: list[ClassAverages],
+    ref_rotations: list[np.ndarray],
+    cfg: RefineConfig,
+    *,
+    apix: float,
+    n_p: int,
+) -> tuple[list[np.ndarray], dict, np.ndarray]:
+    """make3d from each half's class averages at their projections' orientations,
+    weighted by ``ptcl_repr`` (e2refine): each half's map, make3d's info, and which
+    particles' classes ``--m3dkeep`` left out."""
+    maps, excluded = [], np.zeros(n_p, bool)
+    info: dict = {}
+    for ca, class_rotations in zip(classes, ref_rotations, strict=True):
+        cmeta = ParticleMetadata.empty(len(class_rotations), apix=apix)
+        cmeta.rotations = class_rotations
+        cmeta.weight = ca.ptcl_repr.astype(np.float64)  # empty classes: skipped
+        averages = ParticleStack.from_arrays(ca.images, apix=apix, meta=cmeta)
+        vol, info = make3d(averages, cfg.make3d)
+        dropped = np.isin(ca.cls, info["excluded"]) & ca.used & (ca.column == 0)
+        excluded[ca.particle[dropped]] = True
+        maps.append(vol)
+    return maps, info, excluded
+
+
 def run_step(
     maps: list[np.ndarray],
     stack: ParticleStack,
@@ -202,124 +347,59 @@ def run_step(
     resumed run can start after them).
     """
     n_p, apix = len(stack), stack.apix
-    seconds = dict.fromkeys(STAGES, 0.0)
-    tick = time.perf_counter
-
-    t = tick()
-    p3 = cfg.project3d
-    ref_rotations = half_orientations(cfg, iteration, len(maps))
-    projections = [
-        project3d(m, p3, apix=apix, rotations=r)[0]
-        for m, r in zip(maps, ref_rotations, strict=True)
-    ]
-    seconds["project3d"] = tick() - t
-    n_r = len(ref_rotations[0])
-
-    t = tick()
-    if sim is None and cm is None:
-        sim = Simmx.empty(n_p, n_r)
-        for h, idx in enumerate(halves):
-            part = simmx(
-                projections[h],
-                (usefilt or stack).take(idx),
-                cfg.simmx,
-                progress=progress("simmx", h, len(idx)) if progress else None,
-            )
-            for name in ("score", "dx", "dy", "dalpha", "flip", "scale"):
-                getattr(sim, name)[idx] = getattr(part, name)
-        if save:
-            save("simmx", sim, n_r)
-    seconds["simmx"] = tick() - t
-
-    t = tick()
-    if cm is None:
-        cm = classify(sim, cfg.classify)
-        if save:
-            save("classify", cm, n_r)
-    seconds["classify"] = tick() - t
-
-    t = tick()
-    classes = []
-    resultmx = ClassMx(*(np.array(a, copy=True) for a in vars(cm).values()))
-    in_class = np.zeros(n_p, bool)  # choice 0 kept by class averaging
-    for h, idx in enumerate(halves):
-        sub = ClassMx(*(a[idx] for a in vars(cm).values()))
-        ca = classaverage(
-            stack.take(idx),
-            sub,
-            projections[h],
-            cfg.classaverage,
-            n_classes=n_r,
-            usefilt=None if usefilt is None else usefilt.take(idx),
-        )
-        ca.particle = idx[ca.particle]  # global particle numbers
-        res = ca.result_classmx(cm)
-        rows = np.unique(ca.particle)
-        for name in ("weight", "dx", "dy", "dalpha", "flip"):
-            getattr(resultmx, name)[rows] = getattr(res, name)[rows]
-        first = ca.column == 0
-        in_class[ca.particle[first]] = ca.used[first]
-        classes.append(ca)
-        if progress:
-            progress("classaverage", h, len(idx))(len(idx))
-    seconds["classaverage"] = tick() - t
-
-    t = tick()
-    rotations = np.empty((n_p, 3, 3))
-    shifts_px = np.empty((n_p, 2))
-    for h, idx in enumerate(halves):
-        sub = ClassMx(*(a[idx] for a in vars(cm).values()))
-        rotations[idx], shifts_px[idx] = assigned_poses(sub, ref_rotations[h])
-    reason = np.where(in_class, USED, CLASSKEEP)
     gold = len(halves) == 2
-    m3d = cfg.make3d
-    if cfg.m3dsource == "particles":
-        meta = stack.meta.take(np.arange(n_p))
-        meta.rotations, meta.shift_a = rotations, shifts_px * apix
-        meta.weight = np.where(in_class, meta.weight, 0.0)
-        labels = np.zeros(n_p, np.int64)
+    seconds = dict.fromkeys(STAGES, 0.0)
+    with timed(seconds, "project3d"):
+        ref_rotations, projections = project_halves(maps, cfg, iteration, apix)
+    n_r = len(ref_rotations[0])
+    with timed(seconds, "simmx"):
+        if sim is None and cm is None:
+            sim = score_particles(projections, usefilt or stack, halves, cfg, progress)
+            if save:
+                save("simmx", sim, n_r)
+    with timed(seconds, "classify"):
+        if cm is None:
+            cm = classify(sim, cfg.classify)
+            if save:
+                save("classify", cm, n_r)
+    with timed(seconds, "classaverage"):
+        classes, resultmx, in_class = average_classes(
+            stack, cm, projections, halves, cfg, usefilt, progress
+        )
+    with timed(seconds, "make3d"):
+        rotations = np.empty((n_p, 3, 3))
+        shifts_px = np.empty((n_p, 2))
         for h, idx in enumerate(halves):
-            labels[idx] = h + 1
-        meta.half_set = labels if gold else np.zeros(n_p, np.int64)
-        volume, info = make3d(stack.with_meta(meta), m3d, keep_halves=gold)
-        if gold and info["half_maps"] is not None:
-            new_maps = [postprocess(m, m3d, apix) for m in info["half_maps"]]
-        elif gold:  # too few particles to split inside make3d: one pass per half
-            new_maps = []
-            for idx in halves:
-                sel = np.zeros(n_p, bool)
-                sel[idx] = True
-                half_meta = meta.take(np.arange(n_p))
-                half_meta.weight = np.where(sel, meta.weight, 0.0)
-                new_maps.append(make3d(stack.with_meta(half_meta), m3d)[0])
+            rotations[idx], shifts_px[idx] = assigned_poses(_rows(cm, idx), ref_rotations[h])
+        reason = np.where(in_class, USED, CLASSKEEP)
+        if cfg.m3dsource == "particles":
+            volume, new_maps, info = reconstruct_from_particles(
+                stack, halves, rotations, shifts_px * apix, in_class, cfg
+            )
         else:
-            new_maps = [volume]
-    else:
-        new_maps, excluded = [], np.zeros(n_p, bool)
-        for ca, class_rotations in zip(classes, ref_rotations, strict=True):
-            cmeta = ParticleMetadata.empty(n_r, apix=apix)
-            cmeta.rotations = class_rotations
-            cmeta.weight = ca.ptcl_repr.astype(np.float64)  # empty classes: skipped
-            vol, info = make3d(ParticleStack.from_arrays(ca.images, apix=apix, meta=cmeta), m3d)
-            dropped = np.isin(ca.cls, info["excluded"]) & ca.used & (ca.column == 0)
-            excluded[ca.particle[dropped]] = True
-            new_maps.append(vol)
-        reason[excluded & in_class] = M3DKEEP
-        volume = new_maps[0]
-    curves = mask = None
-    if gold:
-        # as make3d returns them: already in its soft sphere (a second one would add a
-        # correlation of its own, as any mask does)
-        half_fsc = fsc(new_maps[0], new_maps[1])
-        if cfg.m3dsource == "classes":
-            volume = fsc_filter((new_maps[0] + new_maps[1]) / 2, half_fsc)
-        mask = cfg.fscmask_map if cfg.fscmask_map is not None else fsc_mask(volume, apix)
-        rng = np.random.default_rng([*iteration_seed(cfg.seed, iteration), 1])
-        curves = noise_substituted_fsc(*new_maps, mask, rng=rng, unmasked=half_fsc)
-    if cfg.postprocess2_mod is not None:
-        volume = cfg.postprocess2_mod(volume, ndim=3, apix=apix)
-        new_maps = [cfg.postprocess2_mod(m, ndim=3, apix=apix) for m in new_maps]
-    seconds["make3d"] = tick() - t
+            new_maps, info, excluded = reconstruct_from_classes(
+                classes, ref_rotations, cfg, apix=apix, n_p=n_p
+            )
+            reason[excluded & in_class] = M3DKEEP
+            volume = new_maps[0]
+        curves = mask = None
+        if gold:
+            # as make3d returns them: already in its soft sphere (a second one would add
+            # a correlation of its own, as any mask does)
+            half_fsc = fsc(new_maps[0], new_maps[1])
+            if cfg.m3dsource == "classes":
+                volume = fsc_filter((new_maps[0] + new_maps[1]) / 2, half_fsc)
+            mask = cfg.fscmask_map if cfg.fscmask_map is not None else fsc_mask(volume, apix)
+            rng = np.random.default_rng([*iteration_seed(cfg.seed, iteration), 1])
+            curves = noise_substituted_fsc(*new_maps, mask, rng=rng, unmasked=half_fsc)
+        if cfg.postprocess2_mod is not None:
+            volume = cfg.postprocess2_mod(volume, ndim=3, apix=apix)
+            new_maps = [cfg.postprocess2_mod(m, ndim=3, apix=apix) for m in new_maps]
+    score = (
+        np.take_along_axis(sim.score, cm.cls[:, :1], axis=1)[:, 0]
+        if sim is not None
+        else np.full(n_p, np.nan)
+    )
     return Step(
         ref_rotations=ref_rotations,
         projections=projections,
@@ -329,9 +409,7 @@ def run_step(
         classes=classes,
         rotations=rotations,
         shifts_a=shifts_px * apix,
-        score=np.take_along_axis(sim.score, cm.cls[:, :1], axis=1)[:, 0]
-        if sim is not None
-        else np.full(n_p, np.nan),
+        score=score,
         reason=reason,
         maps=new_maps,
         volume=volume,
