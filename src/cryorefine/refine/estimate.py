@@ -146,6 +146,8 @@ def check_report(run: Run) -> str:
     output folder's disk lacks the estimated space."""
     e = estimate(run)
     folder = run.path or Path(".")
+    while not folder.exists() and folder.parent != folder:  # --path is made by the run
+        folder = folder.parent
     free = shutil.disk_usage(folder).free
     if e["disk_bytes"] > free:
         raise CryorefineError(
