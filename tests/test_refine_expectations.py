@@ -285,3 +285,36 @@ def test_help_shows_defaults_of_zero(run_cli):
         block = next(b for b in blocks if b.startswith(f"  --{option} "))
         shown = " ".join(block.split())
         assert f"(default {default})" in shown, (option, shown)
+
+
+def test_classes_touched_matches_random_assignment():
+    """The expected number of projections holding particles, against drawing them."""
+    from cryorefine.refine.estimate import classes_touched
+
+    rng = np.random.default_rng(0)
+    for particles, n_r in ((24, 833), (400, 210), (5000, 833)):
+        drawn = [
+            len(np.unique(rng.integers(0, n_r, particles // 2)))
+            + len(np.unique(rng.integers(0, n_r, particles // 2)))
+            for _ in range(200)
+        ]
+        expected = classes_touched(particles, n_r, halves=2)
+        assert abs(np.mean(drawn) - expected) < 0.01 * expected, (np.mean(drawn), expected)
+
+
+def test_a_per_class_cost_is_extrapolated_by_classes_not_particles():
+    """Class averaging timed on samples of 24 and 96 particles (2 x 833 projections,
+    each sample touching about as many classes as it has particles) at 1 + 0.05 s per
+    class: 5,000 particles touch 1,583 classes, so 80 s, where a per-particle line says
+    251 s."""
+    from cryorefine.refine.estimate import classes_touched, fit_stage, stage_growth
+
+    cfg = driver.refine_config({"iter": 1, "twostage": 2})
+    assert stage_growth(cfg)["classaverage"] == "classes"
+    assert stage_growth(cfg)["simmx"] == "classes"
+    assert stage_growth(driver.refine_config({"iter": 1}))["simmx"] == "particles"
+    u = [classes_touched(k, 833, 2) for k in (24, 96, 5000)]
+    t = [1 + 0.05 * x for x in u[:2]]
+    got = fit_stage((u[0], u[1]), (t[0], t[1]), u[2])
+    assert got == pytest.approx(1 + 0.05 * u[2], rel=1e-9) and 75 < got < 85, got
+    assert fit_stage((24, 96), (t[0], t[1]), 5000) > 240  # what the old model said
