@@ -216,7 +216,7 @@ def test_resume_refuses_changed_options(gold_run, dataset, run_cli):
         run_cli, dataset, gold_run, "--iter", "3", "--startiter", "2", "--classkeep", "0.7"
     )
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "--classkeep: 0.8 -> 0.7" in err and "--iter: 2 -> 3" in err
+    assert "--classkeep: 0.8 -> 0.7" in err and "--iter" not in err  # --iter may grow
 
 
 def _command(dataset: Path, path: Path, *extra: str) -> list[str]:
@@ -289,14 +289,8 @@ def test_check_refuses_a_bad_option_of_each_family(dataset, tmp_path, run_cli, e
 
 
 def test_check_refuses_mismatched_and_missing_inputs(dataset, tmp_path, run_cli):
-    small = lowpass_gauss(read_map(dataset / "start.mrc").data[:48, :48, :48], 0.2, 3)
-    write_map(tmp_path / "box48.mrc", Map(small.astype(np.float32), 3.0))
-    write_map(tmp_path / "apix2.mrc", Map(read_map(dataset / "start.mrc").data, 2.0))
-    for model, words in (
-        (tmp_path / "box48.mrc", "box 48 px"),
-        (tmp_path / "apix2.mrc", "2 Å/px"),
-        (tmp_path / "missing.mrc", "not found"),
-    ):
+    # (a model of another box or pixel size is fitted: test_refine_expectations.py)
+    for model, words in ((tmp_path / "missing.mrc", "not found"),):
         code, _, err = run_cli(
             "refine",
             "--input",

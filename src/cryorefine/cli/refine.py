@@ -33,7 +33,7 @@ import argparse
 from cryorefine import __version__
 from cryorefine.refine.driver import prepare, refine
 from cryorefine.refine.estimate import check_report
-from cryorefine.refine.options import OPTIONS, help_text
+from cryorefine.refine.options import OPTIONS, Option, help_text
 
 #: this subcommand defines its own -v/--verbose (an EMAN2 level, not a flag)
 OWN_VERBOSE = True
@@ -43,7 +43,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     groups = {}
     for o in OPTIONS:
         g = groups.setdefault(o.group, parser.add_argument_group(f"{o.group} options"))
-        default = "" if o.default in (None, False) else f" (default {o.default})"
+        default = _shown_default(o)
         if o.type is bool:
             g.add_argument(f"--{o.name}", action="store_true", help=help_text(o))
         else:
@@ -58,6 +58,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ppid", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"cryorefine {__version__}")
     parser.add_argument("positional", nargs="*", help=argparse.SUPPRESS)
+
+
+def _shown_default(o: Option) -> str:
+    """`` (default X)`` for the help text: every default but ``None`` and a flag's,
+    zeros included."""
+    if o.default is None or o.type is bool or "(required)" in o.help:
+        return ""
+    return f" (default {o.default:g})" if o.type is float else f" (default {o.default})"
 
 
 def main(args: argparse.Namespace) -> int:

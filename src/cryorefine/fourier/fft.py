@@ -114,3 +114,54 @@ def ring_mean(values: np.ndarray) -> np.ndarray:
     rings = np.minimum(rfft_shell_index((n, n)).ravel(), n // 2)
     counts = np.maximum(np.bincount(rings, minlength=n // 2 + 1), 1)
     return ring_sum(values.reshape(k, -1), rings, n // 2 + 1) / counts
+
+
+def clip_center(volume: np.ndarray, size: int) -> np.ndarray:
+    """Clip or zero-pad a cubic map ``(n, n, n)`` to ``(size, size, size)`` about its
+    centre: voxel ``n // 2`` becomes voxel ``size // 2`` (EMAN2's ``--clip``)."""
+    n = volume.shape[0]
+    off = size // 2 - n // 2
+    lo, hi = max(0, -off), min(n, size - off)
+    out = np.zeros((size,) * volume.ndim, dtype=volume.dtype)
+    out[(slice(lo + off, hi + off),) * volume.ndim] = volume[(slice(lo, hi),) * volume.ndim]
+    return out
+
+
+def resize_fourier(volume: np.ndarray, size: int) -> np.ndarray:
+    """Resample a cubic map ``(n, n, n)`` onto ``(size, size, size)`` voxels spanning the
+    same length (pixel size times ``n / size``) by cropping or zero-padding its centred
+    spectrum: band-limited interpolation, origin voxel ``n // 2`` kept at ``size // 2``,
+    density values (and so the mean) kept."""
+    n = volume.shape[0]
+    if size == n:
+        return volume.copy()
+    axes = tuple(range(volume.ndim))
+    ft = np.fft.fftshift(
+        scipy.fft.fftn(np.fft.ifftshift(volume.astype(np.float64)), workers=fft_threads())
+    )
+    ft = clip_center(ft, size) * (size / n) ** volume.ndim
+    out = scipy.fft.ifftn(np.fft.ifftshift(ft, axes=axes), workers=fft_threads())
+    return np.fft.fftshift(out.real).astype(volume.dtype)
+
+
+def rescale_to_box(
+    volume: np.ndarray, apix: float, box: int, target_apix: float
+) -> tuple[np.ndarray, float]:
+    """A cubic map at ``apix`` Å/px resampled (:func:`resize_fourier`) to ``target_apix``
+    and clipped or padded to ``box`` px, centre on centre (what e2refine does to a model
+    that does not match the particles). Returns the map and its exact pixel size (Å):
+    the map is first padded to the size within twice its own whose resampled size is
+    closest to a whole number of voxels, so that it differs from ``target_apix`` by
+    under 0.1 / ``box`` relative in all but rare ratios."""
+    n = volume.shape[0]
+    ratio = apix / target_apix  # output voxels per input voxel
+    if np.isclose(ratio, 1.0, rtol=1e-6, atol=0):
+        return clip_center(volume, box), apix
+    need = max(n, int(np.ceil(box / ratio)))  # input voxels covering the output box
+    sizes = np.arange(need, 2 * need + 1)
+    error = np.abs(sizes * ratio - np.round(sizes * ratio)) / (sizes * ratio)
+    good = np.flatnonzero(error < 0.1 / box)
+    padded = int(sizes[good[0]] if len(good) else sizes[np.argmin(error)])
+    size = int(round(padded * ratio))
+    out = resize_fourier(clip_center(volume, padded), size)
+    return clip_center(out, box), apix * padded / size

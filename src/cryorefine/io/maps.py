@@ -54,8 +54,12 @@ def is_map_file(path: str | os.PathLike) -> bool:
     return False
 
 
-def read_map(path: str | os.PathLike, *, apix: float | None = None) -> Map:
+def read_map(
+    path: str | os.PathLike, *, apix: float | None = None, no_apix_ok: bool = False
+) -> Map:
     """Read a 3D map (``.mrc``/``.map``/``.hdf``); ``apix`` overrides the header.
+    A header without a pixel size gives 1.0 Å/px with a warning, or 0.0 (for the
+    caller to decide) when ``no_apix_ok``.
 
     Raises
     ------
@@ -85,6 +89,8 @@ def read_map(path: str | os.PathLike, *, apix: float | None = None) -> Map:
         if apix <= 0:
             raise CryorefineError(f"--apix must be positive, got {apix}")
         return Map(data, float(apix), origin)
+    if file_apix <= 0 and no_apix_ok:
+        return Map(data, 0.0, origin)
     if file_apix <= 0:
         warnings.warn(
             f"{path}: no pixel size in the header; assuming 1.0 Å/px (pass --apix)",

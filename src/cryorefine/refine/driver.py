@@ -7,7 +7,13 @@ writes the iteration's files atomically, records the iteration in
 ``0_refine_parms.json``, appends to ``run.log`` (with each stage's EMAN2 command line
 and time) and refreshes ``report.html``.
 
-Resume (``--startiter k``): the options must equal the recorded ones; iteration
+The output folder (``--path``, else the next ``refine_NN``) is created by the run, and
+removed again if the run cannot start. A model at another pixel size or box is
+resampled and clipped to the particles' as e2refine does.
+
+Resume (``--startiter k``): the options must equal the recorded ones (``--iter`` may
+grow, to extend a finished run; files are compared by resolved path; a record from
+before an option existed gives it its default, :func:`upgrade_record`); iteration
 ``k - 1`` must be recorded complete; iteration ``k`` starts from its maps and reuses
 the similarity and classification matrices a killed run left complete. Every random
 choice derives from the recorded seed, so a resumed run reaches the same maps as an
@@ -23,11 +29,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +43,13 @@ import numpy as np
 
 from cryorefine import __version__
 from cryorefine.config import RefineConfig
-from cryorefine.errors import CryorefineError, OptionError
-from cryorefine.fourier.fft import fft_threads_limited
+from cryorefine.errors import CryorefineError, CryorefineWarning, OptionError
+from cryorefine.fourier.fft import fft_threads_limited, rescale_to_box
 from cryorefine.fourier.fsc import resolution_at
 from cryorefine.geometry.orientations import angular_step_deg
 from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.atomic import atomic_output, is_file
-from cryorefine.io.maps import read_map
+from cryorefine.io.maps import Map, read_map
 from cryorefine.io.stacks import ParticleStack, ref_path, star_image_names, write_stack
 from cryorefine.io.star import read_orientations_star
 from cryorefine.refine import outputs, report
@@ -67,6 +75,8 @@ from cryorefine.stages.classify import read_classmx, write_classmx
 from cryorefine.stages.simmx import read_simmx, write_simmx
 
 PARMS = "0_refine_parms.json"
+#: layout of ``0_refine_parms.json`` (:func:`upgrade_record` reads older ones)
+RECORD_VERSION = 2
 #: relative resolution gain below which the map counts as settled
 SETTLED_GAIN = 0.01
 #: iterations run before the stopping rule may stop a run
@@ -85,7 +95,9 @@ class Run:
     path: Path | None
     cores: int | None
     #: one line per option that has no effect with the others (:func:`inert_warnings`)
-    warnings: tuple[str, ...] = ()
+    warnings: list[str] = field(default_factory=list)
+    #: the checks' warnings (already shown on the console), for ``run.log``
+    notes: list[str] = field(default_factory=list)
 
     @property
     def apix(self) -> float:
@@ -112,24 +124,14 @@ def prepare(opts: dict[str, Any]) -> Run:
     stack = ParticleStack.from_path(opts["input"], apix=apix)
     usefilt = None
     try:
-        model = read_map(model_path)
         n = stack.box
-        if model.data.shape != (n, n, n):
-            raise CryorefineError(
-                f"--model {model_path}: box {model.data.shape[-1]} px; the particles "
-                f"({opts['input']}) are {n} px"
-            )
-        if not np.isclose(model.apix, stack.apix, rtol=0.01):
-            raise CryorefineError(
-                f"--model {model_path}: {model.apix:g} Å/px; the particles ({opts['input']}) "
-                f"are {stack.apix:g} Å/px"
-            )
         if len(np.unique(np.round(stack.meta.apix, 4))) > 1 and not apix:
             raise CryorefineError(
                 f"--input {opts['input']}: optics groups of different pixel sizes "
                 f"({', '.join(f'{a:g}' for a in np.unique(stack.meta.apix))} Å)"
             )
-        if 2 * stack.apix > cfg.inires_a:
+        model, note = _fit_model(opts, read_map(model_path, no_apix_ok=True), stack)
+        if cfg.goldstandard and 2 * stack.apix > cfg.inires_a:
             raise CryorefineError(
                 f"--inires {cfg.inires_a} Å is finer than Nyquist ({2 * stack.apix:g} Å)"
             )
@@ -146,6 +148,7 @@ def prepare(opts: dict[str, Any]) -> Run:
                     f"--input holds {len(stack)} of {n} px"
                 )
             usefilt = usefilt.with_meta(stack.meta)
+        _check_ctf_and_pad(opts, cfg, stack)
         if cfg.goldstandard and len(stack) < 4:
             raise CryorefineError(f"--input {opts['input']}: too few particles for two halves")
     except BaseException:
@@ -154,10 +157,78 @@ def prepare(opts: dict[str, Any]) -> Run:
             usefilt.close()
         raise
     path = Path(opts["path"]) if opts.get("path") else None
-    if path is not None and not path.is_dir():
-        raise CryorefineError(f"--path {path}: folder does not exist (create it first)")
-    warnings = tuple(inert_warnings(opts))
-    return Run(opts, cfg, stack, usefilt, model.data.astype(np.float32), path, cores, warnings)
+    if path is not None and path.exists() and not path.is_dir():
+        raise CryorefineError(f"--path {path}: is a file, not a folder")
+    notes = [note] if note else []
+    for text in notes:
+        warnings.warn(text, CryorefineWarning, stacklevel=2)
+    return Run(
+        opts,
+        cfg,
+        stack,
+        usefilt,
+        model.astype(np.float32),
+        path,
+        cores,
+        warnings=inert_warnings(opts),
+        notes=notes,
+    )
+
+
+def _fit_model(
+    opts: dict[str, Any], model: Map, stack: ParticleStack
+) -> tuple[np.ndarray, str | None]:
+    """The starting map on the particles' pixel size and box. A map at another pixel
+    size (``--modelapix``, else its header) is resampled in Fourier space and clipped
+    or padded, centre on centre, as e2refine does (with one warning line); one with no
+    pixel size and no ``--modelapix`` is taken to span the particles' box (e2refine:
+    "A/pix unknown, assuming scale same as relative box size")."""
+    n, n_m, apix = stack.box, model.box, stack.apix
+    given = float(opts.get("modelapix") or 0.0)
+    m_apix = given or model.apix
+    guessed = m_apix <= 0
+    if guessed:
+        m_apix = apix * n / n_m
+    if n_m == n and np.isclose(m_apix, apix, rtol=1e-3):
+        return model.data, None
+    data, got = rescale_to_box(model.data, m_apix, n, apix)
+    span, extent = n_m * m_apix, n * apix  # Å
+    steps = []
+    if not np.isclose(m_apix, apix, rtol=1e-3):
+        steps.append(f"resampled in Fourier space to {got:.4g} Å/px (scale {m_apix / got:.4f})")
+    if not np.isclose(span, extent, rtol=1e-3):
+        steps.append(f"{'clipped' if span > extent else 'padded'} to {n} px")
+    source = (
+        "no pixel size in its header (give --modelapix); taken to span the particles' box, "
+        if guessed
+        else ""
+    )
+    return data, (
+        f"--model {opts['model']}: {source}{n_m} px at {m_apix:.4g} Å/px; the particles "
+        f"({opts['input']}) are {n} px at {apix:.4g} Å/px: {', '.join(steps)}"
+    )
+
+
+def _check_ctf_and_pad(opts: dict[str, Any], cfg: RefineConfig, stack: ParticleStack) -> None:
+    """Refuse a comparator weighting by the particles' SNR (``snrweight=1``, the default
+    of --simcmp and --classcmp) on particles without CTF, and a --pad under the box."""
+    if not stack.meta.ctf.known.all():
+        missing = int(np.sum(~stack.meta.ctf.known))
+        for prefix, stage in (("sim", cfg.simmx), ("class", cfg.classaverage)):
+            for role in ("cmp", "aligncmp", "raligncmp"):
+                mod = getattr(stage, f"{role}_mod")
+                if mod is None or not mod.params.get("snrweight"):
+                    continue
+                name = prefix + role
+                raise CryorefineError(
+                    f"--{name} {opts[name]}: snrweight=1 needs the particles' CTF; "
+                    f"{missing} of {len(stack)} particles of {opts['input']} have none "
+                    "(drop snrweight=1)"
+                )
+    if cfg.make3d.pad_px is not None and cfg.make3d.pad_px < stack.box:
+        raise CryorefineError(
+            f"--pad {cfg.make3d.pad_px}: smaller than the particles' box ({stack.box} px)"
+        )
 
 
 @contextmanager
@@ -228,8 +299,44 @@ def _plain(v: Any) -> Any:
     raise TypeError(type(v))
 
 
-def _setup_folder(run: Run) -> tuple[Path, dict, int]:
-    """The output folder, its parameter record and the first iteration to run."""
+def upgrade_record(record: dict, where: Path) -> dict:
+    """A parameter record read from ``where`` in this version's layout
+    (:data:`RECORD_VERSION`). Version 1 (no ``record_version``) lacks ``cwd``, the
+    folder the run started in (its file options are then read from this one). Any
+    version: an option added since the record was written takes its default."""
+    version = int(record.get("record_version", 1))
+    if version > RECORD_VERSION:
+        raise CryorefineError(
+            f"{where}: record version {version} is newer than this cryorefine reads "
+            f"({RECORD_VERSION}); resume it with the cryorefine that wrote it"
+        )
+    if version < 2:
+        record["cwd"] = None
+    options = record.setdefault("options", {})
+    for name, value in defaults().items():
+        options.setdefault(name, value)
+    record["record_version"] = RECORD_VERSION
+    return record
+
+
+def _new_folder(path: Path) -> Path | None:
+    """Create ``path`` (and its missing parents); return the top-most folder created,
+    or ``None`` when ``path`` already exists."""
+    top = path
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:  # there already (or made by another run just now)
+        return None
+    except OSError as err:
+        raise CryorefineError(f"--path {path}: cannot create it ({err.strerror})") from None
+    return top
+
+
+def _setup_folder(run: Run) -> tuple[Path, dict, int, Path | None]:
+    """The output folder, its parameter record, the first iteration to run and the
+    top-most folder created for the run (``None`` when it existed)."""
     opts, start = run.opts, int(run.opts.get("startiter") or 0)
     record_opts = {k: v for k, v in opts.items() if k not in ("check", "verbose")}
     if start > 0:
@@ -238,11 +345,16 @@ def _setup_folder(run: Run) -> tuple[Path, dict, int]:
         parms = run.path / PARMS
         if not parms.is_file():
             raise CryorefineError(f"--path {run.path}: no {PARMS}; nothing to resume")
-        record = json.loads(parms.read_text())
-        diff = differences(record["options"], record_opts)
+        record = upgrade_record(json.loads(parms.read_text()), parms)
+        diff = differences(record["options"], record_opts, recorded_cwd=record["cwd"])
         if diff:
             raise CryorefineError(
                 f"--startiter {start}: options differ from {parms}: " + "; ".join(diff)
+            )
+        if run.cfg.iterations <= start:
+            raise CryorefineError(
+                f"--iter {run.cfg.iterations}: nothing to run from --startiter {start} "
+                "(give a larger --iter to extend the run)"
             )
         done = [h["iteration"] for h in record.get("iterations", [])]
         if start - 1 not in done:
@@ -251,6 +363,8 @@ def _setup_folder(run: Run) -> tuple[Path, dict, int]:
                 f"(finished: {', '.join(map(str, done)) or 'none'})"
             )
         record["iterations"] = [h for h in record["iterations"] if h["iteration"] < start]
+        record["options"]["iter"] = run.cfg.iterations  # may have grown
+        record.pop("stopped", None)
         record.setdefault("resumed", []).append(
             {"at_iteration": start, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         )
@@ -259,28 +373,32 @@ def _setup_folder(run: Run) -> tuple[Path, dict, int]:
         for p in run.path.iterdir():  # what a killed run was writing
             if p.name.startswith(".") and p.name.endswith(".partial"):
                 p.unlink()
-        return run.path, record, start
+        return run.path, record, start, None
     if opts.get("seed") is None:
         opts["seed"] = secrets.randbelow(2**31)
         record_opts["seed"] = opts["seed"]
         run.cfg = refine_config(opts)
+    created = None
     if run.path is None:
-        path = next_refine_folder()
+        path = created = next_refine_folder()
     else:
         path = run.path
-        if (path / PARMS).exists() or any(path.glob("threed_*")):
+        created = _new_folder(path)
+        if created is None and ((path / PARMS).exists() or any(path.glob("threed_*"))):
             raise CryorefineError(
                 f"--path {path}: holds a refinement; resume it with --startiter or choose "
                 "another folder"
             )
     record = {
+        "record_version": RECORD_VERSION,
         "cryorefine_version": __version__,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv),
+        "cwd": os.getcwd(),
         "options": record_opts,
         "iterations": [],
     }
-    return path, record, 0
+    return path, record, 0, created
 
 
 def _image_names(run: Run, path: Path, resume: bool) -> np.ndarray:
@@ -343,11 +461,18 @@ def refine(run: Run, *, progress: bool | None = None) -> dict:
 
 
 def _refine(run: Run, *, progress: bool | None) -> dict:
-    path, record, start = _setup_folder(run)
+    path, record, start, created = _setup_folder(run)
     resume = start > 0
     cfg, opts, stack, apix = run.cfg, run.opts, run.stack, run.apix
-    log = Log(path / "run.log", int(opts.get("verbose") or 0))
+    try:
+        log = Log(path / "run.log", int(opts.get("verbose") or 0))
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     gold = cfg.goldstandard
+    started = False  # whether an iteration began: a folder made for a run that
+    # could not start is removed, one that began keeps its log
     try:
         _write_json(path / PARMS, record)
         log(
@@ -378,6 +503,9 @@ def _refine(run: Run, *, progress: bool | None) -> dict:
         history = record["iterations"]
         bars = _progress_factory(sys.stderr.isatty() if progress is None else progress)
         group = symmetry_group(cfg.map_sym)
+        for text in run.notes:
+            log(f"warning: {text}")
+        started = True
         for it in range(start, cfg.iterations):
             t0 = time.perf_counter()
             commands = eman2_commands(opts, cfg, it, str(path))
@@ -449,6 +577,11 @@ def _refine(run: Run, *, progress: bool | None) -> dict:
             echo=True,
         )
         return record
+    except BaseException:
+        if created is not None and not started:
+            log.close()
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         log.close()
 

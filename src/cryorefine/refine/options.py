@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryorefine.config import (
@@ -27,25 +28,35 @@ from cryorefine.registry import ALIGNERS, AVERAGERS, PROJECTORS, RECONSTRUCTORS
 
 @dataclass(frozen=True)
 class Option:
-    """One option: ``type`` is ``int``, ``float``, ``str`` or ``bool`` (a flag)."""
+    """One option: ``type`` is ``int``, ``float``, ``str`` or ``bool`` (a flag);
+    ``file``: its value names a file (compared by resolved path on resume)."""
 
     name: str
     type: type
     default: Any
     help: str
     group: str = "refine"
+    file: bool = False
 
 
 _E = "e2refine"
 OPTIONS: tuple[Option, ...] = (
     Option("iter", int, 0, "iterations: index one past the last to run (required)", "driver"),
     Option("startiter", int, 0, "resume at this iteration of the --path folder", "driver"),
-    Option("input", str, None, "particle stack (.star, .mrcs, .hdf, .lst)", "driver"),
-    Option("model", str, "threed.0a.mrc", "starting map (same box and Å/px)", "driver"),
-    Option("usefilt", str, None, "filtered copy of the particles, used to align", "driver"),
+    Option("input", str, None, "particle stack (.star, .mrcs, .hdf, .lst)", "driver", True),
+    Option(
+        "model",
+        str,
+        "threed.0a.mrc",
+        "starting map (resampled and clipped to the particles' Å/px and box if it differs)",
+        "driver",
+        True,
+    ),
+    Option("modelapix", float, 0.0, "Å/pixel of --model (0: its header's)", "driver"),
+    Option("usefilt", str, None, "filtered copy of the particles, used to align", "driver", True),
     Option("path", str, None, "output folder (default: the next refine_NN)", "driver"),
     Option("mass", float, 0.0, "particle mass in kDa: normalise threed_filt by mass", _E),
-    Option("apix", float, 0.0, "Å/pixel of the particles (default: their header)", _E),
+    Option("apix", float, 0.0, "Å/pixel of the particles (0: their header's)", _E),
     Option("automask3d", str, None, "threshold,radius,nshells,nshellsgauss,nmaxseed", _E),
     Option(
         "automaskalign",
@@ -70,7 +81,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("simralign", str, None, f"simmx refining aligner ({ALIGNERS.help_list()})", "simmx"),
     Option("simraligncmp", str, "ccc", "comparator of --simralign", "simmx"),
     Option("simcmp", str, "frc:zeromask=1:snrweight=1", "simmx score comparator", "simmx"),
-    Option("simmask", str, None, "2D mask image applied before the simmx score", "simmx"),
+    Option("simmask", str, None, "2D mask image applied before the simmx score", "simmx", True),
     Option("shrink", int, 0, "shrink particles and projections in simmx (>= 2)", "simmx"),
     Option("twostage", int, 0, "two-stage simmx: the coarse stage's shrink (0: off)", "simmx"),
     Option(
@@ -112,7 +123,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("m3dkeep", float, 0.8, "fraction of class averages kept", "make3d"),
     Option("m3dkeepsig", bool, False, "--m3dkeep counts standard deviations", "make3d"),
     Option("m3dsetsf", bool, False, "impose strucfac.txt (working folder)", "make3d"),
-    Option("m3dsffile", str, None, "impose this structure factor file", "make3d"),
+    Option("m3dsffile", str, None, "impose this structure factor file", "make3d", True),
     Option("m3diter", int, 2, "reconstruction passes", "make3d"),
     Option(
         "m3dpreprocess",
@@ -303,8 +314,9 @@ def refine_config(opts: dict[str, Any]) -> RefineConfig:
         )
     if o["mass"] and not o["apix"]:
         raise CryorefineError("--mass needs --apix (the mass normalisation's pixel size)")
-    if o["apix"] < 0:
-        raise CryorefineError(f"--apix {o['apix']}: must be positive")
+    for name in ("apix", "modelapix"):
+        if o[name] < 0:
+            raise CryorefineError(f"--{name} {o[name]}: must be positive")
     if o["goldstandard"] not in (0, 1):
         raise CryorefineError(f"--goldstandard {o['goldstandard']}: use 1 (on) or 0 (off)")
     if o["earlystop"] not in (0, 1):
@@ -400,15 +412,35 @@ def parallel_cores(spec: str | None) -> int | None:
     raise CryorefineError(f"--parallel {spec}: use thread:N (N cores)")
 
 
-def differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The options that differ between a recorded run and now (``name: old -> new``)."""
+def differences(
+    recorded: dict[str, Any], now: dict[str, Any], *, recorded_cwd: str | None = None
+) -> list[str]:
+    """The options that differ between a recorded run and now (``name: old -> new``).
+
+    ``--iter`` may grow (a finished run extended); a file option is the same when both
+    name the same file, the recorded name taken from ``recorded_cwd`` (the folder the
+    run started in; ``None``: this one)."""
     out = []
-    for name in BY_NAME:
-        if name in RESUME_FREE or name == "seed" and now.get(name) is None:
+    for name, opt in BY_NAME.items():
+        old, new = recorded.get(name), now.get(name)
+        if name in RESUME_FREE or name == "seed" and new is None:
             continue
-        if recorded.get(name) != now.get(name):
-            out.append(f"--{name}: {recorded.get(name)!r} -> {now.get(name)!r}")
+        if name == "iter" and old is not None and new is not None and new >= old:
+            continue
+        if opt.file and old is not None and new is not None:
+            if _resolved(old, recorded_cwd) == _resolved(new, None):
+                continue
+        if old != new:
+            out.append(f"--{name}: {old!r} -> {new!r}")
     return out
+
+
+def _resolved(name: str, cwd: str | None) -> Path:
+    """The file ``name`` typed in folder ``cwd`` (``None``: this one), links resolved."""
+    path = Path(name).expanduser()
+    if cwd is not None and not path.is_absolute():
+        path = Path(cwd) / path
+    return path.resolve()
 
 
 def eman2_commands(
