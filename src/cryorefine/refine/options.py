@@ -23,6 +23,7 @@ from cryorefine.config import (
     breaks_symmetry,
 )
 from cryorefine.errors import CryorefineError, OptionError
+from cryorefine.refine.step import FSC_MASK_EXTEND_A, FSC_MASK_SOFT_EDGE_A
 from cryorefine.registry import ALIGNERS, AVERAGERS, PROJECTORS, RECONSTRUCTORS
 
 
@@ -160,7 +161,8 @@ OPTIONS: tuple[Option, ...] = (
         "fscmask",
         str,
         None,
-        "mask (0-1 map) for the half-map FSC (default: automatic, grown 6 Å, 18 Å soft edge)",
+        f"mask (0-1 map) for the half-map FSC (default: the particle grown "
+        f"{FSC_MASK_EXTEND_A:g} Å, {FSC_MASK_SOFT_EDGE_A:g} Å soft edge)",
         "cryorefine",
     ),
 )

@@ -46,7 +46,7 @@ USED, CLASSKEEP, M3DKEEP = range(3)
 MASK_LOWPASS_A = 15.0
 #: growth of the FSC mask's region (Å) and the width of its raised-cosine edge (Å)
 FSC_MASK_EXTEND_A = 6.0
-FSC_MASK_SOFT_EDGE_A = 18.0
+FSC_MASK_SOFT_EDGE_A = 24.0
 
 
 @dataclass
