@@ -119,30 +119,6 @@ def test_class_averages_from_ctf_modulated_particles_need_a_ctf_averager():
     assert res["ctf.weight"] < 13.5 and res["mean"] > 17.0, res
 
 
-@pytest.mark.slow
-def test_class_averages_must_undo_the_ctf():
-    """With CTF (defocus 1-2.5 um), one iteration from class averages: the plain mean
-    blurs each class by its members' CTFs (measured FSC 0.5 at 20 Å), a CTF averager
-    does not (9.6 Å with ctf.weight; from the particles: 9.4 Å)."""
-    truth = demo_map()
-    stack = simulate_particles(
-        truth.data, 400, apix=truth.apix, snr=1.0, rng=np.random.default_rng(3), max_shift_a=6.0
-    )
-    start = lowpass_gauss(truth.data, truth.apix / 20.0, 3).astype(np.float32)
-    res = {}
-    for averager in ("mean", "ctf.weight"):
-        cfg = RefineConfig(
-            iterations=1,
-            m3dsource="classes",
-            project3d=Project3dConfig(orientgen="eman:delta=12:perturb=0"),
-            simmx=SimmxConfig(align="rotate_translate_flip:maxshift=4", aligncmp="ccc", cmp="ccc"),
-            classaverage=ClassaverageConfig(averager=averager),  # e2refine's frc score
-        )
-        volume = run_step([start], stack, [np.arange(len(stack))], cfg, iteration=0).volume
-        res[averager] = resolution_at(fsc(volume, truth.data), threshold=0.5, apix=truth.apix)
-    assert res["ctf.weight"] < 11.0 and res["mean"] > 15.0, res
-
-
 def _fsc_by_shell(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """FSC of two cubic maps over shells of radius ``round(|k|)`` voxels, written out
     here (full complex FFT) rather than taken from ``fourier.fsc``; returns the curve

@@ -435,3 +435,40 @@ def test_inert_options_are_warned_once_and_run_log_says_what_ran(truth, tmp_path
     assert "e2make3d" not in make3d_line and "--keep" not in make3d_line
     assert f"relion_reconstruct --i {tmp_path}/run/particles_00.star" in make3d_line
     assert "--sym C1" in make3d_line
+
+
+def test_a_library_caller_routes_the_log(truth, tmp_path, capsys):
+    """refine(console=False) prints nothing; its lines reach run.log and a handler the
+    caller put on the 'cryorefine' logger, each iteration's summary at INFO."""
+    import logging
+
+    from cryorefine.io.stacks import write_stack
+    from cryorefine.refine.driver import prepare, refine
+    from cryorefine.testing import simulate_particles
+
+    sim = simulate_particles(
+        truth, 40, apix=APIX, snr=1.0, rng=np.random.default_rng(9), defocus_range_um=None
+    )
+    write_stack(sim, tmp_path / "particles.star")
+    write_map(tmp_path / "start.mrc", Map(truth, APIX))
+    opts = _opts(
+        input=str(tmp_path / "particles.star"),
+        model=str(tmp_path / "start.mrc"),
+        path=str(tmp_path / "run"),
+        orientgen="eman:delta=30:perturb=0",
+    )
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("cryorefine")
+    logger.addHandler(handler)
+    run = prepare(opts)
+    try:
+        refine(run, progress=False, console=False)
+    finally:
+        run.close()
+        logger.removeHandler(handler)
+    assert capsys.readouterr().out == ""
+    summaries = [r.getMessage() for r in records if r.getMessage().startswith("iteration 00:")]
+    assert len(summaries) == 1 and "FSC 0.143" in summaries[0]
+    assert summaries[0] in (tmp_path / "run" / "run.log").read_text()

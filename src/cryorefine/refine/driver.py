@@ -27,6 +27,7 @@ is below the angular step.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -267,23 +268,49 @@ def next_refine_folder(root: Path = Path(".")) -> Path:
             continue
 
 
-class Log:
-    """``run.log``: timestamped plain lines, flushed as written; echoed when asked."""
+#: the refinement's log: ``run.log`` gets every record, the console INFO and above
+#: (DEBUG too with ``--verbose``); a library caller may route it like any logger
+LOGGER = logging.getLogger("cryorefine.refine")
+#: the level of the lines shown only with ``--verbose 2`` (each stage's time and command)
+DETAIL = logging.DEBUG - 5
 
-    def __init__(self, path: Path, verbose: int) -> None:
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
-        self.verbose = verbose
+
+class Log:
+    """``run.log`` through :data:`LOGGER`: timestamped plain lines, flushed as written.
+
+    ``log(text)`` records ``text`` at DEBUG (``run.log``; the console too with
+    ``--verbose 1``), ``log(text, level=2)`` below DEBUG (the console with ``--verbose
+    2``), ``log(text, echo=True)`` at INFO (always the console too). ``console``: add a
+    handler printing to standard output for the run; without it the records reach only
+    ``run.log`` and whatever handlers the caller set up.
+    """
+
+    def __init__(self, path: Path, verbose: int, *, console: bool = True) -> None:
+        self.handlers: list[logging.Handler] = []
+        file = logging.FileHandler(path, mode="a", encoding="utf-8")
+        file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        file.setLevel(DETAIL)
+        self.handlers.append(file)
+        if console:
+            screen = logging.StreamHandler(sys.stdout)
+            screen.setFormatter(logging.Formatter("%(message)s"))
+            screen.setLevel(logging.INFO - 10 * verbose if verbose < 2 else DETAIL)
+            self.handlers.append(screen)
+        for h in self.handlers:
+            LOGGER.addHandler(h)
+        self.level = LOGGER.level
+        LOGGER.setLevel(DETAIL)
 
     def __call__(self, text: str, *, echo: bool = False, level: int = 1) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        record = logging.INFO if echo else (logging.DEBUG if level <= 1 else DETAIL)
         for line in text.splitlines():
-            self.file.write(f"{stamp} {line}\n")
-        self.file.flush()
-        if echo or self.verbose >= level:
-            print(text, flush=True)
+            LOGGER.log(record, line)
 
     def close(self) -> None:
-        self.file.close()
+        for h in self.handlers:
+            LOGGER.removeHandler(h)
+            h.close()
+        LOGGER.setLevel(self.level)
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -454,18 +481,22 @@ def _progress_factory(enabled: bool) -> Callable | None:
     return make
 
 
-def refine(run: Run, *, progress: bool | None = None) -> dict:
-    """Run the refinement; returns the parameter record (with every iteration's figures)."""
+def refine(run: Run, *, progress: bool | None = None, console: bool = True) -> dict:
+    """Run the refinement; returns the parameter record (with every iteration's figures).
+
+    ``console``: print the log's INFO lines (each iteration's summary) to standard output;
+    they go to ``run.log`` and :data:`LOGGER`'s other handlers in any case.
+    """
     with limited_cores(run.cores):
-        return _refine(run, progress=progress)
+        return _refine(run, progress=progress, console=console)
 
 
-def _refine(run: Run, *, progress: bool | None) -> dict:
+def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
     path, record, start, created = _setup_folder(run)
     resume = start > 0
     cfg, opts, stack, apix = run.cfg, run.opts, run.stack, run.apix
     try:
-        log = Log(path / "run.log", int(opts.get("verbose") or 0))
+        log = Log(path / "run.log", int(opts.get("verbose") or 0), console=console)
     except BaseException:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
