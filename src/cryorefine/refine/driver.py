@@ -518,13 +518,16 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
         labels = half_sets(stack.meta, rng) if gold else np.zeros(len(stack), np.int64)
         halves = [np.flatnonzero(labels == h) for h in (1, 2)] if gold else [np.arange(len(stack))]
         if resume:
-            k = f"{start - 1:02d}"
             maps = [read_map(p).data for p in outputs.map_paths(path, start - 1, gold)]
-            previous_filt = read_map(path / f"threed_filt_{k}.mrc").data
-            mask_file = path / f"threed_mask_{k}.mrc"
+            previous_filt = read_map(
+                outputs.iteration_file(path, "threed_filt", start - 1, ".mrc")
+            ).data
+            mask_file = outputs.iteration_file(path, "threed_mask", start - 1, ".mrc")
             automask = read_map(mask_file).data if mask_file.is_file() else None
             maps = _next_maps(maps, previous_filt, automask, cfg, apix, gold)
-            prev_rot = read_orientations_star(path / f"particles_{start - 1:02d}.star")
+            prev_rot = read_orientations_star(
+                outputs.iteration_file(path, "particles", start - 1, ".star")
+            )
         else:
             maps = start_maps(run.model, cfg, apix, rng)
             previous_filt = run.model
@@ -601,9 +604,12 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
             _write_json(path / PARMS, record)
         record["path"] = str(path)
         final = history[-1]
-        kind = "half-map FSC 0.143" if gold else "FSC 0.143 of alternate particles"
+        kind = (
+            "half-map FSC 0.143 (masked, corrected)" if gold else "FSC 0.143 of alternate particles"
+        )
+        final_map = outputs.iteration_file(path, "threed", final["iteration"], ".mrc")
         log(
-            f"final map {path}/threed_{final['iteration']:02d}.mrc: {kind} at "
+            f"final map {final_map}: {kind} at "
             f"{final['resolution']:.2f} Å; report {path}/report.html",
             echo=True,
         )

@@ -41,20 +41,24 @@ def half_suffixes(gold: bool) -> tuple[str, ...]:
     return tuple(f"_{h}" for h in HALF_NAMES) if gold else ("",)
 
 
+def iteration_file(path: Path, stem: str, iteration: int, ext: str, half: str = "") -> Path:
+    """``path/STEM_NN[HALF]EXT``: the name of every per-iteration file is built here."""
+    return path / f"{stem}_{nn(iteration)}{half}{ext}"
+
+
 def map_paths(path: Path, iteration: int, gold: bool) -> list[Path]:
     """The maps iteration ``iteration`` leaves for the next to project, one per half."""
-    k = nn(iteration)
     if gold:
-        return [path / f"threed_{k}{s}.mrc" for s in half_suffixes(True)]
-    return [path / f"threed_filt_{k}.mrc"]
+        return [iteration_file(path, "threed", iteration, ".mrc", s) for s in half_suffixes(True)]
+    return [iteration_file(path, "threed_filt", iteration, ".mrc")]
 
 
 def simmx_path(path: Path, iteration: int) -> Path:
-    return path / f"simmx_{nn(iteration)}.h5"
+    return iteration_file(path, "simmx", iteration, ".h5")
 
 
 def classify_path(path: Path, iteration: int) -> Path:
-    return path / f"classify_{nn(iteration)}.h5"
+    return iteration_file(path, "classify", iteration, ".h5")
 
 
 def write_step(
@@ -82,35 +86,61 @@ def write_step(
         meta = ParticleMetadata.empty(n_r, apix=apix)
         meta.rotations = step.ref_rotations[h]
         proj = ParticleStack.from_arrays(step.projections[h], apix=apix, meta=meta)
-        write_stack(proj, path / f"projections_{k}{s}.star", overwrite=overwrite)
+        write_stack(
+            proj, iteration_file(path, "projections", iteration, ".star", s), overwrite=overwrite
+        )
         write_classes(
-            path / f"classes_{k}{s}.star",
+            iteration_file(path, "classes", iteration, ".star", s),
             step.classes[h],
             step.ref_rotations[h],
             apix,
             overwrite=overwrite,
         )
-    write_classmx(path / f"cls_result_{k}.h5", step.resultmx, n_r, overwrite=overwrite)
-    write_map(path / f"threed_{k}.mrc", Map(step.volume, apix), overwrite=overwrite)
+    write_classmx(
+        iteration_file(path, "cls_result", iteration, ".h5"),
+        step.resultmx,
+        n_r,
+        overwrite=overwrite,
+    )
+    write_map(
+        iteration_file(path, "threed", iteration, ".mrc"),
+        Map(step.volume, apix),
+        overwrite=overwrite,
+    )
     if gold:
         for m, p in zip(step.maps, map_paths(path, iteration, True), strict=True):
             write_map(p, Map(m, apix), overwrite=overwrite)
-    write_map(path / f"threed_filt_{k}.mrc", Map(filt, apix), overwrite=overwrite)
+    write_map(
+        iteration_file(path, "threed_filt", iteration, ".mrc"), Map(filt, apix), overwrite=overwrite
+    )
     if automask is not None:
-        write_map(path / f"threed_mask_{k}.mrc", Map(automask, apix), overwrite=overwrite)
+        write_map(
+            iteration_file(path, "threed_mask", iteration, ".mrc"),
+            Map(automask, apix),
+            overwrite=overwrite,
+        )
     figures = {}
     if step.fsc is not None:
         curves = step.fsc
-        write_map(path / f"fsc_mask_{k}.mrc", Map(step.mask, apix), overwrite=overwrite)
+        write_map(
+            iteration_file(path, "fsc_mask", iteration, ".mrc"),
+            Map(step.mask, apix),
+            overwrite=overwrite,
+        )
         for name, curve in (
             ("unmasked", curves.unmasked),
             ("masked", curves.masked),
             ("corrected", curves.corrected),
         ):
-            write_fsc_text(path / f"fsc_{name}_{k}.txt", curve, apix=apix, overwrite=overwrite)
+            write_fsc_text(
+                iteration_file(path, f"fsc_{name}", iteration, ".txt"),
+                curve,
+                apix=apix,
+                overwrite=overwrite,
+            )
         n = 2 * (len(curves.corrected) - 1)
         write_fsc_star(
-            path / f"fsc_halves_{k}.star",
+            iteration_file(path, "fsc_halves", iteration, ".star"),
             curves.corrected,
             apix=apix,
             overwrite=overwrite,
@@ -140,7 +170,12 @@ def write_step(
         figures["successive_fsc"] = curve
         figures["successive_0.5"] = resolution_at(curve, threshold=0.5, apix=apix)
     write_particles(
-        path / f"particles_{k}.star", step, stack, image_names, halves, overwrite=overwrite
+        iteration_file(path, "particles", iteration, ".star"),
+        step,
+        stack,
+        image_names,
+        halves,
+        overwrite=overwrite,
     )
     return figures
 
