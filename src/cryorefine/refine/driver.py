@@ -67,6 +67,7 @@ from cryorefine.refine.step import (
     REASONS,
     STAGES,
     Step,
+    check_inires,
     filtered,
     half_sets,
     run_step,
@@ -132,10 +133,8 @@ def prepare(opts: dict[str, Any]) -> Run:
                 f"({', '.join(f'{a:g}' for a in np.unique(stack.meta.apix))} Å)"
             )
         model, note = _fit_model(opts, read_map(model_path, no_apix_ok=True), stack)
-        if cfg.goldstandard and 2 * stack.apix > cfg.inires_a:
-            raise CryorefineError(
-                f"--inires {cfg.inires_a} Å is finer than Nyquist ({2 * stack.apix:g} Å)"
-            )
+        if cfg.goldstandard:
+            check_inires(cfg.inires_a, stack.apix)
         if cfg.fscmask_map is not None and cfg.fscmask_map.shape != (n, n, n):
             raise CryorefineError(
                 f"--fscmask {opts['fscmask']}: box {cfg.fscmask_map.shape[-1]} px; the "

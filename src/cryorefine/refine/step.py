@@ -82,6 +82,12 @@ class Step:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def check_inires(inires_a: float, apix: float) -> None:
+    """Refuse an ``--inires`` finer than Nyquist (``2 apix`` Å)."""
+    if not 2 * apix <= inires_a:
+        raise CryorefineError(f"--inires {inires_a:g} Å is finer than Nyquist ({2 * apix:g} Å)")
+
+
 def gold_standard_starts(
     volume: np.ndarray, *, apix: float, inires_a: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -91,8 +97,7 @@ def gold_standard_starts(
     phases randomised beyond that resolution, independently for each half, so that the
     halves share no noise beyond it (RELION's practice).
     """
-    if not 2 * apix <= inires_a:
-        raise CryorefineError(f"--inires {inires_a} Å is finer than Nyquist ({2 * apix} Å)")
+    check_inires(inires_a, apix)
     cut = apix / inires_a  # cycles/pixel
     low = lowpass_gauss(np.asarray(volume, np.float32), cut, 3)
     return randomise_phases(low, cut, 3, rng), randomise_phases(low, cut, 3, rng)
