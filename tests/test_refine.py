@@ -226,3 +226,16 @@ def test_halves_on_their_own_grids_give_an_honest_half_map_fsc():
     own, one = np.array(ratios["own grids"]), np.array(ratios["one grid"])
     assert (own >= one).all()
     assert own.mean() >= one.mean() + 0.02
+
+
+def test_halves_get_orientation_sets_of_one_size_with_breaksym():
+    # breaksym keeps one hemisphere of a perturbed grid, so two draws can differ in
+    # size (measured 212 and 204 at delta 10 in c2); the simmx matrix needs one size.
+    from cryorefine.refine.options import defaults, refine_config
+    from cryorefine.refine.step import half_orientations
+
+    cfg = refine_config(
+        {**defaults(), "iter": 1, "sym": "c2", "orientgen": "eman:delta=10:breaksym=1"}
+    )
+    sizes = [[len(r) for r in half_orientations(cfg, it, 2)] for it in range(6)]
+    assert all(a == b for a, b in sizes), sizes

@@ -151,14 +151,14 @@ def prepare(opts: dict[str, Any]) -> Run:
         _check_ctf_and_pad(opts, cfg, stack)
         if cfg.goldstandard and len(stack) < 4:
             raise CryorefineError(f"--input {opts['input']}: too few particles for two halves")
+        path = Path(opts["path"]) if opts.get("path") else None
+        if path is not None and path.exists() and not path.is_dir():
+            raise CryorefineError(f"--path {path}: is a file, not a folder")
     except BaseException:
         stack.close()
         if usefilt is not None:
             usefilt.close()
         raise
-    path = Path(opts["path"]) if opts.get("path") else None
-    if path is not None and path.exists() and not path.is_dir():
-        raise CryorefineError(f"--path {path}: is a file, not a folder")
     notes = [note] if note else []
     for text in notes:
         warnings.warn(text, CryorefineWarning, stacklevel=2)

@@ -164,6 +164,7 @@ OPTIONS: tuple[Option, ...] = (
         f"mask (0-1 map) for the half-map FSC (default: the particle grown "
         f"{FSC_MASK_EXTEND_A:g} Å, {FSC_MASK_SOFT_EDGE_A:g} Å soft edge)",
         "cryorefine",
+        True,
     ),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
@@ -275,26 +276,29 @@ _RENAMES = {
 }
 
 
-def _stage(family: str, factory, **kwargs):
-    """Build a stage config; an error names the options as e2refine calls them."""
+def _stage(family: str, factory, *, renames: dict[str, str] | None = None, **kwargs):
+    """Build a stage config; an error names the options as e2refine calls them
+    (``renames``: spellings that depend on the options given)."""
     try:
         return factory(**kwargs)
     except CryorefineError as err:
-        raise refine_spelling(err, family) from None
+        raise refine_spelling(err, family, renames) from None
 
 
 #: the option family of each stage's errors (:class:`OptionError` ``stage``)
 _FAMILY = {"simmx": "simmx", "classaverage": "class", "make3d": "make3d"}
 
 
-def refine_spelling(err: CryorefineError, family: str | None = None) -> CryorefineError:
+def refine_spelling(
+    err: CryorefineError, family: str | None = None, extra: dict[str, str] | None = None
+) -> CryorefineError:
     """``err`` (raised by a stage of ``family``, or by the stage it names) with its
     options spelled as ``refine`` spells them (``--keep`` of class averaging is
-    ``--classkeep``)."""
+    ``--classkeep``; ``extra``: more spellings)."""
     if isinstance(err, OptionError):
-        renames = _RENAMES.get(_FAMILY.get(err.stage, ""), {})
+        renames = {**_RENAMES.get(_FAMILY.get(err.stage, ""), {}), **(extra or {})}
         return err.spelled({f: renames.get(flag, flag) for f, flag in err.flags.items()})
-    renames = _RENAMES.get(family or "", {})
+    renames = {**_RENAMES.get(family or "", {}), **(extra or {})}
     text = str(err)
     for old in sorted(renames, key=len, reverse=True):
         if text.startswith(old) and not text[len(old) : len(old) + 1].isalnum():
@@ -342,6 +346,7 @@ def refine_config(opts: dict[str, Any]) -> RefineConfig:
     make3d = _stage(
         "make3d",
         Make3dConfig,
+        renames={"--setsf": "--m3dsffile" if o["m3dsffile"] else "--m3dsetsf"},
         sym="c1" if breaks_symmetry(project3d.orientgen_mod) else o["sym"],
         pad_px=o["pad"] or None,
         recon=o["recon"],

@@ -113,7 +113,8 @@ def half_sets(meta: ParticleMetadata, rng: np.random.Generator) -> np.ndarray:
 
 
 def iteration_seed(seed: int, iteration: int) -> list[int]:
-    """The random-number seed of one iteration (its orientation perturbation)."""
+    """The random-number seed of one iteration; a stream is this plus its own number
+    (each half's orientations: the half's index; the FSC's phase randomisation: 9)."""
     return [int(seed), int(iteration), 0x5EED]
 
 
@@ -127,7 +128,8 @@ def half_orientations(cfg: RefineConfig, iteration: int, n_halves: int) -> list[
     perturbation alone differs). Halves that assigned their particles to one grid would
     share its discretisation error, which correlates the half maps beyond what the data
     hold and makes the half-map FSC optimistic (Choice). A single chain, and a grid
-    limited by ``alt_min``/``alt_max``, keep the generator's own orientations.
+    limited by ``alt_min``/``alt_max``, keep the generator's own orientations; sets
+    that come out of different sizes give way to the first half's, for both.
     """
     p3 = cfg.project3d
     mod = p3.orientgen_mod
@@ -143,6 +145,8 @@ def half_orientations(cfg: RefineConfig, iteration: int, n_halves: int) -> list[
             elif group.kind == "c":
                 rots = rots @ Rotation.from_euler("z", rng.uniform(0, 2 * np.pi)).as_matrix()
         sets.append(rots)
+    if len({len(r) for r in sets}) > 1:  # e.g. breaksym's hemisphere cut of a perturbed grid
+        sets = [sets[0]] * n_halves
     return sets
 
 
@@ -385,6 +389,8 @@ def run_step(
             new_maps, info, excluded = reconstruct_from_classes(
                 classes, ref_rotations, cfg, apix=apix, n_p=n_p
             )
+            if gold:  # make3d's own split is of one half's class averages: not the halves'
+                info = {**info, "half_fsc": None}
             reason[excluded & in_class] = M3DKEEP
             volume = new_maps[0]
         curves = mask = None
@@ -395,7 +401,7 @@ def run_step(
             if cfg.m3dsource == "classes":
                 volume = fsc_filter((new_maps[0] + new_maps[1]) / 2, half_fsc)
             mask = cfg.fscmask_map if cfg.fscmask_map is not None else fsc_mask(volume, apix)
-            rng = np.random.default_rng([*iteration_seed(cfg.seed, iteration), 1])
+            rng = np.random.default_rng([*iteration_seed(cfg.seed, iteration), 9])
             curves = noise_substituted_fsc(*new_maps, mask, rng=rng, unmasked=half_fsc)
         if cfg.postprocess2_mod is not None:
             volume = cfg.postprocess2_mod(volume, ndim=3, apix=apix)
