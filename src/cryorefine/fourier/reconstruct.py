@@ -15,7 +15,10 @@ symmetry operator ``S_k`` into ``Fsum`` (complex) and ``Wsum`` (real) on the hal
 Finishing: ``F = Fsum / (Wsum + lambda)``, Hermitian planes symmetrised, inverse FFT,
 centred crop to ``n^3``. ``lambda = 0`` or a per-shell floor (:func:`weight_floor`) as the
 caller says; the Wiener weighting of each shell by its SNR follows on the cropped map
-(:func:`wiener_gain`, :func:`apply_wiener_gain`).
+(:func:`wiener_gain`, :func:`apply_wiener_gain`). Choice: spec ch04 §4.5 divides by
+``Wsum + 1/tau^2`` voxel by voxel; that weights each voxel by its own sampling, spreads
+signal beyond the box and cost 0.143 shells against relion_reconstruct (with D7 and in
+C1), so the SNR scales whole shells instead (``bench/make3d_vs_relion.py``).
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ from scipy.spatial.transform import Rotation
 
 from cryorefine.config import RefineConfig
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import filter_rfft, rfft_shell_index
 from cryorefine.fourier.filters import lowpass_gauss, randomise_phases
 from cryorefine.fourier.fsc import HalfMapFsc, fsc, noise_substituted_fsc
+from cryorefine.fourier.reconstruct import apply_wiener_gain
 from cryorefine.geometry.orientations import orientations
 from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.metadata import ParticleMetadata
@@ -173,9 +173,7 @@ def fsc_filter(volume: np.ndarray, half_fsc: np.ndarray) -> np.ndarray:
     """``volume`` multiplied in Fourier space by ``sqrt(2 FSC / (1 + FSC))`` per shell
     (0 where the FSC is not positive): the gold-standard map's filter (spec §4.5)."""
     h = np.clip(np.asarray(half_fsc, np.float64), 0, 1)
-    weight = np.sqrt(2 * h / (1 + h))
-    shell = np.minimum(rfft_shell_index(volume.shape), len(weight) - 1)
-    return filter_rfft(volume, weight[shell], 3)
+    return apply_wiener_gain(volume, np.sqrt(2 * h / (1 + h)))
 
 
 def start_maps(
