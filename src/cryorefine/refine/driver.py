@@ -603,9 +603,7 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
             _write_json(path / PARMS, record)
         record["path"] = str(path)
         final = history[-1]
-        kind = (
-            "half-map FSC 0.143 (masked, corrected)" if gold else "FSC 0.143 of alternate particles"
-        )
+        kind = resolution_kind(gold)
         final_map = outputs.iteration_file(path, "threed", final["iteration"], ".mrc")
         log(
             f"final map {final_map}: {kind} at "
@@ -694,21 +692,26 @@ def _summary(it, step: Step, figures: dict, prev_rot, group, apix, t0, gold) -> 
     }
 
 
+def resolution_kind(gold: bool) -> str:
+    """What the reported resolution is, for the log and the report."""
+    return "half-map FSC 0.143 (masked, corrected)" if gold else "FSC 0.143 (alternate particles)"
+
+
 def summary_line(e: dict) -> str:
     """The one line printed per iteration."""
     change = e["median_orientation_change"]
-    kind = (
-        "half-map FSC 0.143 (masked, corrected)"
-        if e["gold_standard"]
-        else "FSC 0.143 (alternate particles)"
-    )
     stages = ", ".join(f"{k} {v:.1f}" for k, v in e["seconds"].items())
     used = e["particles"]["used"]
     total = sum(e["particles"].values())
+    others = (
+        f" (unmasked {e['resolution_unmasked']:.2f} Å, masked "
+        f"{e.get('resolution_masked', e['resolution']):.2f} Å)"
+        if e["gold_standard"]
+        else ""
+    )
     return (
-        f"iteration {e['iteration']:02d}: {kind} {e['resolution']:.2f} Å "
-        f"(unmasked {e['resolution_unmasked']:.2f} Å, masked "
-        f"{e.get('resolution_masked', e['resolution']):.2f} Å); median orientation change "
+        f"iteration {e['iteration']:02d}: {resolution_kind(e['gold_standard'])} "
+        f"{e['resolution']:.2f} Å{others}; median orientation change "
         f"{'-' if change is None else f'{change:.2f}°'}; {used} of {total} particles in the "
         f"map; {e['wall_seconds']:.1f} s ({stages} s)"
     )
