@@ -66,6 +66,7 @@ def test_symmetric_reconstruction_from_the_asymmetric_unit(rnapol2_64):
     assert fsc(quarter_turn(truth), truth)[1:26].min() < 0.9  # while the input is not
 
 
+@pytest.mark.slow
 def test_d7_symmetry_beats_c1_on_noisy_particles(rnapol2_64):
     truth = mrcfile.read(rnapol2_64)
     d7 = symmetry_group("d7")

@@ -224,6 +224,7 @@ def _command(dataset: Path, path: Path, *extra: str) -> list[str]:
     return refine_command(dataset, path, *options)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reaches_the_uninterrupted_result(dataset, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     whole.mkdir(), killed.mkdir()
