@@ -419,6 +419,7 @@ def test_two_regularisations_of_one_data_set_differ_at_the_reported_resolution(i
     assert curve[int(round(shell_reported))] < 0.95  # at the reported resolution they part
 
 
+@pytest.mark.slow
 def test_check_memory_estimate_within_1_5x_of_the_measured_peak(dataset, tmp_path):
     """--check's peak-memory estimate against the peak resident memory of the real run
     (each in a fresh process)."""
