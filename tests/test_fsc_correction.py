@@ -93,15 +93,6 @@ def test_corrected_fsc_keeps_what_the_mask_rightly_gains():
     assert abs(N / corrected_res - N / expected_res) < 2.0
 
 
-def test_without_a_shell_below_the_threshold_nothing_is_randomised(truth):
-    rng = np.random.default_rng(2)
-    h1, h2 = half_maps(truth, 0.01 * truth.std(), rng)
-    mask = fsc_mask(truth, 3.0)
-    curves = noise_substituted_fsc(h1, h2, mask, rng=rng)
-    assert curves.randomised_from == len(curves.masked)
-    np.testing.assert_array_equal(curves.corrected, curves.masked)
-
-
 def test_soft_edge_mask_extends_and_falls_as_a_raised_cosine():
     region = np.zeros((N, N, N), bool)
     region[N // 2, N // 2, N // 2] = True
