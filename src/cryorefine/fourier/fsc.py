@@ -76,7 +76,7 @@ class HalfMapFsc:
     """The four gold-standard FSC curves of two half maps, as relion_postprocess writes
     them (each ``(n // 2 + 1,)`` float64, shell ``r`` at ``r / (n apix)`` 1/Å).
 
-    ``unmasked``: the half maps in a sphere; ``masked``: both under the FSC mask;
+    ``unmasked``: the half maps as given; ``masked``: both under the FSC mask;
     ``randomised_masked``: both with their phases randomised beyond shell
     ``randomised_from``, then masked; ``corrected``: the masked curve corrected by
     noise substitution (Chen et al. 2013), the one whose 0.143 crossing is reported.
@@ -108,8 +108,8 @@ def noise_substituted_fsc(
     their unmasked FSC falls below ``randomise_below``; the same mask on those maps
     gives ``FSC_rand``. From two shells past that shell on, the corrected curve is
     ``(FSC_masked - FSC_rand) / (1 - FSC_rand)``; below, ``FSC_masked``
-    (relion_postprocess). ``unmasked``: the curve
-    to take that shell from (default: the FSC of the maps as given). If the unmasked FSC
+    (relion_postprocess). ``unmasked``: the curve to take that shell from (default:
+    the FSC of the maps as given). If the unmasked FSC
     never falls below ``randomise_below``, nothing is randomised and the corrected curve
     is the masked one.
     """
