@@ -301,7 +301,7 @@ def test_stage_configs_spell_their_fields_as_their_commands(config):
     import cryorefine.config as cfgs
 
     cls = getattr(cfgs, config)
-    assert set(cls.FLAGS.values()) <= _options_of(cls.STAGE), cls.FLAGS
+    assert set(cls.flags().values()) <= _options_of(cls.STAGE), cls.flags()
 
 
 @pytest.mark.parametrize(
@@ -320,3 +320,38 @@ def test_refine_names_a_stages_options_as_refine_spells_them(options, named):
     with pytest.raises(CryorefineError) as err:
         refine_config({**defaults(), "iter": 1, **options})
     assert set(re.findall(r"--[a-z0-9]+", str(err.value))) == named, str(err.value)
+
+
+#: stage options that refine sets by other means or not at all, and why
+REFINE_LEAVES = {
+    "project3d.seed": "the run's --seed seeds each half's orientations",
+    "simmx.chunk": "sized from the memory model",
+    "make3d.automask3d": "refine's --automask3d masks threed_filt, after make3d",
+    "make3d.use_ctf": "always the particles' CTF",
+    "make3d.use_weights": "always the metadata's weights",
+    "make3d.mask_sphere": "always on",
+    "make3d.wiener": "always on",
+    "make3d.oversample_2d": "always on",
+}
+
+
+def test_every_stage_option_is_set_by_a_refine_option_or_named_as_left_to_the_stage():
+    """Each option a stage config declares is reached from refine (an Option's target or
+    FIXED) or listed above with the reason; a new stage option cannot go unexposed or
+    unexplained."""
+    from cryorefine.refine.options import FIXED, OPTIONS, STAGE_CONFIGS
+
+    targets = {t for o in OPTIONS for t, _ in o.targets} | set(FIXED)
+    declared = {f"{s}.{f.name}" for s, c in STAGE_CONFIGS.items() for f in c.options()}
+    assert declared - targets == set(REFINE_LEAVES), declared - targets
+    assert not targets - declared - {t for t in targets if t.startswith("refine.")}
+
+
+def test_refine_help_names_a_stage_options_neighbours_as_refine_spells_them():
+    """--classkeep's help (class averaging's --keep, declared once on the stage config)
+    points to --classkeepsig, never to the stage's --keepsig."""
+    from cryorefine.refine.options import BY_NAME, help_text
+
+    assert "--classkeepsig" in help_text(BY_NAME["classkeep"])
+    assert "--keepsig" not in help_text(BY_NAME["classkeep"]).replace("--classkeepsig", "")
+    assert "--simalign" in help_text(BY_NAME["simralign"])

@@ -51,6 +51,7 @@ def test_one_iteration_from_a_20_angstrom_start(simulated, source):
     truth, stack, start = simulated
     cfg = RefineConfig(
         iterations=1,
+        goldstandard=False,
         m3dsource=source,
         project3d=Project3dConfig(orientgen="eman:delta=12:perturb=0"),
         simmx=SimmxConfig(align="rotate_translate_flip:maxshift=4", aligncmp="ccc", cmp="ccc"),
@@ -107,6 +108,7 @@ def test_class_averages_from_ctf_modulated_particles_need_a_ctf_averager():
     for averager in ("ctf.weight", "mean"):
         cfg = RefineConfig(
             iterations=1,
+            goldstandard=False,
             m3dsource="classes",
             project3d=Project3dConfig(orientgen="eman:delta=15:perturb=0"),
             simmx=SimmxConfig(align="rotate_translate_flip:maxshift=4", aligncmp="ccc", cmp="ccc"),

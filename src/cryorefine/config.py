@@ -16,9 +16,11 @@ above it sees complete registries.
 from __future__ import annotations
 
 import copy
+import types
+import typing
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -90,37 +92,97 @@ def _processors(texts: tuple[str, ...], option: str) -> tuple[Modifier, ...]:
     return tuple(m for m in mods if m is not None)
 
 
-def _flags(*same: str, **other: str) -> dict[str, str]:
-    """A stage command's spelling of its config's fields: ``--field`` for ``same``,
-    ``other`` as given."""
-    return {**{name: f"--{name}" for name in same}, **other}
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    registry: Registry | None = None,
+    eman2: bool = True,
+) -> Any:
+    """A config field that is an option of its stage's command.
+
+    ``help``: what it does, naming other options of the stage as ``{field}`` (each
+    command spells them its own way); ``flag``: the command's spelling (default
+    ``--field``; a ``bool`` field that defaults to true is switched off by its flag,
+    ``--no-...``); ``registry``: the help lists its registered names; ``eman2``: the
+    EMAN2 program of the stage takes the option under the same name (so run.log's
+    EMAN2 line carries it).
+    """
+    meta = {"flag": flag, "help": help, "metavar": metavar, "registry": registry, "eman2": eman2}
+    return field(default=default, metadata=meta)
 
 
-#: the aligner, refining aligner and comparator fields of simmx and classaverage
-_ALIGNMENT = ("align", "aligncmp", "ralign", "raligncmp", "cmp")
+def is_option(f: Any) -> bool:
+    """Whether dataclass field ``f`` is a stage option (made by :func:`option`)."""
+    return "help" in f.metadata
+
+
+def option_help(f: Any, spelling: Mapping[str, str]) -> str:
+    """The help of option field ``f``, its stage's options spelled by ``spelling``
+    (field -> flag), with the names its registry holds."""
+    text = f.metadata["help"].format(**spelling)
+    registry = f.metadata["registry"]
+    return f"{text}: {registry.help_list()}" if registry is not None else text
+
+
+def option_type(cls: type, f: Any) -> type:
+    """What option field ``f`` of config class ``cls`` holds: ``bool``, ``int``,
+    ``float``, ``str`` or ``tuple`` (of strings), ``None`` aside."""
+    hint = typing.get_type_hints(cls)[f.name]
+    if isinstance(hint, types.UnionType):  # X | None
+        hint = next(k for k in typing.get_args(hint) if k is not type(None))
+    return typing.get_origin(hint) or hint
 
 
 class StageOptions:
     """What the stage configs share: their errors name options as the command that was
     run spells them (:class:`~cryorefine.errors.OptionError`).
 
-    ``STAGE`` names the stage; ``FLAGS`` spells each field that an error can name as
-    the stage's own command (``cryorefine STAGE``) does.
+    ``STAGE`` names the stage; each option is a field made by :func:`option`, which
+    says how the stage's command spells it, its help, and its EMAN2 name.
     """
 
     STAGE: ClassVar[str]
-    FLAGS: ClassVar[Mapping[str, str]]
+
+    @classmethod
+    def options(cls) -> tuple[Any, ...]:
+        """The fields that are options of the stage's command (:func:`option`)."""
+        return tuple(f for f in fields(cls) if is_option(f))
+
+    @classmethod
+    def flags(cls) -> dict[str, str]:
+        """Each option field spelled as the stage's own command (``cryorefine STAGE``)
+        spells it."""
+        return {f.name: f.metadata["flag"] or f"--{f.name}" for f in cls.options()}
+
+    def eman2_args(self) -> str:
+        """The options set, as the stage's EMAN2 program takes them: ``--name=value``
+        for each value, a true ``bool`` as its flag, a list as one ``--name=`` per entry
+        (options that EMAN2 lacks left out)."""
+        flags, out = self.flags(), []
+        for f in self.options():
+            value = getattr(self, f.name)
+            if not f.metadata["eman2"] or value is None or value is False or value == ():
+                continue
+            if value is True:
+                out.append(flags[f.name])
+            else:
+                values = value if isinstance(value, tuple) else (value,)
+                out += [f"{flags[f.name]}={v}" for v in values]
+        return " ".join(out)
 
     def error(self, template: str, *values: object) -> OptionError:
         """An error naming options ``{field}`` of this stage (values ``{0}``, ``{1}``...)."""
-        return OptionError(self.STAGE, self.FLAGS, template, *values)
+        return OptionError(self.STAGE, self.flags(), template, *values)
 
     @contextmanager
     def naming(self, name: str) -> Iterator[str]:
         """A block that handles field ``name``: yields its option; an error that names
         that option (from a parser or a file reader, which know only the option they were
         given) is re-raised naming the field, so that each command spells it its own way."""
-        flag = self.FLAGS[name]
+        flag = self.flags()[name]
         try:
             yield flag
         except OptionError:
@@ -151,20 +213,25 @@ class Project3dConfig(StageOptions):
     each projection; ``seed``: for ``perturb``/random generators.
     """
 
-    orientgen: str = "eman:delta=5.0:inc_mirror=0:perturb=1"
-    sym: str = "c1"
-    projector: str = "fourier"
-    postprocess: tuple[str, ...] = ()
-    seed: int | None = None
+    orientgen: str = option(
+        "eman:delta=5.0:inc_mirror=0:perturb=1",
+        "orientation generator over the asymmetric unit",
+        registry=ORIENTGENS,
+    )
+    sym: str = option("c1", "symmetry: cN, dN, tet, oct, icos")
+    projector: str = option(
+        "fourier", "projector (standard: EMAN2's real-space one)", registry=PROJECTORS
+    )
+    postprocess: tuple[str, ...] = option(
+        (), "processor applied to each projection (repeatable)", metavar="NAME:K=V"
+    )
+    seed: int | None = option(None, "random seed for perturb/random generators", eman2=False)
 
     orientgen_mod: Modifier = _parsed()
     projector_mod: Modifier = _parsed()
     postprocess_mods: tuple[Modifier, ...] = _parsed()
 
     STAGE: ClassVar[str] = "project3d"
-    FLAGS: ClassVar[Mapping[str, str]] = _flags(
-        "orientgen", "sym", "projector", "postprocess", "seed"
-    )
 
     def __post_init__(self) -> None:
         with self.naming("sym"):
@@ -185,16 +252,33 @@ class SimmxConfig(StageOptions):
     about :data:`CHUNK_BYTES` of working memory holds).
     """
 
-    align: str | None = "rotate_translate_flip"
-    aligncmp: str = "dot"
-    ralign: str | None = None
-    raligncmp: str = "dot"
-    cmp: str = "dot:normalize=1"
-    mask: str | None = None
-    shrink: int | None = None
-    prefilt: bool = False
-    twostage: int = 0
-    chunk: int | None = None
+    align: str | None = option(
+        "rotate_translate_flip", "aligner (none: no alignment)", registry=ALIGNERS
+    )
+    aligncmp: str = option("dot", "comparator inside {align}", registry=COMPARATORS)
+    ralign: str | None = option(None, "refining aligner run after {align}", registry=ALIGNERS)
+    raligncmp: str = option("dot", "comparator of {ralign}")
+    cmp: str = option("dot:normalize=1", "comparator giving the score", registry=COMPARATORS)
+    mask: str | None = option(
+        None, "2D mask image multiplied into both images before the score", metavar="FILE"
+    )
+    shrink: int | None = option(None, "block-average both stacks by this factor first (>= 2)")
+    prefilt: bool = option(
+        False,
+        "filter each projection to the particle's power spectrum before aligning (one "
+        "filter per pair: runs pair by pair, much slower than the batched engine)",
+    )
+    twostage: int = option(
+        0,
+        "coarse search over averaged projections shrunk by this factor, then a local full "
+        "search (e2simmx2stage); 0: off",
+        eman2=False,
+    )
+    chunk: int | None = option(
+        None,
+        "particles per batch (default: as many as about 1 GiB of working memory holds)",
+        eman2=False,
+    )
 
     align_mod: Modifier | None = _parsed()
     aligncmp_mod: Modifier | None = _parsed()
@@ -204,9 +288,6 @@ class SimmxConfig(StageOptions):
     mask_image: np.ndarray | None = _parsed()
 
     STAGE: ClassVar[str] = "simmx"
-    FLAGS: ClassVar[Mapping[str, str]] = _flags(
-        *_ALIGNMENT, "mask", "shrink", "prefilt", "twostage", "chunk"
-    )
 
     def __post_init__(self) -> None:
         if self.shrink == 0:
@@ -247,11 +328,10 @@ class ClassifyConfig(StageOptions):
     """Options of ``classify`` (EMAN2 e2classify): ``sep`` classes per particle;
     ``simvec``: classify by the pattern of similarities."""
 
-    sep: int = 1
-    simvec: bool = False
+    sep: int = option(1, "classes per particle")
+    simvec: bool = option(False, "classify by the pattern of similarities")
 
     STAGE: ClassVar[str] = "classify"
-    FLAGS: ClassVar[Mapping[str, str]] = _flags("sep", "simvec")
 
     def __post_init__(self) -> None:
         if self.sep < 1:
@@ -272,19 +352,26 @@ class ClassaverageConfig(StageOptions):
     member to it (rounds 1.. ``iterations``, as e2classaverage).
     """
 
-    iterations: int = 1
-    keep: float = 0.8
-    keepsig: bool = False
-    align: str | None = "rotate_translate_flip"
-    aligncmp: str = "ccc"
-    ralign: str | None = None
-    raligncmp: str = "ccc"
-    cmp: str = "frc:snrweight=1"
-    averager: str = "mean"
-    normproc: str | None = "normalize.edgemean"
-    setsfref: bool = False
-    automask: bool = False
-    prefilt: bool = False
+    iterations: int = option(1, "alignment rounds", flag="--iter")
+    keep: float = option(0.8, "fraction of each class kept, or sigmas with {keepsig}")
+    keepsig: bool = option(False, "{keep} counts standard deviations")
+    align: str | None = option(
+        "rotate_translate_flip", "aligner bringing members onto the average", registry=ALIGNERS
+    )
+    aligncmp: str = option("ccc", "comparator of {align}", registry=COMPARATORS)
+    ralign: str | None = option(None, "refining aligner run after {align}", registry=ALIGNERS)
+    raligncmp: str = option("ccc", "comparator of {ralign}")
+    cmp: str = option("frc:snrweight=1", "comparator rating members")
+    averager: str = option("mean", "averager", registry=AVERAGERS)
+    normproc: str | None = option(
+        "normalize.edgemean",
+        "normalisation of members (none: off): a processor, see cryorefine help processors",
+    )
+    setsfref: bool = option(False, "give each average its projection's spectrum")
+    automask: bool = option(False, "2D automask of the running average")
+    prefilt: bool = option(
+        False, "filter the average to each member's power spectrum before aligning it"
+    )
 
     align_mod: Modifier | None = _parsed()
     aligncmp_mod: Modifier | None = _parsed()
@@ -295,16 +382,6 @@ class ClassaverageConfig(StageOptions):
     normproc_mod: Modifier | None = _parsed()
 
     STAGE: ClassVar[str] = "classaverage"
-    FLAGS: ClassVar[Mapping[str, str]] = _flags(
-        *_ALIGNMENT,
-        "keep",
-        "keepsig",
-        "averager",
-        "normproc",
-        "setsfref",
-        "automask",
-        iterations="--iter",
-    )
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -345,22 +422,61 @@ class Make3dConfig(StageOptions):
     transform at scaled positions, 4x less work, as RELION).
     """
 
-    sym: str = "c1"
-    pad_px: int | None = None
-    recon: str = "fourier"
-    preprocess: tuple[str, ...] = ()
-    postprocess: tuple[str, ...] = ()
-    setsf: str | None = None
-    automask3d: str | None = None
-    use_ctf: bool = True
-    use_weights: bool = True
-    mask_sphere: bool = True
-    wiener: bool = True
-    oversample_2d: bool = True
-    iterations: int = 1
-    keep: float = 1.0
-    keepsig: bool = False
-    keepabs: bool = False
+    sym: str = option("c1", "symmetry: cN, dN, tet, oct, icos")
+    pad_px: int | None = option(
+        None, "pad images to this size in px (default: twice the box)", flag="--pad"
+    )
+    recon: str = option(
+        "fourier", "reconstructor (fourier:mode=gauss_2 as EMAN2)", registry=RECONSTRUCTORS
+    )
+    preprocess: tuple[str, ...] = option(
+        (), "processor applied to each image first (repeatable)", metavar="NAME:K=V"
+    )
+    postprocess: tuple[str, ...] = option(
+        (), "processor applied to the map (repeatable)", metavar="NAME:K=V"
+    )
+    setsf: str | None = option(
+        None, "impose this structure factor (text file or map)", metavar="FILE"
+    )
+    automask3d: str | None = option(
+        None,
+        "mask the map with mask.auto3d (EMAN2's five values, e.g. 1.1,30,5,5,0)",
+        metavar="THR,RADIUS,NSHELLS,NSHELLSGAUSS,NMAXSEED",
+        eman2=False,
+    )
+    use_ctf: bool = option(True, "ignore the CTF in the metadata", flag="--no-ctf", eman2=False)
+    use_weights: bool = option(
+        True,
+        "weight every image 1 (default: the metadata's weights)",
+        flag="--no-wt",
+        eman2=False,
+    )
+    mask_sphere: bool = option(
+        True, "keep the noise outside the inscribed sphere", flag="--no-sphere-mask", eman2=False
+    )
+    wiener: bool = option(
+        True,
+        "divide by the summed weights alone (e2make3d); default: a Wiener filter from the FSC "
+        "of the half sets (rlnRandomSubset, else alternate particles)",
+        flag="--no-wiener",
+        eman2=False,
+    )
+    oversample_2d: bool = option(
+        True,
+        "insert unpadded image transforms (4x less work, as RELION; slightly less accurate "
+        "at high resolution)",
+        flag="--no-oversample",
+        eman2=False,
+    )
+    iterations: int = option(
+        1,
+        "passes; from 2 on, slices are rated against the map and the worst left out "
+        "(e2make3d's default and e2refine's --m3diter are 2)",
+        flag="--iter",
+    )
+    keep: float = option(1.0, "fraction of slices kept (a sigma multiple with {keepsig})")
+    keepsig: bool = option(False, "{keep} is a sigma multiple")
+    keepabs: bool = option(False, "rate slices by absolute, not locally relative, quality")
 
     recon_mod: Modifier = _parsed()
     preprocess_mods: tuple[Modifier, ...] = _parsed()
@@ -368,24 +484,6 @@ class Make3dConfig(StageOptions):
     postprocess_mods: tuple[Modifier, ...] = _parsed()
 
     STAGE: ClassVar[str] = "make3d"
-    FLAGS: ClassVar[Mapping[str, str]] = _flags(
-        "sym",
-        "recon",
-        "preprocess",
-        "postprocess",
-        "setsf",
-        "automask3d",
-        "keep",
-        "keepsig",
-        "keepabs",
-        pad_px="--pad",
-        use_ctf="--no-ctf",
-        use_weights="--no-wt",
-        mask_sphere="--no-sphere-mask",
-        wiener="--no-wiener",
-        oversample_2d="--no-oversample",
-        iterations="--iter",
-    )
 
     def __post_init__(self) -> None:
         with self.naming("sym"):

@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cryorefine.cli._common import registered
+from cryorefine.cli._common import add_config_arguments, config_from_args
 from cryorefine.config import ClassaverageConfig
-from cryorefine.registry import ALIGNERS, AVERAGERS, COMPARATORS
 from cryorefine.stages.classaverage import run_classaverage
-
-_D = ClassaverageConfig()
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -40,57 +37,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resultmx", type=Path, help="write the updated classification (.h5)")
     parser.add_argument("--usefilt", type=Path, help="filtered particles used for alignment")
     parser.add_argument("--apix", type=float, help="Å/pixel (default: the particles' header)")
-    parser.add_argument(
-        "--iter", type=int, default=_D.iterations, help="alignment rounds (default %(default)s)"
-    )
-    parser.add_argument(
-        "--keep",
-        type=float,
-        default=_D.keep,
-        help="fraction kept, or sigmas with --keepsig (default %(default)s)",
-    )
-    parser.add_argument("--keepsig", action="store_true", help="--keep counts standard deviations")
-    parser.add_argument(
-        "--align",
-        default=_D.align,
-        help=f"aligner (default %(default)s): {registered(ALIGNERS)}",
-    )
-    parser.add_argument(
-        "--aligncmp",
-        default=_D.aligncmp,
-        help=f"its comparator (default %(default)s): {registered(COMPARATORS)}",
-    )
-    parser.add_argument(
-        "--ralign", help=f"refining aligner run after --align: {registered(ALIGNERS)}"
-    )
-    parser.add_argument(
-        "--raligncmp", default=_D.raligncmp, help="its comparator (default %(default)s)"
-    )
-    parser.add_argument(
-        "--cmp", default=_D.cmp, help="comparator rating members (default %(default)s)"
-    )
-    parser.add_argument(
-        "--averager",
-        default=_D.averager,
-        help=f"averager (default %(default)s): {registered(AVERAGERS)}",
-    )
-    parser.add_argument(
-        "--normproc",
-        default=_D.normproc,
-        help="normalisation of members (default %(default)s; none): a processor, see "
-        "cryorefine help processors",
-    )
-    parser.add_argument(
-        "--setsfref", action="store_true", help="give each average its projection's spectrum"
-    )
-    parser.add_argument(
-        "--automask", action="store_true", help="2D automask of the running average"
-    )
-    parser.add_argument(
-        "--prefilt",
-        action="store_true",
-        help="filter the average to each member's power spectrum before aligning it",
-    )
+    add_config_arguments(parser, ClassaverageConfig)
     parser.add_argument(
         "--storebad", action="store_true", help="accepted: every class number always gets an image"
     )
@@ -98,21 +45,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = ClassaverageConfig(
-        iterations=args.iter,
-        keep=args.keep,
-        keepsig=args.keepsig,
-        align=args.align,
-        aligncmp=args.aligncmp,
-        ralign=args.ralign,
-        raligncmp=args.raligncmp,
-        cmp=args.cmp,
-        averager=args.averager,
-        normproc=args.normproc,
-        setsfref=args.setsfref,
-        automask=args.automask,
-        prefilt=args.prefilt,
-    )
+    cfg = config_from_args(ClassaverageConfig, args)
     ca = run_classaverage(
         args.input,
         args.classmx,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cryorefine.cli._common import add_config_arguments, config_from_args
 from cryorefine.config import ClassifyConfig
 from cryorefine.stages.classify import run_classify
 
@@ -23,15 +24,12 @@ from cryorefine.stages.classify import run_classify
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("simmx", type=Path, help="similarity matrix from cryorefine simmx")
     parser.add_argument("output", type=Path, help="classification matrix (.h5)")
-    parser.add_argument("--sep", type=int, default=1, help="classes per particle (default 1)")
-    parser.add_argument(
-        "--simvec", action="store_true", help="classify by the pattern of similarities"
-    )
+    add_config_arguments(parser, ClassifyConfig)
     parser.add_argument("--overwrite", "-f", action="store_true", help="replace an existing output")
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = ClassifyConfig(sep=args.sep, simvec=args.simvec)
+    cfg = config_from_args(ClassifyConfig, args)
     cm = run_classify(args.simmx, args.output, cfg, overwrite=args.overwrite)
     used = len(np.unique(cm.cls[:, 0]))
     print(f"wrote {args.output}: {cm.cls.shape[0]} particles into {used} classes")

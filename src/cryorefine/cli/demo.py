@@ -34,6 +34,7 @@ from cryorefine.io.maps import Map, read_map, write_map
 from cryorefine.io.stacks import write_stack
 from cryorefine.io.star import read_particle_star
 from cryorefine.refine.driver import prepare, refine
+from cryorefine.refine.outputs import iteration_file
 from cryorefine.testing import demo_map, simulate_particles
 
 INPUTS = ("particles.star", "particles.mrcs", "start.mrc", "truth.mrc")
@@ -114,18 +115,18 @@ def main(args: argparse.Namespace) -> int:
     finally:
         run.close()
     last = record["iterations"][-1]
-    k = f"{last['iteration']:02d}"
-    final = read_map(path / f"threed_{k}.mrc").data
+    final_map = iteration_file(path, "threed", last["iteration"], ".mrc")
+    final = read_map(final_map).data
     curve = fsc(final, truth.data)
     res143 = resolution_at(curve, threshold=0.143, apix=apix)
     res05 = resolution_at(curve, threshold=0.5, apix=apix)
-    meta = read_particle_star(path / f"particles_{k}.star")
+    meta = read_particle_star(iteration_file(path, "particles", last["iteration"], ".star"))
     angle = symmetry_group("c1").angle_between(meta.rotations, sim.meta.rotations)
     print(
         f"resolution: half maps FSC 0.143 at {last['resolution']:.2f} Å (gold standard); "
         f"map vs truth FSC 0.143 at {res143:.2f} Å, 0.5 at {res05:.2f} Å "
         f"(Nyquist {2 * apix:.1f} Å); median orientation error {np.median(angle):.1f}°"
     )
-    print(f"report: {path / 'report.html'}; map: {path / f'threed_{k}.mrc'}")
+    print(f"report: {path / 'report.html'}; map: {final_map}")
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0

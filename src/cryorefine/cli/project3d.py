@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cryorefine.cli._common import registered
+from cryorefine.cli._common import add_config_arguments, config_from_args
 from cryorefine.config import Project3dConfig
-from cryorefine.registry import ORIENTGENS, PROJECTORS
 from cryorefine.stages.project3d import run_project3d
 
 
@@ -26,38 +25,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, required=True, help="output stack (.star, .hdf, .lst or .mrcs)"
     )
-    parser.add_argument(
-        "--orientgen",
-        default="eman:delta=5.0:inc_mirror=0:perturb=1",
-        help=f"orientation generator (default %(default)s): {registered(ORIENTGENS)}",
-    )
-    parser.add_argument("--sym", default="c1", help="symmetry: cN, dN, tet, oct, icos")
-    parser.add_argument(
-        "--projector",
-        default="fourier",
-        help=f"projector (default %(default)s; standard: EMAN2's real-space one): "
-        f"{registered(PROJECTORS)}",
-    )
-    parser.add_argument(
-        "--postprocess",
-        action="append",
-        default=[],
-        metavar="NAME:K=V",
-        help="processor applied to each projection (repeatable)",
-    )
+    add_config_arguments(parser, Project3dConfig)
     parser.add_argument("--apix", type=float, help="pixel size in Å, overriding the map's")
-    parser.add_argument("--seed", type=int, help="random seed for perturb/random generators")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = Project3dConfig(
-        orientgen=args.orientgen,
-        sym=args.sym,
-        projector=args.projector,
-        postprocess=tuple(args.postprocess),
-        seed=args.seed,
-    )
+    cfg = config_from_args(Project3dConfig, args)
     written = run_project3d(args.model, args.out, cfg, apix=args.apix, overwrite=args.overwrite)
     print(f"wrote {', '.join(map(str, written))}")
     return 0

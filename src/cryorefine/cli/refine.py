@@ -43,12 +43,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     groups = {}
     for o in OPTIONS:
         g = groups.setdefault(o.group, parser.add_argument_group(f"{o.group} options"))
-        default = _shown_default(o)
+        text = (help_text(o) + _shown_default(o)).replace("%", "%%")
         if o.type is bool:
-            g.add_argument(f"--{o.name}", action="store_true", help=help_text(o))
+            g.add_argument(f"--{o.name}", action="store_true", help=text)
         else:
             names = [f"--{o.name}"] + (["-P"] if o.name == "parallel" else [])
-            g.add_argument(*names, type=o.type, default=o.default, help=help_text(o) + default)
+            g.add_argument(*names, type=o.type, default=o.default, help=text)
     parser.add_argument(
         "-c", "--check", action="store_true", help="check inputs and options, estimate, exit"
     )
@@ -63,7 +63,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def _shown_default(o: Option) -> str:
     """`` (default X)`` for the help text: every default but ``None`` and a flag's,
     zeros included."""
-    if o.default is None or o.type is bool or "(required)" in o.help:
+    if o.default is None or o.type is bool or o.name == "iter":
         return ""
     return f" (default {o.default:g})" if o.type is float else f" (default {o.default})"
 

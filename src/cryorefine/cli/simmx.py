@@ -19,9 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cryorefine.cli._common import registered
+from cryorefine.cli._common import add_config_arguments, config_from_args
 from cryorefine.config import SimmxConfig
-from cryorefine.registry import ALIGNERS, COMPARATORS
 from cryorefine.stages.simmx import run_simmx
 
 
@@ -29,44 +28,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("projections", type=Path, help="reference projections (columns)")
     parser.add_argument("particles", type=Path, help="particle stack (rows)")
     parser.add_argument("output", type=Path, help="similarity matrix (.h5)")
-    parser.add_argument(
-        "--align",
-        default="rotate_translate_flip",
-        help=f"aligner (default %(default)s; none: no alignment): {registered(ALIGNERS)}",
-    )
-    parser.add_argument(
-        "--aligncmp",
-        default="dot",
-        help=f"comparator inside the aligner (default %(default)s): {registered(COMPARATORS)}",
-    )
-    parser.add_argument(
-        "--ralign", help=f"refining aligner run after --align: {registered(ALIGNERS)}"
-    )
-    parser.add_argument(
-        "--raligncmp", default="dot", help="comparator of --ralign (default %(default)s)"
-    )
-    parser.add_argument(
-        "--cmp", default="dot:normalize=1", help="final comparator (default %(default)s)"
-    )
-    parser.add_argument(
-        "--mask", help="2D mask multiplied into both images before the final compare"
-    )
-    parser.add_argument(
-        "--shrink", type=int, help="block-average both stacks by this factor first (>= 2)"
-    )
-    parser.add_argument(
-        "--twostage",
-        type=int,
-        default=0,
-        help="coarse search over averaged projections shrunk by this factor, then a local "
-        "full search (e2simmx2stage); 0: off",
-    )
-    parser.add_argument(
-        "--prefilt",
-        action="store_true",
-        help="filter each projection to the particle's power spectrum before aligning "
-        "(one filter per pair: runs pair by pair, much slower than the batched engine)",
-    )
+    add_config_arguments(parser, SimmxConfig)
     parser.add_argument(
         "--usefilt",
         type=Path,
@@ -75,27 +37,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--exclude", type=Path, help="text file of particle rows to skip (they get the worst score)"
     )
-    parser.add_argument(
-        "--chunk",
-        type=int,
-        help="particles per batch (default: as many as about 1 GiB of working memory holds)",
-    )
     parser.add_argument("--overwrite", "-f", action="store_true", help="replace an existing output")
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = SimmxConfig(
-        prefilt=args.prefilt,
-        align=args.align,
-        aligncmp=args.aligncmp,
-        ralign=args.ralign,
-        raligncmp=args.raligncmp,
-        cmp=args.cmp,
-        mask=args.mask,
-        shrink=args.shrink,
-        twostage=args.twostage,
-        chunk=args.chunk,
-    )
+    cfg = config_from_args(SimmxConfig, args)
     result = run_simmx(
         args.projections,
         args.particles,

@@ -566,7 +566,7 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
                     save=save,
                 )
             except OptionError as err:  # a stage's own option names, as refine spells them
-                raise refine_spelling(err) from None
+                raise refine_spelling(err, opts) from None
             filt, automask = filtered(step.volume, cfg, apix)
             next_maps = _next_maps(step.maps, filt, automask, cfg, apix, gold)
             figures = outputs.write_step(

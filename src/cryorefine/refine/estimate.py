@@ -64,7 +64,7 @@ def _sample_run(run: Run, count: int, maps: list[np.ndarray]) -> dict[str, float
     stack = run.stack.take(idx)
     usefilt = None if run.usefilt is None else run.usefilt.take(idx)
     k = len(idx)
-    halves = [np.arange(0, k, 2), np.arange(1, k, 2)] if len(maps) == 2 else [np.arange(k)]
+    halves = [np.arange(0, k, 2), np.arange(1, k, 2)] if run.cfg.goldstandard else [np.arange(k)]
     step = run_step(maps, stack, halves, run.cfg, iteration=0, usefilt=usefilt)
     return dict(step.seconds)
 

@@ -1,9 +1,12 @@
 """e2refine's options (spec ch01 §3), under their own names and defaults, plus ours.
 
-:data:`OPTIONS` lists every option once: the command line builds its parser from it,
-:func:`refine_config` turns the values into a :class:`RefineConfig` (parsing every
-modifier string, so that a bad one is refused before any work), and
-:func:`eman2_commands` writes the EMAN2 command line each stage stands for.
+:data:`OPTIONS` lists every option once, with the configuration fields it sets: the
+command line builds its parser from it, :func:`refine_config` turns the values into a
+:class:`RefineConfig` (parsing every modifier string, so that a bad one is refused
+before any work), and an option that a stage's config declares
+(:func:`cryorefine.config.option`) takes its type, default and help from there, as the
+stage's own command does. :func:`eman2_commands` writes the EMAN2 command line each
+stage stands for, from the configurations.
 """
 
 from __future__ import annotations
@@ -20,153 +23,321 @@ from cryorefine.config import (
     Project3dConfig,
     RefineConfig,
     SimmxConfig,
+    StageOptions,
     breaks_symmetry,
+    option_help,
+    option_type,
 )
 from cryorefine.errors import CryorefineError, OptionError
 from cryorefine.refine.step import FSC_MASK_EXTEND_A, FSC_MASK_SOFT_EDGE_A
-from cryorefine.registry import ALIGNERS, AVERAGERS, PROJECTORS, RECONSTRUCTORS
+from cryorefine.registry import ORIENTGENS
+
+#: the configuration each stage runs with, by the name an Option's target uses
+STAGE_CONFIGS: dict[str, type[StageOptions]] = {
+    "project3d": Project3dConfig,
+    "simmx": SimmxConfig,
+    "classify": ClassifyConfig,
+    "classaverage": ClassaverageConfig,
+    "make3d": Make3dConfig,
+}
+#: the ``--help`` group of each stage's options
+_GROUP = {
+    "project3d": "e2refine",
+    "simmx": "simmx",
+    "classify": "classify",
+    "classaverage": "class",
+    "make3d": "make3d",
+}
+#: "take the stage field's": an Option's ``type``, ``default`` or ``help`` not given
+FIELD: Any = object()
+#: a target field's value, from every option by name
+Value = Callable[[dict[str, Any]], Any]
 
 
 @dataclass(frozen=True)
 class Option:
-    """One option: ``type`` is ``int``, ``float``, ``str`` or ``bool`` (a flag);
-    ``file``: its value names a file (compared by resolved path on resume)."""
+    """One option of ``refine``, under e2refine's name.
+
+    ``to``: the configuration fields it sets, each ``"stage.field"`` (``stage``: a key of
+    :data:`STAGE_CONFIGS`, or ``refine`` for :class:`RefineConfig`'s own fields), or a
+    pair ``("stage.field", value)`` when the field's value depends on other options;
+    none: the driver reads it. ``type``, ``default`` and ``help`` are those of the first
+    target that is a stage's option (:func:`cryorefine.config.option`) unless given
+    (``bool``: a flag); ``group`` heads it in ``--help`` (default: its stage's);
+    ``file``: its value names a file (compared by resolved path on resume).
+    """
 
     name: str
-    type: type
-    default: Any
-    help: str
-    group: str = "refine"
+    to: tuple[str | tuple[str, Value], ...] = ()
+    default: Any = FIELD
+    help: str | None = None
+    type: Any = FIELD
+    group: str | None = None
     file: bool = False
+
+    def __post_init__(self) -> None:
+        stage_field = self.stage_field
+        if stage_field is not None:
+            config, f = stage_field
+            if self.type is FIELD:
+                object.__setattr__(self, "type", option_type(config, f))
+            if self.default is FIELD:
+                object.__setattr__(self, "default", f.default)
+        if self.group is None:
+            first = self.targets[0][0].split(".")[0] if self.targets else ""
+            object.__setattr__(self, "group", _GROUP.get(first, "cryorefine"))
+        if FIELD in (self.type, self.default) or self.help is None and stage_field is None:
+            raise TypeError(f"option {self.name}: give its type, default and help")
+
+    @property
+    def targets(self) -> tuple[tuple[str, Value | None], ...]:
+        """Each ``("stage.field", value)`` set (``value`` ``None``: this option's own)."""
+        return tuple((t, None) if isinstance(t, str) else t for t in self.to)
+
+    @property
+    def stage_field(self) -> tuple[type[StageOptions], Any] | None:
+        """The first target that is a stage's option: its config class and field."""
+        for target, _ in self.targets:
+            stage, name = target.split(".")
+            config = STAGE_CONFIGS.get(stage)
+            found = [f for f in config.options() if f.name == name] if config else []
+            if found:
+                return config, found[0]
+        return None
+
+
+def _classes(o: dict[str, Any]) -> bool:
+    return o["m3dsource"] == "classes"
+
+
+def _map_sym(o: dict[str, Any]) -> str:
+    """The symmetry the map is made in: c1 when --orientgen covers every copy."""
+    gen = ORIENTGENS.parse(o["orientgen"], option="--orientgen")
+    return "c1" if gen is not None and breaks_symmetry(gen) else o["sym"]
+
+
+def _preprocess(o: dict[str, Any]) -> tuple[str, ...]:
+    """--m3dpreprocess; not given: normalize.edgemean for class averages (e2refine)."""
+    text = o["m3dpreprocess"]
+    if text is None and _classes(o):
+        text = "normalize.edgemean"
+    return (text,) if _none(text) else ()
+
+
+def _setsf(o: dict[str, Any]) -> str | None:
+    return o["m3dsffile"] or ("strucfac.txt" if o["m3dsetsf"] else None)
 
 
 _E = "e2refine"
 OPTIONS: tuple[Option, ...] = (
-    Option("iter", int, 0, "iterations: index one past the last to run (required)", "driver"),
-    Option("startiter", int, 0, "resume at this iteration of the --path folder", "driver"),
-    Option("input", str, None, "particle stack (.star, .mrcs, .hdf, .lst)", "driver", True),
+    Option(
+        "iter",
+        ("refine.iterations",),
+        0,
+        "iterations: index one past the last to run (required)",
+        int,
+        "driver",
+    ),
+    Option("startiter", (), 0, "resume at this iteration of the --path folder", int, "driver"),
+    Option("input", (), None, "particle stack (.star, .mrcs, .hdf, .lst)", str, "driver", True),
     Option(
         "model",
-        str,
+        (),
         "threed.0a.mrc",
         "starting map (resampled and clipped to the particles' Å/px and box if it differs)",
+        str,
         "driver",
         True,
     ),
-    Option("modelapix", float, 0.0, "Å/pixel of --model (0: its header's)", "driver"),
-    Option("usefilt", str, None, "filtered copy of the particles, used to align", "driver", True),
-    Option("path", str, None, "output folder (default: the next refine_NN)", "driver"),
-    Option("mass", float, 0.0, "particle mass in kDa: normalise threed_filt by mass", _E),
-    Option("apix", float, 0.0, "Å/pixel of the particles (0: their header's)", _E),
-    Option("automask3d", str, None, "threshold,radius,nshells,nshellsgauss,nmaxseed", _E),
+    Option("modelapix", (), 0.0, "Å/pixel of --model (0: its header's)", float, "driver"),
+    Option(
+        "usefilt",
+        (),
+        None,
+        "filtered copy of the particles, used to align",
+        str,
+        "driver",
+        True,
+    ),
+    Option("path", (), None, "output folder (default: the next refine_NN)", str, "driver"),
+    Option(
+        "mass",
+        ("refine.mass_kda",),
+        0.0,
+        "particle mass in kDa: normalise threed_filt by mass",
+        float,
+        _E,
+    ),
+    Option("apix", (), 0.0, "Å/pixel of the particles (0: their header's)", float, _E),
+    Option(
+        "automask3d",
+        ("refine.automask3d",),
+        None,
+        "threshold,radius,nshells,nshellsgauss,nmaxseed",
+        str,
+        _E,
+    ),
     Option(
         "automaskalign",
-        bool,
+        (),
         False,
         "mask alignment with the automask's projections (refused: not available)",
+        bool,
         _E,
     ),
-    Option("sym", str, "c1", "point-group symmetry (cN, dN, tet, oct, icos)", _E),
-    Option("projector", str, "standard", f"projector ({PROJECTORS.help_list()})", _E),
+    Option(
+        "sym",
+        ("project3d.sym", "refine.sym", ("make3d.sym", _map_sym)),
+        help="point-group symmetry (cN, dN, tet, oct, icos)",
+    ),
+    Option("projector", ("project3d.projector",), "standard"),
     Option(
         "orientgen",
-        str,
-        "eman:delta=5.0:inc_mirror=0:perturb=1",
-        "orientations (eman:...:breaksym=1 covers every symmetry copy; the map is then c1)",
-        _E,
+        ("project3d.orientgen",),
+        help="orientations (eman:...:breaksym=1 covers every symmetry copy; the map is then c1)",
     ),
-    Option(
-        "simalign", str, "rotate_translate_flip", f"simmx aligner ({ALIGNERS.help_list()})", "simmx"
-    ),
-    Option("simaligncmp", str, "ccc", "comparator of --simalign", "simmx"),
-    Option("simralign", str, None, f"simmx refining aligner ({ALIGNERS.help_list()})", "simmx"),
-    Option("simraligncmp", str, "ccc", "comparator of --simralign", "simmx"),
-    Option("simcmp", str, "frc:zeromask=1:snrweight=1", "simmx score comparator", "simmx"),
-    Option("simmask", str, None, "2D mask image applied before the simmx score", "simmx", True),
-    Option("shrink", int, 0, "shrink particles and projections in simmx (>= 2)", "simmx"),
-    Option("twostage", int, 0, "two-stage simmx: the coarse stage's shrink (0: off)", "simmx"),
+    Option("simalign", ("simmx.align",)),
+    Option("simaligncmp", ("simmx.aligncmp",), "ccc"),
+    Option("simralign", ("simmx.ralign",)),
+    Option("simraligncmp", ("simmx.raligncmp",), "ccc"),
+    Option("simcmp", ("simmx.cmp",), "frc:zeromask=1:snrweight=1"),
+    Option("simmask", ("simmx.mask",), file=True),
+    Option("shrink", ("simmx.shrink",), 0, "shrink particles and projections in simmx (>= 2)"),
+    Option("twostage", ("simmx.twostage",)),
     Option(
         "prefilt",
-        bool,
-        False,
-        "filter each reference to the particle's spectrum before aligning (simmx and "
+        ("simmx.prefilt", "classaverage.prefilt"),
+        help="filter each reference to the particle's spectrum before aligning (simmx and "
         "class averaging)",
-        "simmx",
     ),
-    Option("simvec", bool, False, "classify by similarity-vector pattern", "classify"),
-    Option("sep", int, 1, "classes each particle is assigned to", "classify"),
-    Option("classkeep", float, 0.8, "fraction of each class kept (or sigmas)", "class"),
-    Option("classkeepsig", bool, False, "--classkeep counts standard deviations", "class"),
-    Option("classiter", int, 1, "class-averaging alignment rounds", "class"),
+    Option("simvec", ("classify.simvec",)),
+    Option("sep", ("classify.sep", "refine.sep")),
+    Option("classkeep", (("classaverage.keep", lambda o: o["classkeep"] or 1.0),)),
+    Option("classkeepsig", ("classaverage.keepsig",)),
+    Option("classiter", ("classaverage.iterations",)),
+    Option("classalign", ("classaverage.align",)),
+    Option("classaligncmp", ("classaverage.aligncmp",)),
+    Option("classralign", ("classaverage.ralign",)),
+    Option("classraligncmp", ("classaverage.raligncmp",)),
+    Option("classaverager", ("classaverage.averager",)),
+    Option("classcmp", ("classaverage.cmp",)),
+    Option("classnormproc", ("classaverage.normproc",)),
+    Option("classrefsf", ("classaverage.setsfref",)),
+    Option("classautomask", ("classaverage.automask",)),
     Option(
-        "classalign",
-        str,
-        "rotate_translate_flip",
-        f"class-averaging aligner ({ALIGNERS.help_list()})",
-        "class",
+        "pad",
+        (("make3d.pad_px", lambda o: o["pad"] or None),),
+        0,
+        "padded size for reconstruction, px (0: twice the box)",
     ),
-    Option("classaligncmp", str, "ccc", "comparator of --classalign", "class"),
+    Option("recon", ("make3d.recon",)),
     Option(
-        "classralign",
-        str,
-        None,
-        f"class-averaging refining aligner ({ALIGNERS.help_list()})",
-        "class",
+        "m3dkeep",
+        (("make3d.keep", lambda o: o["m3dkeep"] if _classes(o) and o["m3dkeep"] else 1.0),),
+        0.8,
+        "fraction of class averages kept",
     ),
-    Option("classraligncmp", str, "ccc", "comparator of --classralign", "class"),
-    Option("classaverager", str, "mean", f"averager ({AVERAGERS.help_list()})", "class"),
-    Option("classcmp", str, "frc:snrweight=1", "comparator rating class members", "class"),
-    Option("classnormproc", str, "normalize.edgemean", "normalisation of members", "class"),
-    Option("classrefsf", bool, False, "give the averages the projection's spectrum", "class"),
-    Option("classautomask", bool, False, "2D automask of the running average", "class"),
-    Option("pad", int, 0, "padded size for reconstruction, px (0: twice the box)", "make3d"),
-    Option("recon", str, "fourier", f"reconstructor ({RECONSTRUCTORS.help_list()})", "make3d"),
-    Option("m3dkeep", float, 0.8, "fraction of class averages kept", "make3d"),
-    Option("m3dkeepsig", bool, False, "--m3dkeep counts standard deviations", "make3d"),
-    Option("m3dsetsf", bool, False, "impose strucfac.txt (working folder)", "make3d"),
-    Option("m3dsffile", str, None, "impose this structure factor file", "make3d", True),
-    Option("m3diter", int, 2, "reconstruction passes", "make3d"),
+    Option(
+        "m3dkeepsig",
+        (("make3d.keepsig", lambda o: bool(o["m3dkeepsig"] and _classes(o) and o["m3dkeep"])),),
+        help="--m3dkeep counts standard deviations",
+    ),
+    Option(
+        "m3dsetsf",
+        (("make3d.setsf", _setsf),),
+        False,
+        "impose strucfac.txt (working folder)",
+        bool,
+    ),
+    Option("m3dsffile", (("make3d.setsf", _setsf),), file=True),
+    Option(
+        "m3diter",
+        (("make3d.iterations", lambda o: o["m3diter"] if _classes(o) else 1),),
+        2,
+        "reconstruction passes",
+    ),
     Option(
         "m3dpreprocess",
-        str,
+        (("make3d.preprocess", _preprocess),),
         None,
         "processor for each inserted image (default normalize.edgemean for class averages, "
         "none for particles)",
+        str,
+    ),
+    Option(
+        "m3dpostprocess",
+        (("make3d.postprocess", lambda o: (o["m3dpostprocess"],) if o["m3dpostprocess"] else ()),),
+        None,
+        "processor for the map, in make3d",
+        str,
+    ),
+    Option(
+        "m3dpostprocess2",
+        ("refine.postprocess2",),
+        None,
+        "processor for the map, after make3d",
+        str,
         "make3d",
     ),
-    Option("m3dpostprocess", str, None, "processor for the map, in make3d", "make3d"),
-    Option("m3dpostprocess2", str, None, "processor for the map, after make3d", "make3d"),
-    Option("lowmem", bool, False, "accepted for e2refine command lines", "make3d"),
+    Option("lowmem", (), False, "accepted for e2refine command lines", bool, "make3d"),
     Option(
         "parallel",
-        str,
+        (),
         None,
         "thread:N runs on N cores (kernels, FFTs, CPU affinity); mpi and dc refused",
+        str,
         "driver",
     ),
-    Option("seed", int, None, "random seed (default: drawn and recorded)", "cryorefine"),
-    Option("goldstandard", int, 1, "1: refine two independent halves; 0: one chain", "cryorefine"),
     Option(
-        "inires", float, 30.0, "gold standard: halves start at this resolution, Å", "cryorefine"
+        "seed",
+        (("refine.seed", lambda o: int(o["seed"] or 0)),),
+        None,
+        "random seed (default: drawn and recorded)",
+        int,
+    ),
+    Option(
+        "goldstandard",
+        (("refine.goldstandard", lambda o: bool(o["goldstandard"])),),
+        1,
+        "1: refine two independent halves; 0: one chain",
+        int,
+    ),
+    Option(
+        "inires",
+        ("refine.inires_a",),
+        30.0,
+        "gold standard: halves start at this resolution, Å",
+        float,
     ),
     Option(
         "m3dsource",
-        str,
+        ("refine.m3dsource",),
         "particles",
         "reconstruct from particles (with CTF) or classes (as e2refine)",
-        "cryorefine",
+        str,
     ),
-    Option("earlystop", int, 1, "1: stop once resolution and orientations settle", "cryorefine"),
+    Option(
+        "earlystop",
+        (("refine.earlystop", lambda o: bool(o["earlystop"])),),
+        1,
+        "1: stop once resolution and orientations settle",
+        int,
+    ),
     Option(
         "fscmask",
-        str,
+        ("refine.fscmask",),
         None,
         f"mask (0-1 map) for the half-map FSC (default: the particle grown "
         f"{FSC_MASK_EXTEND_A:g} Å, {FSC_MASK_SOFT_EDGE_A:g} Å soft edge)",
-        "cryorefine",
-        True,
+        str,
+        file=True,
     ),
 )
+#: what refine gives each stage whatever the options (as e2refine)
+FIXED: dict[str, Any] = {
+    "project3d.postprocess": ("normalize.circlemean",),
+    "make3d.keepabs": True,
+}
 BY_NAME = {o.name: o for o in OPTIONS}
 
 
@@ -225,9 +396,14 @@ def inert_warnings(opts: dict[str, Any]) -> list[str]:
 
 
 def help_text(option: Option) -> str:
-    """``option``'s help, with the combinations in which it has no effect."""
+    """``option``'s help (its stage field's, naming options as ``refine`` spells them),
+    with the combinations in which it has no effect."""
+    text = option.help
+    if text is None:
+        config, f = option.stage_field
+        text = option_help(f, stage_spelling(config.STAGE))
     where = [r.where for r in INERT if option.name in r.names]
-    return option.help + ("; no effect " + " or ".join(where) if where else "")
+    return text + ("; no effect " + " or ".join(where) if where else "")
 
 
 #: options that may differ between a run and its resumption
@@ -243,75 +419,33 @@ def _none(text: str | None) -> str | None:
     return None if text is None or str(text).strip().lower() in ("", "none") else text
 
 
-#: each stage's option names as e2refine spells them
-_RENAMES = {
-    "simmx": {
-        "--align": "--simalign",
-        "--aligncmp": "--simaligncmp",
-        "--ralign": "--simralign",
-        "--raligncmp": "--simraligncmp",
-        "--cmp": "--simcmp",
-        "--mask": "--simmask",
-    },
-    "class": {
-        "--iter": "--classiter",
-        "--keep": "--classkeep",
-        "--keepsig": "--classkeepsig",
-        "--align": "--classalign",
-        "--aligncmp": "--classaligncmp",
-        "--ralign": "--classralign",
-        "--raligncmp": "--classraligncmp",
-        "--cmp": "--classcmp",
-        "--averager": "--classaverager",
-        "--normproc": "--classnormproc",
-    },
-    "make3d": {
-        "--iter": "--m3diter",
-        "--keep": "--m3dkeep",
-        "--keepsig": "--m3dkeepsig",
-        "--preprocess": "--m3dpreprocess",
-        "--postprocess": "--m3dpostprocess",
-        "--setsf": "--m3dsffile",
-    },
-}
+def stage_spelling(stage: str, opts: dict[str, Any] | None = None) -> dict[str, str]:
+    """Each option field of ``stage`` spelled as ``refine`` spells it (``--keep`` of class
+    averaging is ``--classkeep``); a field no option sets keeps the stage's spelling. Of
+    two options that set one field, the one given in ``opts`` names it."""
+    out = dict(STAGE_CONFIGS[stage].flags())
+    o = None if opts is None else {**defaults(), **opts}
+    named: set[str] = set()
+    for opt in OPTIONS:
+        given = o is not None and _given(o, opt.name)
+        for target, _ in opt.targets:
+            where, name = target.split(".")
+            if where == stage and (given or name not in named):
+                out[name] = f"--{opt.name}"
+                named.update([name] if given else [])
+    return out
 
 
-def _stage(family: str, factory, *, renames: dict[str, str] | None = None, **kwargs):
-    """Build a stage config; an error names the options as e2refine calls them
-    (``renames``: spellings that depend on the options given)."""
-    try:
-        return factory(**kwargs)
-    except CryorefineError as err:
-        raise refine_spelling(err, family, renames) from None
-
-
-#: the option family of each stage's errors (:class:`OptionError` ``stage``)
-_FAMILY = {"simmx": "simmx", "classaverage": "class", "make3d": "make3d"}
-
-
-def refine_spelling(
-    err: CryorefineError, family: str | None = None, extra: dict[str, str] | None = None
-) -> CryorefineError:
-    """``err`` (raised by a stage of ``family``, or by the stage it names) with its
-    options spelled as ``refine`` spells them (``--keep`` of class averaging is
-    ``--classkeep``; ``extra``: more spellings)."""
+def refine_spelling(err: CryorefineError, opts: dict[str, Any] | None = None) -> CryorefineError:
+    """``err`` with a stage's options spelled as ``refine`` spells them
+    (:func:`stage_spelling`); an error that names no stage option as it is."""
     if isinstance(err, OptionError):
-        renames = {**_RENAMES.get(_FAMILY.get(err.stage, ""), {}), **(extra or {})}
-        return err.spelled({f: renames.get(flag, flag) for f, flag in err.flags.items()})
-    renames = {**_RENAMES.get(family or "", {}), **(extra or {})}
-    text = str(err)
-    for old in sorted(renames, key=len, reverse=True):
-        if text.startswith(old) and not text[len(old) : len(old) + 1].isalnum():
-            return CryorefineError(renames[old] + text[len(old) :])
+        return err.spelled(stage_spelling(err.stage, opts))
     return err
 
 
-def refine_config(opts: dict[str, Any]) -> RefineConfig:
-    """The :class:`RefineConfig` of e2refine options ``opts`` (names as :data:`OPTIONS`).
-
-    Every modifier string is parsed (and files named in it read) here.
-    """
-    o = {**defaults(), **opts}
+def _check(o: dict[str, Any]) -> None:
+    """Refuse the values and combinations no configuration can check alone."""
     if o["iter"] is None or o["iter"] < 1:
         raise CryorefineError(f"--iter {o['iter']}: give the number of iterations (>= 1)")
     if o["automaskalign"]:
@@ -323,88 +457,38 @@ def refine_config(opts: dict[str, Any]) -> RefineConfig:
     for name in ("apix", "modelapix"):
         if o[name] < 0:
             raise CryorefineError(f"--{name} {o[name]}: must be positive")
-    if o["goldstandard"] not in (0, 1):
-        raise CryorefineError(f"--goldstandard {o['goldstandard']}: use 1 (on) or 0 (off)")
-    if o["earlystop"] not in (0, 1):
-        raise CryorefineError(f"--earlystop {o['earlystop']}: use 1 (on) or 0 (off)")
+    for name in ("goldstandard", "earlystop"):
+        if o[name] not in (0, 1):
+            raise CryorefineError(f"--{name} {o[name]}: use 1 (on) or 0 (off)")
     if o["fscmask"] and not o["goldstandard"]:
         raise CryorefineError("--fscmask: masks the half-map FSC, which needs --goldstandard 1")
-    if o["classiter"] < 0:
-        raise CryorefineError(f"--classiter {o['classiter']}: must be 0 or more")
-    classes = o["m3dsource"] == "classes"
-    pre = _none(o["m3dpreprocess"])
-    if o["m3dpreprocess"] is None and classes:
-        pre = "normalize.edgemean"
-    setsf = o["m3dsffile"] or ("strucfac.txt" if o["m3dsetsf"] else None)
-    keep = o["m3dkeep"] if classes and o["m3dkeep"] else 1.0
-    project3d = Project3dConfig(
-        orientgen=o["orientgen"],
-        sym=o["sym"],
-        projector=o["projector"],
-        postprocess=("normalize.circlemean",),
-    )
-    make3d = _stage(
-        "make3d",
-        Make3dConfig,
-        renames={"--setsf": "--m3dsffile" if o["m3dsffile"] else "--m3dsetsf"},
-        sym="c1" if breaks_symmetry(project3d.orientgen_mod) else o["sym"],
-        pad_px=o["pad"] or None,
-        recon=o["recon"],
-        preprocess=(pre,) if pre else (),
-        postprocess=(o["m3dpostprocess"],) if o["m3dpostprocess"] else (),
-        setsf=setsf,
-        iterations=o["m3diter"] if classes else 1,
-        keep=keep,
-        keepsig=bool(o["m3dkeepsig"] and classes and o["m3dkeep"]),
-        keepabs=True,
-    )
-    return RefineConfig(
-        iterations=o["iter"],
-        sym=o["sym"],
-        sep=o["sep"],
-        m3dsource=o["m3dsource"],
-        project3d=project3d,
-        simmx=_stage(
-            "simmx",
-            SimmxConfig,
-            align=o["simalign"],
-            aligncmp=o["simaligncmp"],
-            ralign=o["simralign"],
-            raligncmp=o["simraligncmp"],
-            cmp=o["simcmp"],
-            mask=o["simmask"],
-            shrink=o["shrink"] or None,
-            prefilt=o["prefilt"],
-            twostage=o["twostage"],
-        ),
-        classify=ClassifyConfig(sep=o["sep"], simvec=o["simvec"]),
-        classaverage=_stage(
-            "class",
-            ClassaverageConfig,
-            iterations=o["classiter"],
-            keep=o["classkeep"] if o["classkeep"] else 1.0,
-            keepsig=o["classkeepsig"],
-            align=o["classalign"],
-            aligncmp=o["classaligncmp"],
-            ralign=o["classralign"],
-            raligncmp=o["classraligncmp"],
-            cmp=o["classcmp"],
-            averager=o["classaverager"],
-            normproc=o["classnormproc"],
-            setsfref=o["classrefsf"],
-            automask=o["classautomask"],
-            prefilt=o["prefilt"],
-        ),
-        make3d=make3d,
-        goldstandard=bool(o["goldstandard"]),
-        inires_a=o["inires"],
-        seed=int(o["seed"] or 0),
-        mass_kda=o["mass"],
-        automask3d=o["automask3d"],
-        postprocess2=o["m3dpostprocess2"],
-        earlystop=bool(o["earlystop"]),
-        fscmask=o["fscmask"],
-    )
+
+
+def refine_config(opts: dict[str, Any]) -> RefineConfig:
+    """The :class:`RefineConfig` of e2refine options ``opts`` (names as :data:`OPTIONS`):
+    each option's value goes to the fields it names (:attr:`Option.to`), with
+    :data:`FIXED`.
+
+    Every modifier string is parsed (and files named in it read) here; an error names
+    the option as ``refine`` spells it.
+    """
+    o = {**defaults(), **opts}
+    _check(o)
+    fields: dict[str, dict[str, Any]] = {"refine": {}, **{s: {} for s in STAGE_CONFIGS}}
+    for target, value in FIXED.items():
+        stage, name = target.split(".")
+        fields[stage][name] = value
+    for opt in OPTIONS:
+        for target, value in opt.targets:
+            stage, name = target.split(".")
+            fields[stage][name] = o[opt.name] if value is None else value(o)
+    stages = {}
+    for stage, config in STAGE_CONFIGS.items():
+        try:
+            stages[stage] = config(**fields[stage])
+        except CryorefineError as err:
+            raise refine_spelling(err, o) from None
+    return RefineConfig(**fields["refine"], **stages)
 
 
 def parallel_cores(spec: str | None) -> int | None:
@@ -464,18 +548,12 @@ def eman2_commands(
     ptcl = o["usefilt"] or o["input"]
     v = f" --verbose={o['verbose'] - 1}" if o.get("verbose", 0) > 0 else ""
     par = f" --parallel={o['parallel']}" if o.get("parallel") else ""
-    sim_cfg, ca_cfg, m3d = cfg.simmx, cfg.classaverage, cfg.make3d
+    sim_cfg, m3d = cfg.simmx, cfg.make3d
     proj = (
-        f"e2project3d.py {model} -f --sym={cfg.sym} --projector={o['projector']} "
-        f"--outfile={path}/projections_{k}.hdf --orientgen={o['orientgen']} "
-        f"--postprocess=normalize.circlemean{par}{v}"
+        f"e2project3d.py {model} -f --outfile={path}/projections_{k}.hdf "
+        f"{cfg.project3d.eman2_args()}{par}{v}"
     )
-    tail = f" --cmp={sim_cfg.cmp} --align={sim_cfg.align} --aligncmp={sim_cfg.aligncmp}"
-    tail += " --prefilt" if sim_cfg.prefilt else ""
-    tail += f" --mask={sim_cfg.mask}" if sim_cfg.mask else ""
-    if sim_cfg.ralign_mod is not None:
-        tail += f" --ralign={sim_cfg.ralign} --raligncmp={sim_cfg.raligncmp}"
-    tail += f"{v}{par}" + (f" --shrink={sim_cfg.shrink}" if sim_cfg.shrink else "")
+    tail = f" {sim_cfg.eman2_args()}{v}{par}"
     if sim_cfg.twostage:
         sim = (
             f"e2simmx2stage.py {path}/projections_{k}.hdf {ptcl} {path}/simmx_{k}.hdf "
@@ -486,26 +564,14 @@ def eman2_commands(
         sim = (
             f"e2simmx.py {path}/projections_{k}.hdf {ptcl} {path}/simmx_{k}.hdf -f --saveali" + tail
         )
-    cls = f"e2classify.py {path}/simmx_{k}.hdf {path}/classify_{k}.hdf --sep={cfg.sep} -f"
-    cls += (" --simvec" if cfg.classify.simvec else "") + v
+    cls = f"e2classify.py {path}/simmx_{k}.hdf {path}/classify_{k}.hdf -f "
+    cls += cfg.classify.eman2_args() + v
     ca = (
         f"e2classaverage.py --input={o['input']} --classmx={path}/classify_{k}.hdf --storebad "
         f"--output={path}/classes_{k}.hdf --ref={path}/projections_{k}.hdf "
-        f"--iter={ca_cfg.iterations} -f --resultmx={path}/cls_result_{k}.hdf "
-        f"--normproc={ca_cfg.normproc} --averager={ca_cfg.averager}"
-        + (" --setsfref" if ca_cfg.setsfref else "")
-        + (" --automask" if ca_cfg.automask else "")
-        + f" --keep={ca_cfg.keep:.6f}"
-        + (" --keepsig" if ca_cfg.keepsig else "")
-        + f" --cmp={ca_cfg.cmp} --align={ca_cfg.align} --aligncmp={ca_cfg.aligncmp}"
-        + (
-            f" --ralign={ca_cfg.ralign} --raligncmp={ca_cfg.raligncmp}"
-            if ca_cfg.ralign_mod is not None
-            else ""
-        )
+        f"-f --resultmx={path}/cls_result_{k}.hdf {cfg.classaverage.eman2_args()}"
         + (f" --usefilt={o['usefilt']}" if o["usefilt"] else "")
         + v
-        + (" --prefilt" if ca_cfg.prefilt else "")
         + par
     )
     out = f"{path}/threed_{k}.hdf"
@@ -515,15 +581,9 @@ def eman2_commands(
         post = f" --setsf={m3d.setsf}" + post
     if cfg.m3dsource == "classes":
         make3d = (
-            f"as EMAN2: e2make3d.py --input={path}/classes_{k}.hdf --iter={m3d.iterations} -f "
-            f"--keepabs --sym={m3d.sym} --recon={m3d.recon} --output={out}"
-            + (f" --preprocess={pre}" if pre else "")
-            + "".join(f" --postprocess={p}" for p in m3d.postprocess)
-            + (f" --keep={m3d.keep:.6f}" if m3d.keep < 1 or m3d.keepsig else "")
-            + (" --keepsig" if m3d.keepsig else "")
-            + (f" --setsf={m3d.setsf}" if m3d.setsf else "")
+            f"as EMAN2: e2make3d.py --input={path}/classes_{k}.hdf -f --output={out} "
+            + m3d.eman2_args()
             + (" --lowmem" if o["lowmem"] else "")
-            + (f" --pad={m3d.pad_px}" if m3d.pad_px else "")
             + v
         )
         post = ""

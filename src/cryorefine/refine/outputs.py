@@ -79,7 +79,7 @@ def write_step(
     ``filt``/``automask``: the ``threed_filt`` map and the ``--automask3d`` mask (or
     ``None``); ``previous_filt``: the map it is compared with (the start for iteration 0).
     """
-    k, apix, gold = nn(iteration), stack.apix, len(halves) == 2
+    k, apix, gold = nn(iteration), stack.apix, step.goldstandard
     sfx = half_suffixes(gold)
     n_r = len(step.ref_rotations[0])
     for h, s in enumerate(sfx):
@@ -199,7 +199,7 @@ def write_particles(
     meta = stack.meta.take(np.arange(n))
     meta.rotations, meta.shift_a = step.rotations, step.shifts_a
     meta.class_number = step.cm.cls[:, 0]
-    if len(halves) == 2:
+    if step.goldstandard:
         meta.half_set = np.zeros(n, np.int64)
         for h, idx in enumerate(halves):
             meta.half_set[idx] = h + 1

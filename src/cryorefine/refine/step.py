@@ -61,7 +61,8 @@ class Step:
     an index into :data:`REASONS`; ``maps``: each half's map (the one it projects next);
     ``volume``: the combined map; ``fsc``: the gold-standard curves of the half maps
     (unmasked, masked, phase-randomised and corrected; ``None`` without half maps);
-    ``mask``: the FSC's soft mask; ``seconds``: per stage.
+    ``mask``: the FSC's soft mask; ``goldstandard``: whether the particles were refined
+    in two halves (``RefineConfig.goldstandard``); ``seconds``: per stage.
     """
 
     ref_rotations: list[np.ndarray]
@@ -79,6 +80,7 @@ class Step:
     fsc: HalfMapFsc | None
     mask: np.ndarray | None
     info: dict
+    goldstandard: bool
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -283,7 +285,7 @@ def reconstruct_from_particles(
     """make3d from every particle kept (``in_class``) at its pose, with its CTF: the
     combined map, each half's map (one pass for both halves), and make3d's info."""
     n_p, apix, m3d = len(stack), stack.apix, cfg.make3d
-    gold = len(halves) == 2
+    gold = cfg.goldstandard
     meta = stack.meta.take(np.arange(n_p))
     meta.rotations, meta.shift_a = rotations, shifts_a
     meta.weight = np.where(in_class, meta.weight, 0.0)
@@ -354,7 +356,9 @@ def run_step(
     resumed run can start after them).
     """
     n_p, apix = len(stack), stack.apix
-    gold = len(halves) == 2
+    gold = cfg.goldstandard
+    if len(halves) != len(maps) or len(halves) != (2 if gold else 1):
+        raise ValueError(f"{len(maps)} maps and {len(halves)} halves for goldstandard={gold}")
     seconds = dict.fromkeys(STAGES, 0.0)
     with timed(seconds, "project3d"):
         ref_rotations, projections = project_halves(maps, cfg, iteration, apix)
@@ -425,6 +429,7 @@ def run_step(
         fsc=curves,
         mask=mask,
         info=info,
+        goldstandard=gold,
         seconds=seconds,
     )
 
