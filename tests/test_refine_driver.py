@@ -33,6 +33,8 @@ FAST = (
     "ctf.weight",
     "--inires",
     "25",
+    "--localrefine",
+    "0",
 )
 
 
@@ -252,10 +254,16 @@ def test_resume_after_sigkill_reaches_the_uninterrupted_result(dataset, tmp_path
 
 
 def test_stop_rule():
-    cfg = refine_config({"iter": 10})
+    cfg = refine_config({"iter": 10, "localrefine": "0"})
 
-    def h(res, change):
-        return {"resolution": res, "median_orientation_change": change}
+    def h(res, change, radius=None):
+        search = "global" if radius is None else "local"
+        return {
+            "resolution": res,
+            "median_orientation_change": change,
+            "search": search,
+            "range_deg": radius,
+        }
 
     assert stop_reason([h(12, None), h(9, 8.0)], cfg) is None  # too early
     assert stop_reason([h(12, None), h(9, 8.0), h(8.0, 3.0)], cfg) is None  # still improving
@@ -264,10 +272,51 @@ def test_stop_rule():
     assert why is not None and "converged" in why
     assert (
         stop_reason(
-            [h(12, None), h(9, 8.0), h(8.98, 3.0)], refine_config({"iter": 10, "earlystop": 0})
+            [h(12, None), h(9, 8.0), h(8.98, 3.0)],
+            refine_config({"iter": 10, "earlystop": 0, "localrefine": "0"}),
         )
         is None
     )
+    # --localrefine auto: settled global poses turn the search local instead of stopping;
+    # a local phase stops after two local iterations without gain, moves under the radius
+    auto = refine_config({"iter": 10})
+    assert stop_reason([h(12, None), h(9, 8.0), h(8.98, 3.0)], auto) is None
+    assert stop_reason([h(12, None), h(9, 8.0), h(8.0, 3.0, 5.0)], auto) is None
+    local = [h(12, None), h(9, 8.0), h(8.0, 3.0, 5.0), h(7.99, 1.0, 5.0)]
+    assert "search radius" in stop_reason(local, auto)
+    assert stop_reason(local[:-1] + [h(7.99, 6.0, 5.0)], auto) is None  # poses moving
+
+
+def test_the_local_radius_halves_while_the_resolution_improves():
+    """--localrefine auto on an eman:delta=5 grid: global until the median change is
+    under 5 degrees; then local within 5 degrees (grid 2.5), halved after a gain of 1%
+    or more, kept otherwise, never under the floor."""
+    from cryorefine.refine.driver import plan_search
+    from cryorefine.refine.local import MIN_RANGE_DEG
+
+    cfg = refine_config({"iter": 10})
+
+    def h(res, change, radius=None):
+        return {
+            "resolution": res,
+            "median_orientation_change": change,
+            "search": "global" if radius is None else "local",
+            "range_deg": radius,
+        }
+
+    assert plan_search([], cfg).kind == "global"
+    assert plan_search([h(12, None), h(9, 6.0)], cfg).kind == "global"
+    first = plan_search([h(12, None), h(9, 4.0)], cfg)
+    assert (first.kind, first.range_deg, first.step_deg) == ("local", 5.0, 2.5)
+    assert plan_search([h(9, 4.0), h(8.0, 2.0, 5.0)], cfg).range_deg == 2.5
+    assert plan_search([h(9, 4.0), h(8.95, 2.0, 5.0)], cfg).range_deg == 5.0
+    tiny = plan_search([h(9, 4.0), h(8.0, 2.0, 0.6)], cfg).range_deg
+    assert tiny == MIN_RANGE_DEG
+    assert plan_search([h(12, None)], refine_config({"iter": 10, "localrefine": "0"})).kind == (
+        "global"
+    )
+    given = plan_search([], refine_config({"iter": 10, "localrefine": "1:range=3:step=1"}))
+    assert (given.kind, given.range_deg, given.step_deg) == ("local", 3.0, 1.0)
 
 
 @pytest.mark.parametrize(

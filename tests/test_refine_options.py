@@ -35,6 +35,7 @@ def _opts(**extra) -> dict:
         "simcmp": "ccc",
         "classcmp": "ccc",
         "goldstandard": 0,
+        "localrefine": "0",
         "seed": 3,
     }
     return {**base, **extra}

@@ -533,6 +533,59 @@ def breaks_symmetry(orientgen: Modifier) -> bool:
 
 #: what a refinement reconstructs from (``RefineConfig.m3dsource``)
 M3D_SOURCES = ("particles", "classes")
+#: the local search's scores (``--localrefine ...:score=``)
+LOCAL_SCORES = ("ssnr", "simcmp")
+#: the comparators the local search can score with (``score=simcmp``)
+LOCAL_COMPARATORS = ("frc", "ccc")
+
+
+@dataclass(frozen=True)
+class LocalRefine:
+    """``--localrefine``: when the particles' poses are refined locally.
+
+    ``mode``: ``auto`` (global iterations until their median orientation change falls
+    below the angular step, then local ones), ``global`` (``0``: e2refine's chain) or
+    ``local`` (``1``: local from the first iteration, around the input's poses);
+    ``range_deg``: the first local iteration's search radius (``None``: the angular step
+    of ``--orientgen``); ``step_deg``: its grid spacing (``None``: half the range);
+    ``shift_px``: the shift search radius; ``score``: ``ssnr`` (correlation over rings
+    weighted by their expected SNR: the particle's CTF^2 times the half maps' SSNR) or
+    ``simcmp`` (the comparator ``--simcmp`` names: frc or ccc).
+    """
+
+    mode: str = "auto"
+    range_deg: float | None = None
+    step_deg: float | None = None
+    shift_px: float = 2.0
+    score: str = "ssnr"
+
+    @classmethod
+    def parse(cls, text: str) -> LocalRefine:
+        """``auto``, ``0`` or ``1``, each with optional ``:range=DEG:step=DEG:shift=PX:
+        score=ssnr|simcmp``; ``1`` scores with ``simcmp`` unless told."""
+        usage = "use auto, 0 or 1, with :range=DEG:step=DEG:shift=PX:score=ssnr|simcmp"
+        head, *pairs = str(text).strip().lower().split(":")
+        modes = {"auto": "auto", "0": "global", "1": "local"}
+        if head not in modes:
+            raise CryorefineError(f"--localrefine {text}: {usage}")
+        values: dict[str, Any] = {"mode": modes[head], "score": "simcmp" if head == "1" else "ssnr"}
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            try:
+                if key in ("range", "step", "shift"):
+                    number = float(value)
+                    if not number > 0:
+                        raise ValueError
+                    values[{"range": "range_deg", "step": "step_deg"}.get(key, "shift_px")] = number
+                elif key == "score" and value in LOCAL_SCORES:
+                    values["score"] = value
+                else:
+                    raise ValueError
+            except ValueError:
+                raise CryorefineError(f"--localrefine {text}: '{pair}' ({usage})") from None
+        if head == "0" and pairs:
+            raise CryorefineError(f"--localrefine {text}: 0 (global only) takes no parameters")
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -551,7 +604,8 @@ class RefineConfig:
     the filtered map; ``postprocess2``: ``--m3dpostprocess2``; ``earlystop``: stop
     before ``iterations`` once the resolution and the orientations stop changing;
     ``fscmask``: a map file, the mask of the half-map FSC instead of the automatic one
-    (read into ``fscmask_map``, values clipped to [0, 1]).
+    (read into ``fscmask_map``, values clipped to [0, 1]); ``localrefine``: when poses
+    are refined locally (parsed into ``localrefine_mod``, a :class:`LocalRefine`).
     """
 
     iterations: int = 5
@@ -571,13 +625,26 @@ class RefineConfig:
     postprocess2: str | None = None
     earlystop: bool = True
     fscmask: str | None = None
+    localrefine: str = "auto"
 
     #: ``mask.auto3d`` of ``--automask3d`` (returning the mask), applied with ``--mass``
     automask3d_mod: Modifier | None = _parsed()
     postprocess2_mod: Modifier | None = _parsed()
     fscmask_map: np.ndarray | None = _parsed()
+    localrefine_mod: LocalRefine = _parsed()
 
     def __post_init__(self) -> None:
+        local = LocalRefine.parse(self.localrefine)
+        _set(self, "localrefine_mod", local)
+        cmp = self.simmx.cmp_mod
+        if local.mode != "global" and local.score == "simcmp":
+            data_weights = [k for k in ("ampweight", "nweight") if cmp.params.get(k)]
+            if cmp.name not in LOCAL_COMPARATORS or data_weights:
+                raise CryorefineError(
+                    f"--localrefine {self.localrefine}: the local search scores with "
+                    f"{' or '.join(LOCAL_COMPARATORS)} (frc without ampweight or nweight); "
+                    f"--simcmp {self.simmx.cmp} is not one (give score=ssnr, or --localrefine 0)"
+                )
         if self.fscmask is not None:
             _set(self, "fscmask_map", read_fsc_mask(self.fscmask))
         if self.iterations < 1:

@@ -264,6 +264,21 @@ def _snr_weights(snr, k, nring, where):
     return np.where(s <= 0, 0.001, s)
 
 
+def frc_ring_weights(params: dict, k: int, n: int, apix: float | None, snr) -> np.ndarray:
+    """The ring weights ``(k, n // 2)`` of :func:`frc` that do not depend on the images:
+    ring size (``sweight``), the particles' SNR per ring (``snrweight``, ``snr``
+    ``(k, rings)``) and the ``minres``/``maxres`` edges (Å, ``apix`` Å/px)."""
+    nring = n // 2
+    w = np.ones((k, nring))
+    if params["sweight"]:
+        rings = _frc_rings(n)
+        w = w * 2 * np.bincount(rings[rings >= 0], minlength=nring + 1)[:nring]
+    if params["snrweight"]:
+        w = w * _snr_weights(snr, k, nring, "frc")
+    i = np.arange(nring, dtype=np.float64)
+    return _resolution_edges(w, i, n, apix, params["minres"], params["maxres"], "frc")
+
+
 _RES = (
     Param("minres", float, "low-resolution edge in Å (<= 0: none)", default=500.0),
     Param("maxres", float, "high-resolution edge in Å (<= 0: none)", default=10.0),
@@ -317,16 +332,11 @@ def frc(
     with np.errstate(invalid="ignore", divide="ignore"):
         ring_frc = (cross / np.sqrt(pa * pb))[:, :nring]
     ring_frc = np.where(np.isfinite(ring_frc), ring_frc, 0.0)
-    i = np.arange(nring, dtype=np.float64)
-    w = np.ones((k, nring))
-    if sweight:
-        w = w * 2 * np.bincount(r, minlength=nring + 1)[:nring]
+    params = dict(sweight=sweight, snrweight=snrweight, minres=minres, maxres=maxres)
+    w = frc_ring_weights(params, k, n, apix, snr)
     if ampweight:
         cnt = np.maximum(np.bincount(r, minlength=nring + 1), 1)
         w = w * (sums[:, 3] / cnt)[:, :nring]
-    if snrweight:
-        w = w * _snr_weights(snr, k, nring, "frc")
-    w = _resolution_edges(w, i, n, apix, minres, maxres, "frc")
     with np.errstate(invalid="ignore", divide="ignore"):
         total = (w * ring_frc).sum(1) / w.sum(1)
         if nweight and ptcl_repr is not None:

@@ -384,6 +384,14 @@ def read_orientations_star(path: str | os.PathLike) -> np.ndarray:
     Needs ``rlnAngleRot``, ``rlnAngleTilt``, ``rlnAnglePsi`` (missing ones count as 0,
     all three missing is an error); image files are not looked at.
     """
+    return read_poses_star(path, apix=0.0)[0]
+
+
+def read_poses_star(path: str | os.PathLike, *, apix: float) -> tuple[np.ndarray, np.ndarray]:
+    """Only the poses of a STAR file's particle table: orientations ``(k, 3, 3)`` (as
+    :func:`read_orientations_star`) and shifts ``(k, 2)`` in Å (``-rlnOriginXAngst``,
+    ``-rlnOriginYAngst``, or the pixel origins times ``apix``; 0 where absent); image
+    files are not looked at."""
     path = Path(path)
     blocks = read_star_blocks(path)
     cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -399,4 +407,9 @@ def read_orientations_star(path: str | os.PathLike) -> np.ndarray:
         table = next((b for b in blocks.values() if any(c in b.columns for c in cols)), None)
     if table is None:
         raise CryorefineError(f"{path}: no rlnAngleRot/rlnAngleTilt/rlnAnglePsi columns")
-    return relion_to_matrices(*(_column(table, c, 0.0, path) for c in cols))
+    rotations = relion_to_matrices(*(_column(table, c, 0.0, path) for c in cols))
+    if "rlnOriginXAngst" in table.columns or "rlnOriginYAngst" in table.columns:
+        origin = [_column(table, f"rlnOrigin{a}Angst", 0.0, path) for a in "XY"]
+    else:
+        origin = [_column(table, f"rlnOrigin{a}", 0.0, path) * apix for a in "XY"]
+    return rotations, -np.stack(origin, axis=1)

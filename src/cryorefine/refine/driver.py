@@ -19,9 +19,18 @@ the similarity and classification matrices a killed run left complete. Every ran
 choice derives from the recorded seed, so a resumed run reaches the same maps as an
 uninterrupted one.
 
+Search plan (``--localrefine``, :func:`plan_search`): global iterations (e2refine's
+chain) until the median orientation change of the last one falls below the angular
+step of ``--orientgen`` (``auto``; never with ``0``; from the start with ``1``); then
+local ones (:mod:`cryorefine.refine.local`), the first over a radius of that step (or
+``range=``), each next one over half the radius while the resolution improves by at
+least 1%, down to :data:`~cryorefine.refine.local.MIN_RANGE_DEG`.
+
 Stopping rule: after at least three iterations, stop when the half-map resolution
 improved by less than 1% over the last iteration and the median orientation change
-is below the angular step.
+is below the angular step, in a global phase that will not turn local; in a local
+phase, after at least two local iterations, when the resolution improved by less than
+1% and the median change is below the search radius.
 """
 
 from __future__ import annotations
@@ -52,8 +61,9 @@ from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.atomic import atomic_output, is_file
 from cryorefine.io.maps import Map, read_map
 from cryorefine.io.stacks import ParticleStack, ref_path, star_image_names, write_stack
-from cryorefine.io.star import read_orientations_star
+from cryorefine.io.star import read_poses_star
 from cryorefine.refine import outputs, report
+from cryorefine.refine.local import MIN_RANGE_DEG, Search, run_local_step
 from cryorefine.refine.options import (
     defaults,
     differences,
@@ -65,7 +75,6 @@ from cryorefine.refine.options import (
 )
 from cryorefine.refine.step import (
     REASONS,
-    STAGES,
     Step,
     check_inires,
     filtered,
@@ -149,6 +158,11 @@ def prepare(opts: dict[str, Any]) -> Run:
                 )
             usefilt = usefilt.with_meta(stack.meta)
         _check_ctf_and_pad(opts, cfg, stack)
+        if cfg.localrefine_mod.mode == "local" and not stack.meta.has_orientation.all():
+            raise CryorefineError(
+                f"--localrefine {opts['localrefine']}: --input {opts['input']} has particles "
+                "without orientations to start from (use auto)"
+            )
         if cfg.goldstandard and len(stack) < 4:
             raise CryorefineError(f"--input {opts['input']}: too few particles for two halves")
         path = Path(opts["path"]) if opts.get("path") else None
@@ -445,6 +459,33 @@ def angular_step(cfg: RefineConfig) -> float:
     return angular_step_deg(cfg.project3d.orientgen_mod, cfg.sym)
 
 
+def _improved(history: list[dict]) -> bool:
+    """Whether the last iteration's resolution gained at least :data:`SETTLED_GAIN`."""
+    return len(history) >= 2 and history[-1]["resolution"] < history[-2]["resolution"] * (
+        1 - SETTLED_GAIN
+    )
+
+
+def plan_search(history: list[dict], cfg: RefineConfig) -> Search:
+    """The search of the iteration after ``history`` (module docstring)."""
+    local = cfg.localrefine_mod
+    step = angular_step(cfg)
+    done = [e for e in history if e.get("search") == "local"]
+    if local.mode == "global":
+        return Search("global")
+    if not done:
+        change = history[-1].get("median_orientation_change") if history else None
+        if local.mode == "auto" and (change is None or change >= step):
+            return Search("global")
+        radius = local.range_deg or step
+    else:
+        radius = done[-1]["range_deg"]
+        if history[-1].get("search") == "local" and _improved(history):
+            radius = max(radius / 2, min(MIN_RANGE_DEG, radius))
+    spacing = min(local.step_deg, radius) if local.step_deg else radius / 2
+    return Search("local", radius, spacing, local.shift_px)
+
+
 def stop_reason(history: list[dict], cfg: RefineConfig) -> str | None:
     """Why the run may stop after the last iteration of ``history`` (``None``: go on)."""
     if not cfg.earlystop or len(history) < MIN_ITERATIONS:
@@ -452,6 +493,18 @@ def stop_reason(history: list[dict], cfg: RefineConfig) -> str | None:
     last, before = history[-1], history[-2]
     res, res0 = last["resolution"], before["resolution"]
     change = last.get("median_orientation_change")
+    if last.get("search") == "local":
+        runs = sum(e.get("search") == "local" for e in history)
+        radius = last["range_deg"]
+        if runs >= 2 and not _improved(history) and change is not None and change < radius:
+            return (
+                f"converged: resolution {res:.2f} Å vs {res0:.2f} Å before (gain under "
+                f"{100 * SETTLED_GAIN:g}%), median orientation change {change:.2f}° under the "
+                f"{radius:g}° search radius"
+            )
+        return None
+    if plan_search(history, cfg).kind == "local":
+        return None  # the orientations settled: the local search takes over
     step = angular_step(cfg)
     if res >= res0 * (1 - SETTLED_GAIN) and change is not None and change < step:
         return (
@@ -524,14 +577,15 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
             mask_file = outputs.iteration_file(path, "threed_mask", start - 1, ".mrc")
             automask = read_map(mask_file).data if mask_file.is_file() else None
             maps = _next_maps(maps, previous_filt, automask, cfg, apix, gold)
-            prev_rot = read_orientations_star(
-                outputs.iteration_file(path, "particles", start - 1, ".star")
+            prev_rot, prev_shift = read_poses_star(
+                outputs.iteration_file(path, "particles", start - 1, ".star"), apix=apix
             )
         else:
             maps = start_maps(run.model, cfg, apix, rng)
             previous_filt = run.model
-            known = stack.meta.has_orientation
-            prev_rot = stack.meta.rotations if known.all() else None
+            known = stack.meta.has_orientation.all()
+            prev_rot = stack.meta.rotations if known else None
+            prev_shift = stack.meta.shift_a if known else None
         names = _image_names(run, path, resume)
         history = record["iterations"]
         bars = _progress_factory(sys.stderr.isatty() if progress is None else progress)
@@ -541,9 +595,10 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
         started = True
         for it in range(start, cfg.iterations):
             t0 = time.perf_counter()
-            commands = eman2_commands(opts, cfg, it, str(path))
+            search = plan_search(history, cfg)
+            commands = eman2_commands(opts, cfg, it, str(path), search)
             sim = cm = None
-            if resume and it == start:
+            if resume and it == start and search.kind == "global":
                 sim, cm = _completed_matrices(path, it, log)
 
             def save(stage: str, value, n_r: int, it=it) -> None:
@@ -553,18 +608,33 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
                     write_classmx(outputs.classify_path(path, it), value, n_r, overwrite=True)
 
             try:
-                step = run_step(
-                    maps,
-                    stack,
-                    halves,
-                    cfg,
-                    iteration=it,
-                    usefilt=run.usefilt,
-                    sim=sim,
-                    cm=cm,
-                    progress=bars,
-                    save=save,
-                )
+                if search.kind == "local":
+                    step = run_local_step(
+                        maps,
+                        stack,
+                        halves,
+                        cfg,
+                        iteration=it,
+                        rotations=prev_rot,
+                        shifts_a=prev_shift,
+                        search=search,
+                        fsc_curve=_last_fsc(history),
+                        usefilt=run.usefilt,
+                        progress=bars,
+                    )
+                else:
+                    step = run_step(
+                        maps,
+                        stack,
+                        halves,
+                        cfg,
+                        iteration=it,
+                        usefilt=run.usefilt,
+                        sim=sim,
+                        cm=cm,
+                        progress=bars,
+                        save=save,
+                    )
             except OptionError as err:  # a stage's own option names, as refine spells them
                 raise refine_spelling(err, opts) from None
             filt, automask = filtered(step.volume, cfg, apix)
@@ -584,14 +654,18 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
             entry = _summary(it, step, figures, prev_rot, group, apix, t0, gold)
             history.append(entry)
             _write_json(path / PARMS, record)
-            for stage in STAGES:
+            for stage in step.stages:
                 log(
                     f"iteration {it:02d} {stage}: {step.seconds[stage]:.1f} s; {commands[stage]}",
                     level=2,
                 )
             log(summary_line(entry), echo=True)
             report.write_report(path, record, step, apix, overwrite=True)
-            maps, previous_filt, prev_rot = next_maps, filt, step.rotations
+            maps, previous_filt = next_maps, filt
+            # the poses as particles_NN.star holds them: a resumed run starts from the same
+            prev_rot, prev_shift = read_poses_star(
+                outputs.iteration_file(path, "particles", it, ".star"), apix=apix
+            )
             why = stop_reason(history, cfg)
             if why and it < cfg.iterations - 1:
                 log(f"stopped after iteration {it:02d}: {why}", echo=True)
@@ -618,6 +692,15 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
         raise
     finally:
         log.close()
+
+
+def _last_fsc(history: list[dict]) -> np.ndarray | None:
+    """The half maps' FSC of the last iteration: the reported (corrected) curve, else
+    the unmasked one (``None`` before any iteration)."""
+    if not history:
+        return None
+    curve = history[-1].get("fsc_corrected") or history[-1].get("fsc")
+    return None if curve is None else np.asarray(curve, np.float64)
 
 
 def _completed_matrices(path: Path, it: int, log: Log):
@@ -665,9 +748,11 @@ def _summary(it, step: Step, figures: dict, prev_rot, group, apix, t0, gold) -> 
             resolution_at(curve, threshold=0.143, apix=apix) if curve is not None else float("nan")
         )
         res_unmasked = res_masked = res
-    change = None
+    change = histogram = None
     if prev_rot is not None:
-        change = float(np.median(group.angle_between(step.rotations, prev_rot)))
+        angles = group.angle_between(step.rotations, prev_rot)
+        change = float(np.median(angles))
+        histogram = np.histogram(angles, bins=report.CHANGE_BINS_DEG)[0].tolist()
     counts = {r: int(np.sum(step.reason == i)) for i, r in enumerate(REASONS)}
 
     def listed(curve):
@@ -681,7 +766,10 @@ def _summary(it, step: Step, figures: dict, prev_rot, group, apix, t0, gold) -> 
         "gold_standard": bool(gold),
         "median_orientation_change": change,
         "particles": counts,
-        "projections": int(len(step.ref_rotations[0])),
+        "projections": int(len(step.ref_rotations[0])) if step.ref_rotations else None,
+        "search": step.search,
+        "range_deg": step.range_deg,
+        "orientation_change_histogram": histogram,
         "seconds": {k: round(v, 3) for k, v in step.seconds.items()},
         "wall_seconds": round(time.perf_counter() - t0, 3),
         "successive_fsc_0.5": figures.get("successive_0.5"),
@@ -700,7 +788,7 @@ def resolution_kind(gold: bool) -> str:
 def summary_line(e: dict) -> str:
     """The one line printed per iteration."""
     change = e["median_orientation_change"]
-    stages = ", ".join(f"{k} {v:.1f}" for k, v in e["seconds"].items())
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in e["seconds"].items() if v or k == "make3d")
     used = e["particles"]["used"]
     total = sum(e["particles"].values())
     others = (
@@ -709,8 +797,13 @@ def summary_line(e: dict) -> str:
         if e["gold_standard"]
         else ""
     )
+    search = (
+        f"local search within {e['range_deg']:g}°"
+        if e.get("search") == "local"
+        else "global search"
+    )
     return (
-        f"iteration {e['iteration']:02d}: {resolution_kind(e['gold_standard'])} "
+        f"iteration {e['iteration']:02d}: {search}; {resolution_kind(e['gold_standard'])} "
         f"{e['resolution']:.2f} Å{others}; median orientation change "
         f"{'-' if change is None else f'{change:.2f}°'}; {used} of {total} particles in the "
         f"map; {e['wall_seconds']:.1f} s ({stages} s)"

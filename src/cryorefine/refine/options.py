@@ -324,6 +324,18 @@ OPTIONS: tuple[Option, ...] = (
         int,
     ),
     Option(
+        "localrefine",
+        ("refine.localrefine",),
+        "auto",
+        "auto: global iterations until the median orientation change falls below the "
+        "angular step, then every particle refined around its pose, the radius halving "
+        "while the resolution improves; 0: global only (e2refine); 1: local from the first "
+        "iteration, around the input's poses. Parameters :range=DEG (first radius; the "
+        "angular step), :step=DEG (grid; half the radius), :shift=PX (2), "
+        ":score=ssnr|simcmp (auto: ssnr, 1: simcmp)",
+        str,
+    ),
+    Option(
         "fscmask",
         ("refine.fscmask",),
         None,
@@ -351,6 +363,34 @@ class Inert:
     applies: Callable[[dict[str, Any]], bool]
 
 
+#: what only a global iteration uses (projections, simmx, classes, class averages)
+_GLOBAL_ONLY = (
+    "projector",
+    "simalign",
+    "simaligncmp",
+    "simralign",
+    "simraligncmp",
+    "simmask",
+    "shrink",
+    "twostage",
+    "prefilt",
+    "simvec",
+    "sep",
+    "classiter",
+    "classalign",
+    "classaligncmp",
+    "classralign",
+    "classraligncmp",
+    "classaverager",
+    "classcmp",
+    "classnormproc",
+    "classrefsf",
+    "classautomask",
+    "m3dsource",
+    "m3dkeep",
+    "m3dkeepsig",
+    "m3diter",
+)
 #: every combination in which an option is accepted but has no effect
 INERT: tuple[Inert, ...] = (
     Inert(
@@ -371,6 +411,11 @@ INERT: tuple[Inert, ...] = (
         lambda o: o["classiter"] == 0,
     ),
     Inert(("lowmem",), "(memory is always bounded)", lambda o: True),
+    Inert(
+        _GLOBAL_ONLY,
+        "with --localrefine 1 (every iteration is local: no projections or classes)",
+        lambda o: str(o["localrefine"]).split(":")[0].strip() == "1",
+    ),
 )
 
 
@@ -535,12 +580,14 @@ def _resolved(name: str, cwd: str | None) -> Path:
 
 
 def eman2_commands(
-    o: dict[str, Any], cfg: RefineConfig, iteration: int, path: str
+    o: dict[str, Any], cfg: RefineConfig, iteration: int, path: str, search: Any = None
 ) -> dict[str, str]:
     """What each stage of one iteration ran, as the EMAN2 command line that does it
     (spec ch01 §2.2), ``"as EMAN2: ..."``; the map from the particles as the RELION
     command that rebuilds it from ``particles_NN.star``, ``"as RELION: ..."``. Built
-    from ``cfg`` (what runs), with ``o`` (the options) for file names and spellings."""
+    from ``cfg`` (what runs), with ``o`` (the options) for file names and spellings.
+    ``search``: the iteration's (:class:`~cryorefine.refine.local.Search`); a local one
+    adds what its ``local`` stage searched."""
     o = {**defaults(), **o}
     k = f"{iteration:02d}"
     prev = "" if iteration == 0 else f"{path}/threed_filt_{iteration - 1:02d}.hdf"
@@ -579,7 +626,8 @@ def eman2_commands(
     post = "".join(f" --process={p}" for p in m3d.postprocess)
     if m3d.setsf:
         post = f" --setsf={m3d.setsf}" + post
-    if cfg.m3dsource == "classes":
+    is_local = search is not None and search.kind == "local"
+    if cfg.m3dsource == "classes" and not is_local:
         make3d = (
             f"as EMAN2: e2make3d.py --input={path}/classes_{k}.hdf -f --output={out} "
             + m3d.eman2_args()
@@ -599,7 +647,16 @@ def eman2_commands(
         post += f" --process={cfg.postprocess2}"
     if post:
         make3d += f"; then e2proc3d.py {out} {out}{post}"
+    local = ""
+    if is_local:
+        local = (
+            f"within {search.range_deg:g}° (grid {search.step_deg:g}°, polished to a tenth) "
+            f"and {search.shift_px:g} px of each particle's last pose, score "
+            f"{cfg.localrefine_mod.score}; e2refine has no local search (EMAN2's "
+            "e2spa_refine.py --localrefine does one)"
+        )
     return {
+        "local": local,
         "project3d": f"as EMAN2: {proj}",
         "simmx": f"as EMAN2: {sim}",
         "classify": f"as EMAN2: {cls}",

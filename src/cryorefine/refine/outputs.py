@@ -81,27 +81,30 @@ def write_step(
     """
     k, apix, gold = nn(iteration), stack.apix, step.goldstandard
     sfx = half_suffixes(gold)
-    n_r = len(step.ref_rotations[0])
-    for h, s in enumerate(sfx):
-        meta = ParticleMetadata.empty(n_r, apix=apix)
-        meta.rotations = step.ref_rotations[h]
-        proj = ParticleStack.from_arrays(step.projections[h], apix=apix, meta=meta)
-        write_stack(
-            proj, iteration_file(path, "projections", iteration, ".star", s), overwrite=overwrite
-        )
-        write_classes(
-            iteration_file(path, "classes", iteration, ".star", s),
-            step.classes[h],
-            step.ref_rotations[h],
-            apix,
+    if step.search == "global":  # a local iteration has no projections or classes
+        n_r = len(step.ref_rotations[0])
+        for h, s in enumerate(sfx):
+            meta = ParticleMetadata.empty(n_r, apix=apix)
+            meta.rotations = step.ref_rotations[h]
+            proj = ParticleStack.from_arrays(step.projections[h], apix=apix, meta=meta)
+            write_stack(
+                proj,
+                iteration_file(path, "projections", iteration, ".star", s),
+                overwrite=overwrite,
+            )
+            write_classes(
+                iteration_file(path, "classes", iteration, ".star", s),
+                step.classes[h],
+                step.ref_rotations[h],
+                apix,
+                overwrite=overwrite,
+            )
+        write_classmx(
+            iteration_file(path, "cls_result", iteration, ".h5"),
+            step.resultmx,
+            n_r,
             overwrite=overwrite,
         )
-    write_classmx(
-        iteration_file(path, "cls_result", iteration, ".h5"),
-        step.resultmx,
-        n_r,
-        overwrite=overwrite,
-    )
     write_map(
         iteration_file(path, "threed", iteration, ".mrc"),
         Map(step.volume, apix),
@@ -198,7 +201,7 @@ def write_particles(
     n = len(stack)
     meta = stack.meta.take(np.arange(n))
     meta.rotations, meta.shift_a = step.rotations, step.shifts_a
-    meta.class_number = step.cm.cls[:, 0]
+    meta.class_number = step.class_number
     if step.goldstandard:
         meta.half_set = np.zeros(n, np.int64)
         for h, idx in enumerate(halves):

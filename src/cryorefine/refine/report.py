@@ -1,8 +1,9 @@
 """``report.html``: one self-contained page (PNG plots embedded), refreshed every iteration.
 
-It shows the resolution per iteration, the half-map FSC curves, central slices and
-projections of the map, the particles' orientations over the asymmetric unit, the
-particles kept and rejected per stage, and the time per stage.
+It shows the resolution and the search (global, or local and its radius) per
+iteration, the half-map FSC curves, central slices and projections of the map, the
+particles' orientations over the asymmetric unit, each iteration's histogram of
+orientation changes, the particles kept and rejected per stage, and the time per stage.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from cryorefine.fourier.fsc import shell_frequencies_a
 from cryorefine.geometry.euler import matrices_to_relion
 from cryorefine.io.atomic import atomic_output
 from cryorefine.refine.step import REASONS, STAGES, Step
+
+#: bin edges (degrees) of each iteration's histogram of orientation changes
+CHANGE_BINS_DEG = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 180.0)
 
 
 def _pyplot():
@@ -134,6 +138,34 @@ def _stacked(history: list[dict], key: str, names: tuple[str, ...], ylabel: str)
     return _png(plt, fig)
 
 
+def _search(h: dict) -> str:
+    """An iteration's search, for the table: global, or local and its radius."""
+    if h.get("search") == "local":
+        return f"local, {h['range_deg']:g}°"
+    return "global"
+
+
+def _change_plot(history: list[dict]) -> str:
+    """Each iteration's histogram of orientation changes (from the iteration before),
+    over :data:`CHANGE_BINS_DEG`, labelled with its search."""
+    plt, fig, (ax,) = _figure()
+    edges = np.asarray(CHANGE_BINS_DEG)
+    x = np.arange(len(edges) - 1)
+    shown = [h for h in history if h.get("orientation_change_histogram")]
+    width = 0.8 / max(len(shown), 1)
+    for i, h in enumerate(shown):
+        counts = np.asarray(h["orientation_change_histogram"], float)
+        label = f"{h['iteration']:02d} ({_search(h)})"
+        ax.bar(x + i * width, counts / max(counts.sum(), 1), width, label=label)
+    ax.set_xticks(x + 0.4, [f"{a:g}-{b:g}" for a, b in zip(edges[:-1], edges[1:], strict=True)])
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlabel("orientation change from the iteration before (°)")
+    ax.set_ylabel("fraction of particles")
+    if shown:
+        ax.legend(fontsize=7)
+    return _png(plt, fig)
+
+
 def report_html(record: dict, step: Step, apix: float) -> str:
     """The page's HTML for the run ``record`` whose last iteration is ``step``."""
     history = record["iterations"]
@@ -148,6 +180,7 @@ def report_html(record: dict, step: Step, apix: float) -> str:
                 f"<td>{c}</td>"
                 for c in (
                     f"{h['iteration']:02d}",
+                    _search(h),
                     f"{h['resolution']:.2f}",
                     f"{h.get('resolution_masked', h['resolution']):.2f}",
                     f"{h['resolution_unmasked']:.2f}",
@@ -155,7 +188,7 @@ def report_html(record: dict, step: Step, apix: float) -> str:
                     p["used"],
                     p["classkeep"],
                     p["m3dkeep"],
-                    *(f"{h['seconds'][s]:.1f}" for s in STAGES),
+                    *(f"{h['seconds'].get(s, 0.0):.1f}" for s in STAGES),
                     f"{h['wall_seconds']:.1f}",
                 )
             )
@@ -165,6 +198,7 @@ def report_html(record: dict, step: Step, apix: float) -> str:
         f"<th>{c}</th>"
         for c in (
             "iteration",
+            "search",
             "FSC 0.143, masked and corrected (Å)",
             "masked (Å)",
             "unmasked (Å)",
@@ -206,6 +240,7 @@ img{{max-width:100%}}</style></head><body>
 <h2>FSC curves</h2>{img(_fsc_plot(history, apix))}
 <h2>Map (iteration {last["iteration"]:02d})</h2>{img(_map_views(step.volume))}
 <h2>Angular distribution</h2>{img(_angles_plot(step))}
+<h2>Orientation change per iteration</h2>{img(_change_plot(history))}
 <h2>Particles per iteration</h2>{img(_stacked(history, "particles", REASONS, "particles"))}
 <h2>Time per stage</h2>{img(_stacked(history, "seconds", STAGES, "seconds"))}
 <h2>Options</h2><p style="font-family:monospace;font-size:11px">{options}</p>

@@ -38,7 +38,11 @@ from cryorefine.stages.make3d import make3d, postprocess
 from cryorefine.stages.project3d import project3d
 from cryorefine.stages.simmx import Simmx, simmx
 
-STAGES = ("project3d", "simmx", "classify", "classaverage", "make3d")
+#: every stage an iteration may run: a global one all but ``local``, a local one
+#: ``local`` and ``make3d`` (:data:`GLOBAL_STAGES`, :data:`LOCAL_STAGES`)
+STAGES = ("project3d", "simmx", "classify", "classaverage", "local", "make3d")
+GLOBAL_STAGES = ("project3d", "simmx", "classify", "classaverage", "make3d")
+LOCAL_STAGES = ("local", "make3d")
 #: why a particle is not in the map (``Step.reason``; 0: it is)
 REASONS = ("used", "classkeep", "m3dkeep")
 USED, CLASSKEEP, M3DKEEP = range(3)
@@ -63,14 +67,13 @@ class Step:
     (unmasked, masked, phase-randomised and corrected; ``None`` without half maps);
     ``mask``: the FSC's soft mask; ``goldstandard``: whether the particles were refined
     in two halves (``RefineConfig.goldstandard``); ``seconds``: per stage.
+
+    A local iteration (``search`` ``"local"``, radius ``range_deg``) has no projections,
+    matrices or classes (``None``, empty lists); its ``score`` is the local search's,
+    negated (smaller is better, as simmx's), and ``group`` each particle's projection
+    direction (:mod:`cryorefine.refine.local`).
     """
 
-    ref_rotations: list[np.ndarray]
-    projections: list[np.ndarray]
-    sim: Simmx
-    cm: ClassMx
-    resultmx: ClassMx
-    classes: list[ClassAverages]
     rotations: np.ndarray
     shifts_a: np.ndarray
     score: np.ndarray
@@ -81,7 +84,26 @@ class Step:
     mask: np.ndarray | None
     info: dict
     goldstandard: bool
+    ref_rotations: list[np.ndarray] = field(default_factory=list)
+    projections: list[np.ndarray] = field(default_factory=list)
+    sim: Simmx | None = None
+    cm: ClassMx | None = None
+    resultmx: ClassMx | None = None
+    classes: list[ClassAverages] = field(default_factory=list)
+    search: str = "global"
+    range_deg: float | None = None
+    group: np.ndarray | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this iteration ran."""
+        return LOCAL_STAGES if self.search == "local" else GLOBAL_STAGES
+
+    @property
+    def class_number(self) -> np.ndarray:
+        """Each particle's class (0-based projection; a local iteration's: its group)."""
+        return self.group if self.cm is None else self.cm.cls[:, 0]
 
 
 def check_inires(inires_a: float, apix: float) -> None:
@@ -332,6 +354,35 @@ def reconstruct_from_classes(
     return maps, info, excluded
 
 
+def finish_maps(
+    volume: np.ndarray,
+    half_maps: list[np.ndarray],
+    cfg: RefineConfig,
+    apix: float,
+    iteration: int,
+    *,
+    from_classes: bool = False,
+) -> tuple[np.ndarray, list[np.ndarray], HalfMapFsc | None, np.ndarray | None]:
+    """After make3d: with gold-standard halves, the FSC curves under the FSC mask (and,
+    ``from_classes``, the map as the halves' FSC-weighted mean); then
+    ``--m3dpostprocess2`` on the map and each half map. Returns the map, the half maps,
+    the curves and the mask (``None`` without halves)."""
+    curves = mask = None
+    if cfg.goldstandard:
+        # as make3d returns them: already in its soft sphere (a second one would add a
+        # correlation of its own, as any mask does)
+        half_fsc = fsc(half_maps[0], half_maps[1])
+        if from_classes:
+            volume = fsc_filter((half_maps[0] + half_maps[1]) / 2, half_fsc)
+        mask = cfg.fscmask_map if cfg.fscmask_map is not None else fsc_mask(volume, apix)
+        rng = np.random.default_rng([*iteration_seed(cfg.seed, iteration), 9])
+        curves = noise_substituted_fsc(*half_maps, mask, rng=rng, unmasked=half_fsc)
+    if cfg.postprocess2_mod is not None:
+        volume = cfg.postprocess2_mod(volume, ndim=3, apix=apix)
+        half_maps = [cfg.postprocess2_mod(m, ndim=3, apix=apix) for m in half_maps]
+    return volume, half_maps, curves, mask
+
+
 def run_step(
     maps: list[np.ndarray],
     stack: ParticleStack,
@@ -395,19 +446,9 @@ def run_step(
                 info = {**info, "half_fsc": None}
             reason[excluded & in_class] = M3DKEEP
             volume = new_maps[0]
-        curves = mask = None
-        if gold:
-            # as make3d returns them: already in its soft sphere (a second one would add
-            # a correlation of its own, as any mask does)
-            half_fsc = fsc(new_maps[0], new_maps[1])
-            if cfg.m3dsource == "classes":
-                volume = fsc_filter((new_maps[0] + new_maps[1]) / 2, half_fsc)
-            mask = cfg.fscmask_map if cfg.fscmask_map is not None else fsc_mask(volume, apix)
-            rng = np.random.default_rng([*iteration_seed(cfg.seed, iteration), 9])
-            curves = noise_substituted_fsc(*new_maps, mask, rng=rng, unmasked=half_fsc)
-        if cfg.postprocess2_mod is not None:
-            volume = cfg.postprocess2_mod(volume, ndim=3, apix=apix)
-            new_maps = [cfg.postprocess2_mod(m, ndim=3, apix=apix) for m in new_maps]
+        volume, new_maps, curves, mask = finish_maps(
+            volume, new_maps, cfg, apix, iteration, from_classes=cfg.m3dsource == "classes"
+        )
     score = (
         np.take_along_axis(sim.score, cm.cls[:, :1], axis=1)[:, 0]
         if sim is not None
