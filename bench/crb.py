@@ -75,7 +75,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--particles", type=int, default=300)
     ap.add_argument("--snr", default="0.05,0.1,0.3,1")
-    ap.add_argument("--map128", default=str(Path(__file__).parents[2] / "shared/data/rnapol2_128.mrc"))
+    ap.add_argument(
+        "--map128", default=str(Path(__file__).parents[2] / "shared/data/rnapol2_128.mrc")
+    )
     args = ap.parse_args()
     sets = [("rnapol2_64, 3 Å/px", demo_map())]
     if Path(args.map128).is_file():
