@@ -86,17 +86,19 @@ def test_local_from_the_input_poses(data, tmp_path):
 
 
 def test_a_run_resumed_across_the_switch_reaches_the_same_map(data, tmp_path):
-    """--localrefine auto on a 15-degree grid: iteration 0 is global (the input's poses
-    are within the step of its result, so the search turns local), 1 and 2 local. Killed
-    after iteration 1 and resumed, the run makes the same iteration-2 map."""
+    """--localrefine auto on a 15-degree grid: iterations 0 and 1 global (their poses
+    differ by less than the step), 2 and 3 local. Stopped after iteration 1 and resumed
+    at 2, the run turns local at the same iteration and makes the same iteration-3 map."""
     whole = tmp_path / "whole"
-    _refine(data, whole, "--iter", "3", "--earlystop", "0")
+    _refine(data, whole, "--iter", "4", "--earlystop", "0")
     record = json.loads((whole / "0_refine_parms.json").read_text())
-    assert [h["search"] for h in record["iterations"]] == ["global", "local", "local"]
+    assert [h["search"] for h in record["iterations"]] == ["global", "global", "local", "local"]
     part = tmp_path / "part"
     _refine(data, part, "--iter", "2", "--earlystop", "0")
-    _refine(data, part, "--iter", "3", "--earlystop", "0", "--startiter", "2")
-    a, b = (read_map(p / "threed_02.mrc").data for p in (whole, part))
+    _refine(data, part, "--iter", "4", "--earlystop", "0", "--startiter", "2")
+    record = json.loads((part / "0_refine_parms.json").read_text())
+    assert [h["search"] for h in record["iterations"]] == ["global", "global", "local", "local"]
+    a, b = (read_map(p / "threed_03.mrc").data for p in (whole, part))
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(np.abs(a).max()))
     shutil.rmtree(part)
 

@@ -20,8 +20,9 @@ choice derives from the recorded seed, so a resumed run reaches the same maps as
 uninterrupted one.
 
 Search plan (``--localrefine``, :func:`plan_search`): global iterations (e2refine's
-chain) until the median orientation change of the last one falls below the angular
-step of ``--orientgen`` (``auto``; never with ``0``; from the start with ``1``); then
+chain) until the median orientation change between the last two falls below the
+angular step of ``--orientgen`` (``auto``; never with ``0``; from the start with
+``1``); then
 local ones (:mod:`cryorefine.refine.local`), the first over a radius of that step (or
 ``range=``), each next one over half the radius while the resolution improves by at
 least 1%, down to :data:`~cryorefine.refine.local.MIN_RANGE_DEG`.
@@ -474,7 +475,8 @@ def plan_search(history: list[dict], cfg: RefineConfig) -> Search:
     if local.mode == "global":
         return Search("global")
     if not done:
-        change = history[-1].get("median_orientation_change") if history else None
+        # a change between two global iterations (not from the input's poses)
+        change = history[-1].get("median_orientation_change") if len(history) >= 2 else None
         if local.mode == "auto" and (change is None or change >= step):
             return Search("global")
         radius = local.range_deg or step
