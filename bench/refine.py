@@ -1,18 +1,23 @@
 """Benchmark: a whole refinement of simulated particles against the truth.
 
-usage: python bench/refine.py [--n 2000] [--iter 6] [--runs gold,classes,twostage]
-                              [--work DIR] [--extra "--simalign ..."]
+usage: python bench/refine.py [--n 2000] [--iter 6] [--runs gold,global,classes,twostage]
+                              [--work DIR] [--extra "--simalign ..."] [--map MRC]
+                              [--start 40]
 
-Simulates --n particles of the bundled rnapol2_64 map (3 Å/px; SNR 0.1, CTF defocus
-1-2.5 um, shifts up to 3 px), starts from the truth low-passed to 40 Å, and reports:
+Simulates --n particles of the bundled rnapol2_64 map (3 Å/px; or --map; SNR 0.1, CTF
+defocus 1-2.5 um, shifts up to 3 px), starts from the truth low-passed to --start Å,
+and reports:
 
 * the reference: make3d with the true poses (FSC against the truth at 0.143 and 0.5);
 * per run (each ``cryorefine refine`` in a fresh process, timed, peak memory
-  measured): ``gold`` = the defaults (gold-standard halves, particles); ``classes`` =
+  measured): ``gold`` = the defaults (gold-standard halves, particles, local
+  refinement once the global search settles); ``global`` = the same with
+  ``--localrefine 0`` (global iterations only); ``classes`` =
   ``--goldstandard 0 --m3dsource classes`` (e2refine's chain); ``twostage`` = the
   defaults with ``--twostage 2``, run for as many iterations as ``gold`` ran (with
-  ``--earlystop 0``), so that the two times compare the same work. All add
-  ``--classaverager ctf.weight`` (CTF-corrected class averages) and --extra.
+  ``--earlystop 0``), so that the two times compare the same work. All add --extra
+  (default ``--classaverager ctf.weight``, CTF-corrected class averages; ``''``: the
+  defaults).
   Figures: FSC(map, truth) at 0.143 and 0.5, the reported resolution, the median
   orientation error, particles in the map, wall time per iteration and per stage;
 * the driver's overhead: iteration 1 of the ``gold`` run against the sum of its stages
@@ -43,18 +48,24 @@ from cryorefine.testing import demo_map, measure_command, refine_command, simula
 
 RUNS = {
     "gold": (),
+    "global": ("--localrefine", "0"),
     "classes": ("--goldstandard", "0", "--m3dsource", "classes"),
     "twostage": ("--twostage", "2"),
 }
 
 
-def simulate(work: Path, n: int) -> None:
-    truth = demo_map()
+def simulate(work: Path, n: int, map_path: Path | None, start_a: float) -> None:
+    truth = demo_map() if map_path is None else read_map(map_path)
     sim = simulate_particles(
-        truth.data, n, apix=truth.apix, snr=0.1, rng=np.random.default_rng(2026), max_shift_a=9.0
+        truth.data,
+        n,
+        apix=truth.apix,
+        snr=0.1,
+        rng=np.random.default_rng(2026),
+        max_shift_a=3 * truth.apix,
     )
     write_stack(sim, work / "particles.star", overwrite=True)
-    start = lowpass_gauss(truth.data, truth.apix / 40.0, 3).astype(np.float32)
+    start = lowpass_gauss(truth.data, truth.apix / start_a, 3).astype(np.float32)
     write_map(work / "start.mrc", Map(start, truth.apix), overwrite=True)
     write_map(work / "truth.mrc", truth, overwrite=True)
 
@@ -68,7 +79,7 @@ def against_truth(volume: np.ndarray, truth: np.ndarray, apix: float) -> tuple[f
 
 
 def command(work: Path, path: Path, iters: int, extra: list[str], *more: str) -> list[str]:
-    options = ("--iter", iters, "--seed", 1, "--classaverager", "ctf.weight", *extra, *more)
+    options = ("--iter", iters, "--seed", 1, *extra, *more)
     return refine_command(work, path, *options)
 
 
@@ -98,6 +109,10 @@ def run_one(work: Path, name: str, iters: int, extra: list[str], *more: str) -> 
         "median_angle_error_deg": float(np.median(angle)),
         "particles": last["particles"],
         "per_iteration_s": [h["wall_seconds"] for h in record["iterations"]],
+        "search_per_iteration": [
+            h.get("search", "global") + (f" {h['range_deg']:g}" if h.get("range_deg") else "")
+            for h in record["iterations"]
+        ],
         "per_stage_s": [h["seconds"] for h in record["iterations"]],
         "resolution_per_iteration_A": [h["resolution"] for h in record["iterations"]],
     }
@@ -139,13 +154,19 @@ def main() -> None:
     p.add_argument("--iter", type=int, default=6)
     p.add_argument("--runs", default="gold,classes,twostage")
     p.add_argument("--work", type=Path, default=Path("bench_refine"))
-    p.add_argument("--extra", default="", help="more refine options for every run")
+    p.add_argument(
+        "--extra",
+        default="--classaverager ctf.weight",
+        help="more refine options for every run ('' for the defaults)",
+    )
+    p.add_argument("--map", type=Path, help="the truth (default: the bundled rnapol2_64)")
+    p.add_argument("--start", type=float, default=40.0, help="start: truth low-passed to Å")
     args = p.parse_args()
     work = args.work.resolve()
     work.mkdir(exist_ok=True)
     extra = args.extra.split()
     if not (work / "particles.star").is_file():
-        simulate(work, args.n)
+        simulate(work, args.n, args.map, args.start)
     truth = read_map(work / "truth.mrc")
     stack = ParticleStack.from_path(work / "particles.star")
     volume, _ = make3d(stack)

@@ -132,3 +132,45 @@ def test_the_worst_scores_of_each_direction_are_left_out():
     real = np.setdiff1d(np.arange(N), junk)
     print(f"left out: junk {out[junk].mean():.2f}, particles {out[real].mean():.2f}")
     assert out[junk].mean() >= 0.8 and out[real].mean() <= 0.2
+
+
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("2", "use auto, 0 or 1"),
+        ("1:range=-2", "'range=-2'"),
+        ("0:range=2", "takes no parameters"),
+        ("auto:score=best", "'score=best'"),
+    ],
+)
+def test_a_bad_localrefine_is_refused_in_one_line(data, tmp_path, run_cli, value, says):
+    code, _, err = run_cli(
+        "refine", "--input", data / "p.star", "--model", data / "start.mrc", "--iter", "2",
+        "--path", tmp_path / "r", "--localrefine", value,
+    )  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "--localrefine" in err and says in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_local_from_the_start_needs_the_inputs_poses(tmp_path, run_cli):
+    """--localrefine 1 on particles without orientations is refused before any work;
+    --simcmp phase cannot score a local search."""
+    truth = demo_map()
+    sim = simulate_particles(truth.data, 8, apix=3.0, snr=1.0, rng=np.random.default_rng(1))
+    meta = sim.meta.take(np.arange(8))
+    meta.rotations = np.full((8, 3, 3), np.nan)
+    write_stack(ParticleStack.from_arrays(sim.read(), apix=3.0, meta=meta), tmp_path / "p.star")
+    write_map(tmp_path / "m.mrc", truth)
+    common = (
+        "refine",
+        "--input",
+        tmp_path / "p.star",
+        "--model",
+        tmp_path / "m.mrc",
+        "--iter",
+        "1",
+    )
+    code, _, err = run_cli(*common, "--localrefine", "1")
+    assert code == 2 and "without orientations" in err, err
+    code, _, err = run_cli(*common, "--localrefine", "1:score=simcmp", "--simcmp", "phase")
+    assert code == 2 and "--simcmp phase" in err, err
