@@ -289,8 +289,8 @@ def test_stop_rule():
 
 def test_the_local_radius_halves_while_the_resolution_improves():
     """--localrefine auto on an eman:delta=5 grid: global until the median change is
-    under 5 degrees; then local within 5 degrees (grid 2.5), halved after a gain of 1%
-    or more, kept otherwise, never under the floor."""
+    under 5 degrees or the resolution gains under 1%; then local within 5 degrees (grid
+    2.5), halved after a gain of 1% or more, kept otherwise, never under the floor."""
     from cryorefine.refine.driver import plan_search
     from cryorefine.refine.local import MIN_RANGE_DEG
 
@@ -307,6 +307,7 @@ def test_the_local_radius_halves_while_the_resolution_improves():
     assert plan_search([], cfg).kind == "global"
     assert plan_search([h(12, 2.0)], cfg).kind == "global"  # a change from the input's poses
     assert plan_search([h(12, None), h(9, 6.0)], cfg).kind == "global"
+    assert plan_search([h(12, None), h(11.95, 6.0)], cfg).kind == "local"  # no gain
     first = plan_search([h(12, None), h(9, 4.0)], cfg)
     assert (first.kind, first.range_deg, first.step_deg) == ("local", 5.0, 2.5)
     assert plan_search([h(9, 4.0), h(8.0, 2.0, 5.0)], cfg).range_deg == 2.5

@@ -20,9 +20,9 @@ choice derives from the recorded seed, so a resumed run reaches the same maps as
 uninterrupted one.
 
 Search plan (``--localrefine``, :func:`plan_search`): global iterations (e2refine's
-chain) until the median orientation change between the last two falls below the
-angular step of ``--orientgen`` (``auto``; never with ``0``; from the start with
-``1``); then
+chain) until they settle: the median orientation change between the last two falls
+below the angular step of ``--orientgen``, or the resolution gains less than 1%
+(``auto``; never with ``0``; from the start with ``1``); then
 local ones (:mod:`cryorefine.refine.local`), the first over a radius of that step (or
 ``range=``), each next one over half the radius while the resolution improves by at
 least 1%, down to :data:`~cryorefine.refine.local.MIN_RANGE_DEG`.
@@ -475,9 +475,12 @@ def plan_search(history: list[dict], cfg: RefineConfig) -> Search:
     if local.mode == "global":
         return Search("global")
     if not done:
-        # a change between two global iterations (not from the input's poses)
+        # settled: a change between two global iterations (not from the input's poses)
+        # under the step, or no gain in resolution (each iteration draws its grids
+        # afresh, so their discretisation alone moves the poses by about the step)
         change = history[-1].get("median_orientation_change") if len(history) >= 2 else None
-        if local.mode == "auto" and (change is None or change >= step):
+        settled = change is not None and (change < step or not _improved(history))
+        if local.mode == "auto" and not settled:
             return Search("global")
         radius = local.range_deg or step
     else:

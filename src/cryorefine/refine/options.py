@@ -327,8 +327,9 @@ OPTIONS: tuple[Option, ...] = (
         "localrefine",
         ("refine.localrefine",),
         "auto",
-        "auto: global iterations until the median orientation change falls below the "
-        "angular step, then every particle refined around its pose, the radius halving "
+        "auto: global iterations until they settle (median orientation change under the "
+        "angular step, or under 1% resolution gain), then every particle refined around "
+        "its pose, the radius halving "
         "while the resolution improves; 0: global only (e2refine); 1: local from the first "
         "iteration, around the input's poses. Parameters :range=DEG (first radius; the "
         "angular step), :step=DEG (grid; half the radius), :shift=PX (2), "
