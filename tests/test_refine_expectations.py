@@ -301,19 +301,79 @@ def test_classes_touched_matches_random_assignment():
         assert abs(np.mean(drawn) - expected) < 0.01 * expected, (np.mean(drawn), expected)
 
 
-def test_a_per_class_cost_is_extrapolated_by_classes_not_particles():
-    """Class averaging timed on samples of 24 and 96 particles (2 x 833 projections,
-    each sample touching about as many classes as it has particles) at 1 + 0.05 s per
-    class: 5,000 particles touch 1,583 classes, so 80 s, where a per-particle line says
-    251 s."""
-    from cryorefine.refine.estimate import classes_touched, fit_stage, stage_growth
+def test_check_samples_tell_a_per_particle_from_a_per_class_cost():
+    """Class averaging at 1 s + 0.01 s per particle + 0.05 s per class touched (833
+    projections per half), timed on --check's samples with 3% errors: the fit predicts
+    5,000 particles (1,583 classes, 130 s) within 10% for every pattern of errors. The
+    same errors on samples of distinct particles alone (24, 96, 384: about as many
+    classes as particles) miss by more."""
+    from itertools import product
+
+    from cryorefine.refine.estimate import SAMPLES, classes_touched, predict, stage_model
+    from cryorefine.refine.step import STAGES
 
     cfg = driver.refine_config({"iter": 1, "twostage": 2})
-    assert stage_growth(cfg)["classaverage"] == "classes"
-    assert stage_growth(cfg)["simmx"] == "classes"
-    assert stage_growth(driver.refine_config({"iter": 1}))["simmx"] == "particles"
-    u = [classes_touched(k, 833, 2) for k in (24, 96, 5000)]
-    t = [1 + 0.05 * x for x in u[:2]]
-    got = fit_stage((u[0], u[1]), (t[0], t[1]), u[2])
-    assert got == pytest.approx(1 + 0.05 * u[2], rel=1e-9) and 75 < got < 85, got
-    assert fit_stage((24, 96), (t[0], t[1]), 5000) > 240  # what the old model said
+
+    def seconds(rows: float, distinct: float) -> float:
+        return 1 + 0.01 * rows + 0.05 * classes_touched(distinct, 833, 2)
+
+    def worst_miss(design) -> float:
+        worst = 0.0
+        for errors in product((0.97, 1.03), repeat=len(design)):
+            samples = [
+                {
+                    "rows": d * c,
+                    "distinct": d,
+                    "compared": 66.0,
+                    "seconds": {
+                        **dict.fromkeys(STAGES, 0.0),
+                        "classaverage": e * seconds(d * c, d),
+                    },
+                }
+                for (d, c), e in zip(design, errors, strict=True)
+            ]
+            got = predict(stage_model(samples, cfg, 833, 128), 833, 5000, 1)["classaverage"]
+            worst = max(worst, abs(got / seconds(5000, 5000) - 1))
+        return worst
+
+    assert worst_miss(SAMPLES) < 0.10, worst_miss(SAMPLES)
+    assert worst_miss(((24, 1), (96, 1), (384, 1))) > 0.10
+
+
+def test_two_stage_simmx_builds_the_banks_the_estimate_counts(projections_d15, monkeypatch):
+    """The full-size projection banks two-stage simmx builds for a few particles (93
+    projections, one chunk): as many as --check counts from the projections each particle
+    is compared with, and no more for copies of the same particles (what its samples of
+    repeated particles rest on)."""
+    import cryorefine.align.engine as engine
+    from cryorefine.align.transform2d import apply_transform
+    from cryorefine.config import SimmxConfig
+    from cryorefine.refine.estimate import computed_per_row, projections_banked
+    from cryorefine.stages.simmx import simmx
+
+    built = []
+    build_bank = engine.build_bank
+
+    def counted(refs, which, *args, **kw):
+        if refs.shape[-1] == projections_d15.shape[-1]:  # not the shrunk stages 1 and 2
+            built.append(len(which))
+        return build_bank(refs, which, *args, **kw)
+
+    monkeypatch.setattr(engine, "build_bank", counted)
+    rng = np.random.default_rng(5)
+    n_r = len(projections_d15)
+    cfg = SimmxConfig(aligncmp="ccc", cmp="ccc", twostage=2)
+    for k in (3, 6):
+        picked = projections_d15[rng.choice(n_r, k, replace=False)]
+        particles = apply_transform(picked, rng.uniform(0, 360, k), 1, -1, 0)
+        particles += rng.normal(0, 0.5 * particles.std(), particles.shape).astype(np.float32)
+        counts = []
+        for copies in (1, 3):
+            built.clear()
+            sim = simmx(projections_d15, np.repeat(particles, copies, axis=0), cfg, apix=3.0)
+            counts.append(sum(built))
+        m = computed_per_row(sim.score)
+        expected = projections_banked(k, k, n_r, 1, m, chunk=10**6)
+        assert counts[1] == counts[0], counts
+        assert abs(counts[0] - expected) <= 0.15 * expected, (k, m, counts[0], expected)
+        assert counts[0] < 0.9 * n_r  # the search does not bank every projection

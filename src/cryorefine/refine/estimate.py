@@ -1,30 +1,41 @@
 """``--check``: estimates of a refinement's peak memory, disk use and time per iteration.
 
-The estimates come from running the real iteration (:func:`run_step`) on two samples of
-the particles, one after the other in a fresh process (after a warm-up run there, and
-one here that compiles or loads the kernels, so that neither sample counts a
-compiler's memory or a kernel's first load). Each stage's time is fitted on the two
-samples by how that stage's work grows in the full run:
+The estimates come from running the real iteration (:func:`run_step`) on three samples
+of the particles, one after the other in a fresh process (after a warm-up run there,
+and one here that compiles or loads the kernels, so that no sample counts a compiler's
+memory or a kernel's first load). Each stage's time is fitted as
+``a + b * particles + c * references`` by what its work grows with in the full run:
 
-* project3d: fixed (the projections do not depend on the particles): the faster sample;
-* simmx: ``a + b * particles`` (every particle against every projection); with
-  ``--twostage``, ``a + c * classes``: the coarse stage is fixed, and the full-size work
-  is done per projection that some particle's best centres hold, so it grows with the
-  projections touched, not with the particles;
-* classify: ``a + b * particles``;
-* classaverage, and make3d from class averages: ``a + c * classes``;
-* make3d from the particles: ``a + b * particles``.
+* project3d: fixed (the projections do not depend on the particles): the fastest sample;
+* simmx: ``a + b * particles`` (every particle against every projection; the
+  projections' banks, every in-plane turn of each, are built once per chunk of a half's
+  particles and are in ``a``); with ``--twostage``, ``c * banks`` too: the full-size
+  search builds a bank only for the projections some particle of the chunk is compared
+  with (the members of its best centres, ``m`` of ``Nr``), so a sample builds fewer than
+  the full run, which builds them all in each of its chunks (:func:`projections_banked`);
+* classify, and make3d from the particles: ``a + b * particles``;
+* classaverage, and make3d from class averages: ``a + b * particles + c * classes``:
+  every member is aligned and scored, and every class average is aligned (its own bank)
+  and filtered.
 
 ``classes`` is the expected number of projections holding at least one particle: in
-each half, ``Nr (1 - (1 - 1/Nr)^(sep k))`` for ``k`` particles and ``Nr`` projections.
-A sample of ``k`` particles touches about ``k`` classes; the full run, with many
-particles per class, far fewer than its particles, so a per-particle fit of a per-class
-cost overestimates the full run. (A per-particle fit of every stage predicted 815 s per
-iteration for 5,000 particles of 128 px with ``--twostage 2``, against 302-312 s
-measured; on 400 particles of 128 px and 210 projections, timed at 24, 96 and 400
-particles, class averaging grew with the classes touched, not the particles.)
+each half, ``Nr (1 - (1 - sep/Nr)^k)`` for ``k`` particles of the half and ``Nr``
+projections; ``banks`` the same count per chunk with ``m`` projections per particle.
+A sample of ``k`` distinct particles touches about ``k`` classes, so on samples of
+distinct particles alone a per-particle and a per-class cost cannot be told apart, yet
+the full run has several particles per class. The samples therefore are 24 particles,
+96 particles, and the first 24 each repeated 16 times (384 rows in the same halves: the
+copies fall into their original's class and meet the same projections): the first and
+third differ only in particles, the first and second in classes and banks too. (The
+third is large because the fixed parts dominate a sample: with 8 copies, 5% errors in
+the samples' times gave 15% in the prediction of two-stage simmx, with 16 copies 9%.)
+(Fitting every stage per particle on 24 and 96 particles predicted 815 s per iteration
+for 5,000 particles of 128 px with ``--twostage 2``, against 302-312 s measured;
+fitting class averaging and two-stage simmx per class touched alone followed the full
+run only near 5,000 particles, by the saturation of that count: it overestimated
+two-stage simmx 1.7 to 1.9 times at 384 and 1,536 particles.)
 
-The peak memory is the larger sample's plus what the whole set adds to it (simmx's
+The peak memory is the samples' peak plus what the whole set adds to it (simmx's
 working memory and matrices, the particles' pages); the disk use is the size of an
 iteration's files, from the counts.
 """
@@ -47,8 +58,11 @@ from cryorefine.refine.driver import Run
 from cryorefine.refine.step import run_step, start_maps
 from cryorefine.stages.simmx import particle_chunk
 
-#: sample sizes (particles) of the two timed runs, after a warm-up run of WARMUP
-SAMPLES = (24, 96)
+#: the timed samples, after a warm-up run of WARMUP particles: (distinct particles,
+#: copies of each). The first and the last hold the same particles, so they touch the
+#: same classes and projections and differ only in rows (the per-particle cost); the
+#: middle one touches four times the classes (the per-class and per-projection cost)
+SAMPLES = ((24, 1), (96, 1), (24, 16))
 WARMUP = 8
 
 
@@ -58,23 +72,50 @@ def peak_rss_bytes() -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
 
-def _sample_run(run: Run, count: int, maps: list[np.ndarray]) -> dict[str, float]:
+def sample_rows(n_p: int, distinct: int, copies: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The stack rows of a sample of ``distinct`` of ``n_p`` particles, each repeated
+    ``copies`` times (the same draw for any ``copies``), and its gold-standard halves:
+    alternate distinct particles, with every copy in its original's half (so that the
+    copies fall into the original's class)."""
     rng = np.random.default_rng(0)
-    idx = np.sort(rng.choice(len(run.stack), size=min(count, len(run.stack)), replace=False))
-    stack = run.stack.take(idx)
-    usefilt = None if run.usefilt is None else run.usefilt.take(idx)
-    k = len(idx)
-    halves = [np.arange(0, k, 2), np.arange(1, k, 2)] if run.cfg.goldstandard else [np.arange(k)]
+    chosen = np.sort(rng.choice(n_p, size=min(distinct, n_p), replace=False))
+    rows = np.repeat(chosen, copies)
+    which = np.arange(len(rows)) // copies  # the distinct particle of each row
+    return rows, [np.flatnonzero(which % 2 == h) for h in (0, 1)]
+
+
+def computed_per_row(score: np.ndarray) -> float:
+    """Mean number of projections a particle was compared with: the cells of a row
+    below its largest score (a two-stage search gives its uncomputed cells the row's
+    largest computed score plus a margin, :func:`~cryorefine.stages.simmx.fill_uncomputed`;
+    within one of the exact count)."""
+    score = np.asarray(score)
+    return float(np.mean(np.sum(score < score.max(axis=1, keepdims=True), axis=1)))
+
+
+def _sample_run(run: Run, distinct: int, copies: int, maps: list[np.ndarray]) -> dict:
+    """One sample through :func:`run_step`: its size, its stage seconds and the mean
+    number of projections each particle was compared with."""
+    rows, halves = sample_rows(len(run.stack), distinct, copies)
+    if not run.cfg.goldstandard:
+        halves = [np.arange(len(rows))]
+    stack = run.stack.take(rows)
+    usefilt = None if run.usefilt is None else run.usefilt.take(rows)
     step = run_step(maps, stack, halves, run.cfg, iteration=0, usefilt=usefilt)
-    return dict(step.seconds)
+    return {
+        "rows": len(rows),
+        "distinct": len(rows) // copies,
+        "seconds": dict(step.seconds),
+        "compared": computed_per_row(step.sim.score),
+    }
 
 
 def _start_maps(run: Run) -> list[np.ndarray]:
     return start_maps(run.model, run.cfg, run.stack.apix, np.random.default_rng(0))
 
 
-def _samples_in_child(opts: dict) -> tuple[list[dict[str, float]], float]:
-    """Stage seconds of each of :data:`SAMPLES` and the peak memory (bytes), run in a
+def _samples_in_child(opts: dict) -> tuple[list[dict], float]:
+    """Each of :data:`SAMPLES` (:func:`_sample_run`) and the peak memory (bytes), run in a
     fresh process after a warm-up there; it loads the kernels compiled by this one (so
     a compiler's memory is not counted)."""
     code = (
@@ -89,7 +130,7 @@ def _samples_in_child(opts: dict) -> tuple[list[dict[str, float]], float]:
     if out.returncode != 0:
         raise CryorefineError(f"--check: the sample run failed: {out.stderr.strip()[-300:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    return result["seconds"], result["peak_rss_bytes"]
+    return result["samples"], result["peak_rss_bytes"]
 
 
 def sample_main(opts: dict) -> None:
@@ -99,58 +140,129 @@ def sample_main(opts: dict) -> None:
     run = prepare(opts)
     try:
         maps = _start_maps(run)
-        _sample_run(run, WARMUP, maps)
-        seconds = [_sample_run(run, k, maps) for k in SAMPLES]
+        _sample_run(run, WARMUP, 1, maps)
+        samples = [_sample_run(run, d, c, maps) for d, c in SAMPLES]
     finally:
         run.close()
-    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak_rss_bytes()}))
+    print(json.dumps({"samples": samples, "peak_rss_bytes": peak_rss_bytes()}))
 
 
-def classes_touched(particles: float, n_r: int, halves: int, sep: int = 1) -> float:
+def classes_touched(particles: float, n_r: int, halves: int, sep: float = 1) -> float:
     """Expected number of projections (over the halves) that hold at least one of
-    ``particles`` particles, each assigned to ``sep`` of its half's ``n_r``."""
+    ``particles`` particles, each assigned to ``sep`` of its half's ``n_r`` (or compared
+    with ``sep`` of them)."""
     k = particles / halves
     return halves * n_r * (1.0 - (1.0 - min(sep, n_r) / n_r) ** k)
 
 
+def projections_banked(
+    rows: float, distinct: float, n_r: int, halves: int, compared: float, chunk: int
+) -> float:
+    """Expected number of projection banks (a projection turned through every in-plane
+    angle, built for the pairs of one chunk of a half's particles) that simmx builds
+    for ``rows`` particle rows of ``distinct`` particles (the others copies), in chunks
+    of ``chunk`` rows, each particle compared with ``compared`` of its half's ``n_r``
+    projections: per chunk, the projections at least one of its particles is compared
+    with (:func:`classes_touched` with ``compared`` classes per particle)."""
+    chunks = max(1, int(np.ceil(rows / halves / chunk)))
+    per_chunk = distinct / halves / chunks
+    return halves * chunks * classes_touched(per_chunk, n_r, 1, compared)
+
+
 def stage_growth(cfg) -> dict[str, str]:
-    """What each stage's time grows with, beyond a fixed part: ``"particles"``,
-    ``"classes"`` (projections holding particles) or ``"fixed"``."""
+    """What each stage's time grows with, beyond a fixed part: ``"particles"``;
+    ``"classes"`` (particles, and projections holding particles); ``"projections"``
+    (particles, and projection banks built, :func:`projections_banked`); or ``"fixed"``."""
     classes_source = cfg.m3dsource == "classes"
     return {
         "project3d": "fixed",
-        "simmx": "classes" if cfg.simmx.twostage else "particles",
+        "simmx": "projections" if cfg.simmx.twostage else "particles",
         "classify": "particles",
         "classaverage": "classes",
         "make3d": "classes" if classes_source else "particles",
     }
 
 
-def fit_stage(sizes: tuple[float, float], seconds: tuple[float, float], full: float) -> float:
-    """Seconds at ``full`` of a stage timed ``seconds`` at ``sizes`` (of what it grows
-    with): the line through the two, slope and intercept kept non-negative; the faster
-    one when the sizes are equal (a fixed stage)."""
-    (x0, x1), (t0, t1) = sizes, seconds
-    if x1 <= x0:
-        return min(t0, t1)
-    b = max(t1 - t0, 0.0) / (x1 - x0)
-    a = max(t1 - b * x1, 0.0)
-    return a + b * full
+def fit_stage(
+    particles: list[float], references: list[float], seconds: list[float]
+) -> tuple[float, float, float]:
+    """``(a, b, c)`` of ``seconds = a + b particles + c references`` over the samples, by
+    non-negative least squares (exact on three samples when the solution is
+    non-negative). ``references`` (classes or banks; ``[]``: none) equal in every sample
+    give ``c = 0`` (the fixed part holds them)."""
+    import scipy.optimize
+
+    columns = [np.ones(len(seconds)), np.asarray(particles, float)]
+    varies = len(references) > 0 and np.ptp(references) > 1e-6 * max(references)
+    if varies:
+        columns.append(np.asarray(references, float))
+    coef, _ = scipy.optimize.nnls(np.stack(columns, axis=1), np.asarray(seconds, float))
+    return float(coef[0]), float(coef[1]), float(coef[2]) if varies else 0.0
 
 
-def _memory_beyond_sample(n: int, n_r: int, n_p: int, sample: int, halves: int) -> float:
-    """Memory (bytes) the whole data set needs beyond a sample of ``sample`` particles:
-    simmx's working memory for a half's particles (its own model per particle, up to
-    its chunk), the similarity matrices (the whole and a half's, 6 planes of float32)
-    and the particle file's pages as they are read."""
+def _memory_beyond_sample(
+    n: int, n_r: int, n_p: int, rows: int, distinct: int, halves: int
+) -> float:
+    """Memory (bytes) the whole data set needs beyond the samples (at most ``rows`` rows
+    of ``distinct`` particles): simmx's working memory for a half's particles (its own
+    model per particle, up to its chunk), the similarity matrices (the whole and a
+    half's, 6 planes of float32) and the particle file's pages as they are read."""
     per = 50 * n * n + 100 * n_r  # stages.simmx.particle_chunk's model
     chunk = particle_chunk(n, n_r)
 
     def working(k: int) -> float:
         return min(-(-k // halves), chunk) * per
 
-    more = max(n_p - sample, 0)
-    return working(n_p) - working(sample) + 1.5 * 6 * 4 * n_r * more + 4 * n * n * more
+    more = max(n_p - rows, 0)
+    pages = max(n_p - distinct, 0)
+    return working(n_p) - working(rows) + 1.5 * 6 * 4 * n_r * more + 4 * n * n * pages
+
+
+def stage_model(samples: list[dict], cfg, n_r: int, box: int) -> dict[str, dict]:
+    """Each stage's fit (:func:`fit_stage`) on the samples (:func:`_sample_run`): its
+    growth (:func:`stage_growth`), ``a``, ``b``, ``c``, and how its references are
+    counted (``compared``: projections per particle; ``chunk``: simmx's particles per
+    chunk)."""
+    halves = 2 if cfg.goldstandard else 1
+    compared = max(s["compared"] for s in samples)
+    shrunk = box // (cfg.simmx.shrink or 1)
+    cells = n_r
+    if cfg.simmx.twostage:  # simmx sizes its chunks by the largest candidate sets
+        cells = min(n_r, max(int(np.ceil(compared)), 1))
+    chunk = cfg.simmx.chunk or particle_chunk(shrunk, cells)
+    model = {}
+    for stage, growth in stage_growth(cfg).items():
+        seconds = [s["seconds"][stage] for s in samples]
+        entry = {"growth": growth, "compared": compared, "chunk": chunk, "halves": halves}
+        if growth == "fixed":
+            entry.update(a=min(seconds), b=0.0, c=0.0)
+        else:
+            rows = [s["rows"] for s in samples]
+            refs = [references(entry, n_r, s["rows"], s["distinct"], cfg.sep) for s in samples]
+            a, b, c = fit_stage(rows, refs if growth != "particles" else [], seconds)
+            entry.update(a=a, b=b, c=c)
+        model[stage] = entry
+    return model
+
+
+def references(entry: dict, n_r: int, rows: float, distinct: float, sep: int) -> float:
+    """The references a stage of ``entry``'s growth handles for ``rows`` particle rows of
+    ``distinct`` particles: classes holding particles, or projection banks built by
+    simmx (:func:`projections_banked`)."""
+    halves, compared, chunk = entry["halves"], entry["compared"], entry["chunk"]
+    if entry["growth"] == "classes":
+        return classes_touched(distinct, n_r, halves, sep)
+    if entry["growth"] == "projections":
+        return projections_banked(rows, distinct, n_r, halves, compared, chunk)
+    return 0.0
+
+
+def predict(model: dict[str, dict], n_r: int, n_p: int, sep: int) -> dict[str, float]:
+    """Seconds of each stage for ``n_p`` particles under ``model`` (:func:`stage_model`)."""
+    return {
+        stage: e["a"] + e["b"] * n_p + e["c"] * references(e, n_r, n_p, n_p, sep)
+        for stage, e in model.items()
+    }
 
 
 def estimate(run: Run) -> dict:
@@ -159,27 +271,18 @@ def estimate(run: Run) -> dict:
     cfg, stack = run.cfg, run.stack
     n, n_p = stack.box, len(stack)
     gold = cfg.goldstandard
-    small, large = (min(s, n_p) for s in SAMPLES)
-    _sample_run(run, WARMUP, _start_maps(run))  # compiles (or loads) the kernels here
+    _sample_run(run, WARMUP, 1, _start_maps(run))  # compiles (or loads) the kernels here
     opts = {k: v for k, v in run.opts.items() if k != "check"}
     t0 = time.perf_counter()
-    (t_small, t_large), rss_large = _samples_in_child(opts)
+    samples, rss_peak = _samples_in_child(opts)
     sample_wall = time.perf_counter() - t0
     n_r = len(orientations(cfg.project3d.orientgen_mod, cfg.sym, rng=np.random.default_rng(0)))
     halves = 2 if gold else 1
-
-    def size(growth: str, k: int) -> float:
-        if growth == "particles":
-            return float(k)
-        if growth == "classes":
-            return classes_touched(k, n_r, halves, cfg.sep)
-        return 0.0
-
-    seconds = {}
-    for s, growth in stage_growth(cfg).items():
-        sizes = (size(growth, small), size(growth, large))
-        seconds[s] = fit_stage(sizes, (t_small[s], t_large[s]), size(growth, n_p))
-    memory = rss_large + _memory_beyond_sample(n, n_r, n_p, large, halves)
+    model = stage_model(samples, cfg, n_r, n)
+    seconds = predict(model, n_r, n_p, cfg.sep)
+    rows = max(s["rows"] for s in samples)
+    distinct = max(s["distinct"] for s in samples)
+    memory = rss_peak + _memory_beyond_sample(n, n_r, n_p, rows, distinct, halves)
     image = 4 * n * n
     disk = (
         2 * halves * n_r * image  # projections and class averages
@@ -226,6 +329,11 @@ def check_report(run: Run) -> str:
             f"estimated disk use: {e['disk_per_iteration_bytes'] / gib:.2f} GiB per iteration, "
             f"{e['disk_bytes'] / gib:.2f} GiB for {cfg.iterations} (free: {free / gib:.1f} GiB)",
             f"estimated time per iteration: {e['seconds_per_iteration']:.0f} s ({stages}); "
-            f"at most {cfg.iterations} iterations",
+            f"at most {cfg.iterations} iterations"
+            + (
+                "; that of a global iteration (local ones, --localrefine, are not estimated)"
+                if cfg.localrefine_mod.mode != "global"
+                else ""
+            ),
         ]
     )
