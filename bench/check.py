@@ -36,14 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from cryorefine.cli import set_thread_spin
-from cryorefine.fourier.filters import lowpass_gauss
-from cryorefine.io.maps import Map, read_map, write_map
-from cryorefine.io.stacks import write_stack
+from cryorefine.io.maps import Map, read_map
 from cryorefine.refine.step import STAGES
-from cryorefine.testing import demo_map, measure_command, refine_command, simulate_particles
+from cryorefine.testing import demo_map, measure_command, refine_command, write_simulated_set
 
 MAP_128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "rnapol2_128.mrc"
 #: per case: low-pass of the start (Å) and the refinement's options
@@ -53,19 +49,8 @@ ITERATIONS = ("--iter", "2", "--earlystop", "0", "--seed", "1")
 
 def simulate(folder: Path, truth: Map, n: int, start_a: float) -> None:
     """``n`` particles of ``truth`` in ``folder``/particles.star, start.mrc beside them."""
-    folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    sim = simulate_particles(
-        truth.data,
-        n,
-        apix=truth.apix,
-        snr=0.1,
-        rng=np.random.default_rng(2026),
-        max_shift_a=3.0 * truth.apix,
-    )
-    write_stack(sim, folder / "particles.star", overwrite=True)
-    start = lowpass_gauss(truth.data, truth.apix / start_a, 3).astype(np.float32)
-    write_map(folder / "start.mrc", Map(start, truth.apix), overwrite=True)
+    write_simulated_set(folder, truth, n, snr=0.1, start_a=start_a)
     print(f"simulated {n} particles of {truth.box} px in {time.perf_counter() - t0:.0f} s")
 
 

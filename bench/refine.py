@@ -37,14 +37,13 @@ from pathlib import Path
 import numpy as np
 
 from cryorefine.cli import set_thread_spin
-from cryorefine.fourier.filters import lowpass_gauss
 from cryorefine.fourier.fsc import fsc, resolution_at
 from cryorefine.geometry.symmetry import symmetry_group
-from cryorefine.io.maps import Map, read_map, write_map
-from cryorefine.io.stacks import ParticleStack, write_stack
+from cryorefine.io.maps import read_map
+from cryorefine.io.stacks import ParticleStack
 from cryorefine.io.star import read_particle_star
 from cryorefine.stages.make3d import make3d
-from cryorefine.testing import demo_map, measure_command, refine_command, simulate_particles
+from cryorefine.testing import demo_map, measure_command, refine_command, write_simulated_set
 
 RUNS = {
     "gold": (),
@@ -56,18 +55,7 @@ RUNS = {
 
 def simulate(work: Path, n: int, map_path: Path | None, start_a: float) -> None:
     truth = demo_map() if map_path is None else read_map(map_path)
-    sim = simulate_particles(
-        truth.data,
-        n,
-        apix=truth.apix,
-        snr=0.1,
-        rng=np.random.default_rng(2026),
-        max_shift_a=3 * truth.apix,
-    )
-    write_stack(sim, work / "particles.star", overwrite=True)
-    start = lowpass_gauss(truth.data, truth.apix / start_a, 3).astype(np.float32)
-    write_map(work / "start.mrc", Map(start, truth.apix), overwrite=True)
-    write_map(work / "truth.mrc", truth, overwrite=True)
+    write_simulated_set(work, truth, n, snr=0.1, start_a=start_a)
 
 
 def against_truth(volume: np.ndarray, truth: np.ndarray, apix: float) -> tuple[float, float]:

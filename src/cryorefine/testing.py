@@ -394,26 +394,30 @@ RESOLUTION_OPTIONS = ("--twostage", "2", "--simalign", "rotate_translate_flip:ma
 
 
 def simulate_data_set(folder: Path, ds: DataSet, n: int) -> None:
-    """``n`` particles of ``ds`` (CTF defocus 1-2.5 um, shifts up to 3 px) written to
-    ``folder``/particles.star + .mrcs, with start.mrc (the truth low-passed to
-    ``ds.start_a``) and truth.mrc."""
+    """``n`` particles of ``ds`` (:func:`write_simulated_set`)."""
+    write_simulated_set(folder, ds.truth(), n, snr=ds.snr, start_a=ds.start_a)
+
+
+def write_simulated_set(folder: Path, truth: Map, n: int, *, snr: float, start_a: float) -> None:
+    """``n`` particles of ``truth`` (CTF defocus 1-2.5 um, shifts up to 3 px, at ``snr``)
+    written to ``folder``/particles.star + .mrcs, with start.mrc (the truth low-passed to
+    ``start_a`` Å) and truth.mrc."""
     from cryorefine.fourier.filters import lowpass_gauss
     from cryorefine.io.maps import write_map
     from cryorefine.io.stacks import write_stack
 
-    truth = ds.truth()
     sim = simulate_particles(
         truth.data,
         n,
-        apix=ds.apix,
-        snr=ds.snr,
+        apix=truth.apix,
+        snr=snr,
         rng=np.random.default_rng(2026),
-        max_shift_a=3.0 * ds.apix,
+        max_shift_a=3.0 * truth.apix,
     )
     folder.mkdir(parents=True, exist_ok=True)
     write_stack(sim, folder / "particles.star", overwrite=True)
-    start = lowpass_gauss(truth.data, ds.apix / ds.start_a, 3).astype(np.float32)
-    write_map(folder / "start.mrc", Map(start, ds.apix), overwrite=True)
+    start = lowpass_gauss(truth.data, truth.apix / start_a, 3).astype(np.float32)
+    write_map(folder / "start.mrc", Map(start, truth.apix), overwrite=True)
     write_map(folder / "truth.mrc", truth, overwrite=True)
 
 
