@@ -9,7 +9,10 @@ averages (--m3dsource classes, as e2refine). By default the particles are split 
 two halves refined independently (--goldstandard 1), each from the model low-passed
 to --inires with its phases randomised beyond; their FSC gives the resolution, and the
 run stops early once resolution and orientations settle (--earlystop 1; --iter is the
-maximum). Every e2refine option is accepted under its own name and default. Outputs go
+maximum). Once the global search settles, each particle's orientation and shift are
+refined locally around its last pose against its half map (--localrefine auto; 0:
+global only; 1: local from the input's poses); a local iteration has no projections,
+matrices or classes. Every e2refine option is accepted under its own name and default. Outputs go
 to the next refine_NN folder (or --path): per iteration projections_NN, simmx_NN.h5,
 classify_NN.h5, classes_NN, threed_NN.mrc and its half maps, FSC files,
 particles_NN.star (every particle's pose, for relion_reconstruct), plus
