@@ -85,6 +85,7 @@ def test_local_from_the_input_poses(data, tmp_path):
     assert "iteration 01: local search within" in log and "iteration 00 simmx" not in log
 
 
+@pytest.mark.slow
 def test_a_run_resumed_across_the_switch_reaches_the_same_map(data, tmp_path):
     """--localrefine auto on a 15-degree grid: iterations 0 and 1 global (their poses
     differ by less than the step), 2 and 3 local. Stopped after iteration 1 and resumed
