@@ -66,7 +66,7 @@ def test_local_from_the_input_poses(data, tmp_path):
     """--localrefine 1 from orientations 3 degrees off, within 4 degrees: after two local
     iterations the median error is under 1 degree with score=ssnr (measured 0.56), and
     under the simcmp score's (frc:snrweight=1, whose maxres=10 Å drops the rings beyond
-    10 Å; measured 1.97). Local iterations write no projections, matrices or classes,
+    10 Å; measured 1.81). Local iterations write no projections, matrices or classes,
     and say so in run.log and the record."""
     errors = {}
     for score in ("ssnr", "simcmp"):

@@ -39,7 +39,7 @@ import scipy.fft
 from numba import njit, prange
 from scipy.spatial.transform import Rotation
 
-from cryorefine.fourier.fft import fft_threads
+from cryorefine.fourier.fft import fft_threads, ring_sum
 from cryorefine.fourier.project import VolumeFT
 
 #: the two scores (:func:`score_candidates` ``mode``)
@@ -88,6 +88,12 @@ def particle_transforms(images: np.ndarray, points: FourierPoints) -> np.ndarray
         scipy.fft.ifftshift(np.asarray(images, np.float32), axes=(-2, -1)), workers=fft_threads()
     )
     return np.ascontiguousarray(ft[:, points.iy, points.ix], dtype=np.complex64)
+
+
+def ring_power(data: np.ndarray, points: FourierPoints) -> np.ndarray:
+    """Each particle's power per ring ``(k, points.rings)``, from its transform at
+    ``points`` ``(k, M)``."""
+    return ring_sum(np.abs(data) ** 2, points.ring, points.rings)
 
 
 def rotation_grid(range_deg: float, step_deg: float) -> np.ndarray:
@@ -204,12 +210,14 @@ def score_candidates(
     weight: np.ndarray,
     *,
     score: str = "frc",
+    power: np.ndarray | None = None,
 ) -> np.ndarray:
     """Scores ``(k, J, S)`` of particles ``data`` ``(k, M)`` (:func:`particle_transforms`)
     at rotations ``(k, J, 3, 3)`` and shifts ``(k, S, 2)`` px, with their CTFs at
-    ``points`` ``(k, M)`` and ring weights ``(k, rings)`` (module docstring)."""
-    power = np.zeros((len(data), weight.shape[1]))
-    np.add.at(power.T, points.ring, (np.abs(data) ** 2).T.astype(np.float64))
+    ``points`` ``(k, M)`` and ring weights ``(k, rings)`` (module docstring); ``power``:
+    the particles' :func:`ring_power`, when already known."""
+    if power is None:
+        power = ring_power(data, points)
     out = np.empty((len(data), rotations.shape[1], shifts_px.shape[1]), np.float64)
     _scores(
         volume_ft.data,
@@ -317,8 +325,12 @@ def _search_chunk(
     rot0 = np.asarray(rot0, np.float64)
     shift0 = np.asarray(shift0, np.float64)
 
+    power = ring_power(data, points)
+
     def scores(rots, shifts):
-        return score_candidates(vft, rots, shifts, data, ctf_pts, points, weight, score=score)
+        return score_candidates(
+            vft, rots, shifts, data, ctf_pts, points, weight, score=score, power=power
+        )
 
     # the grid
     cand = perturbed(rot0, rotation_grid(range_deg, step_deg))
@@ -340,7 +352,15 @@ def _search_chunk(
         rots = perturbed(rot[live], _AXES[None] * delta[live, None, None])
         shifts = shift[live, None, :] + _SHIFT_AXES[None] * dshift[live, None, None]
         table = score_candidates(
-            vft, rots, shifts, data[live], ctf_pts[live], points, weight[live], score=score
+            vft,
+            rots,
+            shifts,
+            data[live],
+            ctf_pts[live],
+            points,
+            weight[live],
+            score=score,
+            power=power[live],
         )
         # never beyond the range
         far = rotation_angle_deg(rots, rot0[live, None]) > range_deg + 1e-6

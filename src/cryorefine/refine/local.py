@@ -90,9 +90,11 @@ def ring_weights(
     idx: np.ndarray,
     points: FourierPoints,
     fsc_curve: np.ndarray | None,
+    ctf: np.ndarray | None,
 ) -> np.ndarray:
     """Each particle's ring weights ``(len(idx), points.rings)`` for the score (module
-    docstring); ring 0 weighs nothing."""
+    docstring); ``ctf``: the particles' CTFs on the ``rfft2`` grid (``None``: without
+    CTF). Ring 0 weighs nothing."""
     box, apix, rings = stack.box, stack.apix, points.rings
     count = np.bincount(points.ring, minlength=rings).astype(np.float64)
     if cfg.localrefine_mod.score == "simcmp":
@@ -104,9 +106,8 @@ def ring_weights(
             w = frc_ring_weights(cmp.params, len(idx), box, apix, snr)
             w = np.pad(w, ((0, 0), (0, max(0, rings - w.shape[1]))))[:, :rings]
     else:
-        ctf = stack.meta.ctf.take(idx)
-        if ctf.known.all():
-            c2 = ring_mean(ctf.evaluate(box, apix).astype(np.float64) ** 2)[:, :rings]
+        if ctf is not None:
+            c2 = ring_mean(ctf.astype(np.float64) ** 2)[:, :rings]
         else:
             c2 = np.ones((len(idx), rings))
         f = np.ones(rings) if fsc_curve is None else np.asarray(fsc_curve, np.float64)[:rings]
@@ -166,19 +167,15 @@ def local_poses(
         tick = progress("local", h, len(idx)) if progress else None
         for start in range(0, len(idx), chunk):
             sub = idx[start : start + chunk]
-            meta = stack.meta.take(sub)
-            ctf = (
-                meta.ctf.evaluate(box, apix)
-                if meta.ctf.known.all()
-                else np.ones((len(sub), box, box // 2 + 1), np.float32)
-            )
+            ctf_params = stack.meta.ctf.take(sub)
+            ctf = ctf_params.evaluate(box, apix) if ctf_params.known.all() else None
             res = local_search(
                 vft,
                 source.read(sub),
-                ctf,
+                np.ones((len(sub), box, box // 2 + 1), np.float32) if ctf is None else ctf,
                 new_rot[sub],
                 new_shift[sub],
-                ring_weights(cfg, stack, sub, points, fsc_curve),
+                ring_weights(cfg, stack, sub, points, fsc_curve, ctf),
                 points,
                 range_deg=search.range_deg,
                 step_deg=search.step_deg,
