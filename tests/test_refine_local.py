@@ -175,3 +175,21 @@ def test_local_from_the_start_needs_the_inputs_poses(tmp_path, run_cli):
     assert code == 2 and "without orientations" in err, err
     code, _, err = run_cli(*common, "--localrefine", "1:score=simcmp", "--simcmp", "phase")
     assert code == 2 and "--simcmp phase" in err, err
+
+
+@pytest.mark.parametrize(
+    ("given", "stage1"),
+    [
+        ({}, 2),
+        ({"localrefine": "0"}, 0),
+        ({"localrefine": "1"}, 0),
+        ({"shrink": 2}, 0),
+        ({"twostage": "0"}, 0),
+        ({"twostage": "3", "localrefine": "0"}, 3),
+    ],
+)
+def test_twostage_auto_is_two_stage_only_before_a_local_phase(given, stage1):
+    """``--twostage auto`` (the default) runs e2simmx2stage with a stage-1 shrink of 2
+    when ``--localrefine auto`` will take over, and e2refine's one-stage simmx with
+    ``--localrefine 0`` or ``1``, with ``--shrink``, or when a number is given."""
+    assert refine_config({"iter": 1, **given}).simmx.twostage == stage1

@@ -9,10 +9,12 @@ the memory per particle is that of its candidates' scores.
   of spacing ``step_deg`` inside the ball ``|w| <= range_deg`` (the perturbation acts in
   the viewing frame: tilts about x and y, in-plane turns about z), times the shifts on a
   1 px grid inside the disc ``|s - s0| <= shift_px``.
-* **Polish.** From the best grid point, a pattern search on SO(3) x R^2: the six
-  rotations ``exp(+-d e_x) R`` ... and the four shifts ``s +- (d_s, 0)`` ... are scored
-  together (35 candidates); a particle moves to the best when it scores higher, else its
-  steps halve, from ``step_deg / 2`` and 0.5 px, until the rotation step falls below
+* **Polish.** From the best grid point, rounds on SO(3) x R^2: the six rotations
+  ``exp(+-d e_x) R`` ... and the four shifts ``s +- (d_s, 0)`` ... are scored, then one
+  step along all five axes at once, to the vertex of each axis's parabola through its
+  two probes and the current score. A particle moves to the best of these when it scores
+  higher; its steps (from ``step_deg / 2`` and 0.5 px) stay when a probe won (the
+  optimum may lie further out) and halve otherwise, until the rotation step falls below
   ``step_deg / 10``. A candidate outside the range is never taken, so no particle ends
   further than ``range_deg`` and ``shift_px`` from where it started.
 
@@ -135,20 +137,38 @@ def _scores(vol, scale, rots, shifts, data, ctf, qx, qy, ring, weight, power, n,
     nring = weight.shape[1]
     size = vol.shape[0]
     c = size // 2
+    half = n // 2
     two_pi_n = 2.0 * np.pi / n
     for i in prange(k):
-        moved = np.empty((ns, m), np.complex64)  # the particle centred by each shift
+        # the particle centred by each shift, its phase factors separable in x and y;
+        # for ccc, each point carries its ring's weight, so that a score is one sum
+        ex = np.empty(half + 1, np.complex64)
+        ey = np.empty(n, np.complex64)
+        moved = np.empty((ns, m), np.complex64)
         for s in range(ns):
             dx, dy = shifts[i, s, 0], shifts[i, s, 1]
+            for q in range(half + 1):
+                ph = two_pi_n * q * dx
+                ex[q] = np.complex64(np.cos(ph) + 1j * np.sin(ph))
+            for q in range(n):
+                ph = two_pi_n * (q - half) * dy
+                ey[q] = np.complex64(np.cos(ph) + 1j * np.sin(ph))
             for p in range(m):
-                ph = two_pi_n * (qx[p] * dx + qy[p] * dy)
-                moved[s, p] = data[i, p] * np.complex64(np.cos(ph) + 1j * np.sin(ph))
+                u = data[i, p] * ex[int(qx[p])] * ey[int(qy[p]) + half]
+                if mode == 1:
+                    u *= np.float32(weight[i, ring[p]])
+                moved[s, p] = u
+        wx = 0.0
+        for r in range(nring):
+            if weight[i, r] > 0.0:
+                wx += weight[i, r] * power[i, r]
         model = np.empty(m, np.complex64)
         pv = np.empty(nring)
         dot = np.empty(nring)
         for j in range(nj):
             a = rots[i, j]
             pv[:] = 0.0
+            wv = 0.0
             for p in range(m):
                 # the 3D frequency R^T (qx, qy, 0), in the padded box
                 x = (a[0, 0] * qx[p] + a[1, 0] * qy[p]) * scale + c
@@ -161,42 +181,41 @@ def _scores(vol, scale, rots, shifts, data, ctf, qx, qy, ring, weight, power, n,
                 if z0 >= size - 1:
                     model[p] = 0j
                     continue
-                fx, fy, fz = x - x0, y - y0, z - z0
+                # single precision from here: the weights and the gathered values
+                fx, fy, fz = np.float32(x - x0), np.float32(y - y0), np.float32(z - z0)
+                gx, gy, gz = np.float32(1) - fx, np.float32(1) - fy, np.float32(1) - fz
                 v = (
-                    (1 - fz) * (1 - fy) * (1 - fx) * vol[z0, y0, x0]
-                    + (1 - fz) * (1 - fy) * fx * vol[z0, y0, x0 + 1]
-                    + (1 - fz) * fy * (1 - fx) * vol[z0, y0 + 1, x0]
-                    + (1 - fz) * fy * fx * vol[z0, y0 + 1, x0 + 1]
-                    + fz * (1 - fy) * (1 - fx) * vol[z0 + 1, y0, x0]
-                    + fz * (1 - fy) * fx * vol[z0 + 1, y0, x0 + 1]
-                    + fz * fy * (1 - fx) * vol[z0 + 1, y0 + 1, x0]
-                    + fz * fy * fx * vol[z0 + 1, y0 + 1, x0 + 1]
+                    gz * (gy * (gx * vol[z0, y0, x0] + fx * vol[z0, y0, x0 + 1])
+                          + fy * (gx * vol[z0, y0 + 1, x0] + fx * vol[z0, y0 + 1, x0 + 1]))
+                    + fz * (gy * (gx * vol[z0 + 1, y0, x0] + fx * vol[z0 + 1, y0, x0 + 1])
+                            + fy * (gx * vol[z0 + 1, y0 + 1, x0] + fx * vol[z0 + 1, y0 + 1, x0 + 1]))
                 ) * ctf[i, p]
                 model[p] = v
-                pv[ring[p]] += v.real * v.real + v.imag * v.imag
+                v2 = v.real * v.real + v.imag * v.imag
+                if mode == 1:
+                    wv += weight[i, ring[p]] * v2
+                else:
+                    pv[ring[p]] += v2
             for s in range(ns):
+                if mode == 1:
+                    num = 0.0
+                    for p in range(m):
+                        u, v = moved[s, p], model[p]
+                        num += u.real * v.real + u.imag * v.imag
+                    den = np.sqrt(wx * wv)
+                    out[i, j, s] = num / den if den > 0.0 else -1.0
+                    continue
                 dot[:] = 0.0
                 for p in range(m):
                     u, v = moved[s, p], model[p]
                     dot[ring[p]] += u.real * v.real + u.imag * v.imag
                 num = 0.0
                 den = 0.0
-                wx = 0.0
-                wv = 0.0
                 for r in range(nring):
                     w = weight[i, r]
-                    if w <= 0.0:
-                        continue
-                    if mode == 0:
-                        if power[i, r] > 0.0 and pv[r] > 0.0:
-                            num += w * dot[r] / np.sqrt(power[i, r] * pv[r])
-                            den += w
-                    else:
-                        num += w * dot[r]
-                        wx += w * power[i, r]
-                        wv += w * pv[r]
-                if mode == 1:
-                    den = np.sqrt(wx * wv)
+                    if w > 0.0 and power[i, r] > 0.0 and pv[r] > 0.0:
+                        num += w * dot[r] / np.sqrt(power[i, r] * pv[r])
+                        den += w
                 out[i, j, s] = num / den if den > 0.0 else -1.0
 
 
@@ -255,9 +274,54 @@ def rotation_angle_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.rad2deg(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
-#: the polish's moves: no change, then +-1 along each rotation axis / shift axis
-_AXES = np.vstack([np.zeros(3), np.eye(3), -np.eye(3)])
-_SHIFT_AXES = np.vstack([np.zeros(2), np.eye(2), -np.eye(2)])
+#: the polish's probes: +-1 along each rotation axis (x, y, z), and along each shift axis
+_AXES = np.vstack([np.eye(3), -np.eye(3)])
+_SHIFT_AXES = np.vstack([np.eye(2), -np.eye(2)])
+
+
+def _polish_round(scores, live, rot, shift, best, delta, dshift, rot0, shift0, range_deg, shift_px):
+    """One round of the polish for particles ``live``: the ten axis probes, then one step
+    along all five axes at once to the vertex of each axis's parabola through its two
+    probes and the current score (clipped to the probes). Returns the best candidate of
+    each particle (rotation, shift, score) and whether it was a probe; candidates outside
+    the range score -inf."""
+    n = len(live)
+    r = np.arange(n)
+    d, ds = delta[live], dshift[live]
+    here_rot, here_shift, f0 = rot[live], shift[live], best[live]
+    probe_rot = perturbed(here_rot, _AXES[None] * d[:, None, None])  # (n, 6, 3, 3)
+    probe_shift = here_shift[:, None, :] + _SHIFT_AXES[None] * ds[:, None, None]  # (n, 4, 2)
+    f_rot = scores(probe_rot, here_shift[:, None, :], live)[:, :, 0]  # (n, 6)
+    f_shift = scores(here_rot[:, None], probe_shift, live)[:, 0, :]  # (n, 4)
+    f_rot[rotation_angle_deg(probe_rot, rot0[live, None]) > range_deg + 1e-6] = -np.inf
+    f_shift[np.linalg.norm(probe_shift - shift0[live, None], axis=-1) > shift_px + 1e-6] = -np.inf
+    # the parabola's vertex along each axis, in units of the probe's distance
+    plus = np.concatenate([f_rot[:, :3], f_shift[:, :2]], axis=1)
+    minus = np.concatenate([f_rot[:, 3:], f_shift[:, 2:]], axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curve = plus + minus - 2 * f0[:, None]
+        t = np.where(curve < 0, (minus - plus) / (2 * curve), np.sign(plus - minus))
+    t = np.clip(np.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0)
+    step_rot = perturbed(here_rot, (t[:, None, :3] * d[:, None, None]))  # (n, 1, 3, 3)
+    step_shift = here_shift + t[:, 3:] * ds[:, None]
+    f_step = scores(step_rot, step_shift[:, None, :], live)[:, 0, 0]
+    if_out = (rotation_angle_deg(step_rot[:, 0], rot0[live]) > range_deg + 1e-6) | (
+        np.linalg.norm(step_shift - shift0[live], axis=-1) > shift_px + 1e-6
+    )
+    f_step[if_out] = -np.inf
+    # the best of the probes and the step
+    table = np.concatenate([f_rot, f_shift, f_step[:, None]], axis=1)
+    pick = table.argmax(1)
+    out_rot = here_rot.copy()
+    out_shift = here_shift.copy()
+    is_rot = pick < 6
+    out_rot[is_rot] = probe_rot[r[is_rot], pick[is_rot]]
+    is_shift = (pick >= 6) & (pick < 10)
+    out_shift[is_shift] = probe_shift[r[is_shift], pick[is_shift] - 6]
+    is_step = pick == 10
+    out_rot[is_step] = step_rot[is_step, 0]
+    out_shift[is_step] = step_shift[is_step]
+    return out_rot, out_shift, table[r, pick], pick < 10
 
 
 def local_search(
@@ -327,9 +391,17 @@ def _search_chunk(
 
     power = ring_power(data, points)
 
-    def scores(rots, shifts):
+    def scores(rots, shifts, rows=slice(None)):
         return score_candidates(
-            vft, rots, shifts, data, ctf_pts, points, weight, score=score, power=power
+            vft,
+            rots,
+            shifts,
+            data[rows],
+            ctf_pts[rows],
+            points,
+            weight[rows],
+            score=score,
+            power=power[rows],
         )
 
     # the grid
@@ -349,32 +421,17 @@ def _search_chunk(
         live = np.flatnonzero(delta >= stop)
         if len(live) == 0:
             break
-        rots = perturbed(rot[live], _AXES[None] * delta[live, None, None])
-        shifts = shift[live, None, :] + _SHIFT_AXES[None] * dshift[live, None, None]
-        table = score_candidates(
-            vft,
-            rots,
-            shifts,
-            data[live],
-            ctf_pts[live],
-            points,
-            weight[live],
-            score=score,
-            power=power[live],
+        cand_rot, cand_shift, cand_score, probe_won = _polish_round(
+            scores, live, rot, shift, best, delta, dshift, rot0, shift0, range_deg, shift_px
         )
-        # never beyond the range
-        far = rotation_angle_deg(rots, rot0[live, None]) > range_deg + 1e-6
-        table[far] = -np.inf
-        off = np.linalg.norm(shifts - shift0[live, None], axis=-1) > shift_px + 1e-6
-        table[np.broadcast_to(off[:, None, :], table.shape)] = -np.inf
-        flat = table.reshape(len(live), -1).argmax(1)
-        jj, ss = np.unravel_index(flat, table.shape[1:])
-        r = np.arange(len(live))
-        better = table[r, jj, ss] > best[live] + 1e-7
+        better = cand_score > best[live] + 1e-7
         moved = live[better]
-        rot[moved] = rots[r[better], jj[better]]
-        shift[moved] = shifts[r[better], ss[better]]
-        best[moved] = table[r[better], jj[better], ss[better]]
-        delta[live[~better]] /= 2
-        dshift[live[~better]] /= 2
+        rot[moved] = cand_rot[better]
+        shift[moved] = cand_shift[better]
+        best[moved] = cand_score[better]
+        # a probe won: the optimum may lie further out, so the step stays; else the
+        # particle sits at its parabolas' vertex (or nothing scored higher): halve
+        shrink = live[~(better & probe_won)]
+        delta[shrink] /= 2
+        dshift[shrink] /= 2
     return LocalResult(rot, shift, best, rotation_angle_deg(rot, rot0))

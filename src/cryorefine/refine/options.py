@@ -48,6 +48,8 @@ _GROUP = {
     "classaverage": "class",
     "make3d": "make3d",
 }
+#: the stage-1 shrink factor of ``--twostage auto`` when it turns two-stage simmx on
+AUTO_TWOSTAGE = 2
 #: "take the stage field's": an Option's ``type``, ``default`` or ``help`` not given
 FIELD: Any = object()
 #: a target field's value, from every option by name
@@ -122,6 +124,20 @@ def _preprocess(o: dict[str, Any]) -> tuple[str, ...]:
     if text is None and _classes(o):
         text = "normalize.edgemean"
     return (text,) if _none(text) else ()
+
+
+def _twostage(o: dict[str, Any]) -> int:
+    """--twostage as a number: ``auto`` resolved (its help)."""
+    value = str(o["twostage"]).strip().lower()
+    if value == "auto":
+        local_auto = str(o["localrefine"]).split(":")[0].strip().lower() == "auto"
+        return AUTO_TWOSTAGE if local_auto and not o["shrink"] else 0
+    try:
+        return int(value)
+    except ValueError:
+        raise CryorefineError(
+            f"--twostage {o['twostage']}: give a shrink factor, 0 (off) or auto"
+        ) from None
 
 
 def _setsf(o: dict[str, Any]) -> str | None:
@@ -203,7 +219,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("simcmp", ("simmx.cmp",), "frc:zeromask=1:snrweight=1"),
     Option("simmask", ("simmx.mask",), file=True),
     Option("shrink", ("simmx.shrink",), 0, "shrink particles and projections in simmx (>= 2)"),
-    Option("twostage", ("simmx.twostage",)),
+    Option(
+        "twostage",
+        (("simmx.twostage", lambda o: _twostage(o)),),
+        "auto",
+        "two-stage simmx (e2simmx2stage): the stage-1 shrink factor, 0 (off), or auto: "
+        f"{AUTO_TWOSTAGE} with --localrefine auto and no --shrink (the global iterations "
+        "then only need poses the local search can start from), else 0",
+        str,
+    ),
     Option(
         "prefilt",
         ("simmx.prefilt", "classaverage.prefilt"),
