@@ -1,8 +1,9 @@
 """Benchmark: a whole refinement of simulated particles against the truth.
 
-usage: python bench/refine.py [--n 2000] [--iter 6] [--runs gold,global,classes,twostage]
+usage: python bench/refine.py [--n 2000] [--iter 6]
+                              [--runs gold,global,global_twostage,classes,twostage]
                               [--work DIR] [--extra "--simalign ..."] [--map MRC]
-                              [--start 40]
+                              [--start 40] [--no-overhead]
 
 Simulates --n particles of the bundled rnapol2_64 map (3 Å/px; or --map; SNR 0.1, CTF
 defocus 1-2.5 um, shifts up to 3 px), starts from the truth low-passed to --start Å,
@@ -12,7 +13,9 @@ and reports:
 * per run (each ``cryorefine refine`` in a fresh process, timed, peak memory
   measured): ``gold`` = the defaults (gold-standard halves, particles, local
   refinement once the global search settles); ``global`` = the same with
-  ``--localrefine 0`` (global iterations only); ``classes`` =
+  ``--localrefine 0`` (global iterations only, e2refine's one-stage simmx);
+  ``global_twostage`` = ``--localrefine 0 --twostage 2`` (global only, with the
+  two-stage simmx the defaults' global iterations use); ``classes`` =
   ``--goldstandard 0 --m3dsource classes`` (e2refine's chain); ``twostage`` = the
   defaults with ``--twostage 2``, run for as many iterations as ``gold`` ran (with
   ``--earlystop 0``), so that the two times compare the same work. All add --extra
@@ -48,6 +51,7 @@ from cryorefine.testing import demo_map, measure_command, refine_command, write_
 RUNS = {
     "gold": (),
     "global": ("--localrefine", "0"),
+    "global_twostage": ("--localrefine", "0", "--twostage", "2"),
     "classes": ("--goldstandard", "0", "--m3dsource", "classes"),
     "twostage": ("--twostage", "2"),
 }
@@ -149,6 +153,11 @@ def main() -> None:
     )
     p.add_argument("--map", type=Path, help="the truth (default: the bundled rnapol2_64)")
     p.add_argument("--start", type=float, default=40.0, help="start: truth low-passed to Å")
+    p.add_argument(
+        "--no-overhead",
+        action="store_true",
+        help="skip the driver-overhead and --check comparisons after the gold run",
+    )
     args = p.parse_args()
     work = args.work.resolve()
     work.mkdir(exist_ok=True)
@@ -169,7 +178,7 @@ def main() -> None:
         else:
             results[name] = run_one(work, name, args.iter, extra)
         print(json.dumps(results[name]), flush=True)
-    if "gold" in results:
+    if "gold" in results and not args.no_overhead:
         results["overhead"] = stages_alone(work, extra)
         print(json.dumps(results["overhead"]), flush=True)
         (work / "gold_check").mkdir(exist_ok=True)

@@ -185,10 +185,16 @@ def _scores(vol, scale, rots, shifts, data, ctf, qx, qy, ring, weight, power, n,
                 fx, fy, fz = np.float32(x - x0), np.float32(y - y0), np.float32(z - z0)
                 gx, gy, gz = np.float32(1) - fx, np.float32(1) - fy, np.float32(1) - fz
                 v = (
-                    gz * (gy * (gx * vol[z0, y0, x0] + fx * vol[z0, y0, x0 + 1])
-                          + fy * (gx * vol[z0, y0 + 1, x0] + fx * vol[z0, y0 + 1, x0 + 1]))
-                    + fz * (gy * (gx * vol[z0 + 1, y0, x0] + fx * vol[z0 + 1, y0, x0 + 1])
-                            + fy * (gx * vol[z0 + 1, y0 + 1, x0] + fx * vol[z0 + 1, y0 + 1, x0 + 1]))
+                    gz
+                    * (
+                        gy * (gx * vol[z0, y0, x0] + fx * vol[z0, y0, x0 + 1])
+                        + fy * (gx * vol[z0, y0 + 1, x0] + fx * vol[z0, y0 + 1, x0 + 1])
+                    )
+                    + fz
+                    * (
+                        gy * (gx * vol[z0 + 1, y0, x0] + fx * vol[z0 + 1, y0, x0 + 1])
+                        + fy * (gx * vol[z0 + 1, y0 + 1, x0] + fx * vol[z0 + 1, y0 + 1, x0 + 1])
+                    )
                 ) * ctf[i, p]
                 model[p] = v
                 v2 = v.real * v.real + v.imag * v.imag

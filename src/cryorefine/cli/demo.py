@@ -7,9 +7,10 @@ reconstruction from the particles with their CTF) from the truth low-passed to 4
 printing each iteration's summary line. At the end it reports the half-map
 resolution (FSC 0.143) and the resolution against the true map (FSC 0.143 and 0.5),
 the median orientation error, and where the report is. The refinement uses the
-defaults plus what the data asks for: --simalign rotate_translate_flip:maxshift=4
-(shifts are at most 3 px), --classaverager ctf.weight (CTF-corrected class averages)
-and --twostage 2 (the two-stage similarity matrix: same result, a third of the time).
+defaults (global iterations with the two-stage similarity matrix, then local
+refinement) plus what the data asks for: --simalign rotate_translate_flip:maxshift=4
+(shifts are at most 3 px) and --classaverager ctf.weight (CTF-corrected class
+averages).
 
 examples:
   cryorefine demo
@@ -42,7 +43,6 @@ INPUTS = ("particles.star", "particles.mrcs", "start.mrc", "truth.mrc")
 REFINE_OPTIONS = {
     "simalign": "rotate_translate_flip:maxshift=4",
     "classaverager": "ctf.weight",
-    "twostage": 2,
 }
 START_RESOLUTION_A = 40.0
 
