@@ -667,6 +667,9 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
             log(summary_line(entry), echo=True)
             report.write_report(path, record, step, apix, overwrite=True)
             maps, previous_filt = next_maps, filt
+            # the step's projections, class averages and maps are written: released
+            # before the next iteration makes its own
+            step = None
             # the poses as particles_NN.star holds them: a resumed run starts from the same
             prev_rot, prev_shift = read_poses_star(
                 outputs.iteration_file(path, "particles", it, ".star"), apix=apix
