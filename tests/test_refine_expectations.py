@@ -275,7 +275,7 @@ def test_help_shows_defaults_of_zero(run_cli):
     blocks = re.split(r"\n(?=  -)", out)  # one per option
     for option, default in (
         ("shrink", "0"),
-        ("twostage", "0"),
+        ("twostage", "auto"),
         ("mass", "0"),
         ("modelapix", "0"),
         ("pad", "0"),
