@@ -25,7 +25,8 @@ from cryorefine.io.maps import Map, read_map, write_map
 from cryorefine.io.stacks import ParticleStack, write_stack
 from cryorefine.testing import simulate_particles, solid_sphere
 
-EXAMPLES = 200
+#: damaged files tried per kind in the default suite (five times as many with -m slow)
+EXAMPLES = 80
 BOX = 12
 N = 6
 
@@ -168,15 +169,18 @@ def _runner():
     return run
 
 
+@pytest.mark.parametrize(
+    "examples", [EXAMPLES, pytest.param(5 * EXAMPLES, marks=pytest.mark.slow, id="many")]
+)
 @pytest.mark.parametrize("kind", ["star", "lst", "mrcs", "mrc", "hdf"])
-def test_damaged_files_give_the_projects_error(valid, kind):
+def test_damaged_files_give_the_projects_error(valid, kind, examples):
     text = kind in ("star", "lst")
     data = valid[kind].read_bytes()
     run_cli = _runner()
     seen: set[bytes] = set()
 
     @settings(
-        max_examples=EXAMPLES,
+        max_examples=examples,
         deadline=None,
         derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -187,7 +191,7 @@ def test_damaged_files_give_the_projects_error(valid, kind):
         _check(kind, valid, lambda _: mutated, run_cli)
 
     check()
-    assert len(seen) >= EXAMPLES * 0.9, len(seen)  # distinct damaged files tried
+    assert len(seen) >= examples * 0.9, len(seen)  # distinct damaged files tried
 
 
 @pytest.mark.parametrize(

@@ -413,6 +413,7 @@ def _half_fsc(path: Path, k: str) -> tuple[np.ndarray, float, float]:
     return f, 64 * 3.0 / res05, 64 * 3.0 / reported
 
 
+@pytest.mark.slow
 @pytest.mark.relion
 @pytest.mark.skipif(
     not shutil.which("relion_reconstruct"), reason="RELION (relion_reconstruct) not installed"
@@ -454,6 +455,7 @@ def test_relion_reconstruct_rebuilds_our_map_from_particles_star(
     assert (curve[upto] >= floor[upto]).all(), (curve[upto] - floor[upto]).min()
 
 
+@pytest.mark.slow
 def test_two_regularisations_of_one_data_set_differ_at_the_reported_resolution(interop_run):
     """Why FSC(RELION's map, ours) near 1 cannot be asked up to the 0.143 resolution:
     our own map from the same particles and poses, divided without the Wiener gain
