@@ -146,7 +146,8 @@ def table(label: str, r: dict) -> None:
     print("| | predicted | iteration 0 | iteration 1 |")
     print("|---|---|---|---|")
     for s in STAGES:
-        row(s, p["seconds_per_stage"][s], [h["seconds"][s] for h in its])
+        if s in p["seconds_per_stage"]:  # --check estimates global iterations only
+            row(s, p["seconds_per_stage"][s], [h["seconds"][s] for h in its])
     row("sum of stages", p["seconds_per_iteration"], [sum(h["seconds"].values()) for h in its])
     row("iteration wall", p["seconds_per_iteration"], [h["wall_seconds"] for h in its])
     print(
