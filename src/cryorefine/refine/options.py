@@ -126,12 +126,16 @@ def _preprocess(o: dict[str, Any]) -> tuple[str, ...]:
     return (text,) if _none(text) else ()
 
 
+def _local_mode(o: dict[str, Any]) -> str:
+    """--localrefine's mode (``auto``, ``0`` or ``1``), without its parameters."""
+    return str(o["localrefine"]).split(":")[0].strip().lower()
+
+
 def _twostage(o: dict[str, Any]) -> int:
     """--twostage as a number: ``auto`` resolved (its help)."""
     value = str(o["twostage"]).strip().lower()
     if value == "auto":
-        local_auto = str(o["localrefine"]).split(":")[0].strip().lower() == "auto"
-        return AUTO_TWOSTAGE if local_auto and not o["shrink"] else 0
+        return AUTO_TWOSTAGE if _local_mode(o) == "auto" and not o["shrink"] else 0
     try:
         return int(value)
     except ValueError:
@@ -439,7 +443,7 @@ INERT: tuple[Inert, ...] = (
     Inert(
         _GLOBAL_ONLY,
         "with --localrefine 1 (every iteration is local: no projections or classes)",
-        lambda o: str(o["localrefine"]).split(":")[0].strip() == "1",
+        lambda o: _local_mode(o) == "1",
     ),
 )
 
