@@ -369,7 +369,7 @@ def test_parallel_thread_limits_kernels_ffts_and_affinity_then_restores_them(mon
 
     from cryorefine.fourier.fft import fft_threads
     from cryorefine.fourier.fsc import fsc
-    from cryorefine.refine.driver import limited_cores
+    from cryorefine.parallel import limited_cores
 
     def state():
         return numba.get_num_threads(), sorted(os.sched_getaffinity(0)), fft_threads()

@@ -77,7 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                 "-v", "--verbose", action="store_true", help="show tracebacks and more detail"
             )
         module.add_args(p)
-        p.set_defaults(_main=module.main)
+        if getattr(module, "PARALLEL", False):
+            p.add_argument(
+                "-P",
+                "--parallel",
+                metavar="SPEC",
+                help="where the chunks run: thread:N (N cores; default all), dask:local=N "
+                "(N worker processes), dask:scheduler=ADDRESS, "
+                "dask:jobqueue=slurm:cores=C:memory=M:jobs=J",
+            )
+        p.set_defaults(_main=module.main, _parallel_stage=getattr(module, "PARALLEL", False))
     return parser
 
 
@@ -108,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
+        if getattr(args, "_parallel_stage", False):
+            from cryorefine import parallel
+
+            with parallel.use(args.parallel):
+                return int(args._main(args) or 0)
         return int(args._main(args) or 0)
     except CryorefineError as exc:
         if args.verbose:

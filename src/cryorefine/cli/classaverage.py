@@ -26,6 +26,9 @@ from cryorefine.cli._common import add_config_arguments, config_from_args
 from cryorefine.config import ClassaverageConfig
 from cryorefine.stages.classaverage import run_classaverage
 
+#: takes --parallel: its chunks run where it says (cryorefine.parallel)
+PARALLEL = True
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", type=Path, required=True, help="particle stack")

@@ -26,6 +26,9 @@ from cryorefine.cli._common import add_config_arguments, config_from_args
 from cryorefine.config import Make3dConfig
 from cryorefine.stages.make3d import run_make3d
 
+#: takes --parallel: its chunks run where it says (cryorefine.parallel)
+PARALLEL = True
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", type=Path, required=True, help="stack with orientations")

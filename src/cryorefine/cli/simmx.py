@@ -23,6 +23,9 @@ from cryorefine.cli._common import add_config_arguments, config_from_args
 from cryorefine.config import SimmxConfig
 from cryorefine.stages.simmx import run_simmx
 
+#: takes --parallel: its chunks run where it says (cryorefine.parallel)
+PARALLEL = True
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("projections", type=Path, help="reference projections (columns)")

@@ -148,6 +148,17 @@ class FourierVolume:
             w += b[..., 2]
         return f, w
 
+    def add(self, sums: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Add each group's ``(Fsum, Wsum)`` (:meth:`sums` of another volume of the same
+        size and groups, e.g. a worker's share of the images) to this one."""
+        if len(sums) != self.groups:
+            raise ValueError(f"sums of {len(sums)} groups for a volume of {self.groups}")
+        for g, (f, w) in enumerate(sums):
+            block = self._blocks(g if self.groups > 1 else None)[0]
+            block[..., 0] += f.real
+            block[..., 1] += f.imag
+            block[..., 2] += w
+
     def insert(
         self,
         slices: np.ndarray,

@@ -339,6 +339,11 @@ class ParticleStack:
             src.close()
         self._sources.clear()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its open files (a chunk sent to a worker opens them there,
+        by the absolute paths its metadata holds)."""
+        return {**self.__dict__, "_sources": {}}
+
 
 # --- EMAN2 headers <-> metadata ---------------------------------------------------------
 

@@ -44,18 +44,17 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cryorefine import __version__
+from cryorefine import __version__, parallel
 from cryorefine.config import RefineConfig
 from cryorefine.errors import CryorefineError, CryorefineWarning, OptionError
-from cryorefine.fourier.fft import fft_threads_limited, rescale_to_box
+from cryorefine.fourier.fft import rescale_to_box
 from cryorefine.fourier.fsc import resolution_at
 from cryorefine.geometry.orientations import angular_step_deg
 from cryorefine.geometry.symmetry import symmetry_group
@@ -63,6 +62,7 @@ from cryorefine.io.atomic import atomic_output, is_file
 from cryorefine.io.maps import Map, read_map
 from cryorefine.io.stacks import ParticleStack, ref_path, star_image_names, write_stack
 from cryorefine.io.star import read_poses_star
+from cryorefine.parallel import ParallelSpec, parse_parallel
 from cryorefine.refine import outputs, report
 from cryorefine.refine.local import MIN_RANGE_DEG, Search, run_local_step
 from cryorefine.refine.options import (
@@ -70,7 +70,6 @@ from cryorefine.refine.options import (
     differences,
     eman2_commands,
     inert_warnings,
-    parallel_cores,
     refine_config,
     refine_spelling,
 )
@@ -105,7 +104,8 @@ class Run:
     usefilt: ParticleStack | None
     model: np.ndarray
     path: Path | None
-    cores: int | None
+    #: ``--parallel`` (:func:`cryorefine.parallel.parse_parallel`)
+    parallel: ParallelSpec
     #: one line per option that has no effect with the others (:func:`inert_warnings`)
     warnings: list[str] = field(default_factory=list)
     #: the checks' warnings (already shown on the console), for ``run.log``
@@ -127,7 +127,7 @@ def prepare(opts: dict[str, Any]) -> Run:
     opts = {**defaults(), **opts}
     if not opts.get("input"):
         raise CryorefineError("--input: give the particle stack")
-    cores = parallel_cores(opts.get("parallel"))
+    spec = parse_parallel(opts.get("parallel"))
     cfg = refine_config(opts)
     model_path = Path(opts["model"])
     if not is_file(model_path):
@@ -184,7 +184,7 @@ def prepare(opts: dict[str, Any]) -> Run:
         usefilt,
         model.astype(np.float32),
         path,
-        cores,
+        spec,
         warnings=inert_warnings(opts),
         notes=notes,
     )
@@ -244,30 +244,6 @@ def _check_ctf_and_pad(opts: dict[str, Any], cfg: RefineConfig, stack: ParticleS
         raise CryorefineError(
             f"--pad {cfg.make3d.pad_px}: smaller than the particles' box ({stack.box} px)"
         )
-
-
-@contextmanager
-def limited_cores(cores: int | None) -> Iterator[None]:
-    """Run the block on ``cores`` cores (``--parallel thread:N``; ``None``: all): the
-    compiled kernels' threads, the FFTs' threads and the process's CPU affinity, each
-    restored when the block ends (a library caller gets its own settings back)."""
-    if not cores:
-        yield
-        return
-    import numba
-
-    threads = numba.get_num_threads()
-    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else None
-    try:
-        numba.set_num_threads(min(cores, numba.config.NUMBA_NUM_THREADS))
-        if affinity is not None:
-            os.sched_setaffinity(0, affinity[:cores])
-        with fft_threads_limited(cores):
-            yield
-    finally:
-        numba.set_num_threads(threads)
-        if affinity is not None:
-            os.sched_setaffinity(0, affinity)
 
 
 def next_refine_folder(root: Path = Path(".")) -> Path:
@@ -544,7 +520,7 @@ def refine(run: Run, *, progress: bool | None = None, console: bool = True) -> d
     ``console``: print the log's INFO lines (each iteration's summary) to standard output;
     they go to ``run.log`` and :data:`LOGGER`'s other handlers in any case.
     """
-    with limited_cores(run.cores):
+    with parallel.use(run.parallel):
         return _refine(run, progress=progress, console=console)
 
 

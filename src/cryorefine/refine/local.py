@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cryorefine import parallel
 from cryorefine.align.compare import frc_ring_weights
 from cryorefine.align.local import FourierPoints, local_search
 from cryorefine.config import RefineConfig
@@ -72,6 +73,54 @@ class Search:
     range_deg: float | None = None
     step_deg: float | None = None
     shift_px: float | None = None
+
+
+@dataclass(frozen=True)
+class _HalfContext:
+    """What every chunk of one half needs: its map's padded transform, the
+    configuration, the Fourier points read, the half maps' FSC, the search and the
+    score (``ccc`` or ``frc``)."""
+
+    volume_ft: object
+    cfg: RefineConfig
+    points: FourierPoints
+    fsc_curve: np.ndarray | None
+    search: Search
+    score: str
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """A chunk of particles: their metadata (CTF, pixel size), the images searched
+    (the particles or their ``--usefilt`` copies), and their poses so far (rotations,
+    shifts in px)."""
+
+    meta: object
+    images: ParticleStack
+    rotations: np.ndarray
+    shifts_px: np.ndarray
+
+
+def search_chunk(ctx: _HalfContext, chunk: _Chunk):
+    """One chunk of :func:`local_poses`: :func:`~cryorefine.align.local.local_search`'s
+    result for its particles."""
+    stack = chunk.images.with_meta(chunk.meta)
+    box, apix, k = stack.box, stack.apix, len(stack)
+    every = np.arange(k)
+    ctf = chunk.meta.ctf.evaluate(box, apix) if chunk.meta.ctf.known.all() else None
+    return local_search(
+        ctx.volume_ft,
+        chunk.images.read(),
+        np.ones((k, box, box // 2 + 1), np.float32) if ctf is None else ctf,
+        chunk.rotations,
+        chunk.shifts_px,
+        ring_weights(ctx.cfg, stack, every, ctx.points, ctx.fsc_curve, ctf),
+        ctx.points,
+        range_deg=ctx.search.range_deg,
+        step_deg=ctx.search.step_deg,
+        shift_px=ctx.search.shift_px,
+        score=ctx.score,
+    )
 
 
 def band_limit(fsc_curve: np.ndarray | None, box: int) -> int:
@@ -163,25 +212,21 @@ def local_poses(
     source = usefilt or stack
     chunk = max(16, int(CHUNK_BYTES // (12 * box * box)))
     for h, idx in enumerate(halves):
-        vft = prepare_volume(np.asarray(maps[h], np.float32))
+        shared = _HalfContext(
+            prepare_volume(np.asarray(maps[h], np.float32)),
+            cfg,
+            points,
+            fsc_curve,
+            search,
+            score_kind,
+        )
         tick = progress("local", h, len(idx)) if progress else None
-        for start in range(0, len(idx), chunk):
-            sub = idx[start : start + chunk]
-            ctf_params = stack.meta.ctf.take(sub)
-            ctf = ctf_params.evaluate(box, apix) if ctf_params.known.all() else None
-            res = local_search(
-                vft,
-                source.read(sub),
-                np.ones((len(sub), box, box // 2 + 1), np.float32) if ctf is None else ctf,
-                new_rot[sub],
-                new_shift[sub],
-                ring_weights(cfg, stack, sub, points, fsc_curve, ctf),
-                points,
-                range_deg=search.range_deg,
-                step_deg=search.step_deg,
-                shift_px=search.shift_px,
-                score=score_kind,
-            )
+        subs = [idx[start : start + chunk] for start in range(0, len(idx), chunk)]
+        items = (
+            _Chunk(stack.take(sub).meta, source.take(sub), new_rot[sub], new_shift[sub])
+            for sub in subs
+        )
+        for sub, res in zip(subs, parallel.map_chunks(search_chunk, shared, items), strict=True):
             new_rot[sub], new_shift[sub], score[sub] = res.rotations, res.shifts_px, res.score
             if tick:
                 tick(len(sub))

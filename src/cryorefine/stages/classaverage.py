@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cryorefine import parallel
 from cryorefine.align.compare import pair_context
 from cryorefine.align.engine import EngineAligner, align_pairs
 from cryorefine.align.transform2d import Transform2D
@@ -264,22 +265,85 @@ def classaverage(
     per_member = 4 * n * n * (IMAGES_PER_MEMBER + (usefilt is not None) + cfg.prefilt)
     budget = max(1, CHUNK_BYTES // per_member)
     bounds = np.r_[0, np.flatnonzero(np.diff(cls)) + 1, m]  # class boundaries
+    slices: list[slice] = []
     start = 0
     while start < len(bounds) - 1:
         stop = start + 1
         while stop < len(bounds) - 1 and bounds[stop + 1] - bounds[start] <= budget:
             stop += 1
-        sl = slice(bounds[start], bounds[stop])
-        _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column[sl], signal)
+        slices.append(slice(bounds[start], bounds[stop]))
         start = stop
+
+    def item(sl: slice) -> _ClassChunk:
+        uniq, inverse = np.unique(particle[sl], return_inverse=True)
+        rows, cols = particle[sl], column[sl]
+        moves = Transform2D(
+            cm.dalpha[rows, cols].astype(np.float64),
+            cm.dx[rows, cols].astype(np.float64),
+            cm.dy[rows, cols].astype(np.float64),
+            cm.flip[rows, cols] > 0.5,
+        )
+        align = None if align_stack is stack else align_stack.take(uniq)
+        return _ClassChunk(stack.take(uniq), align, inverse, cls[sl], moves)
+
+    shared = _ClassContext(cfg, refs, signal)
+    results = parallel.map_chunks(average_chunk, shared, (item(sl) for sl in slices))
+    for sl, res in zip(slices, results, strict=True):
+        classes = res.classes
+        out.images[classes], out.ptcl_repr[classes] = res.images, res.counts
+        out.qual[classes], out.qual_sigma[classes] = res.qual, res.qual_sigma
+        out.used[sl], out.score[sl] = res.used, res.score
+        out.alpha[sl], out.tx[sl] = res.moves.alpha, res.moves.tx
+        out.ty[sl], out.mirror[sl] = res.moves.ty, res.moves.mirror
     return out
 
 
-def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -> None:
-    """All classes whose members are ``out.particle[sl]`` (whole classes)."""
+@dataclass(frozen=True)
+class _ClassContext:
+    """What every chunk of classes needs: the configuration, the projections (class
+    ``c``'s reference is image ``c``; ``None``: none) and the signal's ring power."""
+
+    cfg: ClassaverageConfig
+    refs: np.ndarray | None
+    signal: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class _ClassChunk:
+    """Whole classes: their distinct particles (``stack``; ``align``: their
+    ``--usefilt`` copies, ``None`` without), and per member its particle's row in
+    ``stack`` (``source``), its class and its classification alignment (round 0)."""
+
+    stack: ParticleStack
+    align: ParticleStack | None
+    source: np.ndarray
+    cls: np.ndarray
+    moves: Transform2D
+
+
+@dataclass(frozen=True)
+class _ClassResult:
+    """A chunk's averages (``classes`` numbers them), member counts and score
+    statistics; per member whether it is used, its final transform and score."""
+
+    classes: np.ndarray
+    images: np.ndarray
+    counts: np.ndarray
+    qual: np.ndarray
+    qual_sigma: np.ndarray
+    used: np.ndarray
+    moves: Transform2D
+    score: np.ndarray
+
+
+def average_chunk(shared: _ClassContext, chunk: _ClassChunk) -> _ClassResult:
+    """All classes of one chunk (:func:`classaverage`), on its own particles."""
+    cfg, refs, signal = shared.cfg, shared.refs, shared.signal
+    stack = chunk.stack
+    align_stack = stack if chunk.align is None else chunk.align
     n, apix = stack.box, stack.apix
-    particle, cls = out.particle[sl], out.cls[sl]
-    uniq, inverse = np.unique(particle, return_inverse=True)
+    inverse, cls, moves = chunk.source, chunk.cls, chunk.moves
+    uniq = np.arange(len(stack))
     classes, slot = np.unique(cls, return_inverse=True)  # chunk-local class slots
     k = len(classes)
 
@@ -299,13 +363,7 @@ def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -
                 "{cmp} {0}: snrweight needs the particles' CTF ({1})", cfg.cmp, stack.label
             )
     ctx = {"apix": apix, "snr": snr}
-    # round 0: the classification's particle -> projection alignment
-    moves = Transform2D(
-        cm.dalpha[particle, column].astype(np.float64),
-        cm.dx[particle, column].astype(np.float64),
-        cm.dy[particle, column].astype(np.float64),
-        cm.flip[particle, column] > 0.5,
-    )
+    everyone = np.ones(len(inverse), bool)
     ctf = None
     if cfg.averager_mod.name.startswith("ctf."):
         if not stack.meta.ctf.take(uniq).known.all():
@@ -321,7 +379,6 @@ def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -
         moved = transform.take(sel)
         return cfg.averager_mod(images, slot[sel], k, transform=moved, source=inverse[sel], ctf=ctf)
 
-    everyone = np.ones(len(particle), bool)
     ref = refs[classes] if refs is not None else None
     if ref is None:
         ref = average(p_img, moves, everyone)[0]
@@ -347,17 +404,11 @@ def _average_chunk(stack, align_stack, cm, refs, cfg, out, sl, column, signal) -
     if cfg.setsfref and refs is not None:
         has = counts > 0
         avg[has] = match_power_spectrum(avg[has], refs[classes][has])
-    out.images[classes] = avg
-    out.ptcl_repr[classes] = counts
     sums = np.bincount(slot, score, k)
     sq = np.bincount(slot, score * score, k)
     cnt = np.maximum(np.bincount(slot, minlength=k), 1)
-    out.qual[classes] = sums / cnt
-    out.qual_sigma[classes] = np.sqrt(np.maximum(sq / cnt - (sums / cnt) ** 2, 0.0))
-    out.used[sl] = used
-    out.alpha[sl], out.tx[sl] = moves.alpha, moves.tx
-    out.ty[sl], out.mirror[sl] = moves.ty, moves.mirror
-    out.score[sl] = score
+    sigma = np.sqrt(np.maximum(sq / cnt - (sums / cnt) ** 2, 0.0))
+    return _ClassResult(classes, avg, counts, sums / cnt, sigma, used, moves, score)
 
 
 def _scores(cfg: ClassaverageConfig, aligned: np.ndarray, refs: np.ndarray, ctx: dict):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cryorefine import parallel
 from cryorefine.config import Make3dConfig
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fsc import fsc
@@ -166,11 +168,27 @@ def make3d(
         halved = final and split
         vol = new_volume(2 if halved else 1)
         active = idx_all[~excluded[idx_all]]
-        for start in range(0, len(active), chunk):
-            idx = active[start : start + chunk]
-            slices, ctf, rots = prepare(idx)
-            groups = halves[idx] - 1 if halved else None
-            insert(vol, slices, ctf, rots, weights[idx], np.ones(len(idx), bool), groups)
+        executor = parallel.current()
+        if executor.distributed:  # each worker's share in a volume of its own, summed here
+            shares = np.array_split(active, min(len(active), executor.workers()))
+            job = _InsertJob(cfg, size, slice_size, with_ctf, chunk, vol.groups)
+            items = (
+                _Share(
+                    stack.take(i),
+                    norm[i],
+                    weights[i],
+                    (halves[i] - 1) if halved else np.zeros(len(i), np.int64),
+                )
+                for i in shares
+            )
+            for sums in parallel.map_chunks(insert_share, job, items):
+                vol.add(sums)
+        else:
+            for start in range(0, len(active), chunk):
+                idx = active[start : start + chunk]
+                slices, ctf, rots = prepare(idx)
+                groups = halves[idx] - 1 if halved else None
+                insert(vol, slices, ctf, rots, weights[idx], np.ones(len(idx), bool), groups)
         if final:
             break
         scale = np.ones(len(meta))
@@ -217,6 +235,58 @@ def make3d(
         "half_maps": half_maps,
     }
     return volume, info
+
+
+@dataclass(frozen=True)
+class _InsertJob:
+    """What every share of :func:`make3d`'s insertion needs: the configuration, the
+    padded size, the slices' size, whether to weight by the CTF, the images per chunk
+    and the volume's groups (2: the half sets)."""
+
+    cfg: Make3dConfig
+    size: int
+    slice_size: int
+    with_ctf: bool
+    chunk: int
+    groups: int
+
+
+@dataclass(frozen=True)
+class _Share:
+    """A worker's share of the images: their stack (with orientations, shifts, CTF),
+    the per-image scale of earlier passes, weights and groups (0-based)."""
+
+    stack: ParticleStack
+    norm: np.ndarray
+    weights: np.ndarray
+    groups: np.ndarray
+
+
+def insert_share(job: _InsertJob, share: _Share) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Insert a share of the images, chunk by chunk, into a volume of its own; returns
+    each group's ``(Fsum, Wsum)``, which add up exactly to the volume of every share."""
+    stack, apix = share.stack, share.stack.apix
+    ops = symmetry_group(job.cfg.sym).operators
+    vol = job.cfg.recon_mod(job.size, stack.box, slice_size=job.slice_size, groups=job.groups)
+    for start in range(0, len(stack), job.chunk):
+        sl = slice(start, start + job.chunk)
+        sub = stack.meta.take(np.arange(len(stack))[sl])
+        images = stack.read(np.arange(len(stack))[sl])
+        for m in job.cfg.preprocess_mods:
+            images = m(images, ndim=2, apix=apix)
+        slices = image_slices(images, job.slice_size, sub.shift_a / apix)
+        if (share.norm[sl] != 1).any():
+            slices *= share.norm[sl, None, None].astype(np.float32)
+        ctf = sub.ctf.evaluate(job.slice_size, apix) if job.with_ctf else None
+        vol.insert(
+            slices,
+            sub.rotations,
+            ops=ops,
+            weights=share.weights[sl],
+            ctf=ctf,
+            groups=share.groups[sl] if job.groups > 1 else None,
+        )
+    return [vol.sums(g if job.groups > 1 else None) for g in range(job.groups)]
 
 
 def run_make3d(

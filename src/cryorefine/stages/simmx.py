@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 import scipy.fft
 
+from cryorefine import parallel
 from cryorefine.align import transform2d
 from cryorefine.align.compare import load_mask, pair_context
 from cryorefine.align.engine import EngineAligner, Reuse, align_pairs
@@ -263,19 +264,11 @@ def simmx(
             sizes = sorted((len(m) for m in plan.members), reverse=True)
             cells = min(nc, sum(sizes[:N_BEST]))
         chunk = particle_chunk(box, cells)
-    for start in range(0, n_p, chunk):
-        idx = np.arange(start, min(start + chunk, n_p))
-        idx = idx[~skip[idx]]
-        if idx.size == 0:
-            continue
-        images = stack.read(idx)
-        if shrink > 1:
-            images = transform2d.meanshrink(images, shrink)
-        snr = ctf_snr(stack.meta, idx, box, apix * shrink, signal) if cfg.needs_snr else None
-        pairs = None if plan is None else plan(images, snr)
-        part = score_pairs(
-            refs, images, cfg, apix=apix * shrink, snr=snr, pairs=pairs, ref_spectra=ref_spec
-        )
+    shared = _ChunkContext(refs, cfg, apix, shrink, ref_spec, signal, plan)
+    chunks = [c[~skip[c]] for c in np.array_split(np.arange(n_p), -(-n_p // chunk))]
+    chunks = [c for c in chunks if c.size]
+    parts = parallel.map_chunks(score_chunk, shared, (stack.take(c) for c in chunks))
+    for idx, part in zip(chunks, parts, strict=True):
         for name in FIELDS:
             getattr(result, name)[idx] = getattr(part, name)
         if progress:
@@ -287,6 +280,35 @@ def simmx(
         fill_uncomputed(result)
     result.attrs = {"apix": apix, "options": repr(cfg)}
     return result
+
+
+@dataclass(frozen=True)
+class _ChunkContext:
+    """What every chunk of :func:`simmx` needs besides its particles: the (shrunk)
+    projections, the configuration, the pixel size (Å/px, unshrunk), the shrink, the
+    projections' rotational spectra, the signal's ring power and the two-stage plan."""
+
+    refs: np.ndarray
+    cfg: SimmxConfig
+    apix: float
+    shrink: int
+    ref_spec: np.ndarray | None
+    signal: np.ndarray | None
+    plan: Callable | None
+
+
+def score_chunk(ctx: _ChunkContext, chunk: ParticleStack) -> Simmx:
+    """One chunk of :func:`simmx`: its particles' rows, shifts in shrunk pixels."""
+    images = chunk.read()
+    if ctx.shrink > 1:
+        images = transform2d.meanshrink(images, ctx.shrink)
+    box, apix = images.shape[-1], ctx.apix * ctx.shrink
+    every = np.arange(len(chunk))
+    snr = ctf_snr(chunk.meta, every, box, apix, ctx.signal) if ctx.cfg.needs_snr else None
+    pairs = None if ctx.plan is None else ctx.plan(images, snr)
+    return score_pairs(
+        ctx.refs, images, ctx.cfg, apix=apix, snr=snr, pairs=pairs, ref_spectra=ctx.ref_spec
+    )
 
 
 def _finite(out: Simmx) -> Simmx:

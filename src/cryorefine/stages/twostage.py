@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -109,7 +110,9 @@ def _stage1_comparators():
     return COMPARATORS.parse("sqeuclidean:normto=1"), COMPARATORS.parse("sqeuclidean")
 
 
-def twostage_pairs(refs: np.ndarray, cfg: SimmxConfig, apix: float, score: Callable) -> Callable:
+def twostage_pairs(
+    refs: np.ndarray, cfg: SimmxConfig, apix: float, score: Callable
+) -> TwoStagePlan:
     """Stage 1 on the references; returns ``plan(particles, snr) -> (p_idx, c_idx)``.
 
     ``score(averages, images, cfg, apix=..., snr=...)`` is the one-stage scorer of a
@@ -138,20 +141,37 @@ def twostage_pairs(refs: np.ndarray, cfg: SimmxConfig, apix: float, score: Calla
         reuse = Reuse(spectra(footprints(small)), ref_chunk=nc, bank_cache=bank_cache)
         centres, members = centres_and_members(rows, nc)
         averages = class_averages(small, members, align_onto)
-    coarse_cfg = cfg.coarse()
-
-    def plan(particles: np.ndarray, snr: np.ndarray | None):
-        images = meanshrink(particles, factor) if factor > 1 else particles
-        coarse = score(averages, images, coarse_cfg, apix=apix * factor, snr=_resample(snr, factor))
-        best = np.argsort(coarse.score, axis=1, kind="stable")[:, :N_BEST]
-        # the members of a particle's best centres: rows of the membership table, or-ed
-        return np.nonzero(membership[best].any(axis=1))
-
     membership = np.zeros((len(members), nc), bool)
     for c, mem in enumerate(members):
         membership[c, mem] = True
-    plan.centres, plan.members = centres, members
-    return plan
+    return TwoStagePlan(factor, apix, averages, cfg.coarse(), membership, centres, members, score)
+
+
+@dataclass(frozen=True)
+class TwoStagePlan:
+    """Stage 2's cells of a chunk of particles: ``plan(particles, snr) -> (p_idx,
+    c_idx)``, the members of each particle's :data:`N_BEST` best class centres, scored
+    against the stage-1 class averages (``averages``, shrunk by ``factor``). It carries
+    everything a chunk needs, so that it travels to a worker as it is."""
+
+    factor: int
+    apix: float
+    averages: np.ndarray
+    coarse_cfg: SimmxConfig
+    membership: np.ndarray
+    centres: np.ndarray
+    members: list
+    score: Callable
+
+    def __call__(self, particles: np.ndarray, snr: np.ndarray | None):
+        f = self.factor
+        images = meanshrink(particles, f) if f > 1 else particles
+        coarse = self.score(
+            self.averages, images, self.coarse_cfg, apix=self.apix * f, snr=_resample(snr, f)
+        )
+        best = np.argsort(coarse.score, axis=1, kind="stable")[:, :N_BEST]
+        # the members of a particle's best centres: rows of the membership table, or-ed
+        return np.nonzero(self.membership[best].any(axis=1))
 
 
 def _resample(snr: np.ndarray | None, factor: int) -> np.ndarray | None:

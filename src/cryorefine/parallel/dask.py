@@ -1,0 +1,161 @@
+"""Chunks on a Dask cluster (``--parallel dask:...``; see :mod:`cryorefine.parallel`).
+
+A stage's shared data goes to every worker once per call (``scatter``, broadcast); the
+chunks are submitted a few per worker ahead of the one the caller waits for, and come
+back in order. A chunk whose worker dies is computed again elsewhere (Dask reschedules
+the tasks a lost worker held). Each worker runs one chunk at a time, on all the cores
+it owns: a worker of ours holds the resource ``chunk=1``, and its kernels and FFTs get
+its threads; a worker started by hand (``dask:scheduler=``) should run one thread
+(``dask worker ADDRESS --nthreads 1``), whose chunk then gets every core it may use.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from cryorefine.errors import CryorefineError
+from cryorefine.fourier.fft import cpu_count
+from cryorefine.parallel import JOBQUEUE_SYSTEMS, ParallelSpec
+
+#: the worker resource that makes a worker of ours run one chunk at a time
+RESOURCE = "chunk"
+#: chunks in flight per worker, beyond the one the caller waits for
+AHEAD = 2
+#: seconds to wait for a running scheduler to answer (``dask:scheduler=``)
+CONNECT_TIMEOUT_S = 30
+
+
+def _call(fn: Callable[[Any, Any], Any], shared: Any, item: Any) -> Any:
+    """On a worker: ``fn(shared, item)`` with the kernels' and the FFTs' threads set to
+    the cores this chunk may use."""
+    import numba
+    from distributed import get_worker
+
+    from cryorefine.fourier.fft import fft_threads_limited
+
+    worker = get_worker()
+    nthreads = max(1, int(getattr(worker.state, "nthreads", 1)))
+    resources = getattr(worker.state, "total_resources", {}) or {}
+    threads = nthreads if RESOURCE in resources else max(1, cpu_count() // nthreads)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with fft_threads_limited(threads):
+            return fn(shared, item)
+    finally:
+        numba.set_num_threads(before)
+
+
+@dataclass
+class DaskExecutor:
+    """A client of a Dask cluster that runs :func:`cryorefine.parallel.map_chunks`."""
+
+    client: Any
+    cluster: Any
+    spec: ParallelSpec
+    own_workers: bool
+    #: whether chunks leave this process
+    distributed: bool = True
+
+    @classmethod
+    def start(cls, spec: ParallelSpec) -> DaskExecutor:
+        """Start (``local``, ``jobqueue``) or join (``scheduler``) the cluster ``spec``
+        names."""
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError:  # pragma: no cover - a dependency of the package
+            raise CryorefineError(
+                f"--parallel {spec.text}: dask.distributed is not installed "
+                "(python3 -m pip install 'dask[distributed]')"
+            ) from None
+        if spec.local:
+            cluster = LocalCluster(
+                n_workers=spec.local,
+                threads_per_worker=max(1, cpu_count() // spec.local),
+                processes=True,
+                resources={RESOURCE: 1},
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+            return cls(Client(cluster), cluster, spec, True)
+        if spec.scheduler:
+            try:
+                client = Client(spec.scheduler, timeout=CONNECT_TIMEOUT_S)
+            except (OSError, TimeoutError) as err:
+                raise CryorefineError(
+                    f"--parallel {spec.text}: no Dask scheduler answers at {spec.scheduler} ({err})"
+                ) from None
+            return cls(client, None, spec, False)
+        system, kwargs = spec.jobqueue
+        try:
+            import dask_jobqueue
+        except ImportError:  # pragma: no cover - a dependency of the package
+            raise CryorefineError(
+                f"--parallel {spec.text}: dask-jobqueue is not installed "
+                "(python3 -m pip install dask-jobqueue)"
+            ) from None
+        cluster = jobqueue_cluster(getattr(dask_jobqueue, JOBQUEUE_SYSTEMS[system]), kwargs)
+        cluster.scale(jobs=int(kwargs.get("jobs", 1)))
+        return cls(Client(cluster), cluster, spec, True)
+
+    def workers(self) -> int:
+        """Workers now connected (at least 1: chunks wait for the first to come)."""
+        return max(1, len(self.client.scheduler_info(n_workers=-1).get("workers", {})))
+
+    def map(
+        self, fn: Callable[[Any, Any], Any], shared: Any, items: Iterable[Any]
+    ) -> Iterator[Any]:
+        shared_f = self.client.scatter(shared, broadcast=True, hash=False)
+        resources = {RESOURCE: 1} if self.own_workers else None
+        window = (AHEAD + 1) * self.workers()
+        pending: deque = deque()
+        todo = iter(items)
+
+        def submit() -> bool:
+            item = next(todo, _END)
+            if item is _END:
+                return False
+            pending.append(
+                self.client.submit(_call, fn, shared_f, item, pure=False, resources=resources)
+            )
+            return True
+
+        try:
+            while len(pending) < window and submit():
+                pass
+            while pending:
+                future = pending.popleft()
+                result = future.result()
+                future.release()
+                submit()
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
+            shared_f.release()
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+_END = object()
+
+
+def jobqueue_cluster(cluster_class: type, kwargs: dict[str, Any]) -> Any:
+    """A dask-jobqueue cluster of one worker per job, each running one chunk at a time
+    on the job's ``cores``; ``jobs`` is for :meth:`scale`, the other keys go to
+    ``cluster_class`` as given (``queue``, ``walltime``, ``account``, ...)."""
+    args = {k: v for k, v in kwargs.items() if k != "jobs"}
+    extra = list(args.pop("worker_extra_args", []))
+    return cluster_class(
+        processes=1,
+        worker_extra_args=[*extra, "--resources", f"{RESOURCE}=1"],
+        scheduler_options={"dashboard_address": None},
+        **args,
+    )
