@@ -193,6 +193,20 @@ def map_chunks(
     return current().map(fn, shared, items)
 
 
+#: chunks per worker a stage cuts its work into at least, on a cluster (so that every
+#: worker stays busy while the last chunks finish)
+CHUNKS_PER_WORKER = 2
+
+
+def chunk_size(n: int, limit: int) -> int:
+    """Items per chunk for ``n`` items: ``limit`` (what a chunk's memory allows), or on
+    a cluster fewer, so that each worker gets :data:`CHUNKS_PER_WORKER` chunks."""
+    executor = current()
+    if not executor.distributed:
+        return max(1, limit)
+    return max(1, min(limit, -(-n // (CHUNKS_PER_WORKER * executor.workers()))))
+
+
 @contextmanager
 def use(spec: ParallelSpec | str | None) -> Iterator[Any]:
     """Run the block's stages as ``spec`` says: a Dask cluster is started (or joined) on

@@ -210,7 +210,9 @@ def local_poses(
     new_shift = np.asarray(shifts_a, np.float64) / apix
     score = np.full(len(stack), np.nan)
     source = usefilt or stack
-    chunk = max(16, int(CHUNK_BYTES // (12 * box * box)))
+    chunk = parallel.chunk_size(
+        len(stack) // len(halves), max(16, int(CHUNK_BYTES // (12 * box * box)))
+    )
     for h, idx in enumerate(halves):
         shared = _HalfContext(
             prepare_volume(np.asarray(maps[h], np.float32)),

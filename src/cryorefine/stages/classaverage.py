@@ -263,7 +263,7 @@ def classaverage(
     if cfg.needs_snr:
         signal = signal_power(refs) if refs is not None else None
     per_member = 4 * n * n * (IMAGES_PER_MEMBER + (usefilt is not None) + cfg.prefilt)
-    budget = max(1, CHUNK_BYTES // per_member)
+    budget = parallel.chunk_size(m, max(1, CHUNK_BYTES // per_member))
     bounds = np.r_[0, np.flatnonzero(np.diff(cls)) + 1, m]  # class boundaries
     slices: list[slice] = []
     start = 0

@@ -263,7 +263,7 @@ def simmx(
         if plan is not None:  # at most the members of the N_BEST largest centres
             sizes = sorted((len(m) for m in plan.members), reverse=True)
             cells = min(nc, sum(sizes[:N_BEST]))
-        chunk = particle_chunk(box, cells)
+        chunk = parallel.chunk_size(n_p, particle_chunk(box, cells))
     shared = _ChunkContext(refs, cfg, apix, shrink, ref_spec, signal, plan)
     chunks = [c[~skip[c]] for c in np.array_split(np.arange(n_p), -(-n_p // chunk))]
     chunks = [c for c in chunks if c.size]
