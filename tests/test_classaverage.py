@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cryorefine import memory
 from cryorefine.align import transform2d as t2d
 from cryorefine.config import ClassaverageConfig
 from cryorefine.errors import CryorefineError
@@ -115,12 +116,11 @@ def test_snr_weighted_score_needs_a_ctf(dataset):
 
 
 def test_chunks_do_not_change_the_result(dataset, monkeypatch):
-    import cryorefine.stages.classaverage as ca
 
     refs, particles, cm, _, _ = dataset
     cfg = ClassaverageConfig(cmp="ccc")
     whole = classaverage(particles, cm, refs, cfg, apix=3.0)
-    monkeypatch.setattr(ca, "CHUNK_BYTES", 1)  # one class at a time
+    monkeypatch.setitem(memory.BUDGETS, "classaverage", 1)  # one class at a time
     parts = classaverage(particles, cm, refs, cfg, apix=3.0)
     np.testing.assert_allclose(parts.images, whole.images, atol=1e-5)
     assert np.array_equal(parts.used, whole.used)
@@ -289,8 +289,6 @@ def test_a_chunk_of_classes_stays_within_its_memory_budget(monkeypatch):
     member was counted as 2 images)."""
     import tracemalloc
 
-    import cryorefine.stages.classaverage as ca
-
     n, n_classes, per_class = 64, 40, 40
     rng = np.random.default_rng(0)
     refs = rng.standard_normal((n_classes, n, n)).astype(np.float32)
@@ -307,7 +305,7 @@ def test_a_chunk_of_classes_stays_within_its_memory_budget(monkeypatch):
     )
     classaverage(particles[few], cut, refs, cfg, apix=3.0)
     budget = 32 * 2**20
-    monkeypatch.setattr(ca, "CHUNK_BYTES", budget)
+    monkeypatch.setitem(memory.BUDGETS, "classaverage", budget)
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
@@ -316,3 +314,39 @@ def test_a_chunk_of_classes_stays_within_its_memory_budget(monkeypatch):
     finally:
         tracemalloc.stop()
     assert peak <= 1.15 * budget, f"{peak / 2**20:.1f} MiB"
+
+
+def test_lowmem_quarters_the_working_memory_and_keeps_the_averages(monkeypatch):
+    """--lowmem (memory.low_memory): 1,600 members of 64 px under a 128 MiB budget
+    average in a quarter of the memory, to the same averages and alignments."""
+    import tracemalloc
+
+    n, n_classes, per_class = 64, 40, 40
+    rng = np.random.default_rng(1)
+    refs = rng.standard_normal((n_classes, n, n)).astype(np.float32)
+    k = n_classes * per_class
+    particles = rng.standard_normal((k, n, n)).astype(np.float32)
+    zero, one = np.zeros((k, 1), np.float32), np.ones((k, 1), np.float32)
+    cm = ClassMx(
+        np.repeat(np.arange(n_classes), per_class)[:, None], one, zero, zero, zero, zero, one
+    )
+    cfg = ClassaverageConfig(cmp="ccc")
+    monkeypatch.setitem(memory.BUDGETS, "classaverage", 128 * 2**20)
+    classaverage(
+        particles[:80], cm.__class__(*(a[:80] for a in vars(cm).values())), refs, cfg, apix=3.0
+    )
+    peaks, results = {}, {}
+    for low in (False, True):
+        with memory.low_memory(low):
+            tracemalloc.start()
+            try:
+                base = tracemalloc.get_traced_memory()[0]
+                results[low] = classaverage(particles, cm, refs, cfg, apix=3.0)
+                peaks[low] = tracemalloc.get_traced_memory()[1] - base
+            finally:
+                tracemalloc.stop()
+    assert peaks[True] < 0.35 * peaks[False], peaks
+    assert peaks[True] <= 1.15 * 32 * 2**20, peaks
+    assert np.array_equal(results[True].images, results[False].images)
+    for name in ("used", "alpha", "tx", "ty"):
+        assert np.array_equal(getattr(results[True], name), getattr(results[False], name)), name

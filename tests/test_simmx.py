@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from cryorefine.config import ClassifyConfig, SimmxConfig
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.project import project
 from cryorefine.geometry.orientations import orientations
+from cryorefine.io.stacks import ParticleStack
 from cryorefine.stages.classify import classify, read_classmx
 from cryorefine.stages.simmx import WORST, Simmx, read_simmx, score_pairs, simmx
 from cryorefine.stages.twostage import N_BEST, twostage_pairs
@@ -336,3 +338,59 @@ def test_config_refuses_what_the_command_line_refuses():
         with pytest.raises(CryorefineError, match=re.escape(text)):
             SimmxConfig(**kwargs)
     assert SimmxConfig(shrink=0).shrink is None  # 0 is e2refine's "off"
+
+
+@pytest.mark.parametrize("simvec", [False, True], ids=["best", "simvec"])
+def test_a_matrix_classified_from_its_file_in_chunks_matches_the_whole(in_tmp, simvec):
+    """classify_file reads 7 rows at a time (twice for --simvec, whose class patterns
+    come from every row) and gives what classify gives on the whole matrix."""
+    from cryorefine.stages.classify import classify_file
+    from cryorefine.stages.simmx import write_simmx
+
+    rng = np.random.default_rng(3)
+    sim = Simmx.empty(50, 9)
+    for name in ("score", "dx", "dy", "dalpha"):
+        getattr(sim, name)[:] = rng.normal(size=(50, 9))
+    write_simmx(in_tmp / "m.h5", sim)
+    cfg = ClassifyConfig(sep=2, simvec=simvec)
+    whole = classify(sim, cfg)
+    chunked, best = classify_file(in_tmp / "m.h5", cfg, rows=7)
+    for name in ("cls", "dx", "dy", "dalpha"):
+        assert np.array_equal(getattr(whole, name), getattr(chunked, name)), name
+    assert np.array_equal(best, sim.score[np.arange(50), whole.cls[:, 0]])
+
+
+def test_the_similarity_matrix_streams_to_its_file_and_is_never_whole(in_tmp):
+    """score_particles with a file writes each chunk's rows as they come: the same
+    matrix and classes as in memory, while the traced peak stays below a third of the
+    matrix (37 MiB here); held whole, it is above the matrix."""
+    import tracemalloc
+
+    from cryorefine.refine.options import defaults, refine_config
+    from cryorefine.refine.step import score_particles
+    from cryorefine.stages.simmx import read_simmx
+
+    rng = np.random.default_rng(5)
+    n_p, nc, box = 4000, 400, 8
+    refs = rng.normal(size=(nc, box, box)).astype(np.float32)
+    particles = ParticleStack.from_arrays(
+        rng.normal(size=(n_p, box, box)).astype(np.float32), apix=3.0
+    )
+    halves = [np.arange(0, n_p, 2), np.arange(1, n_p, 2)]
+    cfg = refine_config({**defaults(), "input": "p.star", "model": "m.mrc", "iter": 1, "sep": 2})
+    cfg = dataclasses.replace(cfg, simmx=SimmxConfig(align=None, cmp="ccc", chunk=100))
+    matrix = n_p * nc * 6 * 4
+    peaks = {}
+    for name, out in (("file", in_tmp / "s.h5"), ("memory", None)):
+        tracemalloc.start()
+        sim, cm, best = score_particles([refs, refs[::-1]], particles, halves, cfg, None, out=out)
+        peaks[name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        if out is not None:
+            assert sim is None
+            streamed, streamed_cm = read_simmx(out), cm
+    assert peaks["file"] < matrix / 3 < matrix < peaks["memory"], peaks
+    for name in ("score", "dx", "dy"):
+        assert np.array_equal(getattr(sim, name), getattr(streamed, name)), name
+    assert np.array_equal(cm.cls, streamed_cm.cls)
+    assert np.array_equal(best, sim.score[np.arange(n_p), cm.cls[:, 0]])

@@ -1,5 +1,7 @@
 """Particle stacks: lazy chunked reading and round trips through every format."""
 
+import os
+
 import mrcfile
 import numpy as np
 import pytest
@@ -167,3 +169,31 @@ def test_measured_ctf_curves_survive_eman2_files(in_tmp, rng):
             assert np.allclose(background, curves[i][1]) and np.allclose(snr, curves[i][2])
     write_stack(ParticleStack.from_path("a.hdf"), "c.star")
     assert ParticleStack.from_path("c.star").meta.ctf_curves is None
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("RssFile:"))
+    return int(line.split()[1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+def test_reading_a_whole_stack_leaves_none_of_it_resident(tmp_path):
+    """Reading every image of a 48 MiB MRC stack in chunks (as the stages do) leaves the
+    process's file-backed resident memory where it was (a memory map would keep every
+    page read, growing the process with the number of particles), and gives the
+    file's images, in any order, repeats included."""
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((3000, 64, 64)).astype(np.float32)
+    with mrcfile.new(tmp_path / "big.mrcs") as mrc:
+        mrc.set_data(data)
+        mrc.voxel_size = 2.0
+    stack = ParticleStack.from_path(tmp_path / "big.mrcs")
+    picks = np.array([7, 3, 4, 2999, 3, 0, 1500, 1501, 1502])
+    assert np.array_equal(stack.read(picks), data[picks])
+    before = _rss_file_kib()
+    for idx, images in stack.chunks(250):
+        assert images[0, 0, 0] == data[idx[0], 0, 0]
+    grown = (_rss_file_kib() - before) / 1024
+    stack.close()
+    assert grown < 8, f"{grown:.1f} MiB of the stack stayed resident"

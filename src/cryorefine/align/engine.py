@@ -36,6 +36,7 @@ from functools import cached_property
 import numpy as np
 import scipy.fft
 
+from cryorefine import memory
 from cryorefine.align.align2d import default_maxshift
 from cryorefine.align.bank import BankBuffers, BankCache, build_bank, thread_pool
 from cryorefine.align.candidates import (
@@ -68,10 +69,6 @@ __all__ = [
     "align_all",
     "align_pairs",
 ]
-
-#: memory for one chunk of the reference bank (xs rotated images per reference, each
-#: with its transform and line sums): the number of references per chunk follows from it
-BANK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -246,7 +243,7 @@ def align_pairs(
     target_of_candidate = np.repeat(np.arange(nm), 2)
     order = np.argsort(c_idx, kind="stable")
     if bank_cache is None:  # bank chunks within the memory budget
-        ref_chunk = max(1, min(ref_chunk, BANK_BYTES // (8 * xs * n * n)))
+        ref_chunk = max(1, min(ref_chunk, memory.budget("bank") // (8 * xs * n * n)))
     # buffers reused from chunk to chunk (fresh memory is slow to fault in)
     counts = np.bincount(c_idx // ref_chunk, minlength=-(-nc // ref_chunk))
     kmax = int(counts.max()) if counts.size else 0

@@ -45,7 +45,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(SimmxConfig, args)
-    result = run_simmx(
+    n_p, nc = run_simmx(
         args.projections,
         args.particles,
         args.output,
@@ -54,6 +54,5 @@ def main(args: argparse.Namespace) -> int:
         usefilt=args.usefilt,
         overwrite=args.overwrite,
     )
-    n_p, nc = result.score.shape
     print(f"wrote {args.output}: {n_p} particles x {nc} projections")
     return 0

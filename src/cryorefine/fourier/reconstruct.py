@@ -29,6 +29,7 @@ import numba
 import numpy as np
 import scipy.fft
 
+from cryorefine import memory
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier import _kernels
 from cryorefine.fourier.ctf import CTFParams
@@ -36,8 +37,6 @@ from cryorefine.fourier.fft import fft_threads, filter_rfft, rfft_shell_index
 from cryorefine.registry import RECONSTRUCTORS, Param
 
 KERNELS = ("trilinear", "gauss_2", "nearest_neighbor")
-#: the most memory the per-thread insertion accumulators of one volume may take
-ACCUMULATOR_BYTES = 2e9
 #: the Wiener-regularised map divides by ``Wsum + WEIGHT_FLOOR * mean(Wsum in the shell)``
 WEIGHT_FLOOR = 0.01
 
@@ -118,8 +117,8 @@ class FourierVolume:
             )
         hx = self.size // 2 + 1
         per_thread = self.size * self.size * hx * 3 * 4
-        if self.threads <= 0:  # all cores, within ACCUMULATOR_BYTES
-            budget = max(1, int(ACCUMULATOR_BYTES // per_thread))
+        if self.threads <= 0:  # all cores, within their memory budget
+            budget = max(1, int(memory.budget("accumulators") // per_thread))
             self.threads = max(1, min(numba.get_num_threads(), budget))
         # a whole number of accumulators per group, at least one each
         self.threads = max(self.groups, self.threads - self.threads % self.groups)

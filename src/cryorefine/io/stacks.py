@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import mrcfile
 import numpy as np
 
 from cryorefine.errors import CryorefineError, CryorefineWarning
@@ -44,6 +45,10 @@ MRC_SUFFIXES = (".mrcs", ".mrc", ".st")
 
 
 class _MrcSource:
+    """The images of an MRC stack, read with ``pread`` (not through the memory map,
+    whose pages would stay in the process's resident memory as the whole stack is read,
+    and grow it with the number of particles)."""
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._mrc = open_mrc(path)
@@ -52,11 +57,33 @@ class _MrcSource:
         self.count = len(self._data)
         self.shape = tuple(self._data.shape[-2:])
         self.apix = header_apix(self._mrc)
+        self._fd = None
+        if isinstance(self._mrc, mrcfile.mrcmemmap.MrcMemmap):
+            self._offset = 1024 + int(self._mrc.header.nsymbt)
+            self._fd = os.open(path, os.O_RDONLY)
 
     def images(self, idx: np.ndarray) -> np.ndarray:
-        return np.asarray(self._data[idx], dtype=np.float32)
+        if self._fd is None:  # read whole (a permissively opened file)
+            return np.asarray(self._data[idx], dtype=np.float32)
+        idx = np.asarray(idx, np.int64)
+        out = np.empty((len(idx), *self.shape), np.float32)
+        dtype = self._data.dtype
+        size = int(np.prod(self.shape)) * dtype.itemsize
+        order = np.argsort(idx, kind="stable")
+        ranked = idx[order]
+        runs = np.split(np.arange(len(idx)), np.flatnonzero(np.diff(ranked) != 1) + 1)
+        for run in runs:  # each run of consecutive images in one read
+            if not run.size:
+                continue
+            count, first = len(run), int(ranked[run[0]])
+            block = os.pread(self._fd, size * count, self._offset + size * first)
+            out[order[run]] = np.frombuffer(block, dtype).reshape(count, *self.shape)
+        return out
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._mrc.close()
 
 

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from cryorefine import __version__, parallel
+from cryorefine import __version__, memory, parallel
 from cryorefine.config import RefineConfig
 from cryorefine.errors import CryorefineError, CryorefineWarning, OptionError
 from cryorefine.fourier.fft import rescale_to_box
@@ -82,8 +82,7 @@ from cryorefine.refine.step import (
     run_step,
     start_maps,
 )
-from cryorefine.stages.classify import read_classmx, write_classmx
-from cryorefine.stages.simmx import read_simmx, write_simmx
+from cryorefine.stages.classify import ClassMx, read_classmx, write_classmx
 
 PARMS = "0_refine_parms.json"
 #: layout of ``0_refine_parms.json`` (:func:`upgrade_record` reads older ones)
@@ -520,7 +519,7 @@ def refine(run: Run, *, progress: bool | None = None, console: bool = True) -> d
     ``console``: print the log's INFO lines (each iteration's summary) to standard output;
     they go to ``run.log`` and :data:`LOGGER`'s other handlers in any case.
     """
-    with parallel.use(run.parallel):
+    with parallel.use(run.parallel), memory.low_memory(bool(run.opts.get("lowmem"))):
         return _refine(run, progress=progress, console=console)
 
 
@@ -578,15 +577,12 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
             t0 = time.perf_counter()
             search = plan_search(history, cfg)
             commands = eman2_commands(opts, cfg, it, str(path), search)
-            sim = cm = None
+            reuse, cm = False, None
             if resume and it == start and search.kind == "global":
-                sim, cm = _completed_matrices(path, it, log)
+                reuse, cm = _completed_matrices(path, it, log)
 
             def save(stage: str, value, n_r: int, it=it) -> None:
-                if stage == "simmx":
-                    write_simmx(outputs.simmx_path(path, it), value, overwrite=True)
-                else:
-                    write_classmx(outputs.classify_path(path, it), value, n_r, overwrite=True)
+                write_classmx(outputs.classify_path(path, it), value, n_r, overwrite=True)
 
             try:
                 if search.kind == "local":
@@ -611,8 +607,9 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
                         cfg,
                         iteration=it,
                         usefilt=run.usefilt,
-                        sim=sim,
                         cm=cm,
+                        simmx_file=outputs.simmx_path(path, it),
+                        reuse_simmx=reuse,
                         progress=bars,
                         save=save,
                     )
@@ -687,16 +684,17 @@ def _last_fsc(history: list[dict]) -> np.ndarray | None:
     return None if curve is None else np.asarray(curve, np.float64)
 
 
-def _completed_matrices(path: Path, it: int, log: Log):
-    """The similarity and classification matrices a killed run finished for ``it``."""
-    sim = cm = None
-    if outputs.simmx_path(path, it).is_file():
-        sim = read_simmx(outputs.simmx_path(path, it))
+def _completed_matrices(path: Path, it: int, log: Log) -> tuple[bool, ClassMx | None]:
+    """Whether a killed run finished the similarity matrix of ``it`` (complete, as
+    every output is written atomically), and its classification if it finished that."""
+    cm = None
+    done = outputs.simmx_path(path, it).is_file()
+    if done:
         log(f"iteration {it:02d}: reusing the complete {outputs.simmx_path(path, it).name}")
         if outputs.classify_path(path, it).is_file():
             cm = read_classmx(outputs.classify_path(path, it))
             log(f"iteration {it:02d}: reusing the complete {outputs.classify_path(path, it).name}")
-    return sim, cm
+    return done, cm
 
 
 def _next_maps(half_maps, filt, automask, cfg: RefineConfig, apix: float, gold: bool):

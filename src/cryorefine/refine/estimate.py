@@ -54,6 +54,7 @@ import numpy as np
 
 from cryorefine.errors import CryorefineError
 from cryorefine.geometry.orientations import orientations
+from cryorefine.memory import PER_PARTICLE_BYTES
 from cryorefine.refine.driver import Run
 from cryorefine.refine.step import run_step, start_maps
 from cryorefine.stages.simmx import particle_chunk
@@ -205,8 +206,9 @@ def _memory_beyond_sample(
 ) -> float:
     """Memory (bytes) the whole data set needs beyond the samples (at most ``rows`` rows
     of ``distinct`` particles): simmx's working memory for a half's particles (its own
-    model per particle, up to its chunk), the similarity matrices (the whole and a
-    half's, 6 planes of float32) and the particle file's pages as they are read."""
+    model per particle, up to its chunk), what the driver holds per particle
+    (:data:`~cryorefine.memory.PER_PARTICLE_BYTES`; the similarity matrix streams to
+    its file) and the particle file's pages as they are read."""
     per = 50 * n * n + 100 * n_r  # stages.simmx.particle_chunk's model
     chunk = particle_chunk(n, n_r)
 
@@ -215,7 +217,7 @@ def _memory_beyond_sample(
 
     more = max(n_p - rows, 0)
     pages = max(n_p - distinct, 0)
-    return working(n_p) - working(rows) + 1.5 * 6 * 4 * n_r * more + 4 * n * n * pages
+    return working(n_p) - working(rows) + PER_PARTICLE_BYTES * more + 4 * n * n * pages
 
 
 def stage_model(samples: list[dict], cfg, n_r: int, box: int) -> dict[str, dict]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cryorefine import parallel
+from cryorefine import memory, parallel
 from cryorefine.align.compare import frc_ring_weights
 from cryorefine.align.local import FourierPoints, local_search
 from cryorefine.config import RefineConfig
@@ -58,8 +58,6 @@ from cryorefine.stages.simmx import ctf_snr
 MIN_RANGE_DEG = 0.5
 #: FSC under which a ring is left out of the search (the map holds nothing there)
 FSC_FLOOR = 0.02
-#: working memory of the particles read at once (bytes)
-CHUNK_BYTES = 256 * 2**20
 #: particles per direction group of the rejection rule (on average)
 GROUP_SIZE = 25
 
@@ -211,7 +209,7 @@ def local_poses(
     score = np.full(len(stack), np.nan)
     source = usefilt or stack
     chunk = parallel.chunk_size(
-        len(stack) // len(halves), max(16, int(CHUNK_BYTES // (12 * box * box)))
+        len(stack) // len(halves), max(16, int(memory.budget("local") // (12 * box * box)))
     )
     for h, idx in enumerate(halves):
         shared = _HalfContext(

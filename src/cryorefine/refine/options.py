@@ -307,12 +307,20 @@ OPTIONS: tuple[Option, ...] = (
         str,
         "make3d",
     ),
-    Option("lowmem", (), False, "accepted for e2refine command lines", bool, "make3d"),
+    Option(
+        "lowmem",
+        (),
+        False,
+        "smaller chunks for little memory: every stage's working-memory budget / 4",
+        bool,
+        "make3d",
+    ),
     Option(
         "parallel",
         (),
         None,
-        "thread:N runs on N cores (kernels, FFTs, CPU affinity); mpi and dc refused",
+        "thread:N: N cores (kernels, FFTs, CPU affinity); dask:local=N, dask:scheduler=ADDRESS, "
+        "dask:jobqueue=slurm:cores=C:memory=M:jobs=J: a Dask cluster",
         str,
         "driver",
     ),
@@ -439,7 +447,6 @@ INERT: tuple[Inert, ...] = (
         "with --classiter 0 (members keep the classification's alignment)",
         lambda o: o["classiter"] == 0,
     ),
-    Inert(("lowmem",), "(memory is always bounded)", lambda o: True),
     Inert(
         _GLOBAL_ONLY,
         "with --localrefine 1 (every iteration is local: no projections or classes)",
@@ -481,7 +488,7 @@ def help_text(option: Option) -> str:
 
 
 #: options that may differ between a run and its resumption
-RESUME_FREE = ("startiter", "parallel", "check", "verbose", "path")
+RESUME_FREE = ("startiter", "parallel", "lowmem", "check", "verbose", "path")
 
 
 def defaults() -> dict[str, Any]:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -33,10 +34,11 @@ from cryorefine.io.stacks import ParticleStack
 from cryorefine.processors.mask import auto_mask, soft_edge_mask
 from cryorefine.processors.normalize import normalize_bymass
 from cryorefine.stages.classaverage import ClassAverages, classaverage
-from cryorefine.stages.classify import ClassMx, assigned_poses, classify
+from cryorefine.stages.classify import ClassMx, assigned_poses, classify, classify_file
 from cryorefine.stages.make3d import make3d, postprocess
 from cryorefine.stages.project3d import project3d
-from cryorefine.stages.simmx import Simmx, simmx
+from cryorefine.stages.simmx import FIELDS as SIMMX_FIELDS
+from cryorefine.stages.simmx import WORST, Simmx, simmx_rows, simmx_writer
 
 #: every stage an iteration may run: a global one all but ``local``, a local one
 #: ``local`` and ``make3d`` (:data:`GLOBAL_STAGES`, :data:`LOCAL_STAGES`)
@@ -239,20 +241,49 @@ def score_particles(
     halves: list[np.ndarray],
     cfg: RefineConfig,
     progress: Callable[[str, int, int], Callable[[int], None]] | None,
-) -> Simmx:
-    """simmx: one matrix over every particle, each row scored against its own half's
-    projections (``stack``: the particles, or their ``--usefilt`` copy)."""
-    sim = Simmx.empty(len(stack), len(projections[0]))
-    for h, idx in enumerate(halves):
-        part = simmx(
-            projections[h],
-            stack.take(idx),
-            cfg.simmx,
-            progress=progress("simmx", h, len(idx)) if progress else None,
-        )
-        for name in ("score", "dx", "dy", "dalpha", "flip", "scale"):
-            getattr(sim, name)[idx] = getattr(part, name)
-    return sim
+    *,
+    out: Path | None = None,
+) -> tuple[Simmx | None, ClassMx, np.ndarray]:
+    """simmx and classify, chunk by chunk: one matrix over every particle, each row
+    scored against its own half's projections (``stack``: the particles, or their
+    ``--usefilt`` copy), and each row classified as it comes.
+
+    ``out``: the matrix goes to that file row chunk by row chunk (replacing one there)
+    and is never whole in memory (``None`` is returned for it); without ``out`` it is
+    returned whole. Returns the matrix, the classification and each particle's score
+    for its first class. ``--simvec`` needs the whole matrix's class patterns: its
+    rows are classified after, from the file.
+    """
+    n_p, nc = len(stack), len(projections[0])
+    classify(Simmx.empty(0, nc), cfg.classify)  # --sep against the projections, first
+    sim = None
+    if out is None:
+        sim = Simmx.empty(n_p, nc)
+        sim.score[:] = WORST
+    cm, best = ClassMx.empty(n_p, cfg.classify.sep), np.empty(n_p, np.float32)
+    attrs = {"apix": stack.apix, "options": repr(cfg.simmx)}
+    sink = nullcontext(None) if out is None else simmx_writer(out, n_p, nc, attrs, overwrite=True)
+    with sink as writer:
+        for h, idx in enumerate(halves):
+            tick = progress("simmx", h, len(idx)) if progress else None
+            for rows, part in simmx_rows(projections[h], stack.take(idx), cfg.simmx, progress=tick):
+                rows = idx[rows]
+                if writer is not None:
+                    writer.write(rows, part)
+                else:
+                    for name in SIMMX_FIELDS:
+                        getattr(sim, name)[rows] = getattr(part, name)
+                if not cfg.classify.simvec:
+                    sub = classify(part, cfg.classify)
+                    cm.put(rows, sub)
+                    best[rows] = np.take_along_axis(part.score, sub.cls[:, :1], axis=1)[:, 0]
+    if cfg.classify.simvec:
+        if out is not None:
+            cm, best = classify_file(out, cfg.classify)
+        else:
+            cm = classify(sim, cfg.classify)
+            best = np.take_along_axis(sim.score, cm.cls[:, :1], axis=1)[:, 0]
+    return sim, cm, best
 
 
 def _rows(cm: ClassMx, idx: np.ndarray) -> ClassMx:
@@ -393,6 +424,8 @@ def run_step(
     usefilt: ParticleStack | None = None,
     sim: Simmx | None = None,
     cm: ClassMx | None = None,
+    simmx_file: Path | None = None,
+    reuse_simmx: bool = False,
     progress: Callable[[str, int, int], Callable[[int], None]] | None = None,
     save: Callable[[str, object, int], None] | None = None,
 ) -> Step:
@@ -400,11 +433,13 @@ def run_step(
 
     ``halves``: the particle indices of each half (one array for a single chain).
     ``sim``/``cm``: a similarity or classification matrix already computed for this
-    iteration (a resumed run), used instead of computing it again. ``progress(stage,
-    half, total)`` returns a callback taking the count of particles just done;
-    ``save(stage, matrix, n_projections)`` receives the new similarity and then the
-    classification matrix as soon as each exists (a driver writes them, so that a
-    resumed run can start after them).
+    iteration, used instead of computing it again. ``simmx_file``: the similarity
+    matrix is written there row chunk by row chunk and never held whole
+    (:func:`score_particles`; ``Step.sim`` is then ``None``); with ``reuse_simmx`` the
+    file is complete already (a resumed run) and is classified from disk.
+    ``progress(stage, half, total)`` returns a callback taking the count of particles
+    just done; ``save("classify", matrix, n_projections)`` receives the classification
+    as soon as it exists (a driver writes it, so that a resumed run can start after it).
     """
     n_p, apix = len(stack), stack.apix
     gold = cfg.goldstandard
@@ -414,16 +449,27 @@ def run_step(
     with timed(seconds, "project3d"):
         ref_rotations, projections = project_halves(maps, cfg, iteration, apix)
     n_r = len(ref_rotations[0])
+    best = None
     with timed(seconds, "simmx"):
-        if sim is None and cm is None:
-            sim = score_particles(projections, usefilt or stack, halves, cfg, progress)
+        if cm is None and sim is None and not reuse_simmx:
+            sim, cm, best = score_particles(
+                projections, usefilt or stack, halves, cfg, progress, out=simmx_file
+            )
             if save:
-                save("simmx", sim, n_r)
+                save("classify", cm, n_r)
     with timed(seconds, "classify"):
+        if sim is None and best is None and reuse_simmx:  # each row's best score, too
+            found, best = classify_file(simmx_file, cfg.classify)
+            if cm is None:
+                cm = found
+                if save:
+                    save("classify", cm, n_r)
         if cm is None:
             cm = classify(sim, cfg.classify)
             if save:
                 save("classify", cm, n_r)
+        if best is None and sim is not None:
+            best = np.take_along_axis(sim.score, cm.cls[:, :1], axis=1)[:, 0]
     with timed(seconds, "classaverage"):
         classes, resultmx, in_class = average_classes(
             stack, cm, projections, halves, cfg, usefilt, progress
@@ -449,11 +495,7 @@ def run_step(
         volume, new_maps, curves, mask = finish_maps(
             volume, new_maps, cfg, apix, iteration, from_classes=cfg.m3dsource == "classes"
         )
-    score = (
-        np.take_along_axis(sim.score, cm.cls[:, :1], axis=1)[:, 0]
-        if sim is not None
-        else np.full(n_p, np.nan)
-    )
+    score = np.full(n_p, np.nan) if best is None else best
     return Step(
         ref_rotations=ref_rotations,
         projections=projections,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryorefine import parallel
+from cryorefine import memory, parallel
 from cryorefine.align.compare import pair_context
 from cryorefine.align.engine import EngineAligner, align_pairs
 from cryorefine.align.transform2d import Transform2D
@@ -48,8 +48,6 @@ from cryorefine.stages.classify import (
 )
 from cryorefine.stages.simmx import ctf_snr, runs_on_engine, signal_power
 
-#: working memory of the members averaged at once (bytes)
-CHUNK_BYTES = 256 * 2**20
 #: ``n x n`` float32 images held per member while its class is averaged: its image, its
 #: aligned copy, the alignment's and the averager's working arrays (measured with
 #: tracemalloc: 13.7 at 64 px, 10-12 at 128 px); one more for a --usefilt copy and one
@@ -263,7 +261,7 @@ def classaverage(
     if cfg.needs_snr:
         signal = signal_power(refs) if refs is not None else None
     per_member = 4 * n * n * (IMAGES_PER_MEMBER + (usefilt is not None) + cfg.prefilt)
-    budget = parallel.chunk_size(m, max(1, CHUNK_BYTES // per_member))
+    budget = parallel.chunk_size(m, max(1, memory.budget("classaverage") // per_member))
     bounds = np.r_[0, np.flatnonzero(np.diff(cls)) + 1, m]  # class boundaries
     slices: list[slice] = []
     start = 0

@@ -7,6 +7,7 @@ copied from the similarity matrix (dx, dy, dalpha, flip, scale).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from cryorefine.config import ClassifyConfig
 from cryorefine.errors import CryorefineError
 from cryorefine.geometry.euler import particle_from_alignment
 from cryorefine.io.atomic import atomic_output, check_output
-from cryorefine.stages.simmx import Simmx, read_simmx
+from cryorefine.stages.simmx import Simmx, read_simmx_rows, simmx_shape
 
 #: the --simvec score of a class that no particle chose first (EMAN2's value)
 SIMVEC_UNUSED = 100000.0
@@ -37,6 +38,16 @@ class ClassMx:
     flip: np.ndarray
     scale: np.ndarray
 
+    @classmethod
+    def empty(cls, n_p: int, sep: int) -> ClassMx:
+        z = lambda: np.zeros((n_p, sep), np.float32)  # noqa: E731
+        return cls(np.zeros((n_p, sep), np.int64), z(), z(), z(), z(), z(), z())
+
+    def put(self, rows: np.ndarray, part: ClassMx) -> None:
+        """Set the rows ``rows`` from ``part``'s."""
+        for name in CLASSMX_FIELDS:
+            getattr(self, name)[rows] = getattr(part, name)
+
     def members(self, n_classes: int) -> list[np.ndarray]:
         """Per class, the particles assigned to it in any of their ``sep`` choices."""
         rows = np.repeat(np.arange(self.cls.shape[0]), self.cls.shape[1])
@@ -51,35 +62,54 @@ def grouped(values: np.ndarray, keys: np.ndarray, n: int) -> list[np.ndarray]:
     return [values[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def simvec_scores(score: np.ndarray) -> np.ndarray:
-    """EMAN2 ``--simvec``: rows compared with the mean standardised row of each class."""
-    n_p, nc = score.shape
-    best = np.argmin(score, axis=1)
+def _standardised(score: np.ndarray) -> np.ndarray:
     s = score.astype(np.float64)
     std = s.std(axis=1, keepdims=True)
-    z = (s - s.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1)
+    return (s - s.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1)
+
+
+def simvec_patterns(scores: Iterable[np.ndarray], nc: int) -> np.ndarray:
+    """EMAN2 ``--simvec``'s class patterns ``(nc, nc)``: per class, the mean standardised
+    score row of the particles that chose it first, normalised (0 for a class none
+    chose). ``scores``: the matrix's score rows, whole or chunk by chunk."""
     acc = np.zeros((nc, nc))
-    np.add.at(acc, best, z)
+    for score in scores:
+        np.add.at(acc, np.argmin(score, axis=1), _standardised(score))
     norm = np.linalg.norm(acc, axis=1, keepdims=True)
-    used = norm[:, 0] > 0
-    acc = np.where(norm > 0, acc / np.where(norm > 0, norm, 1), 0)
+    return np.where(norm > 0, acc / np.where(norm > 0, norm, 1), 0)
+
+
+def simvec_scores(score: np.ndarray, patterns: np.ndarray | None = None) -> np.ndarray:
+    """EMAN2 ``--simvec``: rows compared with each class's pattern
+    (:func:`simvec_patterns`, of ``score`` itself unless given)."""
+    n_p, nc = score.shape
+    if patterns is None:
+        patterns = simvec_patterns([score], nc)
+    s = score.astype(np.float64)
     out = np.full((n_p, nc), SIMVEC_UNUSED)
+    used = np.linalg.norm(patterns, axis=1) > 0
     for i in np.flatnonzero(used):  # one comparison per used class, vectorised over particles
         out[:, i] = sqeuclidean(
-            s[:, None, :].astype(np.float32), np.broadcast_to(acc[i], (n_p, 1, nc)), normto=True
+            s[:, None, :].astype(np.float32),
+            np.broadcast_to(patterns[i], (n_p, 1, nc)),
+            normto=True,
         )
     return out
 
 
-def classify(sim: Simmx, cfg: ClassifyConfig | None = None) -> ClassMx:
+def classify(
+    sim: Simmx, cfg: ClassifyConfig | None = None, *, patterns: np.ndarray | None = None
+) -> ClassMx:
     """Assign each particle to its ``cfg.sep`` lowest-scoring projections (first minimum
-    wins); with ``cfg.simvec`` by the pattern of similarities (EMAN2 ``--simvec``)."""
+    wins); with ``cfg.simvec`` by the pattern of similarities (EMAN2 ``--simvec``; the
+    class patterns of the whole matrix, :func:`simvec_patterns`, when ``sim`` holds only
+    some of its rows)."""
     cfg = cfg or ClassifyConfig()
     sep, simvec = cfg.sep, cfg.simvec
     n_p, nc = sim.score.shape
     if not 1 <= sep <= nc:
         raise CryorefineError(f"--sep {sep}: must be between 1 and the {nc} projections")
-    row = simvec_scores(sim.score) if simvec else sim.score.astype(np.float64)
+    row = simvec_scores(sim.score, patterns) if simvec else sim.score.astype(np.float64)
     # a stable sort keeps the first of equal scores first, as EMAN2's repeated argmin
     cls = np.argsort(row, axis=1, kind="stable")[:, :sep]
     take = lambda a: np.take_along_axis(a, cls, axis=1).astype(np.float32)  # noqa: E731
@@ -92,6 +122,26 @@ def classify(sim: Simmx, cfg: ClassifyConfig | None = None) -> ClassMx:
         take(sim.flip),
         take(sim.scale),
     )
+
+
+def classify_file(
+    path: Path, cfg: ClassifyConfig | None = None, *, rows: int = 4096
+) -> tuple[ClassMx, np.ndarray]:
+    """:func:`classify` of a similarity matrix file, read ``rows`` particles at a time
+    (twice with ``--simvec``: the class patterns, then the classes), never whole.
+    Returns the classification and each particle's score for its first class."""
+    cfg = cfg or ClassifyConfig()
+    n_p, nc = simmx_shape(path)
+    patterns = None
+    if cfg.simvec and n_p:
+        patterns = simvec_patterns((p.score for _, p in read_simmx_rows(path, rows)), nc)
+    classify(Simmx.empty(0, nc), cfg)  # the options' checks, before any row is read
+    cm, best = ClassMx.empty(n_p, cfg.sep), np.empty(n_p, np.float32)
+    for idx, part in read_simmx_rows(path, rows):
+        sub = classify(part, cfg, patterns=patterns)
+        cm.put(idx, sub)
+        best[idx] = np.take_along_axis(part.score, sub.cls[:, :1], axis=1)[:, 0]
+    return cm, best
 
 
 def assigned_poses(
@@ -151,7 +201,6 @@ def run_classify(
 ) -> ClassMx:
     """Read a similarity matrix, classify (:func:`classify`), write the classmx."""
     check_output(output, overwrite=overwrite)
-    sim = read_simmx(simmx_path)
-    cm = classify(sim, cfg)
-    write_classmx(output, cm, sim.score.shape[1], overwrite=overwrite)
+    cm, _ = classify_file(simmx_path, cfg)
+    write_classmx(output, cm, simmx_shape(simmx_path)[1], overwrite=overwrite)
     return cm

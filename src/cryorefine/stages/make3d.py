@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryorefine import parallel
+from cryorefine import memory, parallel
 from cryorefine.config import Make3dConfig
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fsc import fsc
@@ -27,8 +27,6 @@ from cryorefine.io.stacks import ParticleStack
 #: fewer images than this are not split into halves for the Wiener term (their FSC
 #: would measure the halves' different coverage of Fourier space, not the noise)
 MIN_WIENER_IMAGES = 50
-#: working memory of one chunk of images in make3d
-CHUNK_BYTES = 32 * 2**20
 
 
 def slice_qualities(
@@ -125,7 +123,7 @@ def make3d(
 
     slice_size = size if cfg.oversample_2d else n
     if chunk is None:  # padded image, its transform, CTF and copies: ~40 bytes a pixel
-        chunk = max(8, int(CHUNK_BYTES // (40 * slice_size * slice_size)))
+        chunk = max(8, int(memory.budget("make3d") // (40 * slice_size * slice_size)))
 
     def new_volume(groups: int = 1) -> FourierVolume:
         return mod(size, n, slice_size=slice_size, groups=groups)

@@ -9,7 +9,8 @@ projection (the inverse of the aligner's projection -> particle transform):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import h5py
 import numpy as np
 import scipy.fft
 
-from cryorefine import parallel
+from cryorefine import memory, parallel
 from cryorefine.align import transform2d
 from cryorefine.align.compare import load_mask, pair_context
 from cryorefine.align.engine import EngineAligner, Reuse, align_pairs
@@ -43,8 +44,6 @@ FIELDS = ("score", "dx", "dy", "dalpha", "flip", "scale")
 #: pairs scored per call when there is no aligner, and per batch of a per-pair aligner
 PAIR_BATCH = 4096
 PAIRWISE_BATCH = 2048
-#: working memory for one chunk of particles in :func:`simmx`
-CHUNK_BYTES = 2**30
 #: smallest box for which the rotational footprints of the references are precomputed
 MIN_FOOTPRINT_BOX = 16
 
@@ -236,9 +235,31 @@ def simmx(
     chunk of ``k`` particles.
 
     Returns the full-size result: shifts in the particles' pixels, as
-    ``cryorefine simmx`` writes it.
+    ``cryorefine simmx`` writes it. :func:`simmx_rows` gives the same rows chunk by
+    chunk, never the whole matrix.
     """
     stack = ParticleStack.from_input(particles, apix=apix, meta=meta, who="simmx")
+    result = Simmx.empty(len(stack), len(refs))
+    result.score[:] = WORST
+    for idx, part in simmx_rows(refs, stack, cfg, exclude=exclude, progress=progress):
+        for name in FIELDS:
+            getattr(result, name)[idx] = getattr(part, name)
+    result.attrs = {"apix": stack.apix, "options": repr(cfg)}
+    return result
+
+
+def simmx_rows(
+    refs: np.ndarray,
+    stack: ParticleStack,
+    cfg: SimmxConfig,
+    *,
+    exclude: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[tuple[np.ndarray, Simmx]]:
+    """:func:`simmx` chunk by chunk: yields ``(rows, part)``, the particle rows (in
+    increasing order) and their full-size rows of the matrix. The rows of ``exclude``
+    are never yielded (they are ``WORST`` throughout). The chunks run where
+    :mod:`cryorefine.parallel` says and come back in order."""
     refs = np.asarray(refs, np.float32)
     if refs.shape[-1] != stack.box:
         raise CryorefineError(
@@ -253,7 +274,6 @@ def simmx(
     skip = np.zeros(n_p, bool)
     if exclude is not None:
         skip[np.asarray(exclude, np.int64)] = True
-    result = Simmx.empty(n_p, nc)
     ref_spec = spectra(footprints(refs)) if box >= MIN_FOOTPRINT_BOX else None
     signal = signal_power(refs) if cfg.needs_snr else None
     plan = twostage_pairs(refs, cfg, apix * shrink, score_pairs) if cfg.twostage else None
@@ -265,21 +285,17 @@ def simmx(
             cells = min(nc, sum(sizes[:N_BEST]))
         chunk = parallel.chunk_size(n_p, particle_chunk(box, cells))
     shared = _ChunkContext(refs, cfg, apix, shrink, ref_spec, signal, plan)
-    chunks = [c[~skip[c]] for c in np.array_split(np.arange(n_p), -(-n_p // chunk))]
+    chunks = [c[~skip[c]] for c in np.array_split(np.arange(n_p), max(1, -(-n_p // chunk)))]
     chunks = [c for c in chunks if c.size]
     parts = parallel.map_chunks(score_chunk, shared, (stack.take(c) for c in chunks))
     for idx, part in zip(chunks, parts, strict=True):
-        for name in FIELDS:
-            getattr(result, name)[idx] = getattr(part, name)
+        part.dx *= shrink
+        part.dy *= shrink
+        if plan is not None:
+            fill_uncomputed(part)
         if progress:
             progress(len(idx))
-    result.dx *= shrink
-    result.dy *= shrink
-    result.score[skip] = WORST
-    if plan is not None:
-        fill_uncomputed(result)
-    result.attrs = {"apix": apix, "options": repr(cfg)}
-    return result
+        yield idx, part
 
 
 @dataclass(frozen=True)
@@ -360,8 +376,9 @@ def run_simmx(
     usefilt: Path | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
-) -> Simmx:
-    """Read both stacks, compute the similarity matrix (:func:`simmx`), write it.
+) -> tuple[int, int]:
+    """Read both stacks, compute the similarity matrix (:func:`simmx_rows`) and write
+    it row chunk by row chunk; returns its shape ``(particles, projections)``.
 
     ``usefilt``: align and score this stack instead (the same particles, e.g. filtered);
     ``exclude``: a text file of particle rows to skip."""
@@ -374,20 +391,28 @@ def run_simmx(
                 f"{ptcl.label}: box {ptcl.box} px differs from {proj.label} ({proj.box} px)"
             )
         skip = None if exclude is None else _read_exclude(exclude, len(ptcl))
-        result = simmx(proj.read(), ptcl, cfg, exclude=skip, progress=progress)
+        refs = proj.read()
+        attrs = {
+            "apix": ptcl.apix,
+            "options": repr(cfg),
+            "projection_file": str(projections),
+            "particle_file": str(particles),
+        }
+        with simmx_writer(output, len(ptcl), len(refs), attrs, overwrite=overwrite) as out:
+            for idx, part in simmx_rows(refs, ptcl, cfg, exclude=skip, progress=progress):
+                out.write(idx, part)
     finally:
         proj.close()
         ptcl.close()
-    result.attrs.update({"projection_file": str(projections), "particle_file": str(particles)})
-    write_simmx(output, result, overwrite=overwrite)
-    return result
+    return len(ptcl), len(refs)
 
 
 def particle_chunk(box: int, cells: int) -> int:
-    """Particles per chunk so that one chunk's working memory stays near
-    ``CHUNK_BYTES``: about ``50 box^2`` bytes per particle (the particle and its
-    mirror, their transforms and temporaries) plus ``100`` per computed cell."""
-    return max(1, int(CHUNK_BYTES // (50 * box * box + 100 * cells)))
+    """Particles per chunk so that one chunk's working memory stays near the simmx
+    budget (:mod:`cryorefine.memory`): about ``50 box^2`` bytes per particle (the
+    particle and its mirror, their transforms and temporaries) plus ``100`` per
+    computed cell."""
+    return max(1, int(memory.budget("simmx") // (50 * box * box + 100 * cells)))
 
 
 def fill_uncomputed(result: Simmx) -> None:
@@ -410,16 +435,44 @@ def _read_exclude(path: Path, n: int) -> np.ndarray:
     return np.asarray(values, np.int64)
 
 
-def write_simmx(path: Path, result: Simmx, *, overwrite: bool = False) -> None:
-    """HDF5: datasets score, dx, dy, dalpha, flip, scale, each ``(particles, projections)``."""
-    units = {
-        "score": "comparator (smaller is better)",
-        "dx": "px",
-        "dy": "px",
-        "dalpha": "degrees",
-        "flip": "0/1",
-        "scale": "1",
-    }
+#: each field's units, and the value of a row never written (an excluded particle)
+UNITS = {
+    "score": "comparator (smaller is better)",
+    "dx": "px",
+    "dy": "px",
+    "dalpha": "degrees",
+    "flip": "0/1",
+    "scale": "1",
+}
+UNWRITTEN = {"score": WORST, "scale": 1.0}
+#: bytes of one HDF5 chunk of a matrix's dataset (whole rows)
+H5_CHUNK_BYTES = 2**20
+
+
+@dataclass
+class SimmxRows:
+    """Rows of a similarity matrix file being written (:func:`simmx_writer`)."""
+
+    datasets: dict
+
+    def write(self, rows: np.ndarray, part: Simmx) -> None:
+        """Write ``part``'s rows at the particle rows ``rows`` (increasing)."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows) and rows[-1] - rows[0] == len(rows) - 1:
+            rows = slice(int(rows[0]), int(rows[-1]) + 1)
+        for name, ds in self.datasets.items():
+            ds[rows] = getattr(part, name)
+
+
+@contextmanager
+def simmx_writer(
+    path: Path, n_p: int, nc: int, attrs: dict, *, overwrite: bool = False
+) -> Iterator[SimmxRows]:
+    """A similarity matrix file of ``n_p`` particles x ``nc`` projections, written row
+    chunk by row chunk (chunked, compressed datasets), so that the matrix is never
+    whole in memory; the file appears under ``path`` only when the block completes.
+    Rows never written hold ``WORST`` scores (an excluded particle's)."""
+    rows = max(1, min(n_p, H5_CHUNK_BYTES // (4 * max(nc, 1))))
     with atomic_output(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"] = "cryorefine simmx 1"
         f.attrs["axes"] = "particle, projection"
@@ -427,12 +480,63 @@ def write_simmx(path: Path, result: Simmx, *, overwrite: bool = False) -> None:
             "particle -> projection: rotate by dalpha about (n//2, n//2), shift by (dx, dy), "
             "then mirror x if flip"
         )
-        for k, v in result.attrs.items():
+        for k, v in attrs.items():
             f.attrs[k] = v
+        datasets = {}
         for name in FIELDS:
-            ds = f.create_dataset(name, data=getattr(result, name), compression="gzip")
-            ds.attrs["units"] = units[name]
+            ds = f.create_dataset(
+                name,
+                shape=(n_p, nc),
+                dtype=np.float32,
+                chunks=(rows, max(nc, 1)) if n_p and nc else None,
+                compression="gzip" if n_p and nc else None,
+                fillvalue=UNWRITTEN.get(name, 0.0),
+            )
+            ds.attrs["units"] = UNITS[name]
             ds.attrs["axes"] = "particle, projection"
+            datasets[name] = ds
+        yield SimmxRows(datasets)
+
+
+def write_simmx(path: Path, result: Simmx, *, overwrite: bool = False) -> None:
+    """HDF5: datasets score, dx, dy, dalpha, flip, scale, each ``(particles, projections)``."""
+    n_p, nc = result.score.shape
+    with simmx_writer(path, n_p, nc, result.attrs, overwrite=overwrite) as out:
+        out.write(np.arange(n_p), result)
+
+
+def simmx_shape(path: Path) -> tuple[int, int]:
+    """``(particles, projections)`` of a similarity matrix file."""
+    with _open_simmx(path) as f:
+        return tuple(f["score"].shape)
+
+
+def read_simmx_rows(path: Path, rows: int = 4096) -> Iterator[tuple[np.ndarray, Simmx]]:
+    """A similarity matrix file ``rows`` particles at a time: yields ``(row indices,
+    part)``, so that it is never whole in memory."""
+    with _open_simmx(path) as f:
+        n_p = f["score"].shape[0]
+        try:
+            for start in range(0, n_p, rows):
+                sl = slice(start, min(start + rows, n_p))
+                yield np.arange(sl.start, sl.stop), Simmx(**{k: f[k][sl] for k in FIELDS})
+        except OSError as err:
+            raise CryorefineError(f"{path}: cannot read ({err})") from None
+
+
+@contextmanager
+def _open_simmx(path: Path) -> Iterator[h5py.File]:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise CryorefineError(f"{path}: cannot read ({err})") from None
+    with f:
+        if f.attrs.get("format") != "cryorefine simmx 1":
+            raise CryorefineError(f"{path}: not a cryorefine similarity matrix")
+        missing = [name for name in FIELDS if name not in f]
+        if missing:
+            raise CryorefineError(f"{path}: no dataset '{missing[0]}'")
+        yield f
 
 
 def read_simmx(path: Path) -> Simmx:
