@@ -126,6 +126,9 @@ def plot(results: dict, work: Path) -> None:
         x = np.array([r[key] for r in rows], float)
         t = np.array([r["iteration_s"] for r in rows])
         m = np.array([r["peak_rss_mib"] for r in rows]) / 1024
+        if key == "n":
+            x = x / 1000
+            label = "particles (thousands)"
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
         a.plot(x, t, "o-", label="measured")
         ref = t[0] * (x / x[0]) ** (1 if key == "n" else 2)

@@ -60,8 +60,13 @@ def test_parallel_forms(spec, expect):
 
 def test_jobqueue_form_and_its_job_script():
     """Each batch job is one worker that runs one chunk at a time on all its cores."""
-    spec = parse_parallel("dask:jobqueue=slurm:cores=8:memory=16GB:jobs=3:queue=gpu")
-    assert spec.jobqueue == ("slurm", {"cores": 8, "memory": "16GB", "jobs": 3, "queue": "gpu"})
+    spec = parse_parallel(
+        "dask:jobqueue=slurm:cores=8:memory=16GB:jobs=3:queue=gpu:walltime=04:00:00"
+    )
+    assert spec.jobqueue == (
+        "slurm",
+        {"cores": 8, "memory": "16GB", "jobs": 3, "queue": "gpu", "walltime": "04:00:00"},
+    )
     dask_jobqueue = pytest.importorskip("dask_jobqueue")
     from cryorefine.parallel.dask import jobqueue_cluster
 
@@ -71,6 +76,7 @@ def test_jobqueue_form_and_its_job_script():
     finally:
         cluster.close()
     assert "#SBATCH --cpus-per-task=8" in script and "#SBATCH -p gpu" in script
+    assert "#SBATCH -t 04:00:00" in script
     assert "--nthreads 8" in script and "--resources chunk=1" in script
 
 
@@ -80,6 +86,7 @@ def test_jobqueue_form_and_its_job_script():
         ("mpi:4", "use dask:local=N"),
         ("dc:localhost", "use dask:local=N"),
         ("thread:0", "positive whole number"),
+        ("thread:4:/scratch", "no more fields"),
         ("dask:local=two", "positive whole number"),
         ("dask:jobqueue=slurm:cores=4", "give memory="),
         ("dask:jobqueue=moab:cores=4:memory=8GB", "batch system 'moab'"),
@@ -100,14 +107,15 @@ def _projections(truth) -> np.ndarray:
 
 
 def test_simmx_and_classaverage_on_dask_match_this_process_with_a_worker_killed(data):
-    """simmx (one- and two-stage) and class averaging give the same arrays, value for
-    value, on two Dask workers as in this process; killing a worker after the first
-    chunk comes back changes nothing (its chunks are computed again elsewhere)."""
+    """simmx (one-stage in the chunks a cluster gets, two-stage in chunks of 12) and
+    class averaging give the same arrays, value for value, on two Dask workers as in
+    this process; killing a worker after the first chunk comes back changes nothing
+    (its chunks are computed again elsewhere)."""
     truth = demo_map()
     refs = _projections(truth)
     stack = ParticleStack.from_path(data / "particles.star")
     configs = [
-        SimmxConfig(aligncmp="ccc", cmp="frc:zeromask=1:snrweight=1", chunk=12),
+        SimmxConfig(aligncmp="ccc", cmp="frc:zeromask=1:snrweight=1"),
         SimmxConfig(aligncmp="ccc", cmp="ccc", chunk=12, twostage=2),
     ]
     here = [simmx(refs, stack, cfg) for cfg in configs]
@@ -165,6 +173,7 @@ def _run(run_cli, data: Path, path: Path, spec: str, *extra: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("search", ["0", "1"], ids=["global", "local"])
 def test_refine_on_dask_gives_the_maps_and_poses_of_thread(data, tmp_path, run_cli, search):
     """One iteration (global: simmx, classify, class averaging, make3d; local: the local

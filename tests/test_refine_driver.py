@@ -482,7 +482,8 @@ def test_two_regularisations_of_one_data_set_differ_at_the_reported_resolution(i
 @pytest.mark.slow
 def test_check_memory_estimate_within_1_5x_of_the_measured_peak(dataset, tmp_path):
     """--check's peak-memory estimate against the peak resident memory of the real run
-    (each in a fresh process)."""
+    (each in a fresh process); the run stays under the bound --check prints (README,
+    Memory)."""
     from cryorefine.testing import measure_command
 
     run, check = tmp_path / "run", tmp_path / "check"
@@ -493,8 +494,10 @@ def test_check_memory_estimate_within_1_5x_of_the_measured_peak(dataset, tmp_pat
     line = next(ln for ln in out.splitlines() if ln.startswith("estimated peak memory"))
     estimate_mib = float(line.split(":")[1].split()[0]) * 1024
     _, measured_mib = measure_command(_command(dataset, run, "--iter", "2"))
-    print(f"estimate {estimate_mib:.0f} MiB, measured {measured_mib:.0f} MiB")
+    bound_mib = float(line.split("bound ")[1].split()[0]) * 1024
+    print(f"estimate {estimate_mib:.0f} MiB, bound {bound_mib:.0f}, measured {measured_mib:.0f}")
     assert measured_mib / 1.5 <= estimate_mib <= 1.5 * measured_mib, (estimate_mib, measured_mib)
+    assert measured_mib <= bound_mib, (measured_mib, bound_mib)
 
 
 def test_mass_normalisation_and_automask(dataset, tmp_path, run_cli):

@@ -191,6 +191,15 @@ def test_reading_a_whole_stack_leaves_none_of_it_resident(tmp_path):
     stack = ParticleStack.from_path(tmp_path / "big.mrcs")
     picks = np.array([7, 3, 4, 2999, 3, 0, 1500, 1501, 1502])
     assert np.array_equal(stack.read(picks), data[picks])
+    # 16-bit integers, big-endian, after an extended header
+    small = (rng.standard_normal((20, 16, 16)) * 100).astype(">i2")
+    with mrcfile.new(tmp_path / "int.mrcs") as mrc:
+        mrc.set_extended_header(np.zeros(37, np.uint8))
+        mrc.set_data(small)
+        mrc.voxel_size = 2.0
+    other = ParticleStack.from_path(tmp_path / "int.mrcs")
+    assert np.array_equal(other.read(picks[picks < 20]), small[picks[picks < 20]])
+    other.close()
     before = _rss_file_kib()
     for idx, images in stack.chunks(250):
         assert images[0, 0, 0] == data[idx[0], 0, 0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 #: bytes of working memory per stage (see the module docstring)
 BUDGETS = {
@@ -41,6 +42,11 @@ def budget(stage: str) -> int:
     return int(BUDGETS[stage] // (LOWMEM_DIVISOR if _low[-1] else 1))
 
 
+def is_low() -> bool:
+    """Whether ``--lowmem``'s budgets are in effect (:func:`low_memory`)."""
+    return _low[-1]
+
+
 @contextmanager
 def low_memory(on: bool = True) -> Iterator[None]:
     """Inside the block every budget is divided by :data:`LOWMEM_DIVISOR` (``on``)."""
@@ -60,7 +66,7 @@ def peak_bound(
     pad: int | None = None,
     threads: int = 1,
     lowmem: bool = False,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """The bound (bytes) on a refinement's peak memory, term by term, and its ``total``.
 
     ``box`` ``n`` px; ``projections`` ``Nr`` per half; ``halves`` 2 (gold standard) or
@@ -68,12 +74,14 @@ def peak_bound(
     ``B_stage`` each budget (:data:`BUDGETS`, divided by 4 with ``lowmem``)::
 
         total = 300 MiB + 4 KiB N + 8 h Nr n^2 + 48 n^3
-                + max(2 B_simmx + B_bank,
-                      2 B_classaverage + B_bank,
+                + max(2 B_simmx + K, 2 B_classaverage + K,
                       B_local + 24 (2n)^3,
                       B_make3d + min(T, max(2, B_accumulators / A)) A + 24 P^3)
 
-    where ``A = 12 P^2 (P / 2 + 1)`` is one Fourier accumulator and ``T`` the threads.
+    where ``K = max(2 B_bank, 140 n^3)`` is the alignment engine's pooled bank memory
+    (a bank of one reference exceeds the budget from about 256 px; measured: 163 MiB at
+    64 px, 425 MiB at 128 px, 2.2 GiB at 256 px), ``A = 12 P^2 (P / 2 + 1)`` one
+    Fourier accumulator and ``T`` the threads.
     The persistent terms are the projections and class averages of each half (``8 h Nr
     n^2``) and about a dozen maps of ``n^3`` float32 (``48 n^3``); the stages run one at
     a time, so only the largest working set counts. A chunk may reach twice its budget
@@ -85,9 +93,10 @@ def peak_bound(
     p = int(pad or 2 * n)
     acc = 12.0 * p * p * (p // 2 + 1)
     accumulators = min(max(threads, 2), max(2, int(b["accumulators"] // acc))) * acc
+    pool = max(2 * b["bank"], 140.0 * n**3)
     stages = {
-        "simmx": 2 * b["simmx"] + b["bank"],
-        "classaverage": 2 * b["classaverage"] + b["bank"],
+        "simmx": 2 * b["simmx"] + pool,
+        "classaverage": 2 * b["classaverage"] + pool,
         "local": b["local"] + 24.0 * (2 * n) ** 3,
         "make3d": b["make3d"] + accumulators + 24.0 * p**3,
     }

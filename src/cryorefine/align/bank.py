@@ -41,6 +41,18 @@ def scratch(name: str, size: int) -> np.ndarray:
     return buf[:size]
 
 
+def release_pool() -> None:
+    """Let this thread's pooled bank memory go: the pool serves the calls of one stage
+    (it grows to about 2x the bank budget, and to about 130 n^3 bytes for boxes of
+    ``n`` >= 256 px, whose bank of one reference exceeds the budget), and a stage that
+    ends hands it back so that later stages do not carry it."""
+    pool = thread_pool()
+    busy = pool.get("busy", False)
+    pool.clear()
+    if busy:
+        pool["busy"] = True
+
+
 class BankCache(dict):
     """Banks kept by a caller across :func:`align_pairs` calls with the same ``refs``
     and ``ref_chunk``. Used as a context manager, it lends its first bank this

@@ -63,7 +63,7 @@ class _MrcSource:
             self._fd = os.open(path, os.O_RDONLY)
 
     def images(self, idx: np.ndarray) -> np.ndarray:
-        if self._fd is None:  # read whole (a permissively opened file)
+        if self._fd is None:  # not memory-mapped: the data are in memory already
             return np.asarray(self._data[idx], dtype=np.float32)
         idx = np.asarray(idx, np.int64)
         out = np.empty((len(idx), *self.shape), np.float32)
@@ -76,7 +76,7 @@ class _MrcSource:
             if not run.size:
                 continue
             count, first = len(run), int(ranked[run[0]])
-            block = os.pread(self._fd, size * count, self._offset + size * first)
+            block = _pread_all(self._fd, size * count, self._offset + size * first, self.path)
             out[order[run]] = np.frombuffer(block, dtype).reshape(count, *self.shape)
         return out
 
@@ -85,6 +85,18 @@ class _MrcSource:
             os.close(self._fd)
             self._fd = None
         self._mrc.close()
+
+
+def _pread_all(fd: int, size: int, offset: int, path: str) -> bytearray:
+    """``size`` bytes at ``offset`` (``pread`` returns at most about 2 GiB a call)."""
+    out = bytearray(size)
+    view, done = memoryview(out), 0
+    while done < size:
+        got = os.preadv(fd, [view[done : done + 2**30]], offset + done)
+        if got <= 0:
+            raise CryorefineError(f"{path}: shorter than its header says")
+        done += got
+    return out
 
 
 class _HdfSource:
@@ -368,8 +380,14 @@ class ParticleStack:
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without its open files (a chunk sent to a worker opens them there,
-        by the absolute paths its metadata holds)."""
-        return {**self.__dict__, "_sources": {}}
+        by the absolute paths its metadata holds, and closes them with :meth:`release`)."""
+        return {**self.__dict__, "_sources": {}, "_sent": True}
+
+    def release(self) -> None:
+        """Close the files a stack sent to another process opened there (a chunk's, once
+        done); a no-op for a stack of this process, which shares its parent's files."""
+        if getattr(self, "_sent", False):
+            self.close()
 
 
 # --- EMAN2 headers <-> metadata ---------------------------------------------------------

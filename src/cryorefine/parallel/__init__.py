@@ -71,10 +71,8 @@ def _positive(text: str, spec: str, what: str) -> int:
 
 
 def _value(text: str) -> Any:
-    try:
-        return int(text)
-    except ValueError:
-        return text
+    """A jobqueue value: a whole number (cores, jobs, processes) or the text as given."""
+    return int(text) if text.isdigit() else text
 
 
 def parse_parallel(spec: str | None) -> ParallelSpec:
@@ -89,7 +87,13 @@ def parse_parallel(spec: str | None) -> ParallelSpec:
         return ParallelSpec()
     kind, _, rest = spec.partition(":")
     if kind == "thread":
-        return ParallelSpec(cores=_positive(rest.split(":")[0], spec, "thread:N"), text=spec)
+        cores, *more = rest.split(":")
+        if more:
+            raise CryorefineError(
+                f"--parallel {spec}: thread:N takes no more fields (EMAN2's scratch folder "
+                "is not used)"
+            )
+        return ParallelSpec(cores=_positive(cores, spec, "thread:N"), text=spec)
     if kind in ("mpi", "dc"):
         raise CryorefineError(
             f"--parallel {spec}: {kind} is not supported; use dask:local=N on one machine, "
@@ -106,7 +110,13 @@ def parse_parallel(spec: str | None) -> ParallelSpec:
             raise CryorefineError(f"--parallel {spec}: give the scheduler's address")
         return ParallelSpec("dask", scheduler=value, text=spec)
     if key == "jobqueue":
-        system, *pairs = value.split(":")
+        system, *fields = value.split(":")
+        pairs: list[str] = []
+        for f in fields:  # a field without '=' continues the value before (walltime=04:00:00)
+            if "=" not in f and pairs:
+                pairs[-1] += ":" + f
+            else:
+                pairs.append(f)
         if system not in JOBQUEUE_SYSTEMS:
             raise CryorefineError(
                 f"--parallel {spec}: batch system '{system}'; use one of "

@@ -27,14 +27,17 @@ RESOURCE = "chunk"
 AHEAD = 2
 #: seconds to wait for a running scheduler to answer (``dask:scheduler=``)
 CONNECT_TIMEOUT_S = 30
+#: seconds to wait for a first worker (not with ``jobqueue``, whose jobs may queue)
+WORKER_WAIT_S = 120
 
 
-def _call(fn: Callable[[Any, Any], Any], shared: Any, item: Any) -> Any:
+def _call(fn: Callable[[Any, Any], Any], shared: Any, item: Any, lowmem: bool) -> Any:
     """On a worker: ``fn(shared, item)`` with the kernels' and the FFTs' threads set to
-    the cores this chunk may use."""
+    the cores this chunk may use, and the driver's memory budgets (``--lowmem``)."""
     import numba
     from distributed import get_worker
 
+    from cryorefine import memory
     from cryorefine.fourier.fft import fft_threads_limited
 
     worker = get_worker()
@@ -44,7 +47,7 @@ def _call(fn: Callable[[Any, Any], Any], shared: Any, item: Any) -> Any:
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        with fft_threads_limited(threads):
+        with fft_threads_limited(threads), memory.low_memory(lowmem):
             return fn(shared, item)
     finally:
         numba.set_num_threads(before)
@@ -104,13 +107,31 @@ class DaskExecutor:
 
     def workers(self) -> int:
         """Workers now connected (at least 1: chunks wait for the first to come)."""
-        return max(1, len(self.client.scheduler_info(n_workers=-1).get("workers", {})))
+        return max(1, len(self.client.nthreads()))
+
+    def wait_for_workers(self) -> None:
+        """Wait for a first worker: as long as the batch queue takes with ``jobqueue``,
+        :data:`WORKER_WAIT_S` otherwise (then a one-line error)."""
+        if self.client.nthreads():
+            return
+        timeout = None if self.spec.jobqueue else WORKER_WAIT_S
+        try:
+            self.client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError:
+            raise CryorefineError(
+                f"--parallel {self.spec.text}: no Dask worker joined in {WORKER_WAIT_S} s"
+            ) from None
 
     def map(
         self, fn: Callable[[Any, Any], Any], shared: Any, items: Iterable[Any]
     ) -> Iterator[Any]:
-        shared_f = self.client.scatter(shared, broadcast=True, hash=False)
+        from cryorefine import memory
+
+        self.wait_for_workers()
+        # one future (a list or dict would be scattered item by item)
+        (shared_f,) = self.client.scatter([shared], broadcast=True, hash=False)
         resources = {RESOURCE: 1} if self.own_workers else None
+        lowmem = memory.is_low()
         window = (AHEAD + 1) * self.workers()
         pending: deque = deque()
         todo = iter(items)
@@ -120,7 +141,9 @@ class DaskExecutor:
             if item is _END:
                 return False
             pending.append(
-                self.client.submit(_call, fn, shared_f, item, pure=False, resources=resources)
+                self.client.submit(
+                    _call, fn, shared_f, item, lowmem, pure=False, resources=resources
+                )
             )
             return True
 

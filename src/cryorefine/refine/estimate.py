@@ -52,9 +52,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cryorefine import memory
 from cryorefine.errors import CryorefineError
+from cryorefine.fourier.fft import cpu_count
 from cryorefine.geometry.orientations import orientations
-from cryorefine.memory import PER_PARTICLE_BYTES
+from cryorefine.memory import PER_PARTICLE_BYTES, low_memory, peak_bound
 from cryorefine.refine.driver import Run
 from cryorefine.refine.step import run_step, start_maps
 from cryorefine.stages.simmx import particle_chunk
@@ -140,9 +142,10 @@ def sample_main(opts: dict) -> None:
 
     run = prepare(opts)
     try:
-        maps = _start_maps(run)
-        _sample_run(run, WARMUP, 1, maps)
-        samples = [_sample_run(run, d, c, maps) for d, c in SAMPLES]
+        with low_memory(bool(opts.get("lowmem"))):
+            maps = _start_maps(run)
+            _sample_run(run, WARMUP, 1, maps)
+            samples = [_sample_run(run, d, c, maps) for d, c in SAMPLES]
     finally:
         run.close()
     print(json.dumps({"samples": samples, "peak_rss_bytes": peak_rss_bytes()}))
@@ -208,16 +211,15 @@ def _memory_beyond_sample(
     of ``distinct`` particles): simmx's working memory for a half's particles (its own
     model per particle, up to its chunk), what the driver holds per particle
     (:data:`~cryorefine.memory.PER_PARTICLE_BYTES`; the similarity matrix streams to
-    its file) and the particle file's pages as they are read."""
-    per = 50 * n * n + 100 * n_r  # stages.simmx.particle_chunk's model
+    its file, and the images are read without a memory map, so none stay resident)."""
+    per = memory.budget("simmx") / particle_chunk(n, n_r)  # stages.simmx.particle_chunk
     chunk = particle_chunk(n, n_r)
 
     def working(k: int) -> float:
         return min(-(-k // halves), chunk) * per
 
     more = max(n_p - rows, 0)
-    pages = max(n_p - distinct, 0)
-    return working(n_p) - working(rows) + PER_PARTICLE_BYTES * more + 4 * n * n * pages
+    return working(n_p) - working(rows) + PER_PARTICLE_BYTES * more
 
 
 def stage_model(samples: list[dict], cfg, n_r: int, box: int) -> dict[str, dict]:
@@ -284,7 +286,8 @@ def estimate(run: Run) -> dict:
     seconds = predict(model, n_r, n_p, cfg.sep)
     rows = max(s["rows"] for s in samples)
     distinct = max(s["distinct"] for s in samples)
-    memory = rss_peak + _memory_beyond_sample(n, n_r, n_p, rows, distinct, halves)
+    with low_memory(bool(run.opts.get("lowmem"))):
+        memory = rss_peak + _memory_beyond_sample(n, n_r, n_p, rows, distinct, halves)
     image = 4 * n * n
     disk = (
         2 * halves * n_r * image  # projections and class averages
@@ -294,8 +297,18 @@ def estimate(run: Run) -> dict:
         + 600 * n_p  # particles_NN.star
         + 4 * n_r * 200  # STAR of projections and classes
     )
+    bound = peak_bound(
+        n,
+        n_r,
+        n_p,
+        halves=halves,
+        pad=cfg.make3d.pad_px,
+        threads=run.parallel.cores or cpu_count(),
+        lowmem=bool(run.opts.get("lowmem")),
+    )
     return {
         "memory_bytes": memory,
+        "memory_bound": bound,
         "disk_per_iteration_bytes": disk,
         "disk_bytes": disk * cfg.iterations,
         "seconds_per_stage": seconds,
@@ -327,7 +340,14 @@ def check_report(run: Run) -> str:
             f"check passed: {e['particles']} particles of {stack.box} px at {stack.apix:g} Å/px "
             f"({run.opts['input']}), model {run.opts['model']}, symmetry {cfg.sym}, "
             f"{e['projections']} projections per iteration, every option parsed",
-            f"estimated peak memory: {e['memory_bytes'] / gib:.2f} GiB",
+            f"estimated peak memory: {e['memory_bytes'] / gib:.2f} GiB; bound "
+            f"{e['memory_bound']['total'] / gib:.2f} GiB (README, Memory: largest stage "
+            f"{e['memory_bound']['largest']}"
+            + (
+                "; per process, the Dask workers each beside it)"
+                if run.parallel.distributed
+                else ")"
+            ),
             f"estimated disk use: {e['disk_per_iteration_bytes'] / gib:.2f} GiB per iteration, "
             f"{e['disk_bytes'] / gib:.2f} GiB for {cfg.iterations} (free: {free / gib:.1f} GiB)",
             f"estimated time per iteration: {e['seconds_per_iteration']:.0f} s ({stages}); "

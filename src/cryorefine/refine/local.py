@@ -106,9 +106,11 @@ def search_chunk(ctx: _HalfContext, chunk: _Chunk):
     box, apix, k = stack.box, stack.apix, len(stack)
     every = np.arange(k)
     ctf = chunk.meta.ctf.evaluate(box, apix) if chunk.meta.ctf.known.all() else None
+    images = chunk.images.read()
+    chunk.images.release()
     return local_search(
         ctx.volume_ft,
-        chunk.images.read(),
+        images,
         np.ones((k, box, box // 2 + 1), np.float32) if ctf is None else ctf,
         chunk.rotations,
         chunk.shifts_px,

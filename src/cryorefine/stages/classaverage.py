@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cryorefine import memory, parallel
+from cryorefine.align.bank import release_pool
 from cryorefine.align.compare import pair_context
 from cryorefine.align.engine import EngineAligner, align_pairs
 from cryorefine.align.transform2d import Transform2D
@@ -293,6 +294,7 @@ def classaverage(
         out.used[sl], out.score[sl] = res.used, res.score
         out.alpha[sl], out.tx[sl] = res.moves.alpha, res.moves.tx
         out.ty[sl], out.mirror[sl] = res.moves.ty, res.moves.mirror
+    release_pool()
     return out
 
 
@@ -353,6 +355,8 @@ def average_chunk(shared: _ClassContext, chunk: _ClassChunk) -> _ClassResult:
 
     p_img = read(align_stack)
     q_img = p_img if align_stack is stack else read(stack)
+    stack.release()
+    align_stack.release()
     snr = None
     if cfg.needs_snr:
         snr = ctf_snr(stack.meta, uniq, n, apix, signal)

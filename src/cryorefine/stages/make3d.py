@@ -167,7 +167,7 @@ def make3d(
         vol = new_volume(2 if halved else 1)
         active = idx_all[~excluded[idx_all]]
         executor = parallel.current()
-        if executor.distributed:  # each worker's share in a volume of its own, summed here
+        if executor.distributed and active.size:  # each worker's share, summed here
             shares = np.array_split(active, min(len(active), executor.workers()))
             job = _InsertJob(cfg, size, slice_size, with_ctf, chunk, vol.groups)
             items = (
@@ -284,6 +284,7 @@ def insert_share(job: _InsertJob, share: _Share) -> list[tuple[np.ndarray, np.nd
             ctf=ctf,
             groups=share.groups[sl] if job.groups > 1 else None,
         )
+    stack.release()
     return [vol.sums(g if job.groups > 1 else None) for g in range(job.groups)]
 
 

@@ -20,6 +20,7 @@ import scipy.fft
 
 from cryorefine import memory, parallel
 from cryorefine.align import transform2d
+from cryorefine.align.bank import release_pool
 from cryorefine.align.compare import load_mask, pair_context
 from cryorefine.align.engine import EngineAligner, Reuse, align_pairs
 from cryorefine.align.rotational import footprints, spectra
@@ -288,14 +289,17 @@ def simmx_rows(
     chunks = [c[~skip[c]] for c in np.array_split(np.arange(n_p), max(1, -(-n_p // chunk)))]
     chunks = [c for c in chunks if c.size]
     parts = parallel.map_chunks(score_chunk, shared, (stack.take(c) for c in chunks))
-    for idx, part in zip(chunks, parts, strict=True):
-        part.dx *= shrink
-        part.dy *= shrink
-        if plan is not None:
-            fill_uncomputed(part)
-        if progress:
-            progress(len(idx))
-        yield idx, part
+    try:
+        for idx, part in zip(chunks, parts, strict=True):
+            part.dx *= shrink
+            part.dy *= shrink
+            if plan is not None:
+                fill_uncomputed(part)
+            if progress:
+                progress(len(idx))
+            yield idx, part
+    finally:
+        release_pool()
 
 
 @dataclass(frozen=True)
@@ -316,6 +320,7 @@ class _ChunkContext:
 def score_chunk(ctx: _ChunkContext, chunk: ParticleStack) -> Simmx:
     """One chunk of :func:`simmx`: its particles' rows, shifts in shrunk pixels."""
     images = chunk.read()
+    chunk.release()
     if ctx.shrink > 1:
         images = transform2d.meanshrink(images, ctx.shrink)
     box, apix = images.shape[-1], ctx.apix * ctx.shrink
