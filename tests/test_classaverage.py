@@ -345,6 +345,7 @@ def test_lowmem_quarters_the_working_memory_and_keeps_the_averages(monkeypatch):
                 peaks[low] = tracemalloc.get_traced_memory()[1] - base
             finally:
                 tracemalloc.stop()
+    print({k: f"{v / 2**20:.1f} MiB" for k, v in peaks.items()})
     assert peaks[True] < 0.35 * peaks[False], peaks
     assert peaks[True] <= 1.15 * 32 * 2**20, peaks
     assert np.array_equal(results[True].images, results[False].images)

@@ -1,8 +1,8 @@
 """The package's layers: nothing imports a module above its own layer, and no modules
 import each other (directly or around a longer cycle).
 
-Bottom to top: errors and registry, geometry, fourier, processors, align, io, config,
-stages, refine (and testing), cli. Every import counts: module-level and
+Bottom to top: errors, registry and memory, geometry, fourier, processors, align, io,
+config and parallel, stages, refine (and testing), cli. Every import counts: module-level and
 function-local ``import``/``from ... import`` statements, relative imports, and
 strings that name a package module (as ``importlib.import_module`` would take them).
 """
@@ -23,12 +23,14 @@ LAYERS = {
     "cryorefine": 0,
     "cryorefine.errors": 0,
     "cryorefine.registry": 0,
+    "cryorefine.memory": 0,
     "cryorefine.geometry": 1,
     "cryorefine.fourier": 2,
     "cryorefine.processors": 3,
     "cryorefine.align": 4,
     "cryorefine.io": 5,
     "cryorefine.config": 6,
+    "cryorefine.parallel": 6,
     "cryorefine.stages": 7,
     "cryorefine.refine": 8,
     "cryorefine.testing": 8,

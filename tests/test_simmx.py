@@ -389,6 +389,7 @@ def test_the_similarity_matrix_streams_to_its_file_and_is_never_whole(in_tmp):
         if out is not None:
             assert sim is None
             streamed, streamed_cm = read_simmx(out), cm
+    print({k: f"{v / 2**20:.1f} MiB" for k, v in peaks.items()}, f"matrix {matrix / 2**20:.1f} MiB")
     assert peaks["file"] < matrix / 3 < matrix < peaks["memory"], peaks
     for name in ("score", "dx", "dy"):
         assert np.array_equal(getattr(sim, name), getattr(streamed, name)), name

@@ -19,7 +19,7 @@ from typing import Any
 
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fft import cpu_count
-from cryorefine.parallel import JOBQUEUE_SYSTEMS, ParallelSpec
+from cryorefine.parallel.spec import JOBQUEUE_SYSTEMS, ParallelSpec
 
 #: the worker resource that makes a worker of ours run one chunk at a time
 RESOURCE = "chunk"
@@ -162,9 +162,16 @@ class DaskExecutor:
             shared_f.release()
 
     def close(self) -> None:
-        self.client.close()
-        if self.cluster is not None:
-            self.cluster.close()
+        """Close the client and a cluster of ours (best effort: a worker that is still
+        restarting may make the cluster's shutdown complain, after every result is in)."""
+        try:
+            self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+        except (OSError, TimeoutError, RuntimeError) as err:
+            logging.getLogger("cryorefine.refine").warning(
+                "closing the Dask cluster: %s", err or type(err).__name__
+            )
 
 
 _END = object()
