@@ -14,6 +14,20 @@ from cryorefine.cli import main
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+#: refine options that make a small run quick: a 15-degree grid, shifts up to 3 px, the
+#: CTF-weighted averager, the halves' starts at 25 Å
+FAST_GLOBAL = (
+    "--orientgen",
+    "eman:delta=15:perturb=1",
+    "--simalign",
+    "rotate_translate_flip:maxshift=3",
+    "--classaverager",
+    "ctf.weight",
+    "--inires",
+    "25",
+)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

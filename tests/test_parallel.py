@@ -13,31 +13,26 @@ import pytest
 from cryorefine import parallel
 from cryorefine.config import ClassaverageConfig, SimmxConfig
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.filters import lowpass_gauss
-from cryorefine.io.maps import Map, read_map, write_map
-from cryorefine.io.stacks import ParticleStack, write_stack
+from cryorefine.io.maps import read_map
+from cryorefine.io.stacks import ParticleStack
 from cryorefine.io.star import read_particle_star
 from cryorefine.parallel import parse_parallel
 from cryorefine.stages.classaverage import classaverage
 from cryorefine.stages.classify import classify
 from cryorefine.stages.simmx import FIELDS, simmx
-from cryorefine.testing import demo_map, simulate_particles
+from cryorefine.testing import demo_map, write_simulated_set
+
+from .conftest import FAST_GLOBAL
 
 pytest.importorskip("distributed")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """160 particles of the bundled map with CTF and shifts (particles.star), the truth
-    low-passed to 25 Å (start.mrc)."""
+    """160 particles of the bundled map with CTF and shifts up to 3 px (particles.star),
+    the truth low-passed to 25 Å (start.mrc)."""
     folder = tmp_path_factory.mktemp("parallel_data")
-    truth = demo_map()
-    sim = simulate_particles(
-        truth.data, 160, apix=truth.apix, snr=0.5, rng=np.random.default_rng(4), max_shift_a=6.0
-    )
-    write_stack(sim, folder / "particles.star")
-    start = lowpass_gauss(truth.data, truth.apix / 25.0, 3).astype(np.float32)
-    write_map(folder / "start.mrc", Map(start, truth.apix))
+    write_simulated_set(folder, demo_map(), 160, snr=0.5, start_a=25.0)
     return folder
 
 
@@ -108,9 +103,11 @@ def _projections(truth) -> np.ndarray:
 
 def test_simmx_and_classaverage_on_dask_match_this_process_with_a_worker_killed(data):
     """simmx (one-stage in the chunks a cluster gets, two-stage in chunks of 12) and
-    class averaging give the same arrays, value for value, on two Dask workers as in
-    this process; killing a worker after the first chunk comes back changes nothing
-    (its chunks are computed again elsewhere)."""
+    class averaging give the same results on two Dask workers as in this process (the
+    same best projection of every particle, with its alignment; scores and averages
+    within float rounding: a worker's kernels run one thread); killing a worker after
+    the first chunk comes back changes nothing (its chunks are computed again
+    elsewhere)."""
     truth = demo_map()
     refs = _projections(truth)
     stack = ParticleStack.from_path(data / "particles.star")
@@ -136,12 +133,19 @@ def test_simmx_and_classaverage_on_dask_match_this_process_with_a_worker_killed(
         ca_there = classaverage(stack, cm, refs, ca_cfg)
     stack.close()
     assert killed
+    rows = np.arange(len(stack.meta.weight))
     for a, b in zip(here, there, strict=True):
-        for name in FIELDS:
-            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+        best = a.score.argmin(axis=1)
+        assert np.array_equal(best, b.score.argmin(axis=1))
+        assert np.allclose(a.score, b.score, rtol=1e-4, atol=1e-6)
+        for name in FIELDS[1:]:
+            x, y = getattr(a, name)[rows, best], getattr(b, name)[rows, best]
+            assert np.allclose(x, y, atol=1e-3), (name, np.abs(x - y).max())
     assert np.allclose(ca_here.images, ca_there.images, atol=1e-5 * np.abs(ca_here.images).max())
-    for name in ("ptcl_repr", "used", "alpha", "tx", "ty", "mirror"):
+    for name in ("ptcl_repr", "used", "mirror"):
         assert np.array_equal(getattr(ca_here, name), getattr(ca_there, name)), name
+    for name in ("alpha", "tx", "ty"):
+        assert np.allclose(getattr(ca_here, name), getattr(ca_there, name), atol=1e-3), name
 
 
 def _run(run_cli, data: Path, path: Path, spec: str, *extra: str) -> Path:
@@ -157,14 +161,7 @@ def _run(run_cli, data: Path, path: Path, spec: str, *extra: str) -> Path:
         "3",
         "--iter",
         "1",
-        "--orientgen",
-        "eman:delta=15:perturb=1",
-        "--simalign",
-        "rotate_translate_flip:maxshift=3",
-        "--classaverager",
-        "ctf.weight",
-        "--inires",
-        "25",
+        *FAST_GLOBAL,
         "--parallel",
         spec,
         *extra,

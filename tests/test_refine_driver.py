@@ -23,19 +23,10 @@ from cryorefine.refine.driver import stop_reason
 from cryorefine.refine.options import refine_config
 from cryorefine.testing import demo_map, refine_command, simulate_particles
 
+from .conftest import FAST_GLOBAL
+
 N_PARTICLES = 240
-FAST = (
-    "--orientgen",
-    "eman:delta=15:perturb=1",
-    "--simalign",
-    "rotate_translate_flip:maxshift=3",
-    "--classaverager",
-    "ctf.weight",
-    "--inires",
-    "25",
-    "--localrefine",
-    "0",
-)
+FAST = (*FAST_GLOBAL, "--localrefine", "0")
 
 
 @pytest.fixture(scope="module")

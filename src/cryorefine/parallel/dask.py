@@ -11,13 +11,15 @@ its threads; a worker started by hand (``dask:scheduler=``) should run one threa
 
 from __future__ import annotations
 
+import importlib
 import logging
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, CryorefineWarning
 from cryorefine.fourier.fft import cpu_count
 from cryorefine.parallel.spec import JOBQUEUE_SYSTEMS, ParallelSpec
 
@@ -68,15 +70,9 @@ class DaskExecutor:
     def start(cls, spec: ParallelSpec) -> DaskExecutor:
         """Start (``local``, ``jobqueue``) or join (``scheduler``) the cluster ``spec``
         names."""
-        try:
-            from distributed import Client, LocalCluster
-        except ImportError:  # pragma: no cover - a dependency of the package
-            raise CryorefineError(
-                f"--parallel {spec.text}: dask.distributed is not installed "
-                "(python3 -m pip install 'dask[distributed]')"
-            ) from None
+        distributed = _dependency("distributed", spec, "'dask[distributed]'")
         if spec.local:
-            cluster = LocalCluster(
+            cluster = distributed.LocalCluster(
                 n_workers=spec.local,
                 threads_per_worker=max(1, cpu_count() // spec.local),
                 processes=True,
@@ -84,26 +80,20 @@ class DaskExecutor:
                 dashboard_address=None,
                 silence_logs=logging.ERROR,
             )
-            return cls(Client(cluster), cluster, spec, True)
+            return cls(distributed.Client(cluster), cluster, spec, True)
         if spec.scheduler:
             try:
-                client = Client(spec.scheduler, timeout=CONNECT_TIMEOUT_S)
+                client = distributed.Client(spec.scheduler, timeout=CONNECT_TIMEOUT_S)
             except (OSError, TimeoutError) as err:
                 raise CryorefineError(
                     f"--parallel {spec.text}: no Dask scheduler answers at {spec.scheduler} ({err})"
                 ) from None
             return cls(client, None, spec, False)
         system, kwargs = spec.jobqueue
-        try:
-            import dask_jobqueue
-        except ImportError:  # pragma: no cover - a dependency of the package
-            raise CryorefineError(
-                f"--parallel {spec.text}: dask-jobqueue is not installed "
-                "(python3 -m pip install dask-jobqueue)"
-            ) from None
+        dask_jobqueue = _dependency("dask_jobqueue", spec, "dask-jobqueue")
         cluster = jobqueue_cluster(getattr(dask_jobqueue, JOBQUEUE_SYSTEMS[system]), kwargs)
         cluster.scale(jobs=int(kwargs.get("jobs", 1)))
-        return cls(Client(cluster), cluster, spec, True)
+        return cls(distributed.Client(cluster), cluster, spec, True)
 
     def workers(self) -> int:
         """Workers now connected (at least 1: chunks wait for the first to come)."""
@@ -169,12 +159,24 @@ class DaskExecutor:
             if self.cluster is not None:
                 self.cluster.close()
         except (OSError, TimeoutError, RuntimeError) as err:
-            logging.getLogger("cryorefine.refine").warning(
-                "closing the Dask cluster: %s", err or type(err).__name__
+            warnings.warn(
+                f"closing the Dask cluster: {err or type(err).__name__}",
+                CryorefineWarning,
+                stacklevel=2,
             )
 
 
 _END = object()
+
+
+def _dependency(module: str, spec: ParallelSpec, package: str) -> Any:
+    """Import ``module``, or a one-line error naming the package to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:  # pragma: no cover - a dependency of the package
+        raise CryorefineError(
+            f"--parallel {spec.text}: {module} is not installed (python3 -m pip install {package})"
+        ) from None
 
 
 def jobqueue_cluster(cluster_class: type, kwargs: dict[str, Any]) -> Any:
