@@ -192,3 +192,24 @@ def test_refine_on_dask_gives_the_maps_and_poses_of_thread(data, tmp_path, run_c
     assert np.allclose(a.extra["crSimilarityScore"], b.extra["crSimilarityScore"], rtol=1e-5)
     for column in ("crIncluded", "crExcludedBy"):
         assert list(a.extra[column]) == list(b.extra[column]), column
+
+
+@pytest.mark.slow
+def test_a_running_scheduler_is_joined_and_gives_the_same_matrix(data):
+    """dask:scheduler=ADDRESS: the workers of a scheduler started beside this run (as
+    `dask scheduler` and `dask worker --nthreads 1` would be, without our resource)
+    score the particles to the matrix this process computes."""
+    from distributed import LocalCluster
+
+    refs = _projections(demo_map())
+    stack = ParticleStack.from_path(data / "particles.star")
+    cfg = SimmxConfig(aligncmp="ccc", cmp="ccc", chunk=20)
+    here = simmx(refs, stack, cfg)
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
+        with parallel.use(f"dask:scheduler={cluster.scheduler_address}") as executor:
+            assert executor.workers() == 2 and not executor.own_workers
+            there = simmx(refs, stack, cfg)
+    stack.close()
+    best = here.score.argmin(axis=1)
+    assert np.array_equal(best, there.score.argmin(axis=1))
+    assert np.allclose(here.score, there.score, rtol=1e-4, atol=1e-6)
