@@ -92,3 +92,16 @@ def run_cli(capsys):
 
 def relion_available(*programs: str) -> bool:
     return all(shutil.which(p) for p in programs)
+
+
+#: where ../shared/eman2/build.sh installs EMAN2's programs (and its Python, ``python``)
+EMAN2_DEFAULT_BIN = Path("/opt/eman2/bin")
+
+
+def eman2_bin() -> Path | None:
+    """The folder of EMAN2's programs: the one on ``PATH``, else the build script's;
+    ``None`` where EMAN2 is not installed."""
+    found = shutil.which("e2classify.py")
+    if found:
+        return Path(found).parent
+    return EMAN2_DEFAULT_BIN if (EMAN2_DEFAULT_BIN / "e2classify.py").is_file() else None

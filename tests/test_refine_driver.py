@@ -83,9 +83,12 @@ def test_gold_standard_run_writes_every_output(gold_run, dataset):
         for name in (
             f"projections_{k}_even.mrcs",
             f"projections_{k}_odd.star",
-            f"simmx_{k}.h5",
-            f"classify_{k}.h5",
-            f"cls_result_{k}.h5",
+            f"projections_{k}_odd.hdf",
+            f"simmx_{k}_even.hdf",
+            f"simmx_{k}_odd.hdf",
+            f"classify_{k}_even.hdf",
+            f"cls_result_{k}_odd.hdf",
+            f"classes_{k}_even.hdf",
             f"classes_{k}_even.star",
             f"classes_{k}_odd.mrcs",
             f"threed_{k}.mrc",
@@ -225,7 +228,7 @@ def test_resume_after_sigkill_reaches_the_uninterrupted_result(dataset, tmp_path
     subprocess.run(_command(dataset, whole), check=True, env=env, capture_output=True)
     proc = subprocess.Popen(_command(dataset, killed), env=env, stdout=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (killed / "simmx_01.h5").exists() and time.time() < deadline:  # iteration 2 of 3
+    while not (killed / "simmx_01_odd.hdf").exists() and time.time() < deadline:  # iteration 2 of 3
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
@@ -237,7 +240,8 @@ def test_resume_after_sigkill_reaches_the_uninterrupted_result(dataset, tmp_path
         _command(dataset, killed, "--startiter", "1"), env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert "reusing the complete simmx_01.h5" in (killed / "run.log").read_text()
+    log = (killed / "run.log").read_text()
+    assert "reusing the complete simmx_01_even.hdf, simmx_01_odd.hdf" in log
     for name in ("threed_02.mrc", "threed_02_even.mrc", "threed_02_odd.mrc"):
         a, b = read_map(whole / name).data, read_map(killed / name).data
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(a).max()))

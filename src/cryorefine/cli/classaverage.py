@@ -11,9 +11,9 @@ crClassPtclIdxs and crExcClassPtclIdxs columns), and with --resultmx the
 classification with used flags and final alignments.
 
 examples:
-  cryorefine classaverage --input particles.star --classmx classmx.h5 \\
-      --ref projections.star --output classes.star --resultmx cls_result.h5
-  cryorefine classaverage --input particles.star --classmx classmx.h5 \\
+  cryorefine classaverage --input particles.star --classmx classify.hdf \\
+      --ref projections.star --output classes.star --resultmx cls_result.hdf
+  cryorefine classaverage --input particles.star --classmx classify.hdf \\
       --ref projections.star --output classes.hdf --averager ctf.weight --keep 0.9
 """
 
@@ -32,12 +32,17 @@ PARALLEL = True
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", type=Path, required=True, help="particle stack")
-    parser.add_argument("--classmx", type=Path, required=True, help="classify output (.h5)")
+    parser.add_argument(
+        "--classmx",
+        type=Path,
+        required=True,
+        help="classification matrix (cryorefine classify or e2classify.py)",
+    )
     parser.add_argument(
         "--output", type=Path, required=True, help="class averages (.star, .mrcs, .hdf)"
     )
     parser.add_argument("--ref", type=Path, help="the projections the classes refer to")
-    parser.add_argument("--resultmx", type=Path, help="write the updated classification (.h5)")
+    parser.add_argument("--resultmx", type=Path, help="write the updated classification (.hdf)")
     parser.add_argument("--usefilt", type=Path, help="filtered particles used for alignment")
     parser.add_argument("--apix", type=float, help="Å/pixel (default: the particles' header)")
     add_config_arguments(parser, ClassaverageConfig)

@@ -1,12 +1,12 @@
 """Assign each particle to its best projection(s) of a similarity matrix (e2classify).
 
-Output (HDF5): datasets cls, weight, dx, dy, dalpha, flip, scale of shape
-(particles, sep), best first, and members/offsets + members/particles listing the
-particles of each class.
+Output as e2classify writes it: an EMAN2 .hdf stack of 7 images of sep columns by
+particles rows (class, weight, dx, dy, dalpha, flip, scale), best choice first. Reads
+a matrix from cryorefine simmx or e2simmx.py (and the .h5 files of cryorefine 0.1).
 
 examples:
-  cryorefine classify simmx.h5 classmx.h5
-  cryorefine classify simmx.h5 classmx.h5 --sep 2
+  cryorefine classify simmx.hdf classify.hdf
+  cryorefine classify simmx.hdf classify.hdf --sep 2
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from cryorefine.stages.classify import run_classify
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("simmx", type=Path, help="similarity matrix from cryorefine simmx")
-    parser.add_argument("output", type=Path, help="classification matrix (.h5)")
+    parser.add_argument("simmx", type=Path, help="similarity matrix (from simmx or e2simmx.py)")
+    parser.add_argument("output", type=Path, help="classification matrix (.hdf)")
     add_config_arguments(parser, ClassifyConfig)
     parser.add_argument("--overwrite", "-f", action="store_true", help="replace an existing output")
 

@@ -13,10 +13,11 @@ maximum). Once the global search settles, each particle's orientation and shift 
 refined locally around its last pose against its half map (--localrefine auto; 0:
 global only; 1: local from the input's poses); a local iteration has no projections,
 matrices or classes. Every e2refine option is accepted under its own name and default. Outputs go
-to the next refine_NN folder (or --path): per iteration projections_NN, simmx_NN.h5,
-classify_NN.h5, classes_NN, threed_NN.mrc and its half maps, FSC files,
-particles_NN.star (every particle's pose, for relion_reconstruct), plus
-0_refine_parms.json, run.log and report.html. --check validates everything and prints
+to the next refine_NN folder (or --path): per iteration projections_NN, simmx_NN.hdf,
+classify_NN.hdf, classes_NN (RELION .star/.mrcs and EMAN2 .hdf), threed_NN.mrc and its
+half maps, FSC files, particles_NN.star (every particle's pose, for relion_reconstruct),
+plus particles.lst (EMAN2's particle set; one per half), 0_refine_parms.json, run.log
+(with each stage's EMAN2 command) and report.html. --check validates everything and prints
 memory, disk and time estimates without refining; --startiter N --path P resumes.
 
 examples:

@@ -1,17 +1,18 @@
 """Similarity matrix: every particle aligned to and scored against every projection (e2simmx).
 
 Positional arguments as e2simmx: the projections (columns), the particles (rows) and
-the output (HDF5 datasets score, dx, dy, dalpha, flip, scale, each particles x
-projections). Scores: smaller is better. (dx, dy, dalpha, flip) bring the particle
-onto the projection: rotate about the centre, shift (full-size px), mirror x.
+the output, as e2simmx --saveali writes it: an EMAN2 .hdf stack of 6 images of
+projections columns by particles rows (score, dx, dy, dalpha, flip, scale).
+Scores: smaller is better. (dx, dy, dalpha, flip) bring the particle onto the
+projection: rotate about the centre, shift (full-size px), mirror x.
 The default aligner runs on the batched engine: footprint rotation search for all
 pairs at once, then the translation of 4 candidates per pair.
 
 examples:
-  cryorefine simmx projections.hdf particles.star simmx.h5
-  cryorefine simmx proj.mrcs ptcl.star simmx.h5 --align rotate_translate_flip:maxshift=3 \\
+  cryorefine simmx projections.hdf particles.star simmx.hdf
+  cryorefine simmx proj.mrcs ptcl.star simmx.hdf --align rotate_translate_flip:maxshift=3 \\
       --aligncmp ccc --cmp frc:zeromask=1:snrweight=1 --ralign refine --raligncmp ccc
-  cryorefine simmx proj.mrcs ptcl.star simmx.h5 --twostage 2 --shrink 2
+  cryorefine simmx proj.mrcs ptcl.star simmx.hdf --twostage 2 --shrink 2
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ PARALLEL = True
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("projections", type=Path, help="reference projections (columns)")
     parser.add_argument("particles", type=Path, help="particle stack (rows)")
-    parser.add_argument("output", type=Path, help="similarity matrix (.h5)")
+    parser.add_argument("output", type=Path, help="similarity matrix (.hdf)")
     add_config_arguments(parser, SimmxConfig)
     parser.add_argument(
         "--usefilt",

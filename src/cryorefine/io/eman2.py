@@ -387,6 +387,22 @@ class HdfImages:
     def images(self, indices: np.ndarray) -> np.ndarray:
         return np.stack([self.image(int(i)) for i in indices])
 
+    def rows(self, i: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the 2D float32 image ``i`` (a matrix read in pieces)."""
+        try:
+            data = self._entry(i)["image"][start:stop]
+        except CryorefineError:
+            raise
+        except _H5_ERRORS as exc:
+            raise CryorefineError(f"{self.path}: image {i} cannot be read ({exc})") from None
+        return np.asarray(data, dtype=np.float32)
+
+    def __enter__(self) -> HdfImages:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 # --- writing --------------------------------------------------------------------------
 
@@ -448,17 +464,7 @@ class HdfStackWriter:
             g = self._group.create_group(str(self.count))
             g.create_dataset("image", data=arr)
             nz, ny, nx = (1,) * (3 - arr.ndim) + arr.shape
-            full = {
-                "nx": nx,
-                "ny": ny,
-                "nz": nz,
-                "datatype": 7,
-                "is_complex": 0,
-                "is_complex_x": 0,
-                "is_complex_ri": 1,
-                "changecount": 0,
-                **stats,
-            }
+            full = {**_basic_header(nx, ny, nz), **stats}
             full.update({k: v for k, v in hdr.items() if k not in _NO_COPY})
             for key, value in full.items():
                 enc = encode_attr(value)
@@ -470,6 +476,134 @@ class HdfStackWriter:
     def __exit__(self, *exc) -> None:
         self._f.close()
         self._ctx.__exit__(*exc)
+
+
+def _basic_header(nx: int, ny: int, nz: int = 1) -> dict[str, Any]:
+    """The keys EMAN2 writes on every image: its size and a real float32 data type."""
+    return {
+        "nx": nx,
+        "ny": ny,
+        "nz": nz,
+        "datatype": 7,
+        "is_complex": 0,
+        "is_complex_x": 0,
+        "is_complex_ri": 1,
+        "changecount": 0,
+    }
+
+
+class _Stats:
+    """EMAN2's statistics keys of one image, accumulated over row blocks (float64)."""
+
+    def __init__(self) -> None:
+        self.n = self.nnz = 0
+        self.total = self.squares = self.total_nz = self.squares_nz = 0.0
+        self.lo, self.hi = np.inf, -np.inf
+
+    def add(self, values: np.ndarray, repeat: int = 1) -> None:
+        v = np.asarray(values, np.float64).ravel()
+        if not v.size or repeat < 1:
+            return
+        nz = v[v != 0]
+        self.n += repeat * v.size
+        self.nnz += repeat * nz.size
+        self.total += repeat * v.sum()
+        self.squares += repeat * (v * v).sum()
+        self.total_nz += repeat * nz.sum()
+        self.squares_nz += repeat * (nz * nz).sum()
+        self.lo, self.hi = min(self.lo, v.min()), max(self.hi, v.max())
+
+    def header(self) -> dict[str, float]:
+        n, nnz = max(self.n, 1), max(self.nnz, 1)
+        mean, mean_nz = self.total / n, self.total_nz / nnz
+        var = max(self.squares - n * mean * mean, 0.0) / max(n - 1, 1)
+        var_nz = max(self.squares_nz - nnz * mean_nz * mean_nz, 0.0) / max(nnz - 1, 1)
+        stats = {
+            "minimum": float(self.lo) if self.n else 0.0,
+            "maximum": float(self.hi) if self.n else 0.0,
+            "mean": mean,
+            "sigma": float(np.sqrt(var)),
+            "square_sum": self.squares,
+            "mean_nonzero": mean_nz,
+            "sigma_nonzero": float(np.sqrt(var_nz)),
+        }
+        # float32 attributes, as EMAN2 keeps them (a matrix of 1e24 scores overflows)
+        top = float(np.finfo(np.float32).max)
+        return {k: float(np.clip(v, -top, top)) for k, v in stats.items()}
+
+
+class HdfMatrixWriter:
+    """Write an EMAN2 ``.hdf`` stack of ``count`` float32 images of ``(ny, nx)`` row block
+    by row block, so that no image is ever whole in memory (EMAN2's similarity and
+    classification matrices: rows are particles). Rows never written hold ``fill[i]``.
+    The file appears under ``path`` only when the ``with`` block completes. The images
+    are stored contiguous and uncompressed, as EMAN2 writes them, which lets EMAN2
+    overwrite them in place (``e2classaverage --resultmx``).
+
+    >>> with HdfMatrixWriter("simmx.hdf", 6, n_p, n_c, fill=[1e24, 0, 0, 0, 0, 1]) as w:
+    ...     w.write(0, rows, scores)          # image 0, rows ``rows`` (a slice or indices)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        count: int,
+        ny: int,
+        nx: int,
+        *,
+        fill: list[float] | None = None,
+        headers: list[dict[str, Any]] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.path, self.count, self.ny, self.nx = Path(path), count, ny, nx
+        self.fill = list(fill) if fill is not None else [0.0] * count
+        self.headers = headers or [{} for _ in range(count)]
+        self._ctx = atomic_output(self.path, overwrite=overwrite)
+        self._stats = [_Stats() for _ in range(count)]
+        self._written = [0] * count
+
+    def __enter__(self) -> HdfMatrixWriter:
+        tmp = self._ctx.__enter__()
+        try:
+            self._f = h5py.File(tmp, "w")
+            group = self._f.create_group("MDF/images")
+            group.attrs.create("imageid_max", np.array([self.count - 1], dtype=np.int32))
+            self._data = []
+            for i in range(self.count):
+                g = group.create_group(str(i))
+                self._data.append(
+                    g.create_dataset(
+                        "image", shape=(self.ny, self.nx), dtype=np.float32, fillvalue=self.fill[i]
+                    )
+                )
+        except BaseException as exc:
+            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def write(self, image: int, rows: slice | np.ndarray, values: np.ndarray) -> None:
+        """Set the rows ``rows`` (a slice, or increasing indices, each written once) of
+        image ``image`` to ``values`` ``(len(rows), nx)``."""
+        values = np.asarray(values, np.float32)
+        self._data[image][rows] = values
+        self._stats[image].add(values)
+        self._written[image] += len(values)
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                for i, g in enumerate(self._data):
+                    stats = self._stats[i]
+                    stats.add(np.full(self.nx, self.fill[i]), self.ny - self._written[i])
+                    full = {**_basic_header(self.nx, self.ny), **stats.header()}
+                    full.update(self.headers[i])
+                    for key, value in full.items():
+                        enc = encode_attr(value)
+                        if enc is not None:
+                            _create_attr(g.parent.id, f"EMAN.{key}", enc)
+        finally:
+            self._f.close()
+            self._ctx.__exit__(*exc)
 
 
 def read_hdf_map(path: str | os.PathLike, index: int = 0) -> tuple[np.ndarray, dict[str, Any]]:

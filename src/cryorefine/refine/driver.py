@@ -59,7 +59,7 @@ from cryorefine.fourier.fsc import resolution_at
 from cryorefine.geometry.orientations import angular_step_deg
 from cryorefine.geometry.symmetry import symmetry_group
 from cryorefine.io.atomic import atomic_output, is_file
-from cryorefine.io.maps import Map, read_map
+from cryorefine.io.maps import Map, read_map, write_map
 from cryorefine.io.stacks import ParticleStack, ref_path, star_image_names, write_stack
 from cryorefine.io.star import read_poses_star
 from cryorefine.parallel import ParallelSpec, parse_parallel
@@ -82,7 +82,7 @@ from cryorefine.refine.step import (
     run_step,
     start_maps,
 )
-from cryorefine.stages.classify import ClassMx, read_classmx, write_classmx
+from cryorefine.stages.classify import ClassMx
 
 PARMS = "0_refine_parms.json"
 #: layout of ``0_refine_parms.json`` (:func:`upgrade_record` reads older ones)
@@ -567,6 +567,12 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
             prev_rot = stack.meta.rotations if known else None
             prev_shift = stack.meta.shift_a if known else None
         names = _image_names(run, path, resume)
+        outputs.write_particle_sets(
+            path, stack, names, halves, gold, run.usefilt, run.model, overwrite=False
+        )
+        if gold and start == 0:
+            for m, p in zip(maps, outputs.start_paths(path), strict=True):
+                write_map(p, Map(m, apix), overwrite=resume)
         history = record["iterations"]
         bars = _progress_factory(sys.stderr.isatty() if progress is None else progress)
         group = symmetry_group(cfg.map_sym)
@@ -579,10 +585,17 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
             commands = eman2_commands(opts, cfg, it, str(path), search)
             reuse, cm = False, None
             if resume and it == start and search.kind == "global":
-                reuse, cm = _completed_matrices(path, it, log)
+                reuse, cm = _completed_matrices(path, it, halves, gold, log)
 
             def save(stage: str, value, n_r: int, it=it) -> None:
-                write_classmx(outputs.classify_path(path, it), value, n_r, overwrite=True)
+                outputs.write_matrices(
+                    outputs.classify_paths(path, it, gold),
+                    value,
+                    halves,
+                    n_r,
+                    [{} for _ in halves],
+                    overwrite=True,
+                )
 
             try:
                 if search.kind == "local":
@@ -608,7 +621,8 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
                         iteration=it,
                         usefilt=run.usefilt,
                         cm=cm,
-                        simmx_file=outputs.simmx_path(path, it),
+                        simmx_files=outputs.simmx_paths(path, it, gold),
+                        simmx_headers=_simmx_headers(path, it, gold, run.usefilt is not None),
                         reuse_simmx=reuse,
                         progress=bars,
                         save=save,
@@ -617,6 +631,13 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
                 raise refine_spelling(err, opts) from None
             filt, automask = filtered(step.volume, cfg, apix)
             next_maps = _next_maps(step.maps, filt, automask, cfg, apix, gold)
+            if gold and cfg.mass_kda:  # what the halves project next, for EMAN2's lines
+                for m, s in zip(next_maps, outputs.half_suffixes(True), strict=True):
+                    write_map(
+                        outputs.iteration_file(path, "threed_filt", it, ".mrc", s),
+                        Map(m, apix),
+                        overwrite=resume,
+                    )
             figures = outputs.write_step(
                 path,
                 it,
@@ -684,17 +705,33 @@ def _last_fsc(history: list[dict]) -> np.ndarray | None:
     return None if curve is None else np.asarray(curve, np.float64)
 
 
-def _completed_matrices(path: Path, it: int, log: Log) -> tuple[bool, ClassMx | None]:
-    """Whether a killed run finished the similarity matrix of ``it`` (complete, as
+def _completed_matrices(
+    path: Path, it: int, halves: list[np.ndarray], gold: bool, log: Log
+) -> tuple[bool, ClassMx | None]:
+    """Whether a killed run finished the similarity matrices of ``it`` (complete, as
     every output is written atomically), and its classification if it finished that."""
     cm = None
-    done = outputs.simmx_path(path, it).is_file()
+    files = outputs.simmx_paths(path, it, gold)
+    done = all(f.is_file() for f in files)
     if done:
-        log(f"iteration {it:02d}: reusing the complete {outputs.simmx_path(path, it).name}")
-        if outputs.classify_path(path, it).is_file():
-            cm = read_classmx(outputs.classify_path(path, it))
-            log(f"iteration {it:02d}: reusing the complete {outputs.classify_path(path, it).name}")
+        log(f"iteration {it:02d}: reusing the complete {', '.join(f.name for f in files)}")
+        found = outputs.classify_paths(path, it, gold)
+        if all(f.is_file() for f in found):
+            cm = outputs.read_matrices(found, halves, sum(len(h) for h in halves))
+            log(f"iteration {it:02d}: reusing the complete {', '.join(f.name for f in found)}")
     return done, cm
+
+
+def _simmx_headers(path: Path, it: int, gold: bool, usefilt: bool) -> list[dict]:
+    """What e2simmx writes on image 0 of each half's matrix: its inputs, as its command
+    line in ``run.log`` names them."""
+    return [
+        {
+            "projection_file": str(outputs.iteration_file(path, "projections", it, ".hdf", s)),
+            "particle_file": str(outputs.particle_set(path, s, usefilt=usefilt)),
+        }
+        for s in outputs.half_suffixes(gold)
+    ]
 
 
 def _next_maps(half_maps, filt, automask, cfg: RefineConfig, apix: float, gold: bool):

@@ -290,7 +290,7 @@ def estimate(run: Run) -> dict:
         memory = rss_peak + _memory_beyond_sample(n, n_r, n_p, rows, distinct, halves)
     image = 4 * n * n
     disk = (
-        2 * halves * n_r * image  # projections and class averages
+        4 * halves * n_r * image  # projections and class averages, RELION's and EMAN2's
         + 6 * 4 * n_p * n_r  # simmx
         + 3 * 7 * 4 * n_p  # classify, cls_result
         + (3 + halves + 2) * 4 * n**3  # maps, masks
@@ -310,7 +310,8 @@ def estimate(run: Run) -> dict:
         "memory_bytes": memory,
         "memory_bound": bound,
         "disk_per_iteration_bytes": disk,
-        "disk_bytes": disk * cfg.iterations,
+        # + the EMAN2 particle sets (each particle's CTF with its SNR curve) and the starts
+        "disk_bytes": disk * cfg.iterations + (300 + 8 * n) * n_p + 2 * 4 * n**3,
         "seconds_per_stage": seconds,
         "seconds_per_iteration": sum(seconds.values()),
         "sample_seconds": sample_wall,

@@ -606,73 +606,98 @@ def _resolved(name: str, cwd: str | None) -> Path:
 def eman2_commands(
     o: dict[str, Any], cfg: RefineConfig, iteration: int, path: str, search: Any = None
 ) -> dict[str, str]:
-    """What each stage of one iteration ran, as the EMAN2 command line that does it
-    (spec ch01 §2.2), ``"as EMAN2: ..."``; the map from the particles as the RELION
-    command that rebuilds it from ``particles_NN.star``, ``"as RELION: ..."``. Built
-    from ``cfg`` (what runs), with ``o`` (the options) for file names and spellings.
+    """What each stage of one iteration ran, as the EMAN2 (2.99) command lines that do it
+    (spec ch01 §2.2), ``"as EMAN2: ..."``, one per half joined by ``"; "``; the map
+    from the particles as the RELION command that rebuilds it from
+    ``particles_NN.star``, ``"as RELION: ..."``. Every file they name is one the
+    refinement writes (:mod:`cryorefine.refine.outputs`): the halves' particle sets
+    ``particles_even.lst``/``_odd``, their projections, matrices and class averages
+    in EMAN2's layouts. What EMAN2 would do otherwise follows the command as a shell
+    comment. Built from ``cfg`` (what runs), with ``o`` (the options) for spellings.
     ``search``: the iteration's (:class:`~cryorefine.refine.local.Search`); a local one
-    adds what its ``local`` stage searched."""
+    adds what its ``local`` stage searched. Paths are as the run was given them: the
+    lines run from the folder it ran in."""
     o = {**defaults(), **o}
     k = f"{iteration:02d}"
-    prev = "" if iteration == 0 else f"{path}/threed_filt_{iteration - 1:02d}.hdf"
-    model = o["model"] if iteration == 0 else prev
-    ptcl = o["usefilt"] or o["input"]
+    gold = cfg.goldstandard
+    halves = ("_even", "_odd") if gold else ("",)
     v = f" --verbose={o['verbose'] - 1}" if o.get("verbose", 0) > 0 else ""
     # EMAN2 knows thread:N, not dask: (its lines then run on its own default)
     given = o.get("parallel") or ""
     par = f" --parallel={given}" if given.startswith("thread:") else ""
     sim_cfg, m3d = cfg.simmx, cfg.make3d
-    proj = (
-        f"e2project3d.py {model} -f --outfile={path}/projections_{k}.hdf "
+
+    def f(stem: str, s: str, ext: str = ".hdf", it: str = k) -> str:
+        return f"{path}/{stem}_{it}{s}{ext}"
+
+    def model(s: str) -> str:
+        if iteration == 0:
+            return f"{path}/threed_start{s}.mrc" if gold else o["model"]
+        last = f"{iteration - 1:02d}"
+        return f("threed_filt" if cfg.mass_kda or not gold else "threed", s, ".mrc", last)
+
+    ptcl = {s: f"{path}/particles{s}.lst" for s in halves}
+    sim_in = {s: f"{path}/usefilt{s}.lst" for s in halves} if o["usefilt"] else ptcl
+    proj = "; ".join(
+        f"e2project3d.py {model(s)} --outfile={f('projections', s)} "
         f"{cfg.project3d.eman2_args()}{par}{v}"
+        for s in halves
     )
-    tail = f" {sim_cfg.eman2_args()}{v}{par}"
+    sim = "; ".join(
+        f"e2simmx.py {f('projections', s)} {sim_in[s]} {f('simmx', s)} --saveali "
+        f"{sim_cfg.eman2_args()}{v}{par}"
+        for s in halves
+    )
     if sim_cfg.twostage:
-        sim = (
-            f"e2simmx2stage.py {path}/projections_{k}.hdf {ptcl} {path}/simmx_{k}.hdf "
-            f"{path}/proj_simmx_{k}.hdf {path}/proj_stg1_{k}.hdf {path}/simmx_stg1_{k}.hdf "
-            f"-f --saveali --shrinks1={sim_cfg.twostage}" + tail
+        sim += (
+            f"  # --twostage {sim_cfg.twostage} (e2simmx2stage.py): only the cells of the "
+            f"projections near each particle's best stage-1 averages were computed"
         )
-    else:
-        sim = (
-            f"e2simmx.py {path}/projections_{k}.hdf {ptcl} {path}/simmx_{k}.hdf -f --saveali" + tail
-        )
-    cls = f"e2classify.py {path}/simmx_{k}.hdf {path}/classify_{k}.hdf -f "
-    cls += cfg.classify.eman2_args() + v
-    ca = (
-        f"e2classaverage.py --input={o['input']} --classmx={path}/classify_{k}.hdf --storebad "
-        f"--output={path}/classes_{k}.hdf --ref={path}/projections_{k}.hdf "
-        f"-f --resultmx={path}/cls_result_{k}.hdf {cfg.classaverage.eman2_args()}"
-        + (f" --usefilt={o['usefilt']}" if o["usefilt"] else "")
+    cls = "; ".join(
+        f"e2classify.py {f('simmx', s)} {f('classify', s)} {cfg.classify.eman2_args()}{v}"
+        for s in halves
+    )
+    ca = "; ".join(
+        f"e2classaverage.py --input={ptcl[s]} --classmx={f('classify', s)} --storebad "
+        f"--output={f('classes', s)} --ref={f('projections', s)} "
+        f"--resultmx={f('cls_result', s)} {cfg.classaverage.eman2_args()}"
+        + (f" --usefilt={sim_in[s]}" if o["usefilt"] else "")
         + v
         + par
+        for s in halves
     )
-    out = f"{path}/threed_{k}.hdf"
     pre = ",".join(m3d.preprocess)
     post = "".join(f" --process={p}" for p in m3d.postprocess)
     if m3d.setsf:
         post = f" --setsf={m3d.setsf}" + post
     is_local = search is not None and search.kind == "local"
+    notes = []
     if cfg.m3dsource == "classes" and not is_local:
-        make3d = (
-            f"as EMAN2: e2make3d.py --input={path}/classes_{k}.hdf -f --output={out} "
+        outs = [f("threed", s, ".mrc") for s in halves]
+        make3d = "as EMAN2: " + "; ".join(
+            f"e2make3d.py --input={f('classes', s)} --output={out} "
             + m3d.eman2_args()
             + (" --lowmem" if o["lowmem"] else "")
             + v
+            for s, out in zip(halves, outs, strict=True)
         )
         post = ""
     else:  # every kept particle at its pose, with its CTF: particles_NN.star
-        halves = " (each half: --subset 1, --subset 2)" if cfg.goldstandard else ""
         make3d = (
             f"as RELION: relion_reconstruct --i {path}/particles_{k}.star --o "
-            f"{path}/threed_{k}.mrc --ctf --fom_weighting --sym {m3d.sym.upper()}{halves}"
-            + (f"; each image first e2proc2d.py --process={pre}" if pre else "")
+            f"{path}/threed_{k}.mrc --ctf --fom_weighting --sym {m3d.sym.upper()}"
         )
-        out = f"{path}/threed_{k}.mrc"
+        outs = [f"{path}/threed_{k}.mrc"]
+        if gold:
+            notes.append("each half: --subset 1, --subset 2")
+        if pre:
+            notes.append(f"each image first e2proc2d.py --process={pre}")
     if cfg.postprocess2:
         post += f" --process={cfg.postprocess2}"
     if post:
-        make3d += f"; then e2proc3d.py {out} {out}{post}"
+        make3d += "; " + "; ".join(f"e2proc3d.py {out} {out}{post}" for out in outs)
+    if notes:
+        make3d += "  # " + "; ".join(notes)
     local = ""
     if is_local:
         local = (

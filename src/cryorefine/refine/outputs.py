@@ -2,15 +2,23 @@
 
 Per iteration ``NN`` (half files end ``_even``/``_odd``, as e2refine_easy names them,
 for half sets 1 and 2; a single chain has no suffix):
-``projections_NN[_half].mrcs/.star``, ``simmx_NN.h5``, ``classify_NN.h5``,
-``cls_result_NN.h5``, ``classes_NN[_half].mrcs/.star``, ``threed_NN.mrc`` (the
-combined map), ``threed_NN_even/odd.mrc`` (the half maps), ``threed_filt_NN.mrc``
-(the map projected next by a single chain; ``--mass``/``--automask3d`` applied),
+``projections_NN[_half].mrcs/.star/.hdf``, ``simmx_NN[_half].hdf``,
+``classify_NN[_half].hdf``, ``cls_result_NN[_half].hdf`` (EMAN2's matrices; rows
+are the particles of ``particles[_half].lst``), ``classes_NN[_half].mrcs/.star/.hdf``,
+``threed_NN.mrc`` (the combined map), ``threed_NN_even/odd.mrc`` (the half maps),
+``threed_filt_NN.mrc`` (the map projected next by a single chain;
+``--mass``/``--automask3d`` applied; with halves, ``threed_filt_NN_even/odd.mrc``
+are what they project next),
 ``threed_mask_NN.mrc``, ``fsc_mask_NN.mrc`` (the soft mask of the masked half-map FSC),
 ``fsc_unmasked_NN.txt``, ``fsc_masked_NN.txt``, ``fsc_corrected_NN.txt`` and
 ``fsc_halves_NN.star`` (half maps; relion_postprocess's curves),
 ``fsc_xx_00.txt``/``fsc_MM_NN.txt`` (+ ``.star``: successive maps), and
 ``particles_NN.star``.
+
+Once per run: ``particles[_half].lst`` (and ``usefilt[_half].lst``), the EMAN2 particle
+sets the matrices and class averages number their particles by (each half's
+particles in order, pointing into the input's images with their CTF), and, with
+halves, ``threed_start_even/odd.mrc``, the maps iteration 0 projects.
 """
 
 from __future__ import annotations
@@ -19,15 +27,19 @@ from pathlib import Path
 
 import numpy as np
 
+from cryorefine.errors import CryorefineError
 from cryorefine.fourier.fsc import fsc, resolution_at
+from cryorefine.io.eman2 import HdfStackWriter
 from cryorefine.io.fsc_files import write_fsc_star, write_fsc_text
+from cryorefine.io.lst import LstRecord, write_lst
 from cryorefine.io.maps import Map, write_map
 from cryorefine.io.metadata import ParticleMetadata
-from cryorefine.io.stacks import ParticleStack, write_stack
+from cryorefine.io.stacks import ParticleStack, eman_header, ref_path, write_stack
 from cryorefine.io.star import write_particle_star
 from cryorefine.refine.step import REASONS, Step
 from cryorefine.stages.classaverage import write_classes
-from cryorefine.stages.classify import write_classmx
+from cryorefine.stages.classify import ClassMx, read_classmx, write_classmx
+from cryorefine.stages.simmx import ctf_snr, map_signal_power
 
 HALF_NAMES = ("even", "odd")
 
@@ -53,12 +65,102 @@ def map_paths(path: Path, iteration: int, gold: bool) -> list[Path]:
     return [iteration_file(path, "threed_filt", iteration, ".mrc")]
 
 
-def simmx_path(path: Path, iteration: int) -> Path:
-    return iteration_file(path, "simmx", iteration, ".h5")
+def simmx_paths(path: Path, iteration: int, gold: bool) -> list[Path]:
+    """Each half's similarity matrix (EMAN2 ``.hdf``)."""
+    return [iteration_file(path, "simmx", iteration, ".hdf", s) for s in half_suffixes(gold)]
 
 
-def classify_path(path: Path, iteration: int) -> Path:
-    return iteration_file(path, "classify", iteration, ".h5")
+def classify_paths(path: Path, iteration: int, gold: bool) -> list[Path]:
+    """Each half's classification matrix (EMAN2 ``.hdf``)."""
+    return [iteration_file(path, "classify", iteration, ".hdf", s) for s in half_suffixes(gold)]
+
+
+def particle_set(path: Path, half: str = "", *, usefilt: bool = False) -> Path:
+    """The EMAN2 particle set (``.lst``) of one half (``half``: its suffix)."""
+    return path / f"{'usefilt' if usefilt else 'particles'}{half}.lst"
+
+
+def start_paths(path: Path) -> list[Path]:
+    """The maps the gold-standard halves project at iteration 0."""
+    return [path / f"threed_start{s}.mrc" for s in half_suffixes(True)]
+
+
+def write_particle_sets(
+    path: Path,
+    stack: ParticleStack,
+    image_names: np.ndarray,
+    halves: list[np.ndarray],
+    gold: bool,
+    usefilt: ParticleStack | None,
+    model: np.ndarray,
+    *,
+    overwrite: bool,
+) -> None:
+    """``particles[_half].lst`` (and ``usefilt[_half].lst``): each half's particles in
+    order, as EMAN2 reads them, pointing into the images ``particles_NN.star`` names
+    (``image_names``, ``NNNNNN@file``; usefilt's own files) with each particle's EMAN2
+    header: no image is copied. Files already there (a resumed run) are kept.
+
+    A particle's CTF carries the SNR curve ``snrweight`` weights its rings by: its own
+    (e2ctf's), else the one cryorefine uses (:func:`~cryorefine.stages.simmx.ctf_snr`,
+    with the starting ``model``'s power), every ring of its box, so that EMAN2's
+    comparators and CTF averagers, which need one, run on it."""
+    signal = map_signal_power(model)
+    for s, idx in zip(half_suffixes(gold), halves, strict=True):
+        for source, usef in ((stack, False), (usefilt, True)):
+            target = particle_set(path, s, usefilt=usef)
+            if source is None or (target.is_file() and not overwrite):
+                continue
+            records = []
+            for c0 in range(0, len(idx), SET_CHUNK):
+                rows = idx[c0 : c0 + SET_CHUNK]
+                snr = ctf_snr(source.meta, rows, source.box, source.apix, signal)
+                curves = source.meta.ctf_curves
+                for j, i in enumerate(rows):
+                    hdr = eman_header(source.meta, int(i), with_apix=False)
+                    if snr is not None and (curves is None or curves[i] is None):
+                        hdr["ctf"].dsbg = 1.0 / (source.apix * source.box)
+                        hdr["ctf"].snr = [float(f"{v:.4g}") for v in snr[j]]
+                    number, file = _image_file(source, usef, image_names, int(i))
+                    records.append(LstRecord(number, file, hdr))
+            write_lst(target, records, overwrite=overwrite)
+
+
+#: particles whose SNR curves are computed at once
+SET_CHUNK = 4096
+
+
+def _image_file(stack: ParticleStack, usefilt: bool, image_names: np.ndarray, i: int):
+    """Image ``i``'s (0-based number, file) as an EMAN2 set refers to it."""
+    if not usefilt:
+        number, file = str(image_names[i]).split("@", 1)
+        return int(number) - 1, file
+    return int(stack.meta.source_index[i]), ref_path(str(stack.meta.source_path[i]))
+
+
+def write_matrices(
+    files: list[Path],
+    cm: ClassMx,
+    halves: list[np.ndarray],
+    n_classes: int,
+    headers: list[dict],
+    *,
+    overwrite: bool,
+) -> None:
+    """Each half's rows of a classification matrix, in EMAN2's layout."""
+    for f, idx, header in zip(files, halves, headers, strict=True):
+        write_classmx(f, cm.rows(idx), n_classes, header=header, overwrite=overwrite)
+
+
+def read_matrices(files: list[Path], halves: list[np.ndarray], n_p: int) -> ClassMx:
+    """The classification of every particle from each half's file."""
+    parts = [read_classmx(f) for f in files]
+    cm = ClassMx.empty(n_p, parts[0].cls.shape[1])
+    for part, idx in zip(parts, halves, strict=True):
+        if len(part.cls) != len(idx):
+            raise CryorefineError(f"{files[0].parent}: {len(part.cls)} rows, not {len(idx)}")
+        cm.put(idx, part)
+    return cm
 
 
 def write_step(
@@ -92,17 +194,26 @@ def write_step(
                 iteration_file(path, "projections", iteration, ".star", s),
                 overwrite=overwrite,
             )
-            write_classes(
-                iteration_file(path, "classes", iteration, ".star", s),
-                step.classes[h],
-                step.ref_rotations[h],
-                apix,
-                overwrite=overwrite,
-            )
-        write_classmx(
-            iteration_file(path, "cls_result", iteration, ".h5"),
+            proj_hdf = iteration_file(path, "projections", iteration, ".hdf", s)
+            write_projections_hdf(proj_hdf, proj, overwrite=overwrite)
+            for ext in (".star", ".hdf"):
+                write_classes(
+                    iteration_file(path, "classes", iteration, ext, s),
+                    step.classes[h],
+                    step.ref_rotations[h],
+                    apix,
+                    references=step.projections[h],
+                    ptcl_src=ref_path(particle_set(path, s)),
+                    ptcl_set=halves[h],
+                    projection_file=ref_path(proj_hdf),
+                    overwrite=overwrite,
+                )
+        write_matrices(
+            [iteration_file(path, "cls_result", iteration, ".hdf", s) for s in sfx],
             step.resultmx,
+            halves,
             n_r,
+            [{"class_ptcl_src": ref_path(particle_set(path, s))} for s in sfx],
             overwrite=overwrite,
         )
     write_map(
@@ -181,6 +292,17 @@ def write_step(
         overwrite=overwrite,
     )
     return figures
+
+
+def write_projections_hdf(path: Path, proj: ParticleStack, *, overwrite: bool) -> None:
+    """The projections as e2project3d writes them (spec ch01 §4.2): EMAN2 ``.hdf``,
+    float32, each with ``xform.projection``, ``ptcl_repr = 0``, ``model_id = 0`` and
+    the pixel size."""
+    headers = [
+        {**eman_header(proj.meta, i), "ptcl_repr": 0, "model_id": 0} for i in range(len(proj))
+    ]
+    with HdfStackWriter(path, overwrite=overwrite) as w:
+        w.append(proj.read(), headers)
 
 
 def write_particles(

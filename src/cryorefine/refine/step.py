@@ -242,17 +242,20 @@ def score_particles(
     cfg: RefineConfig,
     progress: Callable[[str, int, int], Callable[[int], None]] | None,
     *,
-    out: Path | None = None,
+    out: list[Path] | None = None,
+    headers: list[dict] | None = None,
 ) -> tuple[Simmx | None, ClassMx, np.ndarray]:
-    """simmx and classify, chunk by chunk: one matrix over every particle, each row
-    scored against its own half's projections (``stack``: the particles, or their
-    ``--usefilt`` copy), and each row classified as it comes.
+    """simmx and classify, chunk by chunk: each half's particles (``stack``: the
+    particles, or their ``--usefilt`` copy) scored against its own projections, and
+    each row classified as it comes.
 
-    ``out``: the matrix goes to that file row chunk by row chunk (replacing one there)
-    and is never whole in memory (``None`` is returned for it); without ``out`` it is
-    returned whole. Returns the matrix, the classification and each particle's score
-    for its first class. ``--simvec`` needs the whole matrix's class patterns: its
-    rows are classified after, from the file.
+    ``out``: one file per half, which gets the half's matrix (its particles in order:
+    row ``i`` is particle ``halves[h][i]``) row chunk by row chunk, replacing one there,
+    with ``headers[h]`` on its image 0; the matrix is then never whole in memory
+    (``None`` is returned for it). Without ``out`` it is returned whole, rows in the
+    stack's order. Returns the matrix, the classification (rows in the stack's order)
+    and each particle's score for its first class. ``--simvec`` needs a half's class
+    patterns: its rows are classified after, from the half's matrix.
     """
     n_p, nc = len(stack), len(projections[0])
     classify(Simmx.empty(0, nc), cfg.classify)  # --sep against the projections, first
@@ -262,32 +265,52 @@ def score_particles(
         sim.score[:] = WORST
     cm, best = ClassMx.empty(n_p, cfg.classify.sep), np.empty(n_p, np.float32)
     attrs = {"apix": stack.apix, "options": repr(cfg.simmx)}
-    sink = nullcontext(None) if out is None else simmx_writer(out, n_p, nc, attrs, overwrite=True)
-    with sink as writer:
-        for h, idx in enumerate(halves):
+    for h, idx in enumerate(halves):
+        sink = (
+            nullcontext(None)
+            if out is None
+            else simmx_writer(
+                out[h],
+                len(idx),
+                nc,
+                {**attrs, **(headers or [{}] * len(halves))[h]},
+                overwrite=True,
+            )
+        )
+        with sink as writer:
             tick = progress("simmx", h, len(idx)) if progress else None
             for rows, part in simmx_rows(projections[h], stack.take(idx), cfg.simmx, progress=tick):
-                rows = idx[rows]
                 if writer is not None:
                     writer.write(rows, part)
-                else:
+                rows = idx[rows]
+                if sim is not None:
                     for name in SIMMX_FIELDS:
                         getattr(sim, name)[rows] = getattr(part, name)
                 if not cfg.classify.simvec:
                     sub = classify(part, cfg.classify)
                     cm.put(rows, sub)
                     best[rows] = np.take_along_axis(part.score, sub.cls[:, :1], axis=1)[:, 0]
-    if cfg.classify.simvec:
-        if out is not None:
-            cm, best = classify_file(out, cfg.classify)
-        else:
-            cm = classify(sim, cfg.classify)
-            best = np.take_along_axis(sim.score, cm.cls[:, :1], axis=1)[:, 0]
+        if cfg.classify.simvec:  # the half's own class patterns
+            if out is not None:
+                sub, best[idx] = classify_file(out[h], cfg.classify)
+            else:
+                half = Simmx(*(getattr(sim, name)[idx] for name in SIMMX_FIELDS))
+                sub = classify(half, cfg.classify)
+                best[idx] = np.take_along_axis(half.score, sub.cls[:, :1], axis=1)[:, 0]
+            cm.put(idx, sub)
     return sim, cm, best
 
 
-def _rows(cm: ClassMx, idx: np.ndarray) -> ClassMx:
-    return ClassMx(*(a[idx] for a in vars(cm).values()))
+def classify_halves(
+    files: list[Path], halves: list[np.ndarray], n_p: int, cfg: RefineConfig
+) -> tuple[ClassMx, np.ndarray]:
+    """:func:`classify_file` of each half's matrix file, in the stack's order: the
+    classification and each particle's score for its first class."""
+    cm, best = ClassMx.empty(n_p, cfg.classify.sep), np.empty(n_p, np.float32)
+    for f, idx in zip(files, halves, strict=True):
+        sub, best[idx] = classify_file(f, cfg.classify)
+        cm.put(idx, sub)
+    return cm, best
 
 
 def average_classes(
@@ -308,7 +331,7 @@ def average_classes(
     for h, idx in enumerate(halves):
         ca = classaverage(
             stack.take(idx),
-            _rows(cm, idx),
+            cm.rows(idx),
             projections[h],
             cfg.classaverage,
             n_classes=len(projections[h]),
@@ -424,7 +447,8 @@ def run_step(
     usefilt: ParticleStack | None = None,
     sim: Simmx | None = None,
     cm: ClassMx | None = None,
-    simmx_file: Path | None = None,
+    simmx_files: list[Path] | None = None,
+    simmx_headers: list[dict] | None = None,
     reuse_simmx: bool = False,
     progress: Callable[[str, int, int], Callable[[int], None]] | None = None,
     save: Callable[[str, object, int], None] | None = None,
@@ -433,10 +457,11 @@ def run_step(
 
     ``halves``: the particle indices of each half (one array for a single chain).
     ``sim``/``cm``: a similarity or classification matrix already computed for this
-    iteration, used instead of computing it again. ``simmx_file``: the similarity
-    matrix is written there row chunk by row chunk and never held whole
-    (:func:`score_particles`; ``Step.sim`` is then ``None``); with ``reuse_simmx`` the
-    file is complete already (a resumed run) and is classified from disk.
+    iteration, used instead of computing it again. ``simmx_files``: each half's
+    similarity matrix is written there row chunk by row chunk, with
+    ``simmx_headers[h]`` on its image 0, and never held whole (:func:`score_particles`;
+    ``Step.sim`` is then ``None``); with ``reuse_simmx`` the files are complete
+    already (a resumed run) and are classified from disk.
     ``progress(stage, half, total)`` returns a callback taking the count of particles
     just done; ``save("classify", matrix, n_projections)`` receives the classification
     as soon as it exists (a driver writes it, so that a resumed run can start after it).
@@ -453,13 +478,19 @@ def run_step(
     with timed(seconds, "simmx"):
         if cm is None and sim is None and not reuse_simmx:
             sim, cm, best = score_particles(
-                projections, usefilt or stack, halves, cfg, progress, out=simmx_file
+                projections,
+                usefilt or stack,
+                halves,
+                cfg,
+                progress,
+                out=simmx_files,
+                headers=simmx_headers,
             )
             if save:
                 save("classify", cm, n_r)
     with timed(seconds, "classify"):
         if sim is None and best is None and reuse_simmx:  # each row's best score, too
-            found, best = classify_file(simmx_file, cfg.classify)
+            found, best = classify_halves(simmx_files, halves, n_p, cfg)
             if cm is None:
                 cm = found
                 if save:
@@ -478,7 +509,7 @@ def run_step(
         rotations = np.empty((n_p, 3, 3))
         shifts_px = np.empty((n_p, 2))
         for h, idx in enumerate(halves):
-            rotations[idx], shifts_px[idx] = assigned_poses(_rows(cm, idx), ref_rotations[h])
+            rotations[idx], shifts_px[idx] = assigned_poses(cm.rows(idx), ref_rotations[h])
         reason = np.where(in_class, USED, CLASSKEEP)
         if cfg.m3dsource == "particles":
             volume, new_maps, info = reconstruct_from_particles(

@@ -33,6 +33,7 @@ from cryorefine.align.transform2d import Transform2D
 from cryorefine.config import ClassaverageConfig
 from cryorefine.errors import CryorefineError
 from cryorefine.fourier.filters import match_power_spectrum
+from cryorefine.fourier.fsc import fsc
 from cryorefine.io.atomic import check_output
 from cryorefine.io.eman2 import HdfStackWriter, projection_transform
 from cryorefine.io.metadata import ParticleMetadata
@@ -440,20 +441,45 @@ def _final_alignment(averages: np.ndarray, targets: np.ndarray) -> Transform2D:
     return res.transform
 
 
+#: rings of the running mean that smooths ``class_ssnr`` (EMAN2 2.99 e2classaverage)
+SSNR_SMOOTHING = 9
+
+
+def class_ssnr(average: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """EMAN2's ``class_ssnr`` of a class average (e2classaverage 2.99): its FRC with the
+    reference projection per ring ``(n // 2 + 1,)``, smoothed by a 9-ring running mean
+    (the end values repeated beyond the ends), as a pseudo-SSNR ``FRC / (1 - FRC)``.
+    e2make3d's iterative insertion needs it on every average it reinserts."""
+    frc = fsc(average, reference)
+    half = SSNR_SMOOTHING // 2
+    padded = np.concatenate([np.full(half, frc[0]), frc, np.full(half, frc[-1])])
+    smooth = np.convolve(padded, np.ones(SSNR_SMOOTHING) / SSNR_SMOOTHING, mode="valid")
+    return smooth / (1.0 - np.minimum(smooth, 0.999999))
+
+
 def write_classes(
     path: Path,
     ca: ClassAverages,
     ref_rotations: np.ndarray | None,
     apix: float,
     *,
+    references: np.ndarray | None = None,
+    ptcl_src: str | None = None,
+    ptcl_set: np.ndarray | None = None,
+    projection_file: str | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
     """Write the class averages, one per class number (``--storebad``), with how each was
     made.
 
-    ``.hdf``: EMAN2 headers (``xform.projection`` of the class's projection,
-    ``ptcl_repr``, ``class_ptcl_idxs``, ``exc_class_ptcl_idxs``, ``class_ptcl_qual``,
-    ``class_ptcl_qual_sigma``, ``projection_image_idx``; 0-based particle numbers).
+    ``.hdf``, as e2classaverage writes it: float32, with EMAN2 headers
+    (``xform.projection`` and ``model_id`` of the class's projection, which is image
+    ``projection_image_idx`` of ``projection_image`` (``projection_file``), the
+    projection the members were aligned to; ``ptcl_repr``; ``class_ptcl_idxs``,
+    ``exc_class_ptcl_idxs``: 0-based particle numbers in ``class_ptcl_src``
+    (``ptcl_src``, whose particles are ``ptcl_set``, by their numbers in ``ca``);
+    ``class_ptcl_qual``, ``class_ptcl_qual_sigma``; ``class_ssnr`` against the
+    ``references`` (:func:`class_ssnr`); the pixel size).
     ``.star`` (with ``.mrcs``) or ``.mrcs``: RELION 3.1 with the orientation,
     ``rlnClassNumber`` (1-based), ``rlnClassDistribution`` and our columns
     ``crPtclRepr`` (the average's weight in a reconstruction; make3d reads it),
@@ -465,6 +491,9 @@ def write_classes(
     members = grouped(ca.particle[ca.used], ca.cls[ca.used], n_r)
     rejected = grouped(ca.particle[~ca.used], ca.cls[~ca.used], n_r)
     if path.suffix.lower() == ".hdf":
+        if ptcl_set is not None:  # numbers in the set ptcl_src lists
+            members = [np.searchsorted(ptcl_set, m) for m in members]
+            rejected = [np.searchsorted(ptcl_set, m) for m in rejected]
         headers = []
         for c in range(n_r):
             h = {
@@ -477,9 +506,17 @@ def write_classes(
                 "class_ptcl_idxs": [int(p) for p in members[c]],
                 "exc_class_ptcl_idxs": [int(p) for p in rejected[c]],
             }
-            if ref_rotations is not None:
+            if ptcl_src is not None:
+                h["class_ptcl_src"] = ptcl_src
+            if ref_rotations is not None and ca.ptcl_repr[c] > 0:
+                # a blank average has none, so that e2make3d skips it (spec ch04 §4.1.7)
                 h["xform.projection"] = projection_transform(ref_rotations[c], np.zeros(2))
-                h["projection_image_idx"] = c
+                h["model_id"] = 0
+            if references is not None and ca.ptcl_repr[c] > 0:
+                h["class_ssnr"] = class_ssnr(ca.images[c], references[c])
+            if projection_file is not None:
+                h["projection_image"] = projection_file
+            h["projection_image_idx"] = c
             headers.append(h)
         with HdfStackWriter(path, overwrite=overwrite) as w:
             w.append(ca.images, headers)
@@ -540,7 +577,9 @@ def run_classaverage(
             filt = ParticleStack.from_path(usefilt, apix=stack.apix)
         n_classes = len(refs_images) if refs_images is not None else None
         ca = classaverage(stack, cm, refs_images, cfg, n_classes=n_classes, usefilt=filt)
-        write_classes(output, ca, rotations, stack.apix, overwrite=overwrite)
+        write_classes(
+            output, ca, rotations, stack.apix, references=refs_images, overwrite=overwrite
+        )
         if resultmx is not None:
             write_classmx(resultmx, ca.result_classmx(cm), len(ca.images), overwrite=overwrite)
     finally:

@@ -18,7 +18,8 @@ from cryorefine.align.compare import sqeuclidean
 from cryorefine.config import ClassifyConfig
 from cryorefine.errors import CryorefineError
 from cryorefine.geometry.euler import particle_from_alignment
-from cryorefine.io.atomic import atomic_output, check_output
+from cryorefine.io.atomic import check_output
+from cryorefine.io.eman2 import HdfImages, HdfMatrixWriter
 from cryorefine.stages.simmx import Simmx, read_simmx_rows, simmx_shape
 
 #: the --simvec score of a class that no particle chose first (EMAN2's value)
@@ -47,6 +48,10 @@ class ClassMx:
         """Set the rows ``rows`` from ``part``'s."""
         for name in CLASSMX_FIELDS:
             getattr(self, name)[rows] = getattr(part, name)
+
+    def rows(self, idx: np.ndarray) -> ClassMx:
+        """The rows ``idx``, as a matrix of their own."""
+        return ClassMx(*(getattr(self, name)[idx] for name in CLASSMX_FIELDS))
 
     def members(self, n_classes: int) -> list[np.ndarray]:
         """Per class, the particles assigned to it in any of their ``sep`` choices."""
@@ -164,35 +169,64 @@ def assigned_poses(
     )
 
 
-def write_classmx(path: Path, cm: ClassMx, n_classes: int, *, overwrite: bool = False) -> None:
-    """HDF5: ``(particles, sep)`` datasets and per-class member lists (CSR)."""
-    members = cm.members(n_classes)
-    with atomic_output(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["format"] = "cryorefine classmx 1"
-        f.attrs["axes"] = "particle, choice (best first)"
-        f.attrs["n_classes"] = n_classes
-        for name in CLASSMX_FIELDS:
-            ds = f.create_dataset(name, data=getattr(cm, name), compression="gzip")
-            ds.attrs["axes"] = "particle, choice"
-        g = f.create_group("members")
-        g.attrs["layout"] = "particles of class c: particles[offsets[c]:offsets[c+1]]"
-        g.create_dataset("offsets", data=np.cumsum([0] + [len(m) for m in members]))
-        g.create_dataset("particles", data=np.concatenate(members) if members else [])
+def write_classmx(
+    path: Path,
+    cm: ClassMx,
+    n_classes: int,
+    *,
+    header: dict | None = None,
+    overwrite: bool = False,
+) -> None:
+    """EMAN2's classification matrix (spec ch03 §6.4): an ``.hdf`` stack of 7 float32
+    images ``nx = sep``, ``ny = particles`` (class, weight, dx, dy, dalpha, flip,
+    scale), best choice first; ``header`` (and ``n_classes``) on image 0."""
+    n_p, sep = cm.cls.shape
+    headers = [{"n_classes": int(n_classes), **(header or {})}] + [{} for _ in CLASSMX_FIELDS[1:]]
+    with HdfMatrixWriter(
+        path, len(CLASSMX_FIELDS), n_p, sep, headers=headers, overwrite=overwrite
+    ) as w:
+        for i, name in enumerate(CLASSMX_FIELDS):
+            w.write(i, slice(0, n_p), getattr(cm, name))
 
 
 def read_classmx(path: Path) -> ClassMx:
-    """Read a classification matrix written by :func:`write_classmx`."""
+    """Read a classification matrix: EMAN2's ``.hdf`` images (2, 6 or 7: without the
+    alignment, dx ... flip read as 0 and scale as 1), or cryorefine 0.1's ``.h5``."""
+    path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != "cryorefine classmx 1":
-                raise CryorefineError(f"{path}: not a cryorefine classmx")
-            missing = [name for name in CLASSMX_FIELDS if name not in f]
-            if missing:
-                raise CryorefineError(f"{path}: no dataset '{missing[0]}'")
-            data = {name: f[name][()] for name in CLASSMX_FIELDS}
+            eman = "MDF" in f
+            if not eman:
+                if f.attrs.get("format") != "cryorefine classmx 1":
+                    raise CryorefineError(
+                        f"{path}: not a classification matrix (neither EMAN2's .hdf images "
+                        "nor cryorefine's .h5 datasets)"
+                    )
+                missing = [name for name in CLASSMX_FIELDS if name not in f]
+                if missing:
+                    raise CryorefineError(f"{path}: no dataset '{missing[0]}'")
+                data = {name: f[name][()] for name in CLASSMX_FIELDS}
     except OSError as err:
         raise CryorefineError(f"{path}: cannot read ({err})") from None
-    data["cls"] = data["cls"].astype(np.int64)
+    if eman:
+        with HdfImages(path) as f:
+            if f.count not in (2, 6, 7) or len(f.shape(0)) != 2:
+                raise CryorefineError(
+                    f"{path}: not a classification matrix (2, 6 or 7 two-dimensional images)"
+                )
+            shape = f.shape(0)
+            data = {}
+            for i, name in enumerate(CLASSMX_FIELDS):
+                if i < f.count:
+                    if f.shape(i) != shape:
+                        raise CryorefineError(f"{path}: image {i} differs in size from image 0")
+                    data[name] = f.image(i)
+                else:
+                    data[name] = np.full(shape, 1.0 if name == "scale" else 0.0, np.float32)
+    cls = data["cls"]
+    if not (np.isfinite(cls).all() and (cls >= 0).all() and (cls == np.round(cls)).all()):
+        raise CryorefineError(f"{path}: class numbers must be whole numbers from 0")
+    data["cls"] = cls.astype(np.int64)
     return ClassMx(**data)
 
 

@@ -27,9 +27,10 @@ from cryorefine.align.rotational import footprints, spectra
 from cryorefine.align.transform2d import Transform2D
 from cryorefine.config import SimmxConfig
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import fft_threads, ring_mean
+from cryorefine.fourier.fft import fft_threads, rfft_shell_index, ring_mean
 from cryorefine.fourier.filters import match_power_spectrum
-from cryorefine.io.atomic import atomic_output, check_output
+from cryorefine.io.atomic import check_output
+from cryorefine.io.eman2 import HdfImages, HdfMatrixWriter
 from cryorefine.io.metadata import ParticleMetadata
 from cryorefine.io.stacks import ParticleStack
 from cryorefine.stages.twostage import N_BEST, twostage_pairs
@@ -78,6 +79,19 @@ def signal_power(refs: np.ndarray) -> np.ndarray:
         total += ring_mean(ft.real**2 + ft.imag**2)[:, : box // 2].sum(axis=0)
     peak = total[1:].max() if box >= 4 else 0.0
     return total / peak if peak > 0 else np.ones(box // 2)
+
+
+def map_signal_power(volume: np.ndarray) -> np.ndarray:
+    """:func:`signal_power` from a map ``(n, n, n)``: its mean power per Fourier shell,
+    which its projections have on average per ring (projection-slice theorem)."""
+    n = volume.shape[-1]
+    ft = scipy.fft.rfftn(np.asarray(volume, np.float32), workers=fft_threads())
+    shells = np.minimum(rfft_shell_index(volume.shape).ravel(), n // 2)
+    counts = np.maximum(np.bincount(shells, minlength=n // 2 + 1), 1)
+    power = np.bincount(shells, (ft.real**2 + ft.imag**2).ravel(), minlength=n // 2 + 1)
+    total = (power / counts)[: n // 2]
+    peak = total[1:].max() if n >= 4 else 0.0
+    return total / peak if peak > 0 else np.ones(n // 2)
 
 
 def ctf_snr(
@@ -440,118 +454,144 @@ def _read_exclude(path: Path, n: int) -> np.ndarray:
     return np.asarray(values, np.int64)
 
 
-#: each field's units, and the value of a row never written (an excluded particle)
-UNITS = {
-    "score": "comparator (smaller is better)",
-    "dx": "px",
-    "dy": "px",
-    "dalpha": "degrees",
-    "flip": "0/1",
-    "scale": "1",
-}
+#: the value of a row never written (an excluded particle), per field
 UNWRITTEN = {"score": WORST, "scale": 1.0}
-#: bytes of one HDF5 chunk of a matrix's dataset (whole rows)
-H5_CHUNK_BYTES = 2**20
 
 
 @dataclass
 class SimmxRows:
     """Rows of a similarity matrix file being written (:func:`simmx_writer`)."""
 
-    datasets: dict
+    writer: HdfMatrixWriter
 
     def write(self, rows: np.ndarray, part: Simmx) -> None:
         """Write ``part``'s rows at the particle rows ``rows`` (increasing)."""
         rows = np.asarray(rows, np.int64)
         if len(rows) and rows[-1] - rows[0] == len(rows) - 1:
             rows = slice(int(rows[0]), int(rows[-1]) + 1)
-        for name, ds in self.datasets.items():
-            ds[rows] = getattr(part, name)
+        for i, name in enumerate(FIELDS):
+            self.writer.write(i, rows, getattr(part, name))
 
 
 @contextmanager
 def simmx_writer(
     path: Path, n_p: int, nc: int, attrs: dict, *, overwrite: bool = False
 ) -> Iterator[SimmxRows]:
-    """A similarity matrix file of ``n_p`` particles x ``nc`` projections, written row
-    chunk by row chunk (chunked, compressed datasets), so that the matrix is never
-    whole in memory; the file appears under ``path`` only when the block completes.
-    Rows never written hold ``WORST`` scores (an excluded particle's)."""
-    rows = max(1, min(n_p, H5_CHUNK_BYTES // (4 * max(nc, 1))))
-    with atomic_output(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["format"] = "cryorefine simmx 1"
-        f.attrs["axes"] = "particle, projection"
-        f.attrs["transform"] = (
-            "particle -> projection: rotate by dalpha about (n//2, n//2), shift by (dx, dy), "
-            "then mirror x if flip"
-        )
-        for k, v in attrs.items():
-            f.attrs[k] = v
-        datasets = {}
-        for name in FIELDS:
-            ds = f.create_dataset(
-                name,
-                shape=(n_p, nc),
-                dtype=np.float32,
-                chunks=(rows, max(nc, 1)) if n_p and nc else None,
-                compression="gzip" if n_p and nc else None,
-                fillvalue=UNWRITTEN.get(name, 0.0),
-            )
-            ds.attrs["units"] = UNITS[name]
-            ds.attrs["axes"] = "particle, projection"
-            datasets[name] = ds
-        yield SimmxRows(datasets)
+    """A similarity matrix file of ``n_p`` particles x ``nc`` projections in EMAN2's
+    layout (spec ch03 §2.3): an ``.hdf`` stack of 6 float32 images ``nx = nc``,
+    ``ny = n_p`` (score, dx, dy, dalpha, flip, scale), with ``attrs`` (among them
+    ``projection_file`` and ``particle_file``) on image 0. Written row chunk by row
+    chunk, so that the matrix is never whole in memory; the file appears under
+    ``path`` only when the block completes. Rows never written hold ``WORST`` scores
+    (an excluded particle's)."""
+    fill = [UNWRITTEN.get(name, 0.0) for name in FIELDS]
+    headers = [dict(attrs)] + [{} for _ in FIELDS[1:]]
+    with HdfMatrixWriter(
+        path, len(FIELDS), n_p, nc, fill=fill, headers=headers, overwrite=overwrite
+    ) as w:
+        yield SimmxRows(w)
 
 
 def write_simmx(path: Path, result: Simmx, *, overwrite: bool = False) -> None:
-    """HDF5: datasets score, dx, dy, dalpha, flip, scale, each ``(particles, projections)``."""
+    """An EMAN2 similarity matrix file (:func:`simmx_writer`) of the whole ``result``."""
     n_p, nc = result.score.shape
     with simmx_writer(path, n_p, nc, result.attrs, overwrite=overwrite) as out:
         out.write(np.arange(n_p), result)
 
 
+class _MatrixFile:
+    """A similarity matrix file open for reading: EMAN2's ``.hdf`` layout (1, 5 or 6
+    images; missing alignment images read as 0, scale as 1), or the ``.h5`` datasets
+    ``score``, ``dx``, ... of cryorefine 0.1."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._h5 = self._hdf = None
+        try:
+            with h5py.File(self.path, "r") as f:
+                eman = "MDF" in f
+                legacy = f.attrs.get("format") == "cryorefine simmx 1"
+        except OSError as err:
+            raise CryorefineError(f"{self.path}: cannot read ({err})") from None
+        if eman:
+            self._hdf = HdfImages(self.path)
+            if self._hdf.count not in (1, 5, 6) or len(self._hdf.shape(0)) != 2:
+                self.close()
+                raise CryorefineError(
+                    f"{self.path}: not a similarity matrix (1, 5 or 6 two-dimensional images)"
+                )
+            ny, nx = self._hdf.shape(0)
+            self.shape = (ny, nx)
+            for i in range(1, self._hdf.count):
+                if self._hdf.shape(i) != self.shape:
+                    self.close()
+                    raise CryorefineError(f"{self.path}: image {i} differs in size from image 0")
+            self.attrs = self._hdf.header(0)
+        elif legacy:
+            self._h5 = h5py.File(self.path, "r")
+            missing = [name for name in FIELDS if name not in self._h5]
+            if missing:
+                self.close()
+                raise CryorefineError(f"{self.path}: no dataset '{missing[0]}'")
+            self.shape = tuple(self._h5["score"].shape)
+            self.attrs = dict(self._h5.attrs)
+        else:
+            raise CryorefineError(
+                f"{self.path}: not a similarity matrix (neither EMAN2's .hdf images nor "
+                "cryorefine's .h5 datasets)"
+            )
+
+    def read(self, start: int, stop: int) -> Simmx:
+        """Rows ``start:stop`` of every field."""
+        try:
+            if self._h5 is not None:
+                return Simmx(**{k: self._h5[k][start:stop] for k in FIELDS})
+            n = stop - start
+            out = {}
+            for i, name in enumerate(FIELDS):
+                if i < self._hdf.count:
+                    out[name] = self._hdf.rows(i, start, stop)
+                else:
+                    value = UNWRITTEN.get(name, 0.0) if name == "scale" else 0.0
+                    out[name] = np.full((n, self.shape[1]), value, np.float32)
+            return Simmx(**out)
+        except OSError as err:
+            raise CryorefineError(f"{self.path}: cannot read ({err})") from None
+
+    def close(self) -> None:
+        for f in (self._h5, self._hdf):
+            if f is not None:
+                f.close()
+
+
+@contextmanager
+def _open_simmx(path: Path) -> Iterator[_MatrixFile]:
+    f = _MatrixFile(path)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
 def simmx_shape(path: Path) -> tuple[int, int]:
     """``(particles, projections)`` of a similarity matrix file."""
     with _open_simmx(path) as f:
-        return tuple(f["score"].shape)
+        return tuple(f.shape)
 
 
 def read_simmx_rows(path: Path, rows: int = 4096) -> Iterator[tuple[np.ndarray, Simmx]]:
     """A similarity matrix file ``rows`` particles at a time: yields ``(row indices,
     part)``, so that it is never whole in memory."""
     with _open_simmx(path) as f:
-        n_p = f["score"].shape[0]
-        try:
-            for start in range(0, n_p, rows):
-                sl = slice(start, min(start + rows, n_p))
-                yield np.arange(sl.start, sl.stop), Simmx(**{k: f[k][sl] for k in FIELDS})
-        except OSError as err:
-            raise CryorefineError(f"{path}: cannot read ({err})") from None
-
-
-@contextmanager
-def _open_simmx(path: Path) -> Iterator[h5py.File]:
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise CryorefineError(f"{path}: cannot read ({err})") from None
-    with f:
-        if f.attrs.get("format") != "cryorefine simmx 1":
-            raise CryorefineError(f"{path}: not a cryorefine similarity matrix")
-        missing = [name for name in FIELDS if name not in f]
-        if missing:
-            raise CryorefineError(f"{path}: no dataset '{missing[0]}'")
-        yield f
+        n_p = f.shape[0]
+        for start in range(0, n_p, rows):
+            stop = min(start + rows, n_p)
+            yield np.arange(start, stop), f.read(start, stop)
 
 
 def read_simmx(path: Path) -> Simmx:
-    """Read a similarity matrix written by :func:`write_simmx`."""
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != "cryorefine simmx 1":
-                raise CryorefineError(f"{path}: not a cryorefine similarity matrix")
-            data = {name: f[name][()] for name in FIELDS}
-            attrs = dict(f.attrs)
-    except OSError as err:
-        raise CryorefineError(f"{path}: cannot read ({err})") from None
-    return Simmx(**data, attrs=attrs)
+    """Read a whole similarity matrix file (EMAN2 ``.hdf`` or cryorefine ``.h5``)."""
+    with _open_simmx(path) as f:
+        out = f.read(0, f.shape[0])
+        out.attrs = dict(f.attrs)
+    return out
