@@ -33,10 +33,13 @@ from cryorefine.testing import demo_map, simulate_particles
 from .conftest import eman2_bin
 
 HALVES = ("_even", "_odd")
-#: a small refinement: 20-degree grid (about 50 projections per half), 2 iterations
+#: a small refinement: 20-degree grid (about 50 projections per half), 2 iterations;
+#: the two-stage search, so that the matrices hold cells it did not compute
 OPTIONS = (
     "--orientgen",
     "eman:delta=20:perturb=1",
+    "--twostage",
+    "2",
     "--simalign",
     "rotate_translate_flip:maxshift=3",
     "--classaverager",
