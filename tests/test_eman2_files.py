@@ -269,6 +269,21 @@ def test_every_file_run_log_names_exists(project, name):
     assert not missing, missing
 
 
+def test_a_new_run_never_takes_a_particle_set_it_did_not_write(project, run_cli, tmp_path):
+    """A folder that already holds a particles_even.lst: the run stops with one line
+    naming it, before any iteration, and leaves the file as it was."""
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "particles_even.lst").write_text("someone else's\n")
+    code, _, err = run_cli(
+        "refine", "--input", project / "ptcl.star", "--model", project / "start.mrc",
+        "--path", folder, *OPTIONS,
+    )  # fmt: skip
+    assert code == 2 and "particles_even.lst" in err and len(err.strip().splitlines()) == 1
+    assert (folder / "particles_even.lst").read_text() == "someone else's\n"
+    assert not list(folder.glob("threed_*"))
+
+
 def test_readers_take_the_h5_files_of_earlier_versions(tmp_path, run_cli, monkeypatch):
     """simmx.h5 and classmx.h5 as cryorefine 0.1 wrote them (HDF5 datasets) still read,
     and classify turns the old matrix into an EMAN2 one with each row's first minimum."""

@@ -568,7 +568,7 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
             prev_shift = stack.meta.shift_a if known else None
         names = _image_names(run, path, resume)
         outputs.write_particle_sets(
-            path, stack, names, halves, gold, run.usefilt, run.model, overwrite=False
+            path, stack, names, halves, gold, run.usefilt, run.model, resume=resume
         )
         if gold and start == 0:
             for m, p in zip(maps, outputs.start_paths(path), strict=True):

@@ -94,12 +94,13 @@ def write_particle_sets(
     usefilt: ParticleStack | None,
     model: np.ndarray,
     *,
-    overwrite: bool,
+    resume: bool,
 ) -> None:
     """``particles[_half].lst`` (and ``usefilt[_half].lst``): each half's particles in
     order, as EMAN2 reads them, pointing into the images ``particles_NN.star`` names
     (``image_names``, ``NNNNNN@file``; usefilt's own files) with each particle's EMAN2
-    header: no image is copied. Files already there (a resumed run) are kept.
+    header: no image is copied. A resumed run keeps those already there; a new run
+    never takes a file of that name for its own.
 
     A particle's CTF carries the SNR curve ``snrweight`` weights its rings by: its own
     (e2ctf's), else the one cryorefine uses (:func:`~cryorefine.stages.simmx.ctf_snr`,
@@ -109,7 +110,7 @@ def write_particle_sets(
     for s, idx in zip(half_suffixes(gold), halves, strict=True):
         for source, usef in ((stack, False), (usefilt, True)):
             target = particle_set(path, s, usefilt=usef)
-            if source is None or (target.is_file() and not overwrite):
+            if source is None or (resume and target.is_file()):
                 continue
             records = []
             for c0 in range(0, len(idx), SET_CHUNK):
@@ -123,7 +124,7 @@ def write_particle_sets(
                         hdr["ctf"].snr = [float(f"{v:.4g}") for v in snr[j]]
                     number, file = _image_file(source, usef, image_names, int(i))
                     records.append(LstRecord(number, file, hdr))
-            write_lst(target, records, overwrite=overwrite)
+            write_lst(target, records)
 
 
 #: particles whose SNR curves are computed at once
