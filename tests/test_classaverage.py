@@ -287,6 +287,13 @@ def test_classaverage_command_writes_averages_and_resultmx(dataset, in_tmp, run_
         table = starfile.read("classes.star")["particles"]
         members = str(table["crClassPtclIdxs"][0]).split(",")
         assert len(members) == 8 and str(table["crExcClassPtclIdxs"][0]) != "-"
+    else:  # as e2classaverage names its inputs
+        from cryorefine.io.eman2 import HdfImages
+
+        with HdfImages("classes.hdf") as f:
+            h = f.header(0)
+        assert (h["class_ptcl_src"], h["projection_image"]) == ("ptcl.mrcs", "proj.star")
+        assert h["projection_image_idx"] == 0 and len(h["class_ptcl_idxs"]) == 8
 
 
 def test_a_chunk_of_classes_stays_within_its_memory_budget(monkeypatch):

@@ -578,7 +578,14 @@ def run_classaverage(
         n_classes = len(refs_images) if refs_images is not None else None
         ca = classaverage(stack, cm, refs_images, cfg, n_classes=n_classes, usefilt=filt)
         write_classes(
-            output, ca, rotations, stack.apix, references=refs_images, overwrite=overwrite
+            output,
+            ca,
+            rotations,
+            stack.apix,
+            references=refs_images,
+            ptcl_src=str(input_path),
+            projection_file=None if ref is None else str(ref),
+            overwrite=overwrite,
         )
         if resultmx is not None:
             write_classmx(resultmx, ca.result_classmx(cm), len(ca.images), overwrite=overwrite)
