@@ -18,7 +18,7 @@ from cryorefine.fourier.project import project
 from cryorefine.geometry.orientations import orientations
 from cryorefine.io.stacks import ParticleStack
 from cryorefine.stages.classify import classify, read_classmx
-from cryorefine.stages.simmx import WORST, Simmx, read_simmx, score_pairs, simmx
+from cryorefine.stages.simmx import FIELDS, WORST, Simmx, read_simmx, score_pairs, simmx
 from cryorefine.stages.twostage import N_BEST, twostage_pairs
 
 from .conftest import PACKAGE_MAP, angle_diff
@@ -397,3 +397,38 @@ def test_the_similarity_matrix_streams_to_its_file_and_is_never_whole(in_tmp):
             assert np.array_equal(getattr(sim, name)[idx], getattr(half, name)), name
     assert np.array_equal(cm.cls, streamed_cm.cls)
     assert np.array_equal(best, sim.score[np.arange(n_p), cm.cls[:, 0]])
+
+
+def test_simvec_classifies_each_half_by_its_own_patterns(in_tmp):
+    """--simvec with two halves scored against different projections (the second
+    half's are the first's in reverse order, so a column is a different projection in
+    each): each half's classes are those of classify on that half's rows alone, in
+    memory and from the halves' files. Patterns averaged over both halves' rows, whose
+    columns mean different projections, give other classes for many particles."""
+    from cryorefine.refine.options import defaults, refine_config
+    from cryorefine.refine.step import score_particles
+
+    rng = np.random.default_rng(8)
+    n_p, nc, box = 300, 24, 8
+    refs = rng.normal(size=(nc, box, box)).astype(np.float32)
+    particles = ParticleStack.from_arrays(
+        (refs[rng.integers(0, nc, n_p)] + rng.normal(size=(n_p, box, box))).astype(np.float32),
+        apix=3.0,
+    )
+    halves = [np.arange(0, n_p, 2), np.arange(1, n_p, 2)]
+    opts = {**defaults(), "input": "p.star", "model": "m.mrc", "iter": 1, "simvec": True}
+    cfg = dataclasses.replace(
+        refine_config(opts), simmx=SimmxConfig(align=None, cmp="ccc", chunk=50)
+    )
+    projections = [refs, refs[::-1]]
+    sim, cm, _ = score_particles(projections, particles, halves, cfg, None)
+    files = [in_tmp / "even.hdf", in_tmp / "odd.hdf"]
+    _, from_files, _ = score_particles(projections, particles, halves, cfg, None, out=files)
+    mixed = classify(sim, cfg.classify).cls[:, 0]
+    for idx in halves:
+        own = classify(Simmx(*(getattr(sim, f)[idx] for f in FIELDS)), cfg.classify)
+        assert np.array_equal(cm.cls[idx], own.cls)
+        assert np.array_equal(from_files.cls[idx], own.cls)
+    differ = int((mixed != cm.cls[:, 0]).sum())
+    print(f"{differ} of {n_p} particles in another class with the halves' patterns mixed")
+    assert differ > n_p // 20
