@@ -183,6 +183,21 @@ def test_class_average_chain_as_e2refine(dataset, tmp_path, run_cli, gold):
     assert ("alternate particles" in out) == (gold == "0")
 
 
+def test_a_resolution_that_was_not_measured_is_not_reported(dataset, tmp_path, run_cli):
+    """A single chain from class averages on a 30-degree grid: make3d has under 50
+    averages to split, so there is no FSC; the console line, the final line and the
+    report say "not measured", never "nan Å"."""
+    code, out, err = _refine(
+        run_cli, dataset, tmp_path / "r", "--iter", "1", "--goldstandard", "0",
+        "--m3dsource", "classes", "--orientgen", "eman:delta=30:perturb=1",
+    )  # fmt: skip
+    assert code == 0, err
+    report = (tmp_path / "r" / "report.html").read_text()
+    assert out.count("FSC 0.143 (alternate particles) not measured") == 2, out
+    assert "nan" not in out and "nan Å" not in report and ">nan<" not in report
+    assert report.count("not measured") >= 4  # headline, table: corrected, masked, unmasked
+
+
 def test_parallel_thread_1_runs_on_one_core(dataset, tmp_path):
     import resource
 

@@ -682,8 +682,8 @@ def _refine(run: Run, *, progress: bool | None, console: bool) -> dict:
         kind = resolution_kind(gold)
         final_map = outputs.iteration_file(path, "threed", final["iteration"], ".mrc")
         log(
-            f"final map {final_map}: {kind} at "
-            f"{final['resolution']:.2f} Å; report {path}/report.html",
+            f"final map {final_map}: {kind} {report.angstroms(final['resolution'])}; "
+            f"report {path}/report.html",
             echo=True,
         )
         return record
@@ -811,8 +811,8 @@ def summary_line(e: dict) -> str:
     used = e["particles"]["used"]
     total = sum(e["particles"].values())
     others = (
-        f" (unmasked {e['resolution_unmasked']:.2f} Å, masked "
-        f"{e.get('resolution_masked', e['resolution']):.2f} Å)"
+        f" (unmasked {report.angstroms(e['resolution_unmasked'])}, masked "
+        f"{report.angstroms(e.get('resolution_masked', e['resolution']))})"
         if e["gold_standard"]
         else ""
     )
@@ -823,7 +823,7 @@ def summary_line(e: dict) -> str:
     )
     return (
         f"iteration {e['iteration']:02d}: {search}; {resolution_kind(e['gold_standard'])} "
-        f"{e['resolution']:.2f} Å{others}; median orientation change "
+        f"{report.angstroms(e['resolution'])}{others}; median orientation change "
         f"{'-' if change is None else f'{change:.2f}°'}; {used} of {total} particles in the "
         f"map; {e['wall_seconds']:.1f} s ({stages} s)"
     )

@@ -48,6 +48,13 @@ def _png(plt, fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def angstroms(value: float, unit: str = " Å") -> str:
+    """A reported resolution: ``12.34 Å``, or that none was measured (without half maps,
+    make3d splits its images only from :data:`~cryorefine.stages.make3d.MIN_WIENER_IMAGES`
+    up, and only for the Wiener term)."""
+    return f"{value:.2f}{unit}" if np.isfinite(value) else "not measured (make3d split no halves)"
+
+
 def _resolution_plot(history: list[dict]) -> str:
     plt, fig, (ax,) = _figure()
     its = [h["iteration"] for h in history]
@@ -181,9 +188,9 @@ def report_html(record: dict, step: Step, apix: float) -> str:
                 for c in (
                     f"{h['iteration']:02d}",
                     _search(h),
-                    f"{h['resolution']:.2f}",
-                    f"{h.get('resolution_masked', h['resolution']):.2f}",
-                    f"{h['resolution_unmasked']:.2f}",
+                    angstroms(h["resolution"], ""),
+                    angstroms(h.get("resolution_masked", h["resolution"]), ""),
+                    angstroms(h["resolution_unmasked"], ""),
                     "-" if change is None else f"{change:.2f}",
                     p["used"],
                     p["classkeep"],
@@ -219,7 +226,7 @@ def report_html(record: dict, step: Step, apix: float) -> str:
     kind = "half-map (gold standard)" if last["gold_standard"] else "alternate-particle"
     corrected = (
         "masked, corrected by noise substitution; masked "
-        f"{last.get('resolution_masked', last['resolution']):.2f} Å, "
+        f"{angstroms(last.get('resolution_masked', last['resolution']))}, "
         if last["gold_standard"]
         else ""
     )
@@ -232,8 +239,8 @@ img{{max-width:100%}}</style></head><body>
 <h1>cryorefine refine</h1>
 <p>cryorefine {html.escape(str(record.get("cryorefine_version")))}, started
 {html.escape(record.get("started", ""))}; {stopped}.</p>
-<p><b>Iteration {last["iteration"]:02d}: {kind} FSC 0.143 at {last["resolution"]:.2f} Å</b>
-({corrected}unmasked {last["resolution_unmasked"]:.2f} Å; {apix:g} Å/px, Nyquist
+<p><b>Iteration {last["iteration"]:02d}: {kind} FSC 0.143 {angstroms(last["resolution"])}</b>
+({corrected}unmasked {angstroms(last["resolution_unmasked"])}; {apix:g} Å/px, Nyquist
 {2 * apix:.2f} Å).</p>
 <h2>Iterations</h2><table><tr>{head}</tr>{"".join(rows)}</table>
 <h2>Resolution</h2>{img(_resolution_plot(history))}
