@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,16 +64,31 @@ def encode_record(rec: LstRecord) -> str:
 
 
 def write_lst(
-    path: str | os.PathLike, records: list[LstRecord], *, overwrite: bool = False
+    path: str | os.PathLike, records: Iterable[LstRecord], *, overwrite: bool = False
 ) -> Path:
-    """Write records as a ``#LSX`` file (record length = longest + 5), atomically."""
-    lines = [encode_record(r) for r in records]
-    length = max((len(s) for s in lines), default=15) + 5
+    """Write records as a ``#LSX`` file (record length = longest + 5), atomically.
+
+    ``records`` may be a generator: each is encoded as it comes, into a temporary file
+    until the longest is known, so that a set of any size is never whole in memory."""
     with atomic_output(path, overwrite=overwrite) as tmp:
-        with open(tmp, "w", newline="\n", encoding="ascii") as fh:
-            fh.write(f"#LSX\n{LSX_COMMENT}\n# {length}\n")
-            for s in lines:
-                fh.write(s.ljust(length - 1) + "\n")
+        spool = tmp.with_name(f"{tmp.name}.lines")
+        try:
+            longest = 15
+            with open(spool, "w", newline="\n", encoding="ascii") as fh:
+                for rec in records:
+                    line = encode_record(rec)
+                    longest = max(longest, len(line))
+                    fh.write(line + "\n")
+            length = longest + 5
+            with (
+                open(spool, encoding="ascii") as lines,
+                open(tmp, "w", newline="\n", encoding="ascii") as fh,
+            ):
+                fh.write(f"#LSX\n{LSX_COMMENT}\n# {length}\n")
+                for line in lines:
+                    fh.write(line.rstrip("\n").ljust(length - 1) + "\n")
+        finally:
+            spool.unlink(missing_ok=True)
     return Path(path)
 
 

@@ -23,6 +23,7 @@ halves, ``threed_start_even/odd.mrc``, the maps iteration 0 projects.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -112,23 +113,30 @@ def write_particle_sets(
             target = particle_set(path, s, usefilt=usef)
             if source is None or (resume and target.is_file()):
                 continue
-            records = []
-            for c0 in range(0, len(idx), SET_CHUNK):
-                rows = idx[c0 : c0 + SET_CHUNK]
-                snr = ctf_snr(source.meta, rows, source.box, source.apix, signal)
-                curves = source.meta.ctf_curves
-                for j, i in enumerate(rows):
-                    hdr = eman_header(source.meta, int(i), with_apix=False)
-                    if snr is not None and (curves is None or curves[i] is None):
-                        hdr["ctf"].dsbg = 1.0 / (source.apix * source.box)
-                        hdr["ctf"].snr = [float(f"{v:.4g}") for v in snr[j]]
-                    number, file = _image_file(source, usef, image_names, int(i))
-                    records.append(LstRecord(number, file, hdr))
-            write_lst(target, records)
+            write_lst(target, _set_records(source, usef, idx, image_names, signal))
 
 
-#: particles whose SNR curves are computed at once
-SET_CHUNK = 4096
+def _set_records(
+    source: ParticleStack, usefilt: bool, idx: np.ndarray, image_names, signal: np.ndarray
+) -> Iterator[LstRecord]:
+    """The records of one particle set, a chunk of SNR curves at a time."""
+    box, apix, curves = source.box, source.apix, source.meta.ctf_curves
+    chunk = max(1, SET_CHUNK_BYTES // (24 * box * (box // 2 + 1)))
+    for c0 in range(0, len(idx), chunk):
+        rows = idx[c0 : c0 + chunk]
+        snr = ctf_snr(source.meta, rows, box, apix, signal)
+        for j, i in enumerate(rows):
+            hdr = eman_header(source.meta, int(i), with_apix=False)
+            if snr is not None and (curves is None or curves[i] is None):
+                hdr["ctf"].dsbg = 1.0 / (apix * box)
+                hdr["ctf"].snr = [float(f"{v:.4g}") for v in snr[j]]
+            number, file = _image_file(source, usefilt, image_names, int(i))
+            yield LstRecord(number, file, hdr)
+
+
+#: working memory of the particles' SNR curves computed at once (their CTFs over the
+#: box, float64, and temporaries)
+SET_CHUNK_BYTES = 64 * 2**20
 
 
 def _image_file(stack: ParticleStack, usefilt: bool, image_names: np.ndarray, i: int):
@@ -157,9 +165,9 @@ def read_matrices(files: list[Path], halves: list[np.ndarray], n_p: int) -> Clas
     """The classification of every particle from each half's file."""
     parts = [read_classmx(f) for f in files]
     cm = ClassMx.empty(n_p, parts[0].cls.shape[1])
-    for part, idx in zip(parts, halves, strict=True):
+    for f, part, idx in zip(files, parts, halves, strict=True):
         if len(part.cls) != len(idx):
-            raise CryorefineError(f"{files[0].parent}: {len(part.cls)} rows, not {len(idx)}")
+            raise CryorefineError(f"{f}: {len(part.cls)} particles, not the half's {len(idx)}")
         cm.put(idx, part)
     return cm
 
