@@ -315,6 +315,19 @@ def test_readers_take_the_h5_files_of_earlier_versions(tmp_path, run_cli, monkey
     assert np.array_equal(old.cls, cls) and (old.dalpha == 0.5).all()
 
 
+def test_a_one_particle_matrix_that_eman2_stores_in_1d_reads_as_one_row(tmp_path):
+    """EMAN2 stores an image of one row as a 1D dataset: a classification matrix of one
+    particle (sep 2) reads as one row of two choices, every plane in its place."""
+    with h5py.File(tmp_path / "one.hdf", "w") as f:
+        g = f.create_group("MDF/images")
+        g.attrs["imageid_max"] = np.array([6], np.int32)
+        for i in range(7):
+            g.create_dataset(f"{i}/image", data=np.array([10 * i + 3, 10 * i + 5], np.float32))
+    cm = read_classmx(tmp_path / "one.hdf")
+    assert cm.cls.tolist() == [[3, 5]] and cm.dalpha.tolist() == [[43.0, 45.0]]
+    assert cm.scale.tolist() == [[63.0, 65.0]]
+
+
 # --- with EMAN2 ------------------------------------------------------------------------
 
 BIN = eman2_bin()

@@ -388,9 +388,11 @@ class HdfImages:
         return np.stack([self.image(int(i)) for i in indices])
 
     def rows(self, i: int, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of the 2D float32 image ``i`` (a matrix read in pieces)."""
+        """Rows ``start:stop`` of the 2D float32 image ``i`` (a matrix read in pieces); a
+        one-row image, which EMAN2 stores as 1D, is one row."""
         try:
-            data = self._entry(i)["image"][start:stop]
+            ds = self._entry(i)["image"]
+            data = ds[()][None][start:stop] if ds.ndim == 1 else ds[start:stop]
         except CryorefineError:
             raise
         except _H5_ERRORS as exc:
@@ -604,6 +606,97 @@ class HdfMatrixWriter:
         finally:
             self._f.close()
             self._ctx.__exit__(*exc)
+
+
+class MatrixFile:
+    """A matrix file open for reading, row block by row block: named planes ``names`` of
+    equal shape ``(rows, columns)``. Either EMAN2's ``.hdf`` stack (its images in
+    ``names``' order, as many as one of ``counts``; the absent trailing planes read as
+    ``absent[name]``, else 0; a one-row image EMAN2 stores as 1D is one row), or
+    HDF5 datasets named ``names`` in a file whose ``format`` attribute is ``legacy``.
+    ``what`` names the kind of matrix in errors; ``attrs``: image 0's header (or the
+    file's attributes)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        names: tuple[str, ...],
+        counts: tuple[int, ...],
+        *,
+        legacy: str,
+        what: str,
+        absent: dict[str, float] | None = None,
+    ) -> None:
+        self.path, self.names, self.absent = Path(path), names, absent or {}
+        self._h5 = self._hdf = None
+        try:
+            with h5py.File(self.path, "r") as f:
+                eman, old = "MDF" in f, f.attrs.get("format") == legacy
+        except OSError as err:
+            raise CryorefineError(f"{self.path}: cannot read ({err})") from None
+        try:
+            if eman:
+                self._hdf = HdfImages(self.path)
+                shapes = [self._plane_shape(i) for i in range(self._hdf.count)]
+                if self._hdf.count not in counts or None in shapes:
+                    listed = ", ".join(map(str, counts[:-1])) + f" or {counts[-1]}"
+                    raise CryorefineError(
+                        f"{self.path}: not a {what} ({listed} two-dimensional images)"
+                    )
+                self.shape = shapes[0]
+                for i, shape in enumerate(shapes):
+                    if shape != self.shape:
+                        raise CryorefineError(
+                            f"{self.path}: image {i} differs in size from image 0"
+                        )
+                self.attrs = self._hdf.header(0)
+            elif old:
+                self._h5 = h5py.File(self.path, "r")
+                missing = [name for name in names if name not in self._h5]
+                if missing:
+                    raise CryorefineError(f"{self.path}: no dataset '{missing[0]}'")
+                self.shape = tuple(self._h5[names[0]].shape)
+                self.attrs = dict(self._h5.attrs)
+            else:
+                raise CryorefineError(
+                    f"{self.path}: not a {what} (neither EMAN2's .hdf images nor "
+                    "cryorefine's .h5 datasets)"
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def _plane_shape(self, i: int) -> tuple[int, int] | None:
+        shape = self._hdf.shape(i)
+        return (1, *shape) if len(shape) == 1 else shape if len(shape) == 2 else None
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows ``start:stop`` of every plane, float32 (the legacy files' as stored)."""
+        try:
+            if self._h5 is not None:
+                return {k: self._h5[k][start:stop] for k in self.names}
+            out = {}
+            for i, name in enumerate(self.names):
+                if i < self._hdf.count:
+                    out[name] = self._hdf.rows(i, start, stop)
+                else:
+                    n = max(0, min(stop, self.shape[0]) - start)
+                    value = self.absent.get(name, 0.0)
+                    out[name] = np.full((n, self.shape[1]), value, np.float32)
+            return out
+        except OSError as err:
+            raise CryorefineError(f"{self.path}: cannot read ({err})") from None
+
+    def close(self) -> None:
+        for f in (self._h5, self._hdf):
+            if f is not None:
+                f.close()
+
+    def __enter__(self) -> MatrixFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_hdf_map(path: str | os.PathLike, index: int = 0) -> tuple[np.ndarray, dict[str, Any]]:

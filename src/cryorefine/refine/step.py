@@ -265,6 +265,7 @@ def score_particles(
         sim.score[:] = WORST
     cm, best = ClassMx.empty(n_p, cfg.classify.sep), np.empty(n_p, np.float32)
     attrs = {"apix": stack.apix, "options": repr(cfg.simmx)}
+    headers = headers or [{} for _ in halves]
     for h, idx in enumerate(halves):
         sink = (
             nullcontext(None)
@@ -273,7 +274,7 @@ def score_particles(
                 out[h],
                 len(idx),
                 nc,
-                {**attrs, **(headers or [{}] * len(halves))[h]},
+                {**attrs, **headers[h]},
                 overwrite=True,
             )
         )

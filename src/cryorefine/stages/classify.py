@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from cryorefine.align.compare import sqeuclidean
@@ -19,7 +18,7 @@ from cryorefine.config import ClassifyConfig
 from cryorefine.errors import CryorefineError
 from cryorefine.geometry.euler import particle_from_alignment
 from cryorefine.io.atomic import check_output
-from cryorefine.io.eman2 import HdfImages, HdfMatrixWriter
+from cryorefine.io.eman2 import HdfMatrixWriter, MatrixFile
 from cryorefine.stages.simmx import Simmx, read_simmx_rows, simmx_shape
 
 #: the --simvec score of a class that no particle chose first (EMAN2's value)
@@ -192,37 +191,15 @@ def write_classmx(
 def read_classmx(path: Path) -> ClassMx:
     """Read a classification matrix: EMAN2's ``.hdf`` images (2, 6 or 7: without the
     alignment, dx ... flip read as 0 and scale as 1), or cryorefine 0.1's ``.h5``."""
-    path = Path(path)
-    try:
-        with h5py.File(path, "r") as f:
-            eman = "MDF" in f
-            if not eman:
-                if f.attrs.get("format") != "cryorefine classmx 1":
-                    raise CryorefineError(
-                        f"{path}: not a classification matrix (neither EMAN2's .hdf images "
-                        "nor cryorefine's .h5 datasets)"
-                    )
-                missing = [name for name in CLASSMX_FIELDS if name not in f]
-                if missing:
-                    raise CryorefineError(f"{path}: no dataset '{missing[0]}'")
-                data = {name: f[name][()] for name in CLASSMX_FIELDS}
-    except OSError as err:
-        raise CryorefineError(f"{path}: cannot read ({err})") from None
-    if eman:
-        with HdfImages(path) as f:
-            if f.count not in (2, 6, 7) or len(f.shape(0)) != 2:
-                raise CryorefineError(
-                    f"{path}: not a classification matrix (2, 6 or 7 two-dimensional images)"
-                )
-            shape = f.shape(0)
-            data = {}
-            for i, name in enumerate(CLASSMX_FIELDS):
-                if i < f.count:
-                    if f.shape(i) != shape:
-                        raise CryorefineError(f"{path}: image {i} differs in size from image 0")
-                    data[name] = f.image(i)
-                else:
-                    data[name] = np.full(shape, 1.0 if name == "scale" else 0.0, np.float32)
+    with MatrixFile(
+        path,
+        CLASSMX_FIELDS,
+        (2, 6, 7),
+        legacy="cryorefine classmx 1",
+        what="classification matrix",
+        absent={"scale": 1.0},
+    ) as f:
+        data = f.read(0, f.shape[0])
     cls = data["cls"]
     if not (np.isfinite(cls).all() and (cls >= 0).all() and (cls == np.round(cls)).all()):
         raise CryorefineError(f"{path}: class numbers must be whole numbers from 0")

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import scipy.fft
 
@@ -27,10 +26,10 @@ from cryorefine.align.rotational import footprints, spectra
 from cryorefine.align.transform2d import Transform2D
 from cryorefine.config import SimmxConfig
 from cryorefine.errors import CryorefineError
-from cryorefine.fourier.fft import fft_threads, rfft_shell_index, ring_mean
-from cryorefine.fourier.filters import match_power_spectrum
+from cryorefine.fourier.fft import fft_threads, ring_mean
+from cryorefine.fourier.filters import match_power_spectrum, radial_power
 from cryorefine.io.atomic import check_output
-from cryorefine.io.eman2 import HdfImages, HdfMatrixWriter
+from cryorefine.io.eman2 import HdfMatrixWriter, MatrixFile
 from cryorefine.io.metadata import ParticleMetadata
 from cryorefine.io.stacks import ParticleStack
 from cryorefine.stages.twostage import N_BEST, twostage_pairs
@@ -85,11 +84,7 @@ def map_signal_power(volume: np.ndarray) -> np.ndarray:
     """:func:`signal_power` from a map ``(n, n, n)``: its mean power per Fourier shell,
     which its projections have on average per ring (projection-slice theorem)."""
     n = volume.shape[-1]
-    ft = scipy.fft.rfftn(np.asarray(volume, np.float32), workers=fft_threads())
-    shells = np.minimum(rfft_shell_index(volume.shape).ravel(), n // 2)
-    counts = np.maximum(np.bincount(shells, minlength=n // 2 + 1), 1)
-    power = np.bincount(shells, (ft.real**2 + ft.imag**2).ravel(), minlength=n // 2 + 1)
-    total = (power / counts)[: n // 2]
+    total = radial_power(volume, 3)[: n // 2]
     peak = total[1:].max() if n >= 4 else 0.0
     return total / peak if peak > 0 else np.ones(n // 2)
 
@@ -499,78 +494,19 @@ def write_simmx(path: Path, result: Simmx, *, overwrite: bool = False) -> None:
         out.write(np.arange(n_p), result)
 
 
-class _MatrixFile:
-    """A similarity matrix file open for reading: EMAN2's ``.hdf`` layout (1, 5 or 6
-    images; missing alignment images read as 0, scale as 1), or the ``.h5`` datasets
-    ``score``, ``dx``, ... of cryorefine 0.1."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._h5 = self._hdf = None
-        try:
-            with h5py.File(self.path, "r") as f:
-                eman = "MDF" in f
-                legacy = f.attrs.get("format") == "cryorefine simmx 1"
-        except OSError as err:
-            raise CryorefineError(f"{self.path}: cannot read ({err})") from None
-        if eman:
-            self._hdf = HdfImages(self.path)
-            if self._hdf.count not in (1, 5, 6) or len(self._hdf.shape(0)) != 2:
-                self.close()
-                raise CryorefineError(
-                    f"{self.path}: not a similarity matrix (1, 5 or 6 two-dimensional images)"
-                )
-            ny, nx = self._hdf.shape(0)
-            self.shape = (ny, nx)
-            for i in range(1, self._hdf.count):
-                if self._hdf.shape(i) != self.shape:
-                    self.close()
-                    raise CryorefineError(f"{self.path}: image {i} differs in size from image 0")
-            self.attrs = self._hdf.header(0)
-        elif legacy:
-            self._h5 = h5py.File(self.path, "r")
-            missing = [name for name in FIELDS if name not in self._h5]
-            if missing:
-                self.close()
-                raise CryorefineError(f"{self.path}: no dataset '{missing[0]}'")
-            self.shape = tuple(self._h5["score"].shape)
-            self.attrs = dict(self._h5.attrs)
-        else:
-            raise CryorefineError(
-                f"{self.path}: not a similarity matrix (neither EMAN2's .hdf images nor "
-                "cryorefine's .h5 datasets)"
-            )
-
-    def read(self, start: int, stop: int) -> Simmx:
-        """Rows ``start:stop`` of every field."""
-        try:
-            if self._h5 is not None:
-                return Simmx(**{k: self._h5[k][start:stop] for k in FIELDS})
-            n = stop - start
-            out = {}
-            for i, name in enumerate(FIELDS):
-                if i < self._hdf.count:
-                    out[name] = self._hdf.rows(i, start, stop)
-                else:
-                    value = UNWRITTEN.get(name, 0.0) if name == "scale" else 0.0
-                    out[name] = np.full((n, self.shape[1]), value, np.float32)
-            return Simmx(**out)
-        except OSError as err:
-            raise CryorefineError(f"{self.path}: cannot read ({err})") from None
-
-    def close(self) -> None:
-        for f in (self._h5, self._hdf):
-            if f is not None:
-                f.close()
-
-
 @contextmanager
-def _open_simmx(path: Path) -> Iterator[_MatrixFile]:
-    f = _MatrixFile(path)
-    try:
+def _open_simmx(path: Path) -> Iterator[MatrixFile]:
+    """A similarity matrix file: EMAN2's ``.hdf`` (1, 5 or 6 images; absent alignment
+    images read as 0, scale as 1), or cryorefine 0.1's ``.h5`` datasets."""
+    with MatrixFile(
+        path,
+        FIELDS,
+        (1, 5, 6),
+        legacy="cryorefine simmx 1",
+        what="similarity matrix",
+        absent={"scale": UNWRITTEN["scale"]},
+    ) as f:
         yield f
-    finally:
-        f.close()
 
 
 def simmx_shape(path: Path) -> tuple[int, int]:
@@ -586,12 +522,10 @@ def read_simmx_rows(path: Path, rows: int = 4096) -> Iterator[tuple[np.ndarray, 
         n_p = f.shape[0]
         for start in range(0, n_p, rows):
             stop = min(start + rows, n_p)
-            yield np.arange(start, stop), f.read(start, stop)
+            yield np.arange(start, stop), Simmx(**f.read(start, stop))
 
 
 def read_simmx(path: Path) -> Simmx:
     """Read a whole similarity matrix file (EMAN2 ``.hdf`` or cryorefine ``.h5``)."""
     with _open_simmx(path) as f:
-        out = f.read(0, f.shape[0])
-        out.attrs = dict(f.attrs)
-    return out
+        return Simmx(**f.read(0, f.shape[0]), attrs=dict(f.attrs))
